@@ -1,0 +1,206 @@
+"""The seams between the core and the connectors: sources, sinks and brokers.
+
+Adapters implement these small protocols; the core never imports an adapter.
+A *source* hands out raw batches per partition and commits positions; a *sink*
+writes batches and returns only once they are durable; a *broker* (memory,
+Kafka) is both, found by the scheme of its URL.
+
+Example:
+    >>> from asyncflow.protocols import SinkRecord
+    >>> SinkRecord(key="k", value={"n": 1}).key
+    'k'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+Partition = Hashable
+"""Identifies one ordered partition of a source: ``TopicPartition`` for Kafka, a shard for Kinesis."""
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a named topic (Kafka, memory broker).
+
+    Example:
+        >>> TopicPartition("rides", 3)
+        TopicPartition(topic='rides', partition=3)
+    """
+
+    topic: str
+    partition: int
+
+
+class RawRecord(Protocol):
+    """One undecoded record as a source read it.
+
+    ``offset`` orders records within a partition (Kafka offset, Kinesis sequence
+    number as an int, a counter for SSE). ``timestamp`` is epoch milliseconds
+    (or ``None``). aiokafka's ``ConsumerRecord`` satisfies this protocol as is.
+    """
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(slots=True)
+class Record:
+    """A plain raw record, for sources that do not have their own record type.
+
+    Example:
+        >>> Record(offset=0, key=b"a", value=b"{}").offset
+        0
+    """
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """Records read from one partition, in offset order.
+
+    Example:
+        >>> b = RawBatch("sensors", TopicPartition("sensors", 0), [Record(0, None, b"1")])
+        >>> len(b.records)
+        1
+    """
+
+    topic: str
+    partition: Partition
+    records: Sequence[RawRecord]
+
+
+class PartitionListener(Protocol):
+    """What the core does when a source's partitions change owner.
+
+    ``on_revoked`` returns only after the core has drained the partitions and
+    committed what it finished: the source may release them afterwards.
+    """
+
+    async def on_assigned(self, partitions: Collection[Partition]) -> None: ...
+
+    async def on_revoked(self, partitions: Collection[Partition]) -> None: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A partitioned, replayable input.
+
+    ``commit`` receives, per partition, the offset of the last record whose
+    processing is complete (everything at or before it is done); the adapter
+    translates it (Kafka commits ``offset + 1``).
+    """
+
+    async def start(self, listener: PartitionListener) -> None:
+        """Connect and join; raise ``BrokerUnavailable`` with a clear message when unreachable."""
+        ...
+
+    async def fetch(self, timeout: float) -> list[RawBatch]:
+        """Return batches from partitions that are not paused; ``[]`` after ``timeout`` seconds."""
+        ...
+
+    def pause(self, partitions: Iterable[Partition]) -> None: ...
+
+    def resume(self, partitions: Iterable[Partition]) -> None: ...
+
+    async def commit(self, positions: Mapping[Partition, int]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class SinkRecord:
+    """One output record handed to a sink.
+
+    For broker topics ``topic`` names the destination and ``key``/``value`` are
+    already encoded bytes; other sinks receive Python values.
+
+    Example:
+        >>> SinkRecord(key=b"k", value=b"v", topic="out").topic
+        'out'
+    """
+
+    key: Any
+    value: Any
+    topic: str | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+    timestamp: int | None = None
+    partition: int | None = None
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination that writes batches durably.
+
+    ``write`` returns only when every record of the batch is durable; it retries
+    what the service reports as failed and raises ``SinkError`` after bounded
+    retries. Optional attributes tune the core's batching: ``max_batch`` (records
+    per write, default 500) and ``linger`` (seconds to wait for a fuller batch,
+    default 0.05).
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def write(self, records: Sequence[SinkRecord]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class TopicSpec:
+    """A topic as an app declares it to the broker.
+
+    Example:
+        >>> TopicSpec("rides", partitions=4).partitions
+        4
+    """
+
+    name: str
+    partitions: int = 1
+    create: bool = True
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """A message broker the app reads topics from and writes topics to."""
+
+    url: str
+
+    def source(self, topics: Sequence[TopicSpec], group_id: str) -> Source: ...
+
+    def sink(self) -> Sink:
+        """A sink writing ``SinkRecord`` s whose ``topic`` is set, key and value as bytes."""
+        ...
+
+    async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
+        """Create missing topics that allow it; raise ``TopicMissing`` for the others."""
+        ...
+
+    async def list_topics(self) -> dict[str, int]:
+        """Topic name to partition count."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class BrokerFactory(Protocol):
+    """Builds a broker from its URL and options (an entry point in ``asyncflow.brokers``)."""
+
+    def __call__(self, url: str, options: Mapping[str, str]) -> Broker: ...
