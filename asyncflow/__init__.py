@@ -1,3 +1,79 @@
-"""asyncflow: stream processing on asyncio (public API is re-exported here)."""
+"""asyncflow: stream processing on asyncio.
+
+Decorator-registered async agents consume typed streams; keyed lanes keep
+per-key order while running concurrently; event-time windows follow Flink's
+semantics; bounded lane queues pause sources instead of growing.
+
+Example:
+    >>> import asyncflow as af
+    >>> app = af.App("hello")
+    >>> class Greeting(af.Record):
+    ...     name: str
+    >>> greetings = app.topic("greetings", value_type=Greeting)
+    >>> @app.agent(greetings)
+    ... async def greet(stream):
+    ...     async for g in stream:
+    ...         print("hello", g.name)
+"""
+
+from asyncflow.acks import AckTracker
+from asyncflow.agent import Agent, ErrorPolicy, Retry
+from asyncflow.app import App
+from asyncflow.channels import Channel, Output, SinkOutput, Topic
+from asyncflow.clock import Clock, ManualClock, SystemClock
+from asyncflow.codecs import Codec, JsonCodec, RawCodec, StrCodec
+from asyncflow.errors import (
+    AgentError,
+    AsyncflowError,
+    BrokerUnavailable,
+    ConfigError,
+    DecodeError,
+    SinkError,
+    TopicMissing,
+)
+from asyncflow.event import Event, Watermark
+from asyncflow.memory import MemoryBroker
+from asyncflow.protocols import (
+    Broker,
+    RawBatch,
+    Record as RawRecordData,
+    Sink,
+    SinkRecord,
+    Source,
+    TopicPartition,
+    TopicSpec,
+)
+from asyncflow.records import EventTime, Record, to_builtins
+from asyncflow.stream import Stream
+from asyncflow.windows import (
+    Collect,
+    Count,
+    First,
+    Hopping,
+    Last,
+    Max,
+    Mean,
+    Min,
+    ProcessingHopping,
+    ProcessingTumbling,
+    Session,
+    Sum,
+    Tumbling,
+    WindowedStream,
+    WindowResult,
+    fold,
+    reduce,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AckTracker", "Agent", "AgentError", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
+    "Channel", "Clock", "Codec", "Collect", "ConfigError", "Count", "DecodeError", "ErrorPolicy",
+    "Event", "EventTime", "First", "Hopping", "JsonCodec", "Last", "ManualClock", "Max", "Mean",
+    "MemoryBroker", "Min", "Output", "ProcessingHopping", "ProcessingTumbling", "RawBatch",
+    "RawCodec", "RawRecordData", "Record", "Retry", "Session", "Sink", "SinkError", "SinkOutput",
+    "SinkRecord", "Source", "StrCodec", "Stream", "Sum", "SystemClock", "Topic", "TopicMissing",
+    "TopicPartition", "TopicSpec", "Tumbling", "Watermark", "WindowResult", "WindowedStream",
+    "fold", "reduce", "to_builtins", "__version__",
+]

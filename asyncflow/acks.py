@@ -74,6 +74,16 @@ class AckBatch:
         if owner.active == 0 and owner._drained is not None:
             owner._drained.set()
 
+    def abandon(self, index: int) -> None:
+        """Give up a processing reference without finishing it (partition revoked).
+
+        The record stays not done, so nothing at or after it is committed here.
+        """
+        owner = self.owner
+        owner.active -= 1
+        if owner.active == 0 and owner._drained is not None:
+            owner._drained.set()
+
     def hold(self, index: int) -> None:
         """Add a window's reference: the record stays uncommitted but counts as drained."""
         self.counts[index] += 1

@@ -1,0 +1,212 @@
+"""Kafka for asyncflow: a ``Broker`` whose sources are consumer-group members and sinks producers.
+
+Found through the ``asyncflow.brokers`` entry point ``kafka`` (URL scheme
+``kafka://``). The pieces live in ``kafka_config`` (URL and options),
+``kafka_source`` (consumer) and ``kafka_sink`` (producer); this module holds
+the broker and topic management.
+
+URL: ``kafka://host:port[,host:port][?option=value&...]``. Options, from the
+query string or the ``options`` mapping (which wins): ``client_id``,
+``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``,
+``sasl_plain_password``, ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_password``, ``ssl_check_hostname``, ``connect_timeout_ms`` (10 s),
+``request_timeout_ms``, ``session_timeout_ms`` (10 s; the Tansu test broker
+holds each group join for half of it, so tests use ~3 s),
+``heartbeat_interval_ms``, ``rebalance_timeout_ms`` (60 s: how long the core's
+``on_revoked`` may drain before the group evicts this member),
+``max_poll_interval_ms``,
+``auto_offset_reset`` (earliest), ``max_poll_records``, ``fetch_max_wait_ms``,
+``fetch_min_bytes``, ``fetch_max_bytes``, ``max_partition_fetch_bytes``,
+``linger_ms`` (the sink's batching wait, 50), ``max_batch`` (records per sink
+write, 10,000), ``max_batch_size`` (bytes per produce batch, 64 KiB),
+``max_request_size``, ``enable_idempotence`` (true; set false for Tansu),
+``acks`` (all), ``compression_type``, ``create_topics`` (true),
+``replication_factor`` (default: min(3, brokers)).
+
+Example:
+    >>> broker = KafkaBroker("kafka://127.0.0.1:9092?enable_idempotence=false", {})
+    >>> broker.url, broker.settings.enable_idempotence
+    ('kafka://127.0.0.1:9092?enable_idempotence=false', False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError, for_code  # type: ignore[import-untyped]
+
+from adapters.kafka_config import URL_FORM, KafkaSettings, describe, redact_url, start_client
+from adapters.kafka_sink import KafkaSink, kafka_partition
+from adapters.kafka_source import KafkaSource, KafkaSourceError
+from asyncflow.errors import BrokerUnavailable, ConfigError, TopicMissing
+from asyncflow.protocols import TopicSpec
+
+__all__ = [
+    "URL_FORM",
+    "KafkaBroker",
+    "KafkaSettings",
+    "KafkaSink",
+    "KafkaSource",
+    "KafkaSourceError",
+    "kafka_partition",
+]
+
+log = logging.getLogger("asyncflow.kafka")
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class KafkaBroker:
+    """A Kafka cluster as an asyncflow ``Broker`` (``asyncflow.protocols.Broker``).
+
+    ``KafkaBroker(url, options)`` only parses its settings (``ConfigError`` if
+    they are wrong); connections open when a source or sink starts or a topic
+    call is made.
+
+    Example:
+        >>> broker = KafkaBroker("kafka://k1:9092,k2:9092", {"client_id": "etl"})
+        >>> broker.settings.bootstrap_servers
+        ['k1:9092', 'k2:9092']
+        >>> KafkaBroker("http://k1:9092", {})
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: bad Kafka URL 'http://k1:9092'; expected kafka://host:port[,host:port...][?option=value&...]
+    """
+
+    def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
+        self.settings = KafkaSettings.parse(url, options)
+        self.url = redact_url(url)
+        self._admin: Any = None
+        self._admin_lock: asyncio.Lock | None = None
+
+    def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
+        """A consumer-group member reading ``topics`` as ``group_id`` (not started).
+
+        Example:
+            >>> KafkaBroker("kafka://localhost", {}).source([TopicSpec("a")], "g").topics
+            ['a']
+        """
+        if not topics:
+            raise ConfigError("a Kafka source needs at least one topic")
+        if not group_id:
+            raise ConfigError("a Kafka source needs a consumer group id")
+        return KafkaSource(self.settings, [t.name for t in topics], group_id, self.url)
+
+    def sink(self) -> KafkaSink:
+        """A producer writing ``SinkRecord`` s to their ``topic`` (not started).
+
+        Example:
+            >>> KafkaBroker("kafka://localhost", {}).sink().max_batch
+            10000
+        """
+        return KafkaSink(self.settings, self.url)
+
+    async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
+        """Create missing topics that allow it; raise ``TopicMissing`` for the others.
+
+        A topic may be created when its spec has ``create=True`` and the broker
+        option ``create_topics`` is not false. Nothing is created if any missing
+        topic may not be. Existing topics are left as they are (a warning says
+        so when they have fewer partitions than declared).
+
+        Example:
+            >>> async def main():  # doctest: +SKIP
+            ...     await broker.ensure_topics([TopicSpec("rides", partitions=4)])
+        """
+        existing = await self.list_topics()
+        missing: dict[str, TopicSpec] = {}
+        for spec in topics:
+            count = existing.get(spec.name)
+            if count is None:
+                missing.setdefault(spec.name, spec)
+            elif count < spec.partitions:
+                log.warning(
+                    "Kafka topic %r has %d partitions, fewer than the %d declared; "
+                    "only %d lanes can read it in parallel across workers",
+                    spec.name,
+                    count,
+                    spec.partitions,
+                    count,
+                )
+        for spec in missing.values():
+            if not (spec.create and self.settings.create_topics):
+                raise TopicMissing(spec.name, self.url)
+        if missing:
+            await self._create(list(missing.values()))
+
+    async def _create(self, specs: list[TopicSpec]) -> None:
+        admin = await self._admin_client()
+        replication = self.settings.replication_factor
+        if replication is None:
+            cluster = await self._call(admin.describe_cluster())
+            replication = max(1, min(3, len(cluster.get("brokers") or [])))
+        new = [
+            NewTopic(s.name, s.partitions, replication, topic_configs=dict(s.config)) for s in specs
+        ]
+        response = await self._call(admin.create_topics(new))
+        for entry in response.topic_errors:
+            name, code = entry[0], entry[1]
+            message = entry[2] if len(entry) > 2 else None
+            if code in (0, _TOPIC_ALREADY_EXISTS):
+                if code == 0:
+                    log.info("created Kafka topic %r on %s", name, self.url)
+                continue
+            error = for_code(code)
+            raise ConfigError(
+                f"creating Kafka topic {name!r} on {self.url} failed: "
+                f"{error.__name__}{': ' + message if message else ''}"
+            )
+
+    async def list_topics(self) -> dict[str, int]:
+        """Topic name to partition count, internal topics left out.
+
+        Asks for all topics at once: brokers that create topics on demand
+        (Tansu, Kafka with ``auto.create.topics.enable``) create nothing here.
+
+        Example:
+            >>> async def main():  # doctest: +SKIP
+            ...     await broker.list_topics()
+            {'rides': 4}
+        """
+        admin = await self._admin_client()
+        described = await self._call(admin.describe_topics())
+        return {
+            t["topic"]: len(t["partitions"])
+            for t in described
+            if not t.get("is_internal") and t.get("error_code", 0) == 0
+        }
+
+    async def close(self) -> None:
+        """Close the admin connection (sources and sinks are stopped by their owners)."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
+
+    async def _admin_client(self) -> Any:
+        if self._admin is not None:
+            return self._admin
+        if self._admin_lock is None:
+            self._admin_lock = asyncio.Lock()
+        async with self._admin_lock:
+            if self._admin is None:
+                settings = self.settings
+                admin = AIOKafkaAdminClient(**settings.client_args())
+                await start_client(admin, self.url, settings)
+                self._admin = admin
+        return self._admin
+
+    async def _call(self, request: Any) -> Any:
+        """Await an admin request; a lost connection becomes ``BrokerUnavailable``."""
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_ms / 1000):
+                return await request
+        except TimeoutError:
+            raise BrokerUnavailable(
+                self.url, f"no answer within request_timeout_ms={self.settings.request_timeout_ms}"
+            ) from None
+        except KafkaError as exc:
+            raise BrokerUnavailable(self.url, describe(exc)) from None

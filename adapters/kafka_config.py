@@ -1,0 +1,380 @@
+"""Settings of the Kafka adapter: parsing ``kafka://`` URLs and options into client arguments.
+
+Options come from the URL's query string and from a mapping (``--broker-option``
+style); the mapping wins. Every value is a string, as on a command line.
+Unknown names are an error, so a typo is not silently ignored.
+
+Example:
+    >>> s = KafkaSettings.parse("kafka://k1:9092,k2:9092?client_id=etl", {"acks": "1"})
+    >>> s.bootstrap_servers, s.client_id, s.acks, s.enable_idempotence
+    (['k1:9092', 'k2:9092'], 'etl', 1, False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from aiokafka.errors import KafkaConnectionError, KafkaError  # type: ignore[import-untyped]
+
+from asyncflow.errors import BrokerUnavailable, ConfigError
+
+log = logging.getLogger("asyncflow.kafka")
+
+URL_FORM = "kafka://host:port[,host:port...][?option=value&...]"
+DEFAULT_PORT = 9092
+_SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"Kafka option {name}={raw!r} is not a boolean; use true or false")
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"Kafka option {name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(f"Kafka option {name}={raw!r} must not be negative")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        for a in allowed:
+            if value.lower() == a.lower():
+                return a
+        raise ConfigError(f"Kafka option {name}={raw!r} is not one of: {', '.join(allowed)}")
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _acks(name: str, raw: str) -> int:
+    value = raw.strip().lower()
+    if value in ("all", "-1"):
+        return -1
+    if value in ("0", "1"):
+        return int(value)
+    raise ConfigError(f"Kafka option {name}={raw!r} is not one of: 0, 1, all")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """Everything the Kafka adapter needs to build its clients.
+
+    Build it with ``KafkaSettings.parse(url, options)``; the fields below are
+    also the accepted option names (except ``bootstrap_servers``, from the URL).
+
+    Example:
+        >>> KafkaSettings.parse("kafka://localhost").bootstrap_servers
+        ['localhost:9092']
+    """
+
+    bootstrap_servers: list[str]
+    client_id: str = "asyncflow"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_check_hostname: bool = True
+    connect_timeout_ms: int = 10_000
+    request_timeout_ms: int = 40_000
+    retry_backoff_ms: int = 100
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int | None = None
+    rebalance_timeout_ms: int = 60_000
+    max_poll_interval_ms: int = 300_000
+    auto_offset_reset: str = "earliest"
+    max_poll_records: int = 10_000
+    fetch_max_wait_ms: int = 500
+    fetch_min_bytes: int = 1
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 1_048_576
+    linger_ms: int = 50
+    max_batch: int = 10_000
+    max_batch_size: int = 65_536
+    max_request_size: int = 1_048_576
+    enable_idempotence: bool = True
+    acks: int = -1
+    compression_type: str | None = None
+    create_topics: bool = True
+    replication_factor: int | None = None
+
+    @classmethod
+    def parse(cls, url: str, options: Mapping[str, str] | None = None) -> KafkaSettings:
+        """Parse ``kafka://host:port[,host:port][?option=value&...]`` plus extra options.
+
+        Raises ``ConfigError`` naming the accepted form or the bad option.
+
+        Example:
+            >>> KafkaSettings.parse("kafka://b:1?enable_idempotence=false").enable_idempotence
+            False
+        """
+        servers, query = _split_url(url)
+        merged: dict[str, str] = dict(query)
+        merged.update(options or {})
+        values: dict[str, Any] = {"bootstrap_servers": servers}
+        for name, raw in merged.items():
+            parser = _PARSERS.get(name)
+            if parser is None:
+                known = ", ".join(sorted(_PARSERS))
+                raise ConfigError(f"unknown Kafka option {name!r}; known options: {known}")
+            values[name] = parser(name, raw)
+        if values.get("acks", -1) != -1 and "enable_idempotence" not in values:
+            values["enable_idempotence"] = False  # as the Java client: acks=0/1 turns it off
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.enable_idempotence and self.acks != -1:
+            raise ConfigError(
+                "Kafka option acks must be 'all' when enable_idempotence is true; "
+                "set acks=all or enable_idempotence=false"
+            )
+        uses_sasl = self.sasl_mechanism != "PLAIN" or self.sasl_plain_username is not None
+        if uses_sasl and not self.security_protocol.startswith("SASL"):
+            raise ConfigError("SASL options need security_protocol=SASL_PLAINTEXT or SASL_SSL")
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_plain_username is None or self.sasl_plain_password is None
+        ):
+            raise ConfigError(
+                f"security_protocol={self.security_protocol} needs "
+                "sasl_plain_username and sasl_plain_password"
+            )
+        hb = self.heartbeat_interval
+        if hb >= self.session_timeout_ms:
+            raise ConfigError(
+                f"Kafka option heartbeat_interval_ms={hb} must be below "
+                f"session_timeout_ms={self.session_timeout_ms}"
+            )
+        if self.compression_type is not None:
+            from aiokafka import codec  # type: ignore[import-untyped]
+
+            checks = {"snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
+            check = checks.get(self.compression_type)
+            if check is not None and not check():
+                raise ConfigError(
+                    f"compression_type={self.compression_type} needs its Python library; "
+                    f"install aiokafka[{self.compression_type}] or pick gzip"
+                )
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """The heartbeat interval: the option, else a third of the session timeout (max 3 s)."""
+        if self.heartbeat_interval_ms is not None:
+            return self.heartbeat_interval_ms
+        return min(3000, max(100, self.session_timeout_ms // 3))
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """An SSL context for ``SSL``/``SASL_SSL`` (system CAs unless ``ssl_cafile``)."""
+        if not self.security_protocol.endswith("SSL"):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile is not None:
+                context.load_cert_chain(
+                    self.ssl_certfile, keyfile=self.ssl_keyfile, password=self.ssl_password
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the Kafka TLS files: {exc}") from None
+        context.check_hostname = self.ssl_check_hostname
+        return context
+
+    def client_args(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's consumer, producer and admin client."""
+        args: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+            "retry_backoff_ms": self.retry_backoff_ms,
+            "security_protocol": self.security_protocol,
+            "ssl_context": self.ssl_context(),
+        }
+        if self.security_protocol.startswith("SASL"):
+            args["sasl_mechanism"] = self.sasl_mechanism
+            args["sasl_plain_username"] = self.sasl_plain_username
+            args["sasl_plain_password"] = self.sasl_plain_password
+        return args
+
+    def consumer_args(self, group_id: str) -> dict[str, Any]:
+        """Keyword arguments for ``AIOKafkaConsumer`` (manual commits)."""
+        args = self.client_args()
+        args.update(
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval,
+            max_poll_interval_ms=self.max_poll_interval_ms,
+            rebalance_timeout_ms=self.rebalance_timeout_ms,
+            max_poll_records=self.max_poll_records,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            fetch_min_bytes=self.fetch_min_bytes,
+            fetch_max_bytes=self.fetch_max_bytes,
+            max_partition_fetch_bytes=self.max_partition_fetch_bytes,
+        )
+        return args
+
+    def producer_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``AIOKafkaProducer``."""
+        args = self.client_args()
+        args.update(
+            acks=self.acks,
+            enable_idempotence=self.enable_idempotence,
+            compression_type=self.compression_type,
+            max_batch_size=self.max_batch_size,
+            max_request_size=self.max_request_size,
+            linger_ms=0,  # the sink closes its batches itself; the core does the lingering
+        )
+        return args
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "client_id": _text,
+    "security_protocol": _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    "sasl_plain_username": _text,
+    "sasl_plain_password": _text,
+    "ssl_cafile": _text,
+    "ssl_certfile": _text,
+    "ssl_keyfile": _text,
+    "ssl_password": _text,
+    "ssl_check_hostname": _bool,
+    "auto_offset_reset": _choice("earliest", "latest"),
+    "enable_idempotence": _bool,
+    "create_topics": _bool,
+    "acks": _acks,
+    "compression_type": _choice("gzip", "snappy", "lz4", "zstd"),
+}
+for _f in fields(KafkaSettings):
+    if _f.name not in _PARSERS and _f.name != "bootstrap_servers":
+        _PARSERS[_f.name] = _int
+
+
+def _split_url(url: str) -> tuple[list[str], list[tuple[str, str]]]:
+    bad = f"bad Kafka URL {redact_url(url)!r}; expected {URL_FORM}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(bad) from None
+    if parts.scheme != "kafka" or not parts.netloc or parts.path not in ("", "/"):
+        raise ConfigError(bad)
+    servers = []
+    for item in parts.netloc.split(","):
+        host, port = _host_port(item.strip())
+        if not host or port is None:
+            raise ConfigError(bad)
+        servers.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError(bad) from None
+    return servers, query
+
+
+def _host_port(item: str) -> tuple[str, int | None]:
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else "x")
+    elif item.count(":") == 1:
+        host, _, port_text = item.partition(":")
+    elif ":" in item:
+        return "", None
+    else:
+        host, port_text = item, ""
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return host, None
+    return host, int(port_text)
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret option values replaced by ``***``, for messages and logs.
+
+    Example:
+        >>> redact_url("kafka://k:9092?sasl_plain_password=hunter2&client_id=a")
+        'kafka://k:9092?sasl_plain_password=***&client_id=a'
+    """
+    head, sep, query = url.partition("?")
+    if not sep:
+        return url
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True)
+    except ValueError:
+        return head + "?***"
+    shown = [
+        f"{quote(k, safe='')}={'***' if k in _SECRET_OPTIONS else quote(v, safe='')}"
+        for k, v in pairs
+    ]
+    return head + "?" + "&".join(shown)
+
+
+async def start_client(client: Any, url: str, settings: KafkaSettings) -> None:
+    """Start an aiokafka client within ``connect_timeout_ms``, else raise ``BrokerUnavailable``.
+
+    Example:
+        >>> async def main(settings: KafkaSettings) -> None:  # doctest: +SKIP
+        ...     await start_client(AIOKafkaProducer(**settings.producer_args()), url, settings)
+    """
+    timeout_ms = settings.connect_timeout_ms
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            await client.start()
+    except TimeoutError:
+        await _close_quietly(client)
+        raise BrokerUnavailable(
+            url, f"no answer within {timeout_ms} ms (connect_timeout_ms)"
+        ) from None
+    except KafkaConnectionError:
+        await _close_quietly(client)
+        servers = ", ".join(settings.bootstrap_servers)
+        raise BrokerUnavailable(
+            url, f"no bootstrap server accepted a connection ({servers})"
+        ) from None
+    except (KafkaError, OSError) as exc:
+        await _close_quietly(client)
+        raise BrokerUnavailable(url, describe(exc)) from None
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an aiokafka error (its ``str`` already starts with the class name).
+
+    Example:
+        >>> describe(TimeoutError())
+        'TimeoutError'
+    """
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    name = type(exc).__name__
+    return text if name in text else (f"{name}: {text}" if text else name)
+
+
+async def _close_quietly(client: Any) -> None:
+    closer = getattr(client, "stop", None) or client.close
+    try:
+        await closer()
+    except Exception as exc:  # noqa: BLE001 - best effort after a failed start
+        log.debug("closing a Kafka client that failed to start: %s", exc)

@@ -1,0 +1,295 @@
+"""The Kafka source: a consumer-group member that reads batches and commits done positions.
+
+Rebalances are *eager* (aiokafka's protocol): on every rebalance all of this
+member's partitions are revoked, then the new assignment (which often contains
+the same partitions again) is assigned. Before aiokafka releases the revoked
+partitions it awaits ``listener.on_revoked(partitions)``; the core drains and
+calls ``commit`` from inside that call, which works because the member still
+belongs to the old generation at that point. Until ``on_assigned`` has returned,
+``fetch`` returns ``[]`` (after its timeout), so the core never sees a record of
+a partition it has not been told about.
+
+Example:
+    >>> from adapters.kafka import KafkaBroker
+    >>> from asyncflow.protocols import TopicSpec
+    >>> broker = KafkaBroker("kafka://localhost:9092", {})
+    >>> source = broker.source([TopicSpec("rides", partitions=4)], group_id="billing")
+    >>> type(source).__name__
+    'KafkaSource'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
+from aiokafka import TopicPartition as KafkaTP
+from aiokafka.errors import (  # type: ignore[import-untyped]
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+)
+
+from adapters.kafka_config import KafkaSettings, describe, start_client
+from asyncflow.errors import AsyncflowError
+from asyncflow.protocols import Partition, PartitionListener, RawBatch, TopicPartition
+
+log = logging.getLogger("asyncflow.kafka")
+
+_FETCH_GRACE = 1.0
+"""Seconds a ``getmany`` may overrun ``fetch``'s timeout before it is cut short."""
+_MAX_BACKOFF = 5.0
+
+
+class KafkaSourceError(AsyncflowError):
+    """Reading from Kafka failed in a way retrying cannot fix (authorization, bad offsets)."""
+
+
+class KafkaSource:
+    """A Kafka consumer-group member implementing ``asyncflow.protocols.Source``.
+
+    Offsets are committed only through ``commit`` (auto-commit is off); a
+    newly assigned partition starts at the group's committed offset, else at
+    ``auto_offset_reset``. After a rebalance every assigned partition starts
+    resumed: the core re-pauses what it still cannot take.
+
+    Example:
+        >>> source = KafkaSource(KafkaSettings.parse("kafka://localhost"), ["rides"], "g")
+        >>> source.topics
+        ['rides']
+    """
+
+    def __init__(
+        self, settings: KafkaSettings, topics: Sequence[str], group_id: str, url: str = ""
+    ) -> None:
+        self.settings = settings
+        self.topics = list(topics)
+        self.group_id = group_id
+        self.url = url or "kafka://" + ",".join(settings.bootstrap_servers)
+        self._consumer: Any = None
+        self._listener: PartitionListener | None = None
+        self._owned: dict[KafkaTP, TopicPartition] = {}
+        self._ready = asyncio.Event()
+        self._stash: dict[Any, list[Any]] = {}
+        self._listener_error: BaseException | None = None
+        self._failures = 0
+
+    async def start(self, listener: PartitionListener) -> None:
+        """Connect, then join the group; raise ``BrokerUnavailable`` if the broker is unreachable.
+
+        Joining completes in the background: ``listener.on_assigned`` reports it.
+        """
+        if self._consumer is not None:
+            raise RuntimeError("KafkaSource.start() called twice")
+        self._listener = listener
+        consumer = AIOKafkaConsumer(**self.settings.consumer_args(self.group_id))
+        await start_client(consumer, self.url, self.settings)
+        self._consumer = consumer
+        consumer.subscribe(topics=self.topics, listener=_Rebalance(self))
+
+    async def fetch(self, timeout: float) -> list[RawBatch]:
+        """Records from the partitions that are assigned and not paused; ``[]`` after ``timeout``.
+
+        Transient errors (connection loss, leader moves) are logged and retried
+        with a backoff; they never escape. Errors the core must hear about
+        (a failing partition listener, authorization) are raised.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("KafkaSource.fetch() while not running; call start() first")
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
+        if not self._ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return []
+        if self._stash:
+            data, self._stash = self._stash, {}
+        else:
+            try:
+                async with asyncio.timeout(timeout + _FETCH_GRACE):
+                    data = await consumer.getmany(timeout_ms=int(timeout * 1000))
+            except TimeoutError:
+                return []  # a rebalance began while waiting; the next fetch waits for it
+            except ConsumerStoppedError:
+                return []  # stop() ran while this fetch waited
+            except KafkaError as exc:
+                await self._fetch_failed(exc, timeout)
+                return []
+            if not self._ready.is_set():
+                # a rebalance finished inside getmany but the core has not heard of it yet
+                self._stash = data
+                return []
+        if self._failures:
+            log.info("Kafka fetch recovered after %d failed attempts", self._failures)
+            self._failures = 0
+        owned = self._owned
+        batches = []
+        for tp, records in data.items():
+            partition = owned.get(tp)
+            if partition is not None and records:
+                batches.append(RawBatch(tp.topic, partition, records))
+        return batches
+
+    async def _fetch_failed(self, exc: BaseException, timeout: float) -> None:
+        if isinstance(exc, KafkaError) and not (
+            exc.retriable or isinstance(exc, KafkaConnectionError)
+        ):
+            raise KafkaSourceError(
+                f"reading {', '.join(self.topics)} from {self.url} failed: "
+                f"{describe(exc)} (check the topic's ACLs and the group's offsets)"
+            ) from exc
+        self._failures += 1
+        delay = min(_MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 6), max(timeout, 0.1))
+        log.warning(
+            "Kafka fetch from %s failed (%s); retrying in %.1fs",
+            self.url,
+            describe(exc),
+            delay,
+        )
+        await asyncio.sleep(delay)
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        """Stop delivering records of these partitions (ignored for ones not assigned here)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        tps = self._assigned(partitions)
+        if tps:
+            consumer.pause(*tps)
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        """Deliver records of these partitions again (ignored for ones not assigned here)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        tps = self._assigned(partitions)
+        if tps:
+            consumer.resume(*tps)
+
+    def _assigned(self, partitions: Iterable[Partition]) -> list[KafkaTP]:
+        assigned = self._consumer.assignment()
+        out = []
+        for p in partitions:
+            tp = _to_kafka(p)
+            if tp in assigned:
+                out.append(tp)
+        return out
+
+    async def commit(self, positions: Mapping[Partition, int]) -> None:
+        """Commit, per partition, the offset after the last done record (``offset + 1``).
+
+        Partitions no longer assigned here are skipped: their new owner replays
+        from the last commit (at-least-once). A commit the group refuses
+        because it rebalanced, or one that does not finish within
+        ``request_timeout_ms``, is logged, not raised; the next commit carries
+        the newer positions.
+        """
+        consumer = self._consumer
+        if consumer is None or not positions:
+            return
+        assigned = consumer.assignment()
+        offsets: dict[KafkaTP, int] = {}
+        for p, position in positions.items():
+            tp = _to_kafka(p)
+            if tp in assigned:
+                offsets[tp] = position + 1
+            else:
+                log.debug("not committing %s: it is no longer assigned here", tp)
+        if not offsets:
+            return
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_ms / 1000):
+                await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning(
+                "Kafka commit for group %s was refused (%s); the partitions moved and "
+                "their new owner replays from the last committed offset",
+                self.group_id,
+                exc,
+            )
+        except TimeoutError:
+            log.warning(
+                "Kafka commit for group %s did not finish within request_timeout_ms=%d; "
+                "the next commit will carry these positions",
+                self.group_id,
+                self.settings.request_timeout_ms,
+            )
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise KafkaSourceError(
+                    f"committing offsets of group {self.group_id} on {self.url} failed: "
+                    f"{describe(exc)}"
+                ) from exc
+            log.warning("Kafka commit for group %s failed: %s", self.group_id, exc)
+
+    async def stop(self) -> None:
+        """Leave the group and close the connection.
+
+        ``on_revoked`` is *not* called: commit what is done before stopping.
+        """
+        consumer, self._consumer = self._consumer, None
+        self._ready.clear()
+        self._owned = {}
+        self._stash = {}
+        if consumer is not None:
+            await consumer.stop()
+
+    # called by _Rebalance, inside aiokafka's coordination task
+
+    async def _revoked(self, revoked: Collection[KafkaTP]) -> None:
+        self._ready.clear()
+        self._stash = {}
+        parts = [self._owned.get(tp) or _from_kafka(tp) for tp in revoked]
+        try:
+            if parts and self._listener is not None:
+                await self._listener.on_revoked(parts)
+        except Exception as exc:  # noqa: BLE001 - handed to the core by the next fetch()
+            self._listener_error = exc
+            log.error("the partition listener failed on revoke: %s", exc)
+        finally:
+            self._owned = {}
+
+    async def _assigned_now(self, assigned: Collection[KafkaTP]) -> None:
+        self._owned = {tp: _from_kafka(tp) for tp in assigned}
+        try:
+            if assigned and self._listener is not None:
+                await self._listener.on_assigned(list(self._owned.values()))
+        except Exception as exc:  # noqa: BLE001 - handed to the core by the next fetch()
+            self._listener_error = exc
+            log.error("the partition listener failed on assign: %s", exc)
+        finally:
+            self._ready.set()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forwards aiokafka's rebalance callbacks to the source (and so to the core)."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: Collection[KafkaTP]) -> None:
+        await self._source._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[KafkaTP]) -> None:
+        await self._source._assigned_now(assigned)
+
+
+def _to_kafka(partition: Partition) -> KafkaTP:
+    if isinstance(partition, KafkaTP):
+        return partition
+    if isinstance(partition, tuple) and len(partition) == 2:
+        return KafkaTP(partition[0], partition[1])
+    raise TypeError(f"not a Kafka partition: {partition!r}; use TopicPartition(topic, number)")
+
+
+def _from_kafka(tp: KafkaTP) -> TopicPartition:
+    return TopicPartition(tp.topic, tp.partition)

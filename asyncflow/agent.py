@@ -1,0 +1,148 @@
+"""Agents: the user's ``async def f(stream)``, run as N lanes, with an error policy.
+
+Each lane runs the agent function on its own ``Stream``. When the function
+raises, the policy decides: ``Retry`` re-delivers the failing event after a
+backoff (then falls back to dead-lettering it or stopping), ``"dead_letter"``
+sends the event to the dead-letter output and carries on with the next one,
+``"stop"`` stops the worker. Every failure is logged on one line naming the
+agent, lane, key and source position.
+
+An agent written as an async generator sends what it yields to its ``sink``
+outputs, keyed by the key of the event being handled.
+
+Example:
+    >>> Retry(times=2, backoff=0.1).delay(2)
+    0.2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from asyncflow.errors import AgentError
+from asyncflow.stream import LaneContext, Stream, current_lane
+
+if TYPE_CHECKING:
+    from asyncflow.channels import Channel, Output
+
+log = logging.getLogger("asyncflow.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry a failing event ``times`` times with exponential backoff, then ``then``.
+
+    Example:
+        >>> Retry(times=3, backoff=1.0, max_backoff=3.0).delay(3)
+        3.0
+    """
+
+    times: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    then: Literal["dead_letter", "stop"] = "dead_letter"
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        return float(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+
+
+ErrorPolicy = Retry | Literal["dead_letter", "stop"]
+
+
+class Agent:
+    """A registered agent: its function, input channel, lanes, outputs and error policy.
+
+    Example:
+        >>> import asyncflow as af
+        >>> app = af.App("a")
+        >>> @app.agent(app.topic("t"), concurrency=4)
+        ... async def count(stream):
+        ...     async for _ in stream:
+        ...         pass
+        >>> app.agents["count"].concurrency
+        4
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Stream[Any]], Any],
+        channel: Channel[Any],
+        *,
+        concurrency: int = 1,
+        sinks: Sequence[Output] = (),
+        on_error: ErrorPolicy = "dead_letter",
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("an agent needs at least one lane (concurrency >= 1)")
+        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise TypeError(f"agent {fn.__name__!r} must be an 'async def' function of a stream")
+        self.fn = fn
+        self.channel = channel
+        self.concurrency = concurrency
+        self.sinks = list(sinks)
+        self.on_error = on_error
+        self.name = name or fn.__name__
+        self._is_generator = inspect.isasyncgenfunction(fn)
+
+    async def run_lane(self, stream: Stream[Any], lane: LaneContext) -> None:
+        """Run the agent function on one lane until its input ends."""
+        current_lane.set(lane)
+        failed_offset: tuple[Any, int] | None = None
+        attempts = 0
+        try:
+            while True:
+                try:
+                    await self._body(stream)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the policy decides
+                    ev = stream.current
+                    where = (ev.partition, ev.offset) if ev is not None else None
+                    attempts = attempts + 1 if where == failed_offset else 1
+                    failed_offset = where
+                    desc = (
+                        f"key={ev.key!r} at {ev.partition}@{ev.offset}" if ev is not None else "-"
+                    )
+                    reason = f"{type(exc).__name__}: {exc}"
+                    policy = self.on_error
+                    if isinstance(policy, Retry) and attempts <= policy.times and ev is not None:
+                        delay = policy.delay(attempts)
+                        log.warning(
+                            "agent %s lane %d failed on %s (%s); retry %d/%d in %.2fs",
+                            self.name, lane.index, desc, reason, attempts, policy.times, delay,
+                        )
+                        await asyncio.sleep(delay)
+                        stream.push_back(ev)
+                        continue
+                    action = policy.then if isinstance(policy, Retry) else policy
+                    if action == "stop" or ev is None:
+                        log.error("agent %s lane %d failed on %s: %s; stopping", self.name,
+                                  lane.index, desc, reason)
+                        raise AgentError(
+                            f"agent {self.name!r} failed on {desc}: {reason} "
+                            "(on_error='stop'; use on_error='dead_letter' or af.Retry to go on)"
+                        ) from exc
+                    log.error("agent %s lane %d failed on %s: %s; sent to dead letters",
+                              self.name, lane.index, desc, reason)
+                    await stream.dead_letter(ev, f"agent {self.name} raised {reason}")
+        finally:
+            stream.close()
+
+    async def _body(self, stream: Stream[Any]) -> None:
+        if not self._is_generator:
+            await self.fn(stream)
+            return
+        sinks = self.sinks
+        async for out in self.fn(stream):
+            ev = stream.current
+            key = ev.key if ev is not None else None
+            for s in sinks:
+                await s.send(key, out)

@@ -1,0 +1,308 @@
+"""The ``App``: a registry of topics, sources, sinks, agents, timers and tasks.
+
+Declaring things is all an app module does; ``asyncflow worker module:app``
+(or ``await app.run()``) starts the runtime. Settings come from arguments,
+then ``ASYNCFLOW_*`` environment variables, then defaults:
+
+================================  ==============================  ==============
+argument                          environment variable            default
+================================  ==============================  ==============
+``broker``                        ``ASYNCFLOW_BROKER``            ``memory://``
+``lane_capacity`` (events)        ``ASYNCFLOW_LANE_CAPACITY``     2000
+``commit_interval`` (s)           ``ASYNCFLOW_COMMIT_INTERVAL``   1.0
+``idle_timeout`` (s)              ``ASYNCFLOW_IDLE_TIMEOUT``      10.0
+``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         2000
+================================  ==============================  ==============
+
+Example:
+    >>> import asyncflow as af
+    >>> app = af.App("orders", broker="memory://")
+    >>> orders = app.topic("orders", key=lambda o: o["id"])
+    >>> @app.agent(orders, concurrency=4)
+    ... async def handle(stream):
+    ...     async for order in stream:
+    ...         pass
+    >>> sorted(app.agents)
+    ['handle']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from asyncflow.agent import Agent, ErrorPolicy
+from asyncflow.channels import Channel, Output, SinkOutput, Topic
+from asyncflow.clock import Clock, SystemClock
+from asyncflow.codecs import Codec
+from asyncflow.errors import ConfigError
+from asyncflow.metrics import Metrics
+from asyncflow.protocols import Broker, Sink, Source
+from asyncflow.stream import Stream
+
+if TYPE_CHECKING:
+    from asyncflow.runtime import Runtime
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+class Timer:
+    """A coroutine function run every ``interval`` seconds."""
+
+    __slots__ = ("fn", "interval", "name")
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]], interval: float, name: str) -> None:
+        self.fn = fn
+        self.interval = interval
+        self.name = name
+
+
+class App:
+    """A stream-processing application.
+
+    Example:
+        >>> App("sensors").broker_url
+        'memory://'
+    """
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        broker: str | Broker | None = None,
+        broker_options: dict[str, str] | None = None,
+        lane_capacity: int | None = None,
+        commit_interval: float | None = None,
+        idle_timeout: float | None = None,
+        fetch_max: int | None = None,
+        dead_letter: str | Sink | None = None,
+        clock: Clock | None = None,
+        drain_timeout: float = 10.0,
+        shutdown_timeout: float = 30.0,
+        watermark_interval: float = 0.2,
+    ) -> None:
+        if not id or not all(c.isalnum() or c in "-_." for c in id):
+            raise ConfigError(f"app id {id!r} must be non-empty letters, digits, '-', '_' or '.'")
+        self.id = id
+        self._broker_arg = broker
+        self.broker_options = dict(broker_options or {})
+        self.lane_capacity = int(lane_capacity or _env_float("ASYNCFLOW_LANE_CAPACITY", 2000))
+        self.commit_interval = (
+            commit_interval
+            if commit_interval is not None
+            else _env_float("ASYNCFLOW_COMMIT_INTERVAL", 1.0)
+        )
+        self.idle_timeout = (
+            idle_timeout if idle_timeout is not None else _env_float("ASYNCFLOW_IDLE_TIMEOUT", 10.0)
+        )
+        self.fetch_max = int(fetch_max or _env_float("ASYNCFLOW_FETCH_MAX", 2000))
+        self.dead_letter_target: str | Sink = dead_letter or f"{id}-dead-letters"
+        self.clock: Clock = clock or SystemClock()
+        self.drain_timeout = drain_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.watermark_interval = watermark_interval
+        self.channels: dict[str, Channel[Any]] = {}
+        self.sinks: dict[str, SinkOutput] = {}
+        self.agents: dict[str, Agent] = {}
+        self.timers: list[Timer] = []
+        self.tasks: list[Callable[[], Awaitable[Any]]] = []
+        self.metrics = Metrics()
+        self._runtime: Runtime | None = None
+
+    @property
+    def broker_url(self) -> str:
+        """The broker URL: the argument, else ``ASYNCFLOW_BROKER``, else ``memory://``."""
+        arg = self._broker_arg
+        if isinstance(arg, str):
+            return arg
+        if arg is not None:
+            return arg.url
+        return os.environ.get("ASYNCFLOW_BROKER") or "memory://"
+
+    def set_broker(self, broker: str | Broker) -> None:
+        """Override the broker (the CLI's ``--broker``)."""
+        self._broker_arg = broker
+
+    def topic(
+        self,
+        name: str,
+        *,
+        value_type: type[T] | None = None,
+        codec: str | Codec[Any] | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        key_codec: Codec[Any] | None = None,
+        time: str | Callable[[T], Any] | None = None,
+        partitions: int = 1,
+        create: bool = True,
+    ) -> Topic[T]:
+        """Declare a topic on the app's broker (input and output).
+
+        ``key`` computes an event's key from its value (else the record key is
+        used); ``time`` gives its event time (a field name or a function returning
+        a tz-aware datetime or epoch seconds; a ``Record`` with an ``EventTime``
+        field needs nothing; else the broker's timestamp).
+
+        Example:
+            >>> App("a").topic("t", codec="raw").codec.decode(b"x")
+            b'x'
+        """
+        existing = self.channels.get(name)
+        if isinstance(existing, Topic):
+            return existing
+        t: Topic[T] = Topic(
+            name,
+            value_type=value_type,
+            codec=codec,
+            key=key,
+            key_codec=key_codec,
+            time=time,
+            partitions=partitions,
+            create=create,
+            app=self,
+        )
+        self.channels[name] = t
+        return t
+
+    def source(
+        self,
+        source: Source,
+        *,
+        name: str,
+        value_type: type[T] | None = None,
+        codec: str | Codec[Any] | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        time: str | Callable[[T], Any] | None = None,
+    ) -> Channel[T]:
+        """Declare an input read from an external source (Kinesis, SSE, ...).
+
+        The source must label its batches with ``name`` as their topic.
+
+        Example:
+            >>> from asyncflow.memory import MemoryBroker
+            >>> from asyncflow.protocols import TopicSpec
+            >>> src = MemoryBroker().source([TopicSpec("x")], "g")
+            >>> App("a").source(src, name="x").name
+            'x'
+        """
+        if name in self.channels:
+            raise ConfigError(f"an input named {name!r} is already declared")
+        ch: Channel[T] = Channel(
+            name, value_type=value_type, codec=codec, key=key, time=time, source=source, app=self
+        )
+        self.channels[name] = ch
+        return ch
+
+    def sink(self, sink: Sink) -> SinkOutput:
+        """Register an external sink; agents ``await out.send(key, value)`` to it.
+
+        Example:
+            >>> from asyncflow.testing import CaptureSink
+            >>> App("a").sink(CaptureSink("db")).name
+            'db'
+        """
+        out = SinkOutput(sink, self)
+        if out.name in self.sinks:
+            raise ConfigError(f"a sink named {out.name!r} is already registered")
+        self.sinks[out.name] = out
+        return out
+
+    def agent(
+        self,
+        channel: Channel[Any],
+        *,
+        concurrency: int = 1,
+        sink: Output | list[Output] | None = None,
+        on_error: ErrorPolicy = "dead_letter",
+        name: str | None = None,
+    ) -> Callable[[Callable[[Stream[Any]], Any]], Callable[[Stream[Any]], Any]]:
+        """Register ``async def f(stream)`` to consume ``channel`` in ``concurrency`` lanes.
+
+        One key always goes to the same lane, so per-key order holds while
+        lanes run concurrently.
+
+        Example:
+            >>> app = App("a")
+            >>> @app.agent(app.topic("t"), on_error="stop")
+            ... async def f(stream):
+            ...     async for v in stream:
+            ...         pass
+            >>> app.agents["f"].on_error
+            'stop'
+        """
+        sinks = [] if sink is None else (sink if isinstance(sink, list) else [sink])
+
+        def register(fn: Callable[[Stream[Any]], Any]) -> Callable[[Stream[Any]], Any]:
+            agent = Agent(
+                fn, channel, concurrency=concurrency, sinks=sinks, on_error=on_error, name=name
+            )
+            if agent.name in self.agents:
+                raise ConfigError(f"an agent named {agent.name!r} is already registered")
+            self.agents[agent.name] = agent
+            return fn
+
+        return register
+
+    def timer(self, interval: float | timedelta) -> Callable[[F], F]:
+        """Run ``async def f()`` every ``interval`` while the worker runs.
+
+        Example:
+            >>> app = App("a")
+            >>> @app.timer(5.0)
+            ... async def tick():
+            ...     pass
+            >>> app.timers[0].interval
+            5.0
+        """
+        seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+        if seconds <= 0:
+            raise ConfigError("a timer interval must be positive")
+
+        def register(fn: F) -> F:
+            self.timers.append(Timer(fn, seconds, fn.__name__))
+            return fn
+
+        return register
+
+    def task(self, fn: F) -> F:
+        """Run ``async def f()`` once when the worker starts (e.g. a data generator).
+
+        Example:
+            >>> app = App("a")
+            >>> @app.task
+            ... async def load():
+            ...     pass
+            >>> len(app.tasks)
+            1
+        """
+        self.tasks.append(fn)
+        return fn
+
+    async def run(self, *, stop_when_idle: bool = False) -> None:
+        """Run the worker until stopped (or, with ``stop_when_idle``, until bounded input ends).
+
+        Example:
+            >>> import asyncio
+            >>> asyncio.run(App("empty").run(stop_when_idle=True))
+        """
+        from asyncflow.runtime import Runtime
+
+        runtime = Runtime(self)
+        await runtime.run(stop_when_idle=stop_when_idle)
+
+    def stop(self) -> None:
+        """Ask a running worker to drain, flush, commit and return."""
+        if self._runtime is not None:
+            self._runtime.request_stop()

@@ -1,0 +1,193 @@
+"""Inputs and outputs an app declares: broker topics, external sources, sinks.
+
+A ``Channel`` says how to read one input: its codec, how to get an event's key
+and event time. A ``Topic`` is a channel on the app's broker that can also be
+sent to. A ``SinkOutput`` wraps an external sink (DynamoDB, Kinesis, ...).
+Sending inside an agent keeps the event being handled uncommitted until the
+output is durable.
+
+Example:
+    >>> import asyncflow as af
+    >>> app = af.App("demo")
+    >>> t = app.topic("numbers", key=lambda v: v["id"])
+    >>> t.name, t.key_of({"id": 7})
+    ('numbers', 7)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from asyncflow.acks import NO_ACK
+from asyncflow.codecs import Codec, StrCodec, codec_for
+from asyncflow.errors import ConfigError
+from asyncflow.protocols import Sink, SinkRecord, Source, TopicSpec
+from asyncflow.records import Record, datetime_to_ms, event_time_ms
+from asyncflow.stream import current_lane
+from asyncflow.writer import SinkWriter
+
+if TYPE_CHECKING:
+    from asyncflow.app import App
+
+T = TypeVar("T")
+
+
+def _time_getter(time: str | Callable[[Any], Any] | None, value_type: Any) -> Callable[[Any], int] | None:
+    """Build the event-time function (epoch ms) of a channel."""
+    if time is None:
+        if isinstance(value_type, type) and issubclass(value_type, Record):
+            try:
+                value_type.decode_obj  # noqa: B018 - resolve hints now
+                if value_type._time_field is not None:
+                    return event_time_ms
+            except Exception:  # noqa: BLE001
+                return None
+        return None
+    if isinstance(time, str):
+        name = time
+
+        def by_field(value: Any) -> Any:
+            return value[name] if isinstance(value, dict) else getattr(value, name)
+
+        fn: Callable[[Any], Any] = by_field
+    else:
+        fn = time
+
+    def to_ms(value: Any) -> int:
+        t = fn(value)
+        if type(t) is int or type(t) is float:
+            return round(t * 1000)
+        if isinstance(t, datetime):
+            return datetime_to_ms(t)
+        raise ValueError(
+            f"event time must be a tz-aware datetime or epoch seconds, got {type(t).__name__}"
+        )
+
+    return to_ms
+
+
+class Channel(Generic[T]):
+    """An input stream definition: name, codec, key and event time.
+
+    Example:
+        >>> Channel("clicks").codec.decode(b'{"u": 1}')
+        {'u': 1}
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        value_type: type[T] | None = None,
+        codec: str | Codec[Any] | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        key_codec: Codec[Any] | None = None,
+        time: str | Callable[[T], Any] | None = None,
+        source: Source | None = None,
+        partitions: int = 1,
+        create: bool = True,
+        app: App | None = None,
+    ) -> None:
+        self.name = name
+        self.value_type = value_type
+        self.codec: Codec[Any] = codec_for(codec, value_type)
+        self.key_fn = key
+        self.key_codec: Codec[Any] = key_codec or StrCodec()
+        self.time_ms = _time_getter(time, value_type)
+        self.source = source
+        self.spec = TopicSpec(name, partitions=partitions, create=create)
+        self._app = app
+
+    def key_of(self, value: T) -> Hashable:
+        """The key of a value under this channel's key function."""
+        if self.key_fn is None:
+            raise ConfigError(f"channel {self.name!r} has no key function")
+        return self.key_fn(value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Output:
+    """Something agents send to: a topic or a sink."""
+
+    name: str
+    _app: App | None
+
+    def _writer(self) -> SinkWriter:
+        raise NotImplementedError
+
+    def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
+        raise NotImplementedError
+
+    async def send(
+        self, key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        """Send one record; inside an agent, the event being handled waits for its flush.
+
+        Example:
+            >>> import asyncflow as af, asyncio
+            >>> app = af.App("t")
+            >>> out = app.topic("out")
+            >>> asyncio.run(out.send("k", 1))
+            Traceback (most recent call last):
+            ...
+            asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
+        """
+        writer = self._writer()
+        lane = current_lane.get()
+        ack = lane.current if lane is not None else NO_ACK
+        await writer.send(self._record(key, value, headers), ack)
+
+    def _not_running(self) -> ConfigError:
+        app = self._app.id if self._app is not None else "?"
+        return ConfigError(f"cannot send to {self.name!r}: the app {app!r} is not running")
+
+
+class Topic(Channel[T], Output):
+    """A topic on the app's broker: an input agents consume and an output they send to.
+
+    Example:
+        >>> import asyncflow as af
+        >>> af.App("a").topic("t", partitions=4).spec.partitions
+        4
+    """
+
+    def _writer(self) -> SinkWriter:
+        app = self._app
+        runtime = app._runtime if app is not None else None
+        if runtime is None:
+            raise self._not_running()
+        return runtime.producer
+
+    def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
+        kb = None if key is None else (key if isinstance(key, bytes) else self.key_codec.encode(key))
+        return SinkRecord(kb, self.codec.encode(value), topic=self.name, headers=headers)
+
+
+class SinkOutput(Output):
+    """An external sink registered with ``app.sink(...)``.
+
+    Example:
+        >>> import asyncflow as af
+        >>> from asyncflow.testing import CaptureSink
+        >>> af.App("a").sink(CaptureSink("results")).name
+        'results'
+    """
+
+    def __init__(self, sink: Sink, app: App) -> None:
+        self.sink = sink
+        self.name = getattr(sink, "name", type(sink).__name__)
+        self._app = app
+
+    def _writer(self) -> SinkWriter:
+        app = self._app
+        runtime = app._runtime if app is not None else None
+        if runtime is None:
+            raise self._not_running()
+        return runtime.writers[self.name]
+
+    def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
+        return SinkRecord(key, value, headers=headers)

@@ -1,0 +1,148 @@
+"""Codecs turn record bytes into values and back: JSON (orjson), raw bytes, str.
+
+Example:
+    >>> codec = json_codec()
+    >>> codec.decode(b'{"a": 1}'), codec.encode({"a": 1})
+    ({'a': 1}, b'{"a":1}')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import orjson
+
+from asyncflow.errors import DecodeError
+from asyncflow.records import Record, to_builtins
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Codec(Protocol[T]):
+    """Decodes bytes to values of one type and encodes them back."""
+
+    def decode(self, data: bytes) -> T: ...
+
+    def encode(self, value: T) -> bytes: ...
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    return to_builtins(value) if not isinstance(value, type) else str(value)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode a value, records and dataclasses included.
+
+    Example:
+        >>> dumps({"x": 1.5})
+        b'{"x":1.5}'
+    """
+    return orjson.dumps(value, default=_default)
+
+
+class JsonCodec(Generic[T]):
+    """JSON through orjson; with a ``Record`` type, fields are checked on decode.
+
+    Example:
+        >>> JsonCodec().decode(b"[1, 2]")
+        [1, 2]
+    """
+
+    __slots__ = ("value_type", "decode")
+
+    def __init__(self, value_type: type[T] | None = None) -> None:
+        self.value_type = value_type
+        if value_type is not None and issubclass(value_type, Record):
+            build = value_type.decode_obj
+
+            def decode_record(data: bytes) -> Any:
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError as exc:
+                    raise DecodeError(f"malformed JSON: {exc}") from None
+                return build(obj)
+
+            self.decode: Callable[[bytes], T] = decode_record
+        else:
+
+            def decode_plain(data: bytes) -> Any:
+                try:
+                    return orjson.loads(data)
+                except orjson.JSONDecodeError as exc:
+                    raise DecodeError(f"malformed JSON: {exc}") from None
+
+            self.decode = decode_plain
+
+    def encode(self, value: T) -> bytes:
+        return orjson.dumps(value, default=_default)
+
+
+class RawCodec:
+    """Bytes in, bytes out.
+
+    Example:
+        >>> RawCodec().decode(b"x")
+        b'x'
+    """
+
+    __slots__ = ()
+
+    def decode(self, data: bytes) -> bytes:
+        return data
+
+    def encode(self, value: bytes) -> bytes:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"the raw codec sends bytes, got {type(value).__name__}")
+        return bytes(value)
+
+
+class StrCodec:
+    """UTF-8 text.
+
+    Example:
+        >>> StrCodec().encode("é")
+        b'\\xc3\\xa9'
+    """
+
+    __slots__ = ()
+
+    def decode(self, data: bytes) -> str:
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"not UTF-8 text: {exc}") from None
+
+    def encode(self, value: str) -> bytes:
+        return str(value).encode()
+
+
+def json_codec(value_type: type[T] | None = None) -> JsonCodec[T]:
+    """A JSON codec, typed when ``value_type`` is a ``Record``.
+
+    Example:
+        >>> json_codec().decode(b"1")
+        1
+    """
+    return JsonCodec(value_type)
+
+
+def codec_for(name_or_codec: str | Codec[Any] | None, value_type: type[Any] | None) -> Codec[Any]:
+    """Pick a codec: by name ("json", "raw", "str"), a codec object, or JSON by default.
+
+    Example:
+        >>> type(codec_for("raw", None)).__name__
+        'RawCodec'
+    """
+    if name_or_codec is None or name_or_codec == "json":
+        return JsonCodec(value_type)
+    if name_or_codec == "raw":
+        return RawCodec()
+    if name_or_codec == "str":
+        return StrCodec()
+    if isinstance(name_or_codec, str):
+        raise ValueError(f"unknown codec {name_or_codec!r}: use 'json', 'raw', 'str' or a Codec")
+    return name_or_codec

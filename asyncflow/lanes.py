@@ -1,0 +1,137 @@
+"""Bounded lane queues: batches of events and watermarks, in order, for one lane.
+
+A lane queue is measured in events, not batches. The dispatcher never blocks
+on it: it asks ``has_room`` first, and when a lane is full it pauses the source
+partition instead of buffering without bound. When the lane's consumer takes
+the queue below its low-water mark, ``on_room`` tells the dispatcher to resume.
+
+Example:
+    >>> import asyncio
+    >>> async def demo():
+    ...     q = LaneQueue(maxsize=10)
+    ...     q.put([1, 2, 3])
+    ...     q.close()
+    ...     return await q.get(), q.size
+    >>> asyncio.run(demo())
+    ([1, 2, 3], 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from asyncflow.event import Watermark
+
+
+class LaneClosed(Exception):
+    """The lane's input ended; raised by ``get`` once the queue is empty."""
+
+
+class LaneQueue:
+    """A single-consumer FIFO of event batches and watermarks, bounded in events.
+
+    ``peak`` records the largest size reached, so tests can check the bound.
+    """
+
+    __slots__ = ("_items", "size", "maxsize", "low", "peak", "_getter", "_closed", "on_room")
+
+    def __init__(self, maxsize: int, on_room: Callable[[LaneQueue], None] | None = None) -> None:
+        if maxsize < 1:
+            raise ValueError("a lane queue needs room for at least one event")
+        self._items: deque[list[Any] | Watermark] = deque()
+        self.size = 0
+        self.maxsize = maxsize
+        self.low = maxsize // 2
+        self.peak = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._closed = False
+        self.on_room = on_room
+
+    def has_room(self, n: int) -> bool:
+        """Whether ``n`` more events fit (an empty queue always takes one batch)."""
+        return self.size + n <= self.maxsize or self.size == 0
+
+    def put(self, batch: list[Any]) -> None:
+        """Append a batch of events (call ``has_room`` first)."""
+        self._items.append(batch)
+        size = self.size + len(batch)
+        self.size = size
+        if size > self.peak:
+            self.peak = size
+        self._wake()
+
+    def put_watermark(self, mark: Watermark) -> None:
+        """Append a watermark; a newer one replaces one still waiting at the tail."""
+        items = self._items
+        if items and type(items[-1]) is Watermark and not items[-1].final:
+            items[-1] = mark
+        else:
+            items.append(mark)
+        self._wake()
+
+    def close(self) -> None:
+        """No more input: ``get`` raises ``LaneClosed`` once the queue is empty."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
+
+    async def get(self) -> list[Any] | Watermark:
+        """The next batch or watermark, waiting while the queue is empty."""
+        items = self._items
+        while not items:
+            if self._closed:
+                raise LaneClosed
+            self._getter = asyncio.get_running_loop().create_future()
+            try:
+                await self._getter
+            finally:
+                self._getter = None
+        item = items.popleft()
+        if type(item) is list:
+            size = self.size - len(item)
+            self.size = size
+            if size <= self.low and self.on_room is not None:
+                self.on_room(self)
+        return item
+
+    async def get_within(self, timeout: float) -> list[Any] | Watermark | None:
+        """Like ``get``, but ``None`` when nothing arrived within ``timeout`` seconds."""
+        if not self._items and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._getter = fut = loop.create_future()
+            handle = loop.call_later(timeout, _resolve, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                self._getter = None
+            if not self._items and not self._closed:
+                return None
+        return await self.get()
+
+    def drop_where(self, predicate: Callable[[Any], bool]) -> list[Any]:
+        """Remove queued events matching ``predicate`` (revoked partitions); returns them."""
+        dropped: list[Any] = []
+        for i, item in enumerate(self._items):
+            if type(item) is list:
+                keep = [e for e in item if not predicate(e)]
+                if len(keep) != len(item):
+                    dropped.extend(e for e in item if predicate(e))
+                    self._items[i] = keep
+        self.size -= len(dropped)
+        return dropped
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

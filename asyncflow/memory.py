@@ -1,0 +1,331 @@
+"""The in-process memory broker: the embedded default, and what tests run on.
+
+Topics have partitions and offsets; consumer groups have members, an
+assignment of partitions and committed offsets, so the whole ack and commit
+path runs as it does on Kafka, without a network. A topic can be ended
+(``end``): a bounded input whose readers then report themselves exhausted.
+
+Example:
+    >>> import asyncio
+    >>> from asyncflow.protocols import TopicSpec
+    >>> broker = MemoryBroker()
+    >>> broker.create_topic("t", partitions=2)
+    >>> broker.produce("t", b'{"x": 1}', key=b"a")
+    (1, 0)
+    >>> broker.committed("g", "t", 1) is None
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import zlib
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from asyncflow.errors import ConfigError, TopicMissing
+from asyncflow.protocols import (
+    Partition,
+    PartitionListener,
+    RawBatch,
+    SinkRecord,
+    TopicPartition,
+    TopicSpec,
+)
+
+
+@dataclass(slots=True)
+class MemoryRecord:
+    """A record stored in a memory topic (satisfies ``RawRecord``)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+class MemoryTopic:
+    """Partitions of records, an end-of-input flag and a wake-up for readers."""
+
+    def __init__(self, name: str, partitions: int) -> None:
+        self.name = name
+        self.partitions: list[list[MemoryRecord]] = [[] for _ in range(partitions)]
+        self.ended = False
+        self._rr = itertools.count()
+
+    def partition_for(self, key: bytes | None) -> int:
+        n = len(self.partitions)
+        if key is None:
+            return next(self._rr) % n
+        return zlib.crc32(key) % n
+
+
+class _Group:
+    def __init__(self) -> None:
+        self.committed: dict[TopicPartition, int] = {}
+        self.members: list[MemorySource] = []
+        self.generation = 0
+
+
+class MemoryBroker:
+    """Topics and consumer groups held in this process.
+
+    Example:
+        >>> b = MemoryBroker()
+        >>> b.create_topic("x")
+        >>> sorted(b.topics)
+        ['x']
+    """
+
+    def __init__(self, url: str = "memory://", options: Mapping[str, str] | None = None) -> None:
+        if not url.startswith("memory://"):
+            raise ConfigError(f"not a memory broker URL: {url!r} (use memory://)")
+        self.url = url
+        self.options = dict(options or {})
+        self.topics: dict[str, MemoryTopic] = {}
+        self._groups: dict[str, _Group] = {}
+        self._data: asyncio.Event | None = None
+
+    # -- topics ---------------------------------------------------------------------
+    def create_topic(self, name: str, partitions: int = 1) -> None:
+        """Create a topic (no-op if it exists)."""
+        if name not in self.topics:
+            self.topics[name] = MemoryTopic(name, partitions)
+
+    def topic(self, name: str) -> MemoryTopic:
+        t = self.topics.get(name)
+        if t is None:
+            raise TopicMissing(name, self.url)
+        return t
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        timestamp: int | None = None,
+        partition: int | None = None,
+    ) -> tuple[int, int]:
+        """Append a record; returns (partition, offset).
+
+        Example:
+            >>> b = MemoryBroker(); b.create_topic("t")
+            >>> b.produce("t", b"1"), b.produce("t", b"2")
+            ((0, 0), (0, 1))
+        """
+        t = self.topics.get(topic)
+        if t is None:
+            self.create_topic(topic)
+            t = self.topics[topic]
+        p = t.partition_for(key) if partition is None else partition
+        log = t.partitions[p]
+        ts = timestamp if timestamp is not None else time.time_ns() // 1_000_000
+        log.append(MemoryRecord(len(log), key, value, ts, tuple(headers)))
+        self._notify()
+        return p, len(log) - 1
+
+    def end(self, topic: str) -> None:
+        """Mark ``topic`` as a bounded input that has ended."""
+        self.topic(topic).ended = True
+        self._notify()
+
+    def records(self, topic: str) -> list[MemoryRecord]:
+        """Every record of a topic, partition by partition (for tests)."""
+        return [r for part in self.topic(topic).partitions for r in part]
+
+    def committed(self, group: str, topic: str, partition: int) -> int | None:
+        """The group's committed offset (next to read) of a partition."""
+        g = self._groups.get(group)
+        return None if g is None else g.committed.get(TopicPartition(topic, partition))
+
+    def _notify(self) -> None:
+        if self._data is not None:
+            self._data.set()
+
+    async def _wait_data(self, timeout: float) -> None:
+        if self._data is None:
+            self._data = asyncio.Event()
+        self._data.clear()
+        try:
+            await asyncio.wait_for(self._data.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- the Broker protocol ------------------------------------------------------------
+    def source(self, topics: Sequence[TopicSpec], group_id: str) -> MemorySource:
+        return MemorySource(self, [t.name for t in topics], group_id)
+
+    def sink(self) -> MemorySink:
+        return MemorySink(self)
+
+    async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
+        for spec in topics:
+            if spec.name not in self.topics:
+                if not spec.create:
+                    raise TopicMissing(spec.name, self.url)
+                self.create_topic(spec.name, spec.partitions)
+
+    async def list_topics(self) -> dict[str, int]:
+        return {name: len(t.partitions) for name, t in self.topics.items()}
+
+    async def close(self) -> None:
+        pass
+
+    def _group(self, group_id: str) -> _Group:
+        g = self._groups.get(group_id)
+        if g is None:
+            g = self._groups[group_id] = _Group()
+        return g
+
+
+class MemorySource:
+    """A member of a consumer group on the memory broker (satisfies ``Source``)."""
+
+    def __init__(
+        self, broker: MemoryBroker, topics: list[str], group_id: str, fetch_max: int = 2000
+    ) -> None:
+        self.broker = broker
+        self.topics = topics
+        self.group_id = group_id
+        self.fetch_max = fetch_max
+        self._listener: PartitionListener | None = None
+        self._assigned: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}
+        self._paused: set[Partition] = set()
+        self._generation = -1
+        self._stopped = False
+
+    def _assignment(self) -> list[TopicPartition]:
+        group = self.broker._group(self.group_id)
+        members = group.members
+        me = members.index(self)
+        all_tps = [
+            TopicPartition(t, p)
+            for t in self.topics
+            for p in range(len(self.broker.topic(t).partitions))
+        ]
+        return [tp for i, tp in enumerate(all_tps) if i % len(members) == me]
+
+    async def start(self, listener: PartitionListener) -> None:
+        for t in self.topics:
+            self.broker.topic(t)
+        self._listener = listener
+        group = self.broker._group(self.group_id)
+        group.members.append(self)
+        group.generation += 1
+        await self._rebalance()
+
+    async def _rebalance(self) -> None:
+        group = self.broker._group(self.group_id)
+        self._generation = group.generation
+        new = self._assignment() if not self._stopped else []
+        revoked = [tp for tp in self._assigned if tp not in new]
+        added = [tp for tp in new if tp not in self._assigned]
+        assert self._listener is not None
+        if revoked:
+            await self._listener.on_revoked(revoked)
+            for tp in revoked:
+                self._positions.pop(tp, None)
+                self._paused.discard(tp)
+        self._assigned = new
+        for tp in added:
+            self._positions[tp] = group.committed.get(tp, 0)
+        if added:
+            await self._listener.on_assigned(added)
+
+    async def fetch(self, timeout: float) -> list[RawBatch]:
+        group = self.broker._group(self.group_id)
+        if self._generation != group.generation:
+            await self._rebalance()
+        batches = self._read()
+        if not batches and timeout > 0 and not self.exhausted:
+            await self.broker._wait_data(timeout)
+            batches = self._read()
+        return batches
+
+    def _read(self) -> list[RawBatch]:
+        out: list[RawBatch] = []
+        for tp in self._assigned:
+            if tp in self._paused:
+                continue
+            log = self.broker.topics[tp.topic].partitions[tp.partition]
+            pos = self._positions[tp]
+            if pos < len(log):
+                chunk = log[pos : pos + self.fetch_max]
+                self._positions[tp] = pos + len(chunk)
+                out.append(RawBatch(tp.topic, tp, chunk))
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        """Every subscribed topic has ended and everything assigned has been read."""
+        topics = self.broker.topics
+        if not all(topics[t].ended for t in self.topics):
+            return False
+        return all(
+            self._positions[tp] >= len(topics[tp.topic].partitions[tp.partition])
+            for tp in self._assigned
+        )
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        self._paused.update(partitions)
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        self._paused.difference_update(partitions)
+        self.broker._notify()
+
+    async def commit(self, positions: Mapping[Partition, int]) -> None:
+        committed = self.broker._group(self.group_id).committed
+        for p, offset in positions.items():
+            if isinstance(p, TopicPartition) and p in self._positions:
+                committed[p] = offset + 1
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        group = self.broker._group(self.group_id)
+        if self in group.members:
+            group.members.remove(self)
+            group.generation += 1
+        if self._listener is not None and self._assigned:
+            await self._listener.on_revoked(list(self._assigned))
+        self._assigned = []
+
+    @property
+    def assigned(self) -> Collection[TopicPartition]:
+        return tuple(self._assigned)
+
+
+class MemorySink:
+    """Writes topic records into the memory broker (satisfies ``Sink``)."""
+
+    name = "memory-producer"
+    max_batch = 2000
+    linger = 0.005
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, records: Sequence[SinkRecord]) -> None:
+        produce = self.broker.produce
+        for r in records:
+            if r.topic is None:
+                raise ConfigError("a record for the memory broker needs a topic")
+            produce(r.topic, r.value, r.key, r.headers, r.timestamp, r.partition)
+
+    async def stop(self) -> None:
+        pass
+
+
+def memory_broker(url: str, options: Mapping[str, str]) -> MemoryBroker:
+    """The factory registered for ``memory://``."""
+    return MemoryBroker(url, options)
+

@@ -1,0 +1,369 @@
+"""The runtime: one ``asyncio.TaskGroup`` owning readers, lanes, sinks, timers, commits.
+
+Start: open the broker, make sure topics exist, start the sink writers, join
+the sources (partitions get assigned), start one task per lane. Run: each
+source's reader fetches batches and dispatches them; a ticker sends
+watermarks; a committer commits what the ack tracker says is done. Stop
+(SIGINT/SIGTERM, ``app.stop()``, or every bounded input ended): stop reading,
+let lanes drain, flush the sinks, commit, leave the groups.
+
+Example:
+    >>> import asyncio, asyncflow as af
+    >>> asyncio.run(af.App("idle").run(stop_when_idle=True))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Hashable
+from typing import TYPE_CHECKING, Any
+
+from asyncflow.acks import AckBatch, AckTracker
+from asyncflow.brokers import open_broker
+from asyncflow.channels import Channel, Topic
+from asyncflow.dispatch import Dispatcher, Route
+from asyncflow.event import Event
+from asyncflow.lanes import LaneQueue
+from asyncflow.protocols import Broker, RawRecord, SinkRecord, Source, TopicSpec
+from asyncflow.stream import LaneContext, Stream
+from asyncflow.watermarks import PartitionWatermarks
+from asyncflow.writer import SinkWriter
+
+if TYPE_CHECKING:
+    from asyncflow.app import App
+
+log = logging.getLogger("asyncflow.worker")
+
+
+class _Ref:
+    """The ack reference of one raw record (for dead letters decoded before an event existed)."""
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: AckBatch, index: int) -> None:
+        self.batch = batch
+        self.index = index
+
+    def retain(self) -> None:
+        self.batch.retain(self.index)
+
+    def release(self) -> None:
+        self.batch.release(self.index)
+
+
+class DeadLetters:
+    """The dead-letter output: the raw record, its position and the reason, in headers."""
+
+    def __init__(self, writer: SinkWriter, topic: str | None, codecs: dict[str, Channel[Any]]) -> None:
+        self.writer = writer
+        self.topic = topic
+        self.channels = codecs
+        self.count = 0
+
+    def _headers(self, reason: str, topic: str, partition: Hashable, offset: int) -> list[tuple[str, bytes]]:
+        return [
+            ("asyncflow.reason", reason.encode()),
+            ("asyncflow.topic", topic.encode()),
+            ("asyncflow.partition", str(getattr(partition, "partition", partition)).encode()),
+            ("asyncflow.offset", str(offset).encode()),
+        ]
+
+    def raw(
+        self, topic: str, partition: Hashable, rec: RawRecord, reason: str, batch: AckBatch, i: int
+    ) -> None:
+        """A record that could not be decoded (called by the dispatcher)."""
+        self.count += 1
+        if self.count <= 10 or self.count % 1000 == 0:
+            log.warning(
+                "dead letter #%d from %s %s@%s: %s", self.count, topic, partition, rec.offset, reason
+            )
+        headers = self._headers(reason, topic, partition, rec.offset)
+        self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers), _Ref(batch, i))
+
+    async def event(self, event: Event[Any], reason: str, channel: str) -> None:
+        """An event an agent failed on, or a late one."""
+        self.count += 1
+        ch = self.channels.get(channel)
+        try:
+            value = ch.codec.encode(event.value) if ch is not None else repr(event.value).encode()
+        except Exception:  # noqa: BLE001 - a dead letter must not fail on encoding
+            value = repr(event.value).encode()
+        key = event.key if isinstance(event.key, bytes) or event.key is None else str(event.key).encode()
+        headers = self._headers(reason, channel, event.partition, event.offset)
+        await self.writer.send(SinkRecord(key, value, topic=self.topic, headers=headers), event)
+
+
+class SourceRunner:
+    """One source: its dispatcher, ack tracker, reader loop, committer and rebalance handling."""
+
+    def __init__(self, runtime: Runtime, source: Source, routes: dict[str, Route]) -> None:
+        self.runtime = runtime
+        self.source = source
+        self.routes = routes
+        app = runtime.app
+        self.tracker = AckTracker()
+        self.dispatcher = Dispatcher(
+            source,
+            routes,
+            self.tracker,
+            PartitionWatermarks(app.idle_timeout if app.idle_timeout > 0 else None),
+            app.clock,
+            app.metrics,
+            runtime.dead_letters.raw,
+        )
+        self.ended = asyncio.Event()
+        self._reading = True
+
+    async def on_assigned(self, partitions: Collection[Hashable]) -> None:
+        log.info("assigned %s", _fmt(partitions))
+        self.dispatcher.assign(list(partitions))
+
+    async def on_revoked(self, partitions: Collection[Hashable]) -> None:
+        """Drain the partitions, commit what is done, drop their queued events and window state."""
+        gone = set(partitions)
+        log.info("revoking %s: draining", _fmt(partitions))
+        self.dispatcher.revoke(list(gone))
+        for r in self.routes.values():
+            for lanes in r.consumers:
+                for q in lanes:
+                    for ev in q.drop_where(lambda e: e.partition in gone):
+                        if ev._batch is not None:
+                            ev._batch.abandon(ev._index)
+        await self.runtime.flush_writers()
+        for p in gone:
+            acks = self.tracker.get(p)
+            if acks is not None and not await acks.drained(self.runtime.app.drain_timeout):
+                log.warning("partition %s did not drain in time; its tail will be replayed", p)
+        await self.commit(only=gone)
+        self.tracker.forget(gone)
+        for lane in self.runtime.lanes:
+            for ws in lane.windows:
+                drop = getattr(ws, "drop_partitions", None)
+                if drop is not None:
+                    drop(gone)
+
+    async def commit(self, only: set[Hashable] | None = None) -> None:
+        positions = self.tracker.positions_to_commit()
+        if only is not None:
+            positions = {p: o for p, o in positions.items() if p in only}
+        if not positions:
+            return
+        try:
+            await self.source.commit(positions)
+        except Exception as exc:  # noqa: BLE001 - a failed commit is retried next time
+            log.warning("commit failed (%s); will retry", exc)
+            return
+        self.tracker.mark_committed(positions)
+
+    async def read_loop(self) -> None:
+        source, dispatcher = self.source, self.dispatcher
+        fetch_timeout = min(0.2, self.runtime.app.watermark_interval)
+        while self._reading:
+            batches = await source.fetch(fetch_timeout)
+            if batches:
+                for b in batches:
+                    dispatcher.dispatch(b)
+                dispatcher.broadcast_watermark()
+            elif getattr(source, "exhausted", False) and not dispatcher.has_parked:
+                dispatcher.broadcast_watermark(final=True)
+                dispatcher.close_lanes()
+                self.ended.set()
+                return
+
+    def stop_reading(self) -> None:
+        self._reading = False
+
+    async def commit_loop(self) -> None:
+        interval = self.runtime.app.commit_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.commit()
+
+    async def ticker(self) -> None:
+        interval = self.runtime.app.watermark_interval
+        while not self.ended.is_set():
+            await asyncio.sleep(interval)
+            if not self.ended.is_set():
+                self.dispatcher.broadcast_watermark()
+
+
+class Runtime:
+    """Runs one app until it is stopped or its bounded inputs end."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.broker: Broker | None = None
+        self.writers: dict[str, SinkWriter] = {}
+        self.lanes: list[LaneContext] = []
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def flush_writers(self) -> None:
+        await asyncio.gather(*(w.flush() for w in self.writers.values()))
+
+    def _open_broker(self) -> Broker:
+        app = self.app
+        arg = app._broker_arg
+        if arg is not None and not isinstance(arg, str):
+            return arg
+        return open_broker(app.broker_url, app.broker_options)
+
+    async def run(self, *, stop_when_idle: bool = False) -> None:
+        app = self.app
+        self.broker = broker = self._open_broker()
+        app._runtime = self
+        try:
+            await self._run(broker, stop_when_idle)
+        finally:
+            app._runtime = None
+            await broker.close()
+
+    async def _run(self, broker: Broker, stop_when_idle: bool) -> None:
+        app = self.app
+        topics = [c for c in app.channels.values() if isinstance(c, Topic)]
+        dl_target = app.dead_letter_target
+        dl_topic = dl_target if isinstance(dl_target, str) else None
+        specs = [t.spec for t in topics]
+        if dl_topic is not None and dl_topic not in app.channels:
+            specs.append(TopicSpec(dl_topic, partitions=1))
+        await broker.ensure_topics(specs)
+
+        self.producer = SinkWriter(broker.sink(), app.metrics)
+        self.writers["__producer__"] = self.producer
+        for name, out in app.sinks.items():
+            self.writers[name] = SinkWriter(out.sink, app.metrics)
+        dl_writer = self.producer
+        if not isinstance(dl_target, str):
+            dl_writer = self.writers["__dead_letters__"] = SinkWriter(dl_target, app.metrics)
+        self.dead_letters = DeadLetters(dl_writer, dl_topic, dict(app.channels))
+
+        runners, lane_jobs = self._build(broker)
+        async with asyncio.TaskGroup() as tg:
+            writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}") for n, w in self.writers.items()]
+            for r in runners:
+                await r.source.start(r)
+            lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
+            reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
+            aux = [tg.create_task(r.commit_loop(), name="committer") for r in runners]
+            aux += [tg.create_task(r.ticker(), name="ticker") for r in runners]
+            aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name) for t in app.timers]
+            user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
+            log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
+                     len(app.agents), len(lane_tasks))
+
+            await self._until_stop(runners, lane_tasks, user, stop_when_idle)
+
+            for r in runners:
+                r.stop_reading()
+            await asyncio.gather(*reader_tasks, return_exceptions=True)
+            for r in runners:
+                if not r.ended.is_set():
+                    r.dispatcher.close_lanes()
+            if lane_tasks:
+                _, pending = await asyncio.wait(lane_tasks, timeout=app.shutdown_timeout)
+                for t in pending:
+                    t.cancel()
+            for t in aux + user:
+                t.cancel()
+            for w in self.writers.values():
+                w.close()
+            await asyncio.gather(*writer_tasks)
+            for r in runners:
+                await r.commit()
+                await r.source.stop()
+            for w in self.writers.values():
+                await w.stop()
+        log.info("worker %s stopped: %s", app.id, app.metrics.snapshot())
+
+    async def _until_stop(
+        self,
+        runners: list[SourceRunner],
+        lanes: list[asyncio.Task[None]],
+        user: list[asyncio.Task[Any]],
+        stop_when_idle: bool,
+    ) -> None:
+        """Wait for a stop request, or for every bounded input to end and its lanes to finish."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            if not runners:
+                if stop_when_idle:
+                    if user:
+                        await asyncio.wait([stop, *user], return_when=asyncio.ALL_COMPLETED)
+                    return
+                await stop
+                return
+            ended = asyncio.ensure_future(asyncio.gather(*(r.ended.wait() for r in runners)))
+            done, _ = await asyncio.wait([stop, ended], return_when=asyncio.FIRST_COMPLETED)
+            if ended not in done:
+                ended.cancel()
+                return
+            pending = [t for t in lanes if not t.done()]
+            while pending and not stop.done():
+                await asyncio.wait([stop, *pending], return_when=asyncio.FIRST_COMPLETED)
+                pending = [t for t in pending if not t.done()]
+        finally:
+            stop.cancel()
+
+    def _build(self, broker: Broker) -> tuple[list[SourceRunner], list[Any]]:
+        """Create lanes per agent and group the channels they read by source."""
+        app = self.app
+        by_channel: dict[str, list[list[LaneQueue]]] = {}
+        jobs: list[Any] = []
+        runner_of: dict[str, SourceRunner] = {}
+        pending_lanes: list[tuple[Any, LaneQueue, LaneContext, str]] = []
+        for agent in app.agents.values():
+            queues = []
+            for i in range(agent.concurrency):
+                q = LaneQueue(app.lane_capacity)
+                ctx = LaneContext(agent.name, i)
+                self.lanes.append(ctx)
+                queues.append(q)
+                pending_lanes.append((agent, q, ctx, agent.channel.name))
+            by_channel.setdefault(agent.channel.name, []).append(queues)
+        broker_routes: dict[str, Route] = {}
+        runners: list[SourceRunner] = []
+        for name, consumers in by_channel.items():
+            ch = app.channels[name]
+            route = Route(ch, consumers)
+            if ch.source is None:
+                broker_routes[name] = route
+            else:
+                r = SourceRunner(self, ch.source, {name: route})
+                runners.append(r)
+                runner_of[name] = r
+        if broker_routes:
+            specs = [app.channels[n].spec for n in broker_routes]
+            src = broker.source(specs, app.id)
+            if hasattr(src, "fetch_max"):
+                src.fetch_max = app.fetch_max
+            r = SourceRunner(self, src, broker_routes)
+            runners.append(r)
+            for n in broker_routes:
+                runner_of[n] = r
+        for agent, q, ctx, ch_name in pending_lanes:
+            dead = self._dead_letter_fn(ch_name)
+            stream: Stream[Any] = Stream(q, ctx, metrics=app.metrics, dead_letter=dead)
+            jobs.append(agent.run_lane(stream, ctx))
+        return runners, jobs
+
+    def _dead_letter_fn(self, channel: str) -> Any:
+        async def dead_letter(event: Event[Any], reason: str) -> None:
+            await self.dead_letters.event(event, reason, channel)
+
+        return dead_letter
+
+    async def _timer(self, fn: Any, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await fn()
+            except Exception:  # noqa: BLE001 - a failing timer logs and keeps its schedule
+                log.exception("timer %s failed", getattr(fn, "__name__", fn))
+
+
+def _fmt(partitions: Collection[Hashable]) -> str:
+    return ", ".join(sorted(str(p) for p in partitions)) or "-"
+

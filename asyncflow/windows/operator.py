@@ -1,0 +1,591 @@
+"""Per-key window state for one lane: pure bookkeeping, no I/O, no asyncio.
+
+The semantics are Flink's ``WindowOperator`` with its ``EventTimeTrigger``:
+
+- **Watermark.** ``on_watermark(frontier, wall)`` gives the event-time frontier
+  (the largest event time every source partition has reached); the watermark is
+  ``frontier - wait``, as with Flink SQL's ``WATERMARK FOR ts AS ts - INTERVAL
+  'wait' SECOND`` (Flink's DataStream ``BoundedOutOfOrderness`` generator
+  subtracts one more millisecond; with the SQL convention our results are the
+  same as Flink's SQL window results). It never goes backwards.
+- **Firing.** A window ``[start, end)`` fires once the watermark reaches its max
+  timestamp ``end - 1``, and is purged once the watermark reaches
+  ``end - 1 + lateness`` (Flink's ``cleanupTime``); with ``lateness == 0`` both
+  happen together. On each watermark step results come out in window-end order.
+- **Late data.** An event is added to each of its windows that is not late
+  (``end - 1 + lateness > watermark``, Flink's ``isWindowLate``). If such a
+  window has already fired, the event re-fires it at once with the updated
+  value (Flink's late firing). An event none of whose windows accepts it is a
+  late event: it goes to ``late`` and ``on_event`` returns ``False``.
+- **Sessions** merge like Flink's ``MergingWindowSet``: the event's window
+  ``[t, t + gap)`` merges with every open session of its key that it overlaps
+  or touches. A merged window that is already past its max timestamp fires at once.
+- **System-time wait.** With ``system_wait``, a source that goes quiet still
+  gets its windows out: once the frontier has not moved for ``system_wait`` of
+  wall time, the watermark moves on with the wall clock from where it stood
+  (``frontier - wait + quiet_time - system_wait``). While events keep coming
+  (the frontier advancing within ``system_wait``) results are exactly those of
+  event time alone. An event delayed by more than that in wall time may be late.
+- **Processing time** (``ProcessingTumbling``/``ProcessingHopping``): an event is
+  assigned by the wall time it arrives at (``on_event``'s ``time_ms``, never
+  earlier than the last wall time seen) and a window fires, and is purged, once
+  the wall clock of ``on_watermark`` reaches its end.
+
+**Holds (acks).** ``on_event`` takes ``hold``, a callable it calls once for
+each window it adds the event to (a hopping event in 6 windows: 6 calls); each
+call returns a handle (``None`` handles are not kept). A window keeps its
+handles until it is purged, and then hands them out exactly once: in the
+``holds`` of the result emitted at purge (``lateness == 0``, or a window
+flushed at the end), or, when nothing is emitted at purge because its last
+result went out earlier, in a ``PurgedWindow`` in ``released``. Results
+emitted before purge have ``holds=None``: their events must stay uncommitted.
+
+The caller drains ``results``, ``late`` and ``released`` (reads and clears
+them) after each call.
+
+Example:
+    >>> from datetime import timedelta
+    >>> from asyncflow.windows import Tumbling, Count
+    >>> op = WindowOperator(Tumbling(timedelta(seconds=5)), Count())
+    >>> op.on_event("a", 1_000, "x"), op.on_event("a", 4_000, "y")
+    (True, True)
+    >>> op.on_watermark(4_998, wall_ms=0); op.results
+    []
+    >>> op.on_watermark(4_999, wall_ms=0)
+    >>> [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results]
+    [('a', 0, 5000, 2)]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from heapq import heappop, heappush
+from typing import Any, NamedTuple, Self, cast
+
+from asyncflow.windows.aggregates import Aggregate, as_aggregate
+from asyncflow.windows.assigners import (
+    MAX_TIME,
+    MIN_TIME,
+    WindowAssigner,
+    _duration_ms,
+    from_epoch_ms,
+)
+
+HoldFn = Callable[[], object]
+"""Called once per window an event is added to; returns the handle to release at purge."""
+
+
+@dataclass(slots=True)
+class WindowResult:
+    """One window's value for one key.
+
+    ``final`` is ``True`` once the watermark has passed the window's end (it is
+    ``False`` only for early results in ``emit="updates"`` mode). ``holds`` is
+    ``None`` while the window stays open; on the result emitted when the window
+    is purged it is the list of the window's hold handles.
+
+    Example:
+        >>> r = WindowResult("k", 0, 5_000, 3)
+        >>> r.start.isoformat(), r.end.isoformat()
+        ('1970-01-01T00:00:00+00:00', '1970-01-01T00:00:05+00:00')
+    """
+
+    key: Any
+    start_ms: int
+    end_ms: int
+    value: Any
+    final: bool = True
+    holds: list[object] | None = None
+
+    @property
+    def start(self) -> datetime:
+        """The window's start (inclusive) as a UTC ``datetime``."""
+        return from_epoch_ms(self.start_ms)
+
+    @property
+    def end(self) -> datetime:
+        """The window's end (exclusive) as a UTC ``datetime``."""
+        return from_epoch_ms(self.end_ms)
+
+
+class PurgedWindow(NamedTuple):
+    """A window purged without a result at that moment (its last result went out earlier).
+
+    Example:
+        >>> PurgedWindow("k", 0, 5_000, []).end_ms
+        5000
+    """
+
+    key: Any
+    start_ms: int
+    end_ms: int
+    holds: list[object]
+
+
+class LateEvent(NamedTuple):
+    """An event that arrived after every window it belongs to was purged or late.
+
+    Example:
+        >>> LateEvent("k", 1_000, 7.5).time_ms
+        1000
+    """
+
+    key: Any
+    time_ms: int
+    value: Any
+
+
+class WindowOperator:
+    """Window state of one lane: events and watermarks in; results, late events and holds out.
+
+    ``WindowOperator(assigner, ...)`` builds the variant for the assigner
+    (aligned, processing-time or session windows). See the module docstring
+    for the semantics, and ``on_event`` for the holds contract.
+
+    Example:
+        >>> from datetime import timedelta
+        >>> from asyncflow.windows import Session, Sum
+        >>> op = WindowOperator(Session(timedelta(seconds=2)), Sum())
+        >>> for t in (0, 3_000, 1_500):  # 1_500 bridges the first two sessions
+        ...     _ = op.on_event("k", t, 1)
+        >>> op.flush_all()
+        >>> [(r.start_ms, r.end_ms, r.value) for r in op.results]
+        [(0, 5000, 3)]
+    """
+
+    __slots__ = (
+        "_add",
+        "_create",
+        "_frontier",
+        "_frontier_wall",
+        "_lateness",
+        "_result",
+        "_system_wait",
+        "_updates",
+        "_wait",
+        "_wall",
+        "_wm",
+        "aggregate",
+        "assigner",
+        "emit",
+        "late",
+        "released",
+        "results",
+    )
+
+    def __new__(cls, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> Self:
+        impl: type[WindowOperator] = cls
+        if cls is WindowOperator:
+            if assigner.is_merging:
+                impl = _SessionOperator
+            elif assigner.is_event_time:
+                impl = _AlignedOperator
+            else:
+                impl = _ProcessingOperator
+        return cast(Self, object.__new__(impl))
+
+    def __init__(
+        self,
+        assigner: WindowAssigner,
+        aggregate: Aggregate[Any, Any] | Mapping[str, Aggregate[Any, Any]],
+        *,
+        wait: timedelta = timedelta(0),
+        lateness: timedelta = timedelta(0),
+        emit: str = "final",
+        system_wait: timedelta | None = None,
+    ) -> None:
+        if not isinstance(assigner, WindowAssigner):
+            raise TypeError(
+                f"expected a window assigner (Tumbling, Hopping, ...), got {assigner!r}"
+            )
+        if emit not in ("final", "updates"):
+            raise ValueError(f'emit must be "final" or "updates", got {emit!r}')
+        agg = as_aggregate(aggregate)
+        if assigner.is_merging and not agg.mergeable:
+            raise ValueError(
+                f"session windows merge accumulators, but {agg!r} cannot merge "
+                "(give fold(...) a merger=)"
+            )
+        self._wait = _duration_ms(wait, "wait", positive=False)
+        self._lateness = _duration_ms(lateness, "lateness", positive=False)
+        self._system_wait = (
+            None
+            if system_wait is None
+            else _duration_ms(system_wait, "system_wait", positive=False)
+        )
+        if self._wait < 0 or self._lateness < 0 or (self._system_wait or 0) < 0:
+            raise ValueError("wait, lateness and system_wait cannot be negative")
+        if not assigner.is_event_time and (self._wait or self._lateness or system_wait is not None):
+            raise ValueError(
+                "processing-time windows fire on the wall clock; wait, lateness and "
+                "system_wait apply to event-time windows only"
+            )
+        self.assigner = assigner
+        self.aggregate = agg
+        self.emit = emit
+        self.results: list[WindowResult] = []
+        self.late: list[LateEvent] = []
+        self.released: list[PurgedWindow] = []
+        self._wm = MIN_TIME
+        self._frontier: int | None = None
+        self._frontier_wall = MIN_TIME
+        self._wall = MIN_TIME
+        self._create = agg.create
+        self._add = agg.add
+        self._result = agg.result
+        self._updates = emit == "updates"
+
+    @property
+    def watermark(self) -> int | None:
+        """The current watermark (epoch ms), ``None`` before the first one.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count(), wait=timedelta(seconds=2))
+            >>> op.on_watermark(10_000, wall_ms=0); op.watermark
+            8000
+        """
+        return None if self._wm == MIN_TIME else self._wm
+
+    @property
+    def open_windows(self) -> int:
+        """How many (key, window) states are held (fired or not, until purged)."""
+        raise NotImplementedError
+
+    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+        """Add one event to its windows; ``False`` (and an entry in ``late``) if it is late.
+
+        ``time_ms`` is the event time in epoch ms (for processing-time windows:
+        the wall time it arrived at). ``hold`` is called once per window the
+        event is added to; see the module docstring for when handles come back.
+        Results may be emitted at once (late firing, ``emit="updates"``).
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
+            >>> op.on_watermark(5_000, wall_ms=0)
+            >>> op.on_event("k", 4_500, None), op.late
+            (False, [LateEvent(key='k', time_ms=4500, value=None)])
+        """
+        raise NotImplementedError
+
+    def on_watermark(self, time_ms: int | None, wall_ms: int) -> None:
+        """Advance to the event-time frontier ``time_ms`` (``None``: unknown yet) at wall time ``wall_ms``.
+
+        Fires and purges the windows the new watermark passes, in window-end order.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
+            >>> _ = op.on_event("k", 10, None); op.on_watermark(999, wall_ms=0)
+            >>> [r.value for r in op.results]
+            [1]
+        """
+        self._wall = max(self._wall, wall_ms)
+        if self.assigner.is_event_time:
+            if time_ms is not None and (self._frontier is None or time_ms > self._frontier):
+                self._frontier = time_ms
+                self._frontier_wall = wall_ms
+            if self._frontier is None:
+                return
+            target = self._frontier - self._wait
+            if self._system_wait is not None:
+                quiet = self._wall - self._frontier_wall - self._system_wait
+                if quiet > 0:
+                    target += quiet
+        else:
+            # A wall-clock window fires once the clock reaches its end.
+            target = self._wall - 1
+        if target > self._wm:
+            self._wm = target
+            self._advance(target)
+
+    def flush_all(self) -> None:
+        """End of a bounded input: fire and purge every open window (Flink's final watermark).
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
+            >>> _ = op.on_event("k", 10, None); op.flush_all(); op.results[0].holds
+            []
+        """
+        self._wm = MAX_TIME
+        self._advance(MAX_TIME)
+
+    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
+        """Forget the windows of the keys ``predicate`` selects (their partition was revoked).
+
+        Returns the dropped windows' hold handles; nothing is emitted for them.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
+            >>> _ = op.on_event("a", 1, None, hold=lambda: "h"); _ = op.on_event("b", 1, None)
+            >>> op.drop_keys(lambda k: k == "a"), op.open_windows
+            (['h'], 1)
+        """
+        raise NotImplementedError
+
+    def _advance(self, wm: int) -> None:
+        raise NotImplementedError
+
+
+class _AlignedOperator(WindowOperator):
+    """Tumbling and hopping windows: state is ``{end: {key: accumulator}}``."""
+
+    __slots__ = ("_fire", "_holds", "_panes", "_purge", "_shape", "_size")
+
+    def __init__(self, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> None:
+        super().__init__(assigner, *args, **kwargs)
+        self._size = assigner.size_ms
+        self._panes: dict[int, defaultdict[Any, Any]] = {}
+        # What on_event needs, loaded in one go (attribute loads dominate the hot path).
+        self._shape = (
+            assigner.size_ms,
+            assigner.step_ms,
+            assigner.offset_ms,
+            self._lateness,
+            self._panes,
+            self._add,
+            self._updates,
+        )
+        self._holds: dict[int, dict[Any, list[object]]] = {}
+        self._fire: list[int] = []  # ends of windows that have not fired
+        self._purge: list[int] = []  # ends of windows that fired and wait for purge
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(bucket) for bucket in self._panes.values())
+
+    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+        size, step, offset, lateness, panes, add, updates = self._shape
+        wm = self._wm
+        start = time_ms - (time_ms - offset) % step  # the latest window's start
+        # Windows starting at or before `stop` are late or do not hold the event.
+        lowest = time_ms - size
+        stop = wm + 1 - size - lateness
+        if stop < lowest:  # noqa: PLR1730 (not max(): a call costs more on this path)
+            stop = lowest
+        if start <= stop:
+            return self._not_added(key, time_ms, value, start <= lowest)
+        fired = wm + 1  # windows ending at or before this have fired
+        while True:  # once for tumbling windows; from the latest window back for hopping ones
+            end = start + size
+            bucket = panes.get(end)
+            if bucket is None:
+                bucket = self._open(end)
+            bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
+            if hold is not None:
+                self._keep(key, end, hold)
+            if end <= fired or updates:
+                self.results.append(WindowResult(key, start, end, self._result(acc), end <= fired))
+            start -= step
+            if start <= stop:
+                return True
+
+    def _not_added(self, key: Any, time_ms: int, value: Any, between_windows: bool) -> bool:
+        # An event between hopping windows (step > size) belongs to none; like Flink, it
+        # counts as late only if it is itself late.
+        if between_windows and time_ms + self._lateness > self._wm:
+            return True
+        self.late.append(LateEvent(key, time_ms, value))
+        return False
+
+    def _open(self, end: int) -> defaultdict[Any, Any]:
+        bucket: defaultdict[Any, Any] = defaultdict(self._create)
+        self._panes[end] = bucket
+        heappush(self._fire if end - 1 > self._wm else self._purge, end)
+        return bucket
+
+    def _keep(self, key: Any, end: int, hold: HoldFn) -> None:
+        handle = hold()
+        if handle is not None:
+            by_key = self._holds.get(end)
+            if by_key is None:
+                by_key = self._holds[end] = {}
+            kept = by_key.get(key)
+            if kept is None:
+                by_key[key] = [handle]
+            else:
+                kept.append(handle)
+
+    def _advance(self, wm: int) -> None:
+        fire, purge, panes = self._fire, self._purge, self._panes
+        lateness, size, result, results = self._lateness, self._size, self._result, self.results
+        while fire and fire[0] - 1 <= wm:
+            end = heappop(fire)
+            bucket = panes[end]
+            start = end - size
+            if end - 1 + lateness <= wm:  # fire and purge together
+                del panes[end]
+                holds = self._holds.pop(end, {})
+                for key, acc in bucket.items():
+                    results.append(
+                        WindowResult(key, start, end, result(acc), True, holds.get(key, []))
+                    )
+            else:
+                for key, acc in bucket.items():
+                    results.append(WindowResult(key, start, end, result(acc), True, None))
+                heappush(purge, end)
+        while purge and purge[0] - 1 + lateness <= wm:
+            end = heappop(purge)
+            bucket = panes.pop(end)
+            holds = self._holds.pop(end, {})
+            self.released.extend(
+                PurgedWindow(key, end - size, end, holds.get(key, [])) for key in bucket
+            )
+
+    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
+        dropped: list[object] = []
+        for end, bucket in self._panes.items():
+            holds = self._holds.get(end, {})
+            for key in [k for k in bucket if predicate(k)]:
+                del bucket[key]
+                dropped.extend(holds.pop(key, ()))
+        return dropped
+
+
+class _ProcessingOperator(_AlignedOperator):
+    """Aligned windows over arrival wall time."""
+
+    __slots__ = ()
+
+    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+        # Never assign to a wall time the clock has already left: that window may have fired.
+        return super().on_event(key, max(time_ms, self._wall), value, hold)
+
+
+class _Session:
+    __slots__ = ("acc", "alive", "end", "holds", "start")
+
+    def __init__(self, start: int, end: int, acc: Any) -> None:
+        self.start = start
+        self.end = end
+        self.acc = acc
+        self.holds: list[object] | None = None
+        self.alive = True
+
+
+_Timer = tuple[int, int, Any, _Session]  # (end, tie-breaker, key, session)
+
+
+class _SessionOperator(WindowOperator):
+    """Session windows: per key, a short list of open sessions; timers in heaps by end."""
+
+    __slots__ = ("_fire", "_gap", "_merge", "_purge", "_seq", "_sessions")
+
+    def __init__(self, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> None:
+        super().__init__(assigner, *args, **kwargs)
+        self._gap = assigner.gap_ms
+        self._merge = self.aggregate.merge
+        self._sessions: dict[Any, list[_Session]] = {}
+        self._fire: list[_Timer] = []
+        self._purge: list[_Timer] = []
+        self._seq = 0
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(open_) for open_ in self._sessions.values())
+
+    def _schedule(self, key: Any, session: _Session, wm: int) -> None:
+        self._seq += 1
+        timer = (session.end, self._seq, key, session)
+        heappush(self._fire if session.end - 1 > wm else self._purge, timer)
+
+    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+        wm = self._wm
+        lo, hi = time_ms, time_ms + self._gap
+        open_ = self._sessions.get(key)
+        hits = [s for s in open_ if s.start <= hi and s.end >= lo] if open_ else []
+        if not hits:
+            # Open sessions are never late, so only a window that merges with none can be.
+            if hi - 1 + self._lateness <= wm:
+                self.late.append(LateEvent(key, time_ms, value))
+                return False
+            session = _Session(lo, hi, self._create())
+            if open_ is None:
+                self._sessions[key] = [session]
+            else:
+                open_.append(session)
+            self._schedule(key, session, wm)
+        else:
+            assert open_ is not None
+            if len(hits) > 1:
+                hits.sort(key=lambda s: s.start)
+            session = hits[0]
+            old_end = session.end
+            for other in hits[1:]:
+                session.acc = self._merge(session.acc, other.acc)
+                if other.holds:
+                    if session.holds is None:
+                        session.holds = []
+                    session.holds.extend(other.holds)
+                session.end = max(session.end, other.end)
+                other.alive = False
+                open_.remove(other)
+            session.start = min(session.start, lo)
+            session.end = max(session.end, hi)
+            if session.end != old_end:
+                self._schedule(key, session, wm)
+        session.acc = self._add(session.acc, value, time_ms)
+        if hold is not None:
+            handle = hold()
+            if handle is not None:
+                if session.holds is None:
+                    session.holds = [handle]
+                else:
+                    session.holds.append(handle)
+        end = session.end
+        if self._updates or end - 1 <= wm:
+            self.results.append(
+                WindowResult(key, session.start, end, self._result(session.acc), end - 1 <= wm)
+            )
+        return True
+
+    def _close(self, key: Any, session: _Session) -> None:
+        session.alive = False
+        open_ = self._sessions[key]
+        open_.remove(session)
+        if not open_:
+            del self._sessions[key]
+
+    def _advance(self, wm: int) -> None:
+        fire, purge, lateness, result = self._fire, self._purge, self._lateness, self._result
+        while fire and fire[0][0] - 1 <= wm:
+            timer = heappop(fire)
+            end, _, key, session = timer
+            if not session.alive or session.end != end:
+                continue  # superseded by a merge
+            if end - 1 + lateness <= wm:
+                holds = session.holds or []
+                self.results.append(
+                    WindowResult(key, session.start, end, result(session.acc), True, holds)
+                )
+                self._close(key, session)
+            else:
+                self.results.append(
+                    WindowResult(key, session.start, end, result(session.acc), True, None)
+                )
+                heappush(purge, timer)
+        while purge and purge[0][0] - 1 + lateness <= wm:
+            end, _, key, session = heappop(purge)
+            if not session.alive or session.end != end:
+                continue
+            self.released.append(PurgedWindow(key, session.start, end, session.holds or []))
+            self._close(key, session)
+
+    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
+        dropped: list[object] = []
+        for key in [k for k in self._sessions if predicate(k)]:
+            for session in self._sessions.pop(key):
+                session.alive = False
+                dropped.extend(session.holds or ())
+        return dropped

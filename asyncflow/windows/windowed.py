@@ -1,0 +1,277 @@
+"""``stream.window(...)``: an agent's stream turned into an async iterator of window results.
+
+The windowed stream pulls the lane's raw items (events and in-band watermarks)
+through a ``WindowOperator`` and yields results one at a time.
+
+Contract with the stream (``asyncflow.stream.Stream`` provides it):
+
+- ``await stream._next_item()`` returns an ``Event`` or a ``Watermark`` and
+  raises ``StopAsyncIteration`` at the end of a bounded input. Each event carries
+  one processing reference for this lane; the windowed stream calls
+  ``event.hold()`` once per window the event is added to, then ``event.release()``.
+- Before yielding a result it sets ``stream._lane.current`` to the result's ack,
+  which sinks retain while they buffer it; on the next ``__anext__`` it releases it.
+  A result emitted when its window is purged carries the window's holds
+  (``AckGroup``). A result emitted while its window stays open for allowed
+  lateness gets an ack of its own: the holds of windows purged later, without a
+  new result, are released only once every such earlier result is done, so
+  events are committed only after the last result they fed is durable.
+- Late events: ``stream.metrics.incr("late_events")``, then ``late.send(key,
+  value)`` when a late sink is given (``stream._lane.current`` is the event
+  meanwhile, so a sink retaining it keeps it uncommitted until written), else
+  ``await stream.dead_letter(event, "late event: ...")``. An event without an
+  event time goes to ``stream.dead_letter(event, "no event time")``.
+
+Example:
+    >>> from datetime import timedelta
+    >>> from asyncflow.windows import Tumbling, Count
+    >>> async def per_key_counts(stream):  # doctest: +SKIP
+    ...     async for w in WindowedStream(stream, Tumbling(timedelta(seconds=5)), aggregate=Count()):
+    ...         print(w.key, w.start, w.value)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Protocol, cast
+
+from asyncflow.acks import NO_ACK, Ack, AckBatch, AckGroup
+from asyncflow.clock import SystemClock
+from asyncflow.event import Event, Watermark
+from asyncflow.metrics import Metrics
+from asyncflow.windows.aggregates import Aggregate
+from asyncflow.windows.assigners import WindowAssigner, from_epoch_ms
+from asyncflow.windows.operator import WindowOperator, WindowResult
+
+_Handles = list[tuple[AckBatch, int]]
+
+
+class _Lane(Protocol):
+    current: Ack
+
+
+class WindowSource(Protocol):
+    """What ``WindowedStream`` needs from the stream it windows."""
+
+    @property
+    def _lane(self) -> _Lane: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def _next_item(self) -> Event[Any] | Watermark: ...
+
+    async def dead_letter(self, event: Event[Any], reason: str) -> None: ...
+
+
+class LateSink(Protocol):
+    """Where late events go when given as ``late=`` (e.g. an app sink or topic)."""
+
+    async def send(self, key: Any, value: Any) -> None: ...
+
+
+class _Gate:
+    """Holds of windows purged without a result, waiting for the results emitted before them.
+
+    ``pending`` counts: one while the gate is the current one, one per result ack
+    issued through it that is not done, and one while the previous gate is not done.
+    """
+
+    __slots__ = ("holds", "next", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 1
+        self.holds: _Handles = []
+        self.next: _Gate | None = None
+
+    def done(self) -> None:
+        gate: _Gate | None = self
+        while gate is not None:
+            gate.pending -= 1
+            if gate.pending:
+                return
+            if gate.holds:
+                AckGroup(gate.holds).release()
+                gate.holds = []
+            successor = gate.next
+            gate.next = None
+            gate = successor
+
+
+class _ResultAck:
+    """The ack of a result whose window stays open: done when every holder released it."""
+
+    __slots__ = ("count", "gate")
+
+    def __init__(self, gate: _Gate) -> None:
+        self.count = 1
+        self.gate = gate
+        gate.pending += 1
+
+    def retain(self) -> None:
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.gate.done()
+
+
+class WindowedStream:
+    """Window results of a stream, as an async iterator (what ``Stream.window`` returns).
+
+    ``aggregate`` is an aggregate or a dict of them; ``wait`` is how far events
+    may be out of order (the watermark is the event-time frontier minus
+    ``wait``); ``lateness`` keeps fired windows open for late updates;
+    ``emit`` is ``"final"`` or ``"updates"``; ``system_wait`` lets a quiet
+    source still close its windows (see ``asyncflow.windows.operator``);
+    ``late`` receives late events (default: the dead-letter output).
+
+    Example:
+        >>> from datetime import timedelta
+        >>> import asyncflow as af  # doctest: +SKIP
+        >>> async def average(stream):  # doctest: +SKIP
+        ...     windows = stream.window(af.Tumbling(timedelta(seconds=5)),
+        ...                             lateness=timedelta(seconds=10), aggregate=af.Mean("value"))
+        ...     async for w in windows:
+        ...         await sink.send(w.key, {"average": w.value, "from": w.start, "to": w.end})
+    """
+
+    __slots__ = (
+        "_clock",
+        "_current",
+        "_ended",
+        "_gate",
+        "_gated",
+        "_late",
+        "_lateness",
+        "_op",
+        "_ready",
+        "_stream",
+        "_wall",
+    )
+
+    def __init__(
+        self,
+        stream: WindowSource,
+        assigner: WindowAssigner,
+        *,
+        aggregate: Aggregate[Any, Any] | Mapping[str, Aggregate[Any, Any]],
+        wait: timedelta = timedelta(0),
+        lateness: timedelta = timedelta(0),
+        emit: str = "final",
+        system_wait: timedelta | None = None,
+        late: LateSink | None = None,
+    ) -> None:
+        self._stream = stream
+        self._op = WindowOperator(
+            assigner, aggregate, wait=wait, lateness=lateness, emit=emit, system_wait=system_wait
+        )
+        self._late = late
+        self._lateness = lateness
+        self._ready: deque[WindowResult] = deque()
+        self._current: Ack | None = None
+        self._gate = _Gate()
+        # Only with allowed lateness can a window be purged after its last result went out.
+        self._gated = lateness > timedelta(0)
+        self._wall: int | None = None
+        self._clock = SystemClock()
+        self._ended = False
+
+    @property
+    def operator(self) -> WindowOperator:
+        """The window state behind this stream (for inspection and tests)."""
+        return self._op
+
+    def drop_keys(self, predicate: Callable[[Any], bool]) -> None:
+        """Forget the windows of revoked keys, without releasing their holds.
+
+        Their events stay uncommitted, so the partition's next owner replays them.
+        """
+        self._op.drop_keys(predicate)
+
+    def __aiter__(self) -> WindowedStream:
+        return self
+
+    async def __anext__(self) -> WindowResult:
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+        ready = self._ready
+        op = self._op
+        stream = self._stream
+        event_time = op.assigner.is_event_time
+        while not ready:
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                item = await stream._next_item()
+            except StopAsyncIteration:
+                self._ended = True
+                op.flush_all()
+                self._collect()
+                continue
+            if isinstance(item, Watermark):
+                if self._wall is None or item.wall > self._wall:
+                    self._wall = item.wall
+                if item.final:
+                    op.flush_all()
+                else:
+                    op.on_watermark(item.time, item.wall)
+                self._collect()
+                continue
+            time_ms = item.time if event_time else self._arrival_wall()
+            if time_ms is None:
+                await stream.dead_letter(item, "no event time")
+            elif not op.on_event(item.key, time_ms, item.value, item.hold):
+                op.late.clear()
+                await self._late_event(item, time_ms)
+            item.release()
+            if op.results:
+                self._collect()
+        result = ready.popleft()
+        ack: Ack
+        if result.holds is not None:
+            ack = AckGroup(cast(_Handles, result.holds)) if result.holds else NO_ACK
+        elif self._gated:
+            ack = _ResultAck(self._gate)
+        else:
+            ack = NO_ACK
+        self._current = ack
+        stream._lane.current = ack
+        return result
+
+    def _arrival_wall(self) -> int:
+        return self._clock.wall_ms() if self._wall is None else self._wall
+
+    def _collect(self) -> None:
+        op = self._op
+        self._ready.extend(op.results)
+        op.results.clear()
+        if op.released:
+            gate = self._gate
+            for purged in op.released:
+                gate.holds.extend(cast(_Handles, purged.holds))
+            op.released.clear()
+            # Later purges wait for this gate, which waits for the results issued through it.
+            successor = self._gate = _Gate()
+            successor.pending += 1
+            gate.next = successor
+            gate.done()
+
+    async def _late_event(self, event: Event[Any], time_ms: int) -> None:
+        stream = self._stream
+        stream.metrics.incr("late_events")
+        if self._late is not None:
+            stream._lane.current = event
+            await self._late.send(event.key, event.value)
+            return
+        wm = self._op.watermark
+        await stream.dead_letter(
+            event,
+            f"late event: every window of event time {from_epoch_ms(time_ms).isoformat()} "
+            f"has closed (watermark {from_epoch_ms(wm).isoformat() if wm is not None else None}, "
+            f"allowed lateness {self._lateness})",
+        )

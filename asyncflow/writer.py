@@ -1,0 +1,165 @@
+"""Batching in front of a sink: buffer, flush by size or linger, ack after durable.
+
+A ``SinkWriter`` takes records one at a time with the ack of whatever they
+came from, hands them to the sink in batches, and releases the acks only once
+the sink's ``write`` returned (the records are durable). When the buffer is
+over its bound, ``send`` waits: a slow sink slows its lanes, which fill their
+queues, which pause the source. A sink that fails after its retries raises out
+of ``run`` and stops the worker; nothing it held is acked.
+
+Example:
+    >>> import asyncio
+    >>> from asyncflow.protocols import SinkRecord
+    >>> class Print:
+    ...     name = "print"
+    ...     async def start(self): pass
+    ...     async def write(self, records): print([r.value for r in records])
+    ...     async def stop(self): pass
+    >>> async def demo():
+    ...     w = SinkWriter(Print())
+    ...     async with asyncio.TaskGroup() as tg:
+    ...         tg.create_task(w.run())
+    ...         await w.send(SinkRecord(None, 1))
+    ...         await w.flush()
+    ...         w.close()
+    >>> asyncio.run(demo())
+    [1]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from asyncflow.acks import NO_ACK, Ack
+from asyncflow.errors import SinkError
+from asyncflow.metrics import Metrics
+from asyncflow.protocols import Sink, SinkRecord
+
+log = logging.getLogger("asyncflow.sink")
+
+
+class SinkWriter:
+    """Buffers records for one sink and writes them in batches."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        metrics: Metrics | None = None,
+        *,
+        max_batch: int | None = None,
+        linger: float | None = None,
+        max_buffer: int | None = None,
+    ) -> None:
+        self.sink = sink
+        self.name: str = getattr(sink, "name", type(sink).__name__)
+        self.max_batch: int = max_batch or getattr(sink, "max_batch", 500)
+        self.linger: float = linger if linger is not None else getattr(sink, "linger", 0.05)
+        self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
+        self.metrics = metrics or Metrics()
+        self._records: list[SinkRecord] = []
+        self._acks: list[Ack] = []
+        self._first_at = 0.0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flush_now = False
+        self._closed = False
+        self._failed: BaseException | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Records waiting to be written."""
+        return len(self._records)
+
+    def add(self, record: SinkRecord, ack: Ack = NO_ACK) -> None:
+        """Buffer a record; ``ack`` is retained until the record is written."""
+        if self._failed is not None:
+            raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
+        records = self._records
+        if not records:
+            self._first_at = time.monotonic()
+            self._idle.clear()
+            self._wake.set()
+        records.append(record)
+        ack.retain()
+        self._acks.append(ack)
+        n = len(records)
+        if n >= self.max_batch:
+            self._wake.set()
+        if n >= self.max_buffer:
+            self._room.clear()
+
+    async def send(self, record: SinkRecord, ack: Ack = NO_ACK) -> None:
+        """Buffer a record, waiting first while the buffer is full."""
+        if not self._room.is_set():
+            await self._room.wait()
+        self.add(record, ack)
+
+    async def flush(self) -> None:
+        """Write everything buffered now and wait until it is durable."""
+        if self._records or not self._idle.is_set():
+            self._flush_now = True
+            self._wake.set()
+            await self._idle.wait()
+        if self._failed is not None:
+            raise SinkError(f"sink {self.name} failed: {self._failed}") from self._failed
+
+    async def run(self) -> None:
+        """The flush loop; runs until ``close`` and an empty buffer."""
+        await self.sink.start()
+        try:
+            while True:
+                if not self._records:
+                    self._idle.set()
+                    if self._closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                urgent = self._flush_now or self._closed
+                if not urgent and len(self._records) < self.max_batch:
+                    remaining = self._first_at + self.linger - time.monotonic()
+                    if remaining > 0:
+                        self._wake.clear()
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), remaining)
+                        except TimeoutError:
+                            pass
+                        continue
+                await self._write_buffered()
+        finally:
+            self._idle.set()
+            self._room.set()
+
+    async def _write_buffered(self) -> None:
+        records, acks = self._records, self._acks
+        self._records, self._acks = [], []
+        self._flush_now = False
+        self._room.set()
+        step = self.max_batch
+        try:
+            for i in range(0, len(records), step):
+                chunk = records[i : i + step]
+                await self.sink.write(chunk)
+                for ack in acks[i : i + step]:
+                    ack.release()
+                self.metrics.incr(f"sink.{self.name}.written", len(chunk))
+        except SinkError as exc:
+            self._failed = exc
+            raise
+        except Exception as exc:
+            self._failed = exc
+            raise SinkError(f"sink {self.name} failed to write a batch: {exc}") from exc
+
+    def close(self) -> None:
+        """Ask ``run`` to flush what is left and return."""
+        self._closed = True
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop the sink itself (after ``run`` returned)."""
+        await self.sink.stop()
+

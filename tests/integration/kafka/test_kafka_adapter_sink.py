@@ -1,0 +1,147 @@
+"""The Kafka sink on a real broker: batch API throughput path, murmur2 placement, headers, errors."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from adapters.kafka import KafkaBroker, KafkaSink, kafka_partition
+from asyncflow.errors import SinkError
+from asyncflow.protocols import Sink, SinkRecord
+from tests.integration.kafka.broker import TEST_OPTIONS, consume, create_topic, start_tansu
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+
+async def test_sink_satisfies_the_sink_protocol(broker: KafkaBroker) -> None:
+    sink = broker.sink()
+    assert isinstance(sink, Sink)
+    assert sink.max_batch >= 500 and 0 < sink.linger < 1
+
+
+async def started(broker: KafkaBroker) -> KafkaSink:
+    sink = broker.sink()
+    await sink.start()
+
+    def no_single_sends(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the sink must use the batch API, not send()")
+
+    sink._producer.send = no_single_sends
+    return sink
+
+
+async def test_sink_writes_100k_records_and_keyed_ones_land_on_their_murmur2_partition(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    n = 100_000
+    records = [
+        SinkRecord(key=f"sensor-{i % 1000}".encode(), value=b'{"n":%d}' % i, topic=topic4)
+        for i in range(n)
+    ]
+    sink = await started(broker)
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, n, sink.max_batch):
+            await sink.write(records[i : i + sink.max_batch])
+        elapsed = time.perf_counter() - t0
+    finally:
+        await sink.stop()
+    print(f"sink wrote {n / elapsed:,.0f} records/s")
+    got = await consume(kafka_bootstrap, topic4, n, timeout=60)
+    assert len(got) == n
+    for r in got:
+        assert r.partition == kafka_partition(r.key, 4)
+    # per key, the values arrive in the order they were written
+    last: dict[bytes, int] = {}
+    for r in got:
+        value = int(r.value[5:-1])
+        assert value > last.get(r.key, -1)
+        last[r.key] = value
+
+
+async def test_keyless_records_of_one_write_share_a_partition_and_writes_rotate(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    sink = await started(broker)
+    try:
+        for w in range(4):
+            await sink.write([SinkRecord(None, b"%d" % w, topic=topic4) for _ in range(10)])
+    finally:
+        await sink.stop()
+    got = await consume(kafka_bootstrap, topic4, 40)
+    by_write = {r.value: r.partition for r in got}
+    assert Counter((r.value, r.partition) for r in got) == Counter(
+        {(v, p): 10 for v, p in by_write.items()}
+    )
+    assert sorted(by_write.values()) == [0, 1, 2, 3]
+
+
+async def test_explicit_partition_wins_over_the_key(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    key = b"foobar"  # murmur2 puts it on partition 2 of 4
+    sink = await started(broker)
+    try:
+        await sink.write([SinkRecord(key, b"v", topic=topic4, partition=1)])
+    finally:
+        await sink.stop()
+    (got,) = await consume(kafka_bootstrap, topic4, 1)
+    assert got.partition == 1
+
+
+async def test_headers_and_timestamps_round_trip(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    headers = [("trace-id", b"abc123"), ("attempt", b"1"), ("trace-id", b"dup")]
+    sink = await started(broker)
+    try:
+        await sink.write(
+            [
+                SinkRecord(b"k", b"v", topic=topic4, headers=headers, timestamp=1_700_000_000_123),
+                SinkRecord(b"k", b"w", topic=topic4, headers=tuple(headers)),
+            ]
+        )
+    finally:
+        await sink.stop()
+    first, second = sorted(await consume(kafka_bootstrap, topic4, 2), key=lambda r: r.offset)
+    assert list(first.headers) == headers and list(second.headers) == headers
+    assert first.timestamp == 1_700_000_000_123
+    assert (first.key, first.value) == (b"k", b"v")
+
+
+async def test_records_that_are_not_bytes_raise_a_sink_error_naming_the_fix(
+    broker: KafkaBroker, topic4: str
+) -> None:
+    sink = await started(broker)
+    try:
+        with pytest.raises(SinkError, match="bytes"):
+            await sink.write([SinkRecord("text-key", b"v", topic=topic4)])
+        with pytest.raises(SinkError, match="bytes"):
+            await sink.write([SinkRecord(b"k", {"a": 1}, topic=topic4)])
+        with pytest.raises(SinkError, match="partition 9 does not exist"):
+            await sink.write([SinkRecord(b"k", b"v", topic=topic4, partition=9)])
+        with pytest.raises(SinkError, match="no topic"):
+            await sink.write([SinkRecord(b"k", b"v")])
+    finally:
+        await sink.stop()
+
+
+async def test_write_raises_sink_error_when_the_broker_never_acknowledges() -> None:
+    with start_tansu() as tansu:
+        topic = await create_topic(tansu.bootstrap, partitions=2)
+        options = dict(TEST_OPTIONS, request_timeout_ms="2000", retry_backoff_ms="50")
+        sink = KafkaBroker(tansu.url, options).sink()
+        await sink.start()
+        try:
+            await sink.write([SinkRecord(b"k", b"v", topic=topic)])
+            tansu.stop(kill=True)
+            t0 = time.monotonic()
+            with pytest.raises(SinkError) as info:
+                await sink.write([SinkRecord(b"k%d" % i, b"v", topic=topic) for i in range(100)])
+            assert time.monotonic() - t0 < 15
+            assert "100 records" in str(info.value) and "\n" not in str(info.value)
+        finally:
+            await sink.stop()

@@ -1,0 +1,302 @@
+"""The Kafka source on a real broker: ordering, commits, pause/resume, rebalances, broker restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Collection
+
+import pytest
+
+from adapters.kafka import KafkaBroker, KafkaSource
+from asyncflow.protocols import Partition, Source, TopicPartition, TopicSpec
+from tests.integration.kafka.broker import (
+    TEST_OPTIONS,
+    committed,
+    create_topic,
+    produce,
+    start_tansu,
+    unique_name,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+
+class FakeCore:
+    """Stands in for the core: remembers what it read and commits its done positions on revoke."""
+
+    def __init__(self, name: str = "core", revoke_delay: float = 0.0) -> None:
+        self.name = name
+        self.source: Source | None = None
+        self.assigned: set[Partition] = set()
+        self.read: dict[Partition, list[int]] = {}
+        self.events: list[tuple[str, float, frozenset[Partition]]] = []
+        self.committed_in_revoke: dict[Partition, int] = {}
+        self.revoke_delay = revoke_delay
+
+    async def on_assigned(self, partitions: Collection[Partition]) -> None:
+        self.assigned = set(partitions)
+        self.events.append(("assigned", time.monotonic(), frozenset(partitions)))
+
+    async def on_revoked(self, partitions: Collection[Partition]) -> None:
+        self.events.append(("revoking", time.monotonic(), frozenset(partitions)))
+        await asyncio.sleep(self.revoke_delay)  # stands for draining the lanes
+        done = {p: self.read[p][-1] for p in partitions if self.read.get(p)}
+        assert self.source is not None
+        await self.source.commit(done)
+        self.committed_in_revoke.update(done)
+        self.assigned -= set(partitions)
+        self.events.append(("revoked", time.monotonic(), frozenset(partitions)))
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.read.values())
+
+    async def fetch_once(self, timeout: float = 0.2) -> int:
+        assert self.source is not None
+        n = 0
+        for batch in await self.source.fetch(timeout):
+            assert batch.partition in self.assigned, "a record of a partition the core does not own"
+            self.read.setdefault(batch.partition, []).extend(r.offset for r in batch.records)
+            n += len(batch.records)
+        return n
+
+
+@contextlib.asynccontextmanager
+async def running(
+    broker: KafkaBroker, topic: str, group: str, core: FakeCore
+) -> AsyncIterator[KafkaSource]:
+    source = broker.source([TopicSpec(topic, partitions=4)], group)
+    core.source = source
+    await source.start(core)
+    try:
+        yield source
+    finally:
+        await source.stop()
+
+
+@contextlib.asynccontextmanager
+async def pumping(*cores: FakeCore) -> AsyncIterator[None]:
+    """Keep every core fetching in the background, as the core's reader does."""
+
+    async def pump(core: FakeCore) -> None:
+        while True:
+            await core.fetch_once(0.1)
+
+    tasks = [asyncio.create_task(pump(c)) for c in cores]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+async def read_until(core: FakeCore, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while core.count() < count:
+        assert time.monotonic() < deadline, f"{core.name} read {core.count()} of {count} records"
+        await core.fetch_once()
+
+
+def per_partition(topic: str, n: int, start: int = 0) -> list[tuple[bytes | None, bytes, int]]:
+    return [(None, f"{p}:{i}".encode(), p) for p in range(4) for i in range(start, start + n)]
+
+
+async def test_source_satisfies_the_source_protocol(broker: KafkaBroker) -> None:
+    assert isinstance(broker.source([TopicSpec("x")], "g"), Source)
+
+
+async def test_source_reads_everything_in_per_partition_order(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 250))
+    core = FakeCore()
+    async with running(broker, topic4, unique_name("g"), core):
+        await read_until(core, 1000)
+    assert set(core.read) == {TopicPartition(topic4, p) for p in range(4)}
+    for offsets in core.read.values():
+        assert offsets == list(range(250))
+
+
+async def test_committed_positions_are_where_a_new_member_of_the_group_starts(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 25))
+    group = unique_name("g")
+    first = FakeCore("first")
+    async with running(broker, topic4, group, first) as source:
+        await read_until(first, 100)
+        await source.commit({TopicPartition(topic4, p): 9 for p in range(4)})
+    assert await committed(kafka_bootstrap, group, topic4, 4) == {p: 10 for p in range(4)}
+    second = FakeCore("second")
+    async with running(broker, topic4, group, second):
+        await read_until(second, 60)
+    assert {p.partition: offsets for p, offsets in second.read.items()} == {
+        p: list(range(10, 25)) for p in range(4)
+    }
+
+
+async def test_pause_stops_a_partition_and_resume_restarts_it(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 50))
+    core = FakeCore()
+    paused = TopicPartition(topic4, 0)
+    async with running(broker, topic4, unique_name("g"), core) as source:
+        await wait_for(lambda: len(core.assigned) == 4, message="assignment")
+        source.pause([paused])
+        await read_until(core, 150)
+        for _ in range(3):  # the other partitions are exhausted: nothing may come now
+            await core.fetch_once(0.2)
+        assert paused not in core.read
+        assert core.count() == 150
+        source.resume([paused])
+        await read_until(core, 200)
+    assert core.read[paused] == list(range(50))
+
+
+async def test_two_members_split_partitions_and_the_survivor_takes_all(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 40))
+    group = unique_name("g")
+    a, b = FakeCore("a", revoke_delay=0.5), FakeCore("b")
+    all_partitions = {TopicPartition(topic4, p) for p in range(4)}
+    async with running(broker, topic4, group, a) as source_a:
+        await read_until(a, 160)
+        async with running(broker, topic4, group, b), pumping(b):
+            async with pumping(a):
+                await wait_for(
+                    lambda: len(a.assigned) == 2 and len(b.assigned) == 2, 30, message="split"
+                )
+                assert a.assigned | b.assigned == all_partitions
+                # a released its partitions only after its revoke callback (drain + commit) returned
+                revoked_at = next(t for kind, t, _ in a.events if kind == "revoked")
+                b_assigned_at = next(t for kind, t, ps in b.events if kind == "assigned" and ps)
+                assert revoked_at < b_assigned_at
+                assert a.committed_in_revoke == {p: 39 for p in all_partitions}
+                assert await committed(kafka_bootstrap, group, topic4, 4) == {
+                    p: 40 for p in range(4)
+                }
+                # nobody re-reads what a committed inside its revoke callback
+                await produce(kafka_bootstrap, topic4, per_partition(topic4, 5, start=40))
+                await wait_for(lambda: a.count() + b.count() == 180, message="new records")
+            for core in (a, b):
+                for p in core.assigned:
+                    assert core.read[p][-5:] == [40, 41, 42, 43, 44]
+            assert b.count() == 10
+            await source_a.commit({p: a.read[p][-1] for p in a.assigned})
+            await source_a.stop()
+            await wait_for(lambda: b.assigned == all_partitions, 30, message="survivor")
+            await produce(kafka_bootstrap, topic4, per_partition(topic4, 5, start=45))
+            await wait_for(lambda: b.count() == 30, message="survivor reads")
+    for p in all_partitions:
+        assert b.read[p][-5:] == [45, 46, 47, 48, 49]
+
+
+async def test_commit_skips_partitions_this_member_does_not_own(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    other = await create_topic(kafka_bootstrap, partitions=1)
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 1))
+    group = unique_name("g")
+    core = FakeCore()
+    async with running(broker, topic4, group, core) as source:
+        await read_until(core, 4)
+        await source.commit({TopicPartition(topic4, 0): 0, TopicPartition(other, 0): 5})
+    assert (await committed(kafka_bootstrap, group, topic4, 4))[0] == 1
+
+
+async def test_fetch_survives_a_broker_restart_and_catches_up() -> None:
+    with start_tansu() as tansu:
+        topic = await create_topic(tansu.bootstrap, partitions=2)
+        await produce(tansu.bootstrap, topic, [(None, b"before", p) for p in range(2)])
+        options = dict(TEST_OPTIONS, request_timeout_ms="3000", retry_backoff_ms="50")
+        broker = KafkaBroker(tansu.url, options)
+        core = FakeCore()
+        source = broker.source([TopicSpec(topic, partitions=2)], unique_name("g"))
+        core.source = source
+        await source.start(core)
+        try:
+            await read_until(core, 2)
+            core.read.clear()
+            await asyncio.to_thread(tansu.restart)  # memory storage: topic and group are gone
+            await create_topic(tansu.bootstrap, partitions=2, name=topic)
+            await produce(tansu.bootstrap, topic, [(None, b"after", p) for p in range(2)] * 3)
+
+            def caught_up() -> bool:  # the last record of each partition arrived
+                return len(core.read) == 2 and all(2 in offsets for offsets in core.read.values())
+
+            async with pumping(core):  # fetch must not raise while the broker is away
+                await wait_for(caught_up, 45, message="every record after the restart")
+        finally:
+            await source.stop()
+            await broker.close()
+
+
+async def test_a_failing_partition_listener_is_reported_by_fetch(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    class Broken(FakeCore):
+        async def on_assigned(self, partitions: Collection[Partition]) -> None:
+            raise RuntimeError("lane setup failed")
+
+    core = Broken()
+    async with running(broker, topic4, unique_name("g"), core) as source:
+        with pytest.raises(RuntimeError, match="lane setup failed"):
+            for _ in range(100):
+                await source.fetch(0.2)
+
+
+class FlakyConsumer:
+    """A consumer whose getmany fails the way a lost connection does, then recovers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[object, list[object]]:
+        from aiokafka.errors import KafkaConnectionError, RequestTimedOutError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise (KafkaConnectionError if self.calls % 2 else RequestTimedOutError)("gone")
+        return {}
+
+
+async def test_transient_fetch_errors_are_retried_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from adapters.kafka import KafkaSettings
+
+    caplog.set_level(logging.INFO, logger="asyncflow.kafka")
+    source = KafkaSource(KafkaSettings.parse("kafka://127.0.0.1:1"), ["t"], "g")
+    flaky = FlakyConsumer(failures=3)
+    source._consumer = flaky
+    source._ready.set()
+    for _ in range(4):
+        assert await source.fetch(0.05) == []
+    assert flaky.calls == 4
+    assert "retrying" in caplog.text and "recovered" in caplog.text
+    assert source._failures == 0
+
+
+async def test_non_retriable_fetch_errors_stop_the_worker_with_a_clear_error() -> None:
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    from adapters.kafka import KafkaSettings, KafkaSourceError
+
+    class Denied:
+        async def getmany(self, timeout_ms: int = 0) -> None:
+            raise TopicAuthorizationFailedError("rides")
+
+    source = KafkaSource(KafkaSettings.parse("kafka://127.0.0.1:1"), ["rides"], "g")
+    source._consumer = Denied()
+    source._ready.set()
+    with pytest.raises(KafkaSourceError, match="reading rides .* TopicAuthorizationFailedError"):
+        await source.fetch(0.05)
