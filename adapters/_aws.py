@@ -427,10 +427,10 @@ def plain_converter() -> Callable[[Any], Any]:
     core = _resolve_to_builtins()
 
     def convert(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return dict(value)
         if core is not None:
             return core(value)
+        if isinstance(value, Mapping):
+            return dict(value)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return dataclasses.asdict(value)
         return value

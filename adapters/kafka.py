@@ -36,8 +36,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import KafkaError, for_code  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, for_code
 
 from adapters.kafka_config import URL_FORM, KafkaSettings, describe, redact_url, start_client
 from adapters.kafka_sink import KafkaSink, kafka_partition

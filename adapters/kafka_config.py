@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from aiokafka.errors import KafkaConnectionError, KafkaError  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from asyncflow.errors import BrokerUnavailable, ConfigError
 
@@ -171,7 +171,7 @@ class KafkaSettings:
                 f"session_timeout_ms={self.session_timeout_ms}"
             )
         if self.compression_type is not None:
-            from aiokafka import codec  # type: ignore[import-untyped]
+            from aiokafka import codec
 
             checks = {"snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
             check = checks.get(self.compression_type)
@@ -183,13 +183,23 @@ class KafkaSettings:
 
     @property
     def heartbeat_interval(self) -> int:
-        """The heartbeat interval: the option, else a third of the session timeout (max 3 s)."""
+        """The heartbeat interval: the option, else a third of the session timeout (max 3 s).
+
+        Example:
+            >>> KafkaSettings.parse("kafka://k?session_timeout_ms=3000").heartbeat_interval
+            1000
+        """
         if self.heartbeat_interval_ms is not None:
             return self.heartbeat_interval_ms
         return min(3000, max(100, self.session_timeout_ms // 3))
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """An SSL context for ``SSL``/``SASL_SSL`` (system CAs unless ``ssl_cafile``)."""
+        """An SSL context for ``SSL``/``SASL_SSL`` (system CAs unless ``ssl_cafile``).
+
+        Example:
+            >>> KafkaSettings.parse("kafka://k").ssl_context() is None
+            True
+        """
         if not self.security_protocol.endswith("SSL"):
             return None
         try:
@@ -204,7 +214,12 @@ class KafkaSettings:
         return context
 
     def client_args(self) -> dict[str, Any]:
-        """Keyword arguments shared by aiokafka's consumer, producer and admin client."""
+        """Keyword arguments shared by aiokafka's consumer, producer and admin client.
+
+        Example:
+            >>> KafkaSettings.parse("kafka://k:1").client_args()["bootstrap_servers"]
+            ['k:1']
+        """
         args: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
@@ -220,7 +235,12 @@ class KafkaSettings:
         return args
 
     def consumer_args(self, group_id: str) -> dict[str, Any]:
-        """Keyword arguments for ``AIOKafkaConsumer`` (manual commits)."""
+        """Keyword arguments for ``AIOKafkaConsumer`` (manual commits).
+
+        Example:
+            >>> KafkaSettings.parse("kafka://k").consumer_args("g")["enable_auto_commit"]
+            False
+        """
         args = self.client_args()
         args.update(
             group_id=group_id,
@@ -239,7 +259,12 @@ class KafkaSettings:
         return args
 
     def producer_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``AIOKafkaProducer``."""
+        """Keyword arguments for ``AIOKafkaProducer``.
+
+        Example:
+            >>> KafkaSettings.parse("kafka://k?enable_idempotence=no").producer_args()["acks"]
+            -1
+        """
         args = self.client_args()
         args.update(
             acks=self.acks,

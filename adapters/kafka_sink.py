@@ -20,9 +20,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
-from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
 from adapters.kafka_config import KafkaSettings, describe, start_client
 from asyncflow.errors import SinkError
@@ -57,6 +57,10 @@ class KafkaSink:
         >>> sink = KafkaSink(KafkaSettings.parse("kafka://localhost?max_batch=5000"))
         >>> sink.max_batch, sink.linger
         (5000, 0.05)
+        >>> async def send() -> None:  # doctest: +SKIP
+        ...     await sink.start()
+        ...     await sink.write([SinkRecord(b"sensor-1", b'{"v": 1}', topic="readings")])
+        ...     await sink.stop()
     """
 
     def __init__(self, settings: KafkaSettings, url: str = "", name: str = "kafka") -> None:

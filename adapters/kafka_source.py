@@ -25,9 +25,9 @@ import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
-from aiokafka.errors import (  # type: ignore[import-untyped]
+from aiokafka.errors import (
     CommitFailedError,
     ConsumerStoppedError,
     IllegalStateError,
@@ -62,6 +62,12 @@ class KafkaSource:
         >>> source = KafkaSource(KafkaSettings.parse("kafka://localhost"), ["rides"], "g")
         >>> source.topics
         ['rides']
+        >>> async def read(core: PartitionListener) -> None:  # doctest: +SKIP
+        ...     await source.start(core)  # core.on_assigned([...]) follows the join
+        ...     for batch in await source.fetch(0.2):
+        ...         last = batch.records[-1].offset
+        ...         await source.commit({batch.partition: last})  # commits last + 1
+        ...     await source.stop()
     """
 
     def __init__(

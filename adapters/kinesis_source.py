@@ -25,7 +25,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
@@ -440,6 +440,8 @@ class KinesisSource:
         run = self._runs[shard_id]
         position = self._plan.position(shard_id)
         run.last_read = position.sequence
+        if position.kind == "LATEST":  # renewing "LATEST" later could skip records
+            position = Position("AT_TIMESTAMP", timestamp=datetime.now(UTC))
         iterator = await self._iterator(shard_id, position)
         failures = 0
         while iterator is not None:

@@ -85,6 +85,7 @@ class MemoryBroker:
             raise ConfigError(f"not a memory broker URL: {url!r} (use memory://)")
         self.url = url
         self.options = dict(options or {})
+        self.session_timeout = float(self.options.get("session_timeout_ms", 3000)) / 1000
         self.topics: dict[str, MemoryTopic] = {}
         self._groups: dict[str, _Group] = {}
         self._data: asyncio.Event | None = None
@@ -198,6 +199,7 @@ class MemorySource:
         self._paused: set[Partition] = set()
         self._generation = -1
         self._stopped = False
+        self._seen = time.monotonic()
 
     def _assignment(self) -> list[TopicPartition]:
         group = self.broker._group(self.group_id)
@@ -215,8 +217,13 @@ class MemorySource:
             self.broker.topic(t)
         self._listener = listener
         group = self.broker._group(self.group_id)
+        now = time.monotonic()
+        dead = [m for m in group.members if now - m._seen > self.broker.session_timeout]
+        for m in dead:  # members that stopped fetching without leaving (crashed) are evicted
+            group.members.remove(m)
         group.members.append(self)
         group.generation += 1
+        self._seen = now
         await self._rebalance()
 
     async def _rebalance(self) -> None:
@@ -238,6 +245,7 @@ class MemorySource:
             await self._listener.on_assigned(added)
 
     async def fetch(self, timeout: float) -> list[RawBatch]:
+        self._seen = time.monotonic()
         group = self.broker._group(self.group_id)
         if self._generation != group.generation:
             await self._rebalance()

@@ -289,16 +289,19 @@ class Runtime:
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             if not runners:
-                if stop_when_idle:
-                    if user:
-                        await asyncio.wait([stop, *user], return_when=asyncio.ALL_COMPLETED)
-                    return
-                await stop
+                if stop_when_idle and user:
+                    await asyncio.wait([stop, *user], return_when=asyncio.ALL_COMPLETED)
+                elif not (stop_when_idle and not self.app.timers):
+                    await stop
                 return
-            ended = asyncio.ensure_future(asyncio.gather(*(r.ended.wait() for r in runners)))
-            done, _ = await asyncio.wait([stop, ended], return_when=asyncio.FIRST_COMPLETED)
-            if ended not in done:
-                ended.cancel()
+            waits = [asyncio.ensure_future(r.ended.wait()) for r in runners]
+            try:
+                while not stop.done() and not all(w.done() for w in waits):
+                    await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if stop.done():
                 return
             pending = [t for t in lanes if not t.done()]
             while pending and not stop.done():

@@ -205,6 +205,8 @@ class TestRun:
             if ch is not None and ch.source is None:
                 t.ended = True
         self.broker._notify()
+        if not self.app.agents:
+            self.app.stop()
         assert self._task is not None
         await asyncio.wait_for(asyncio.shield(self._task), timeout)
 

@@ -46,11 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 
-from adapters.kafka import KafkaBroker, kafka_partition
-from asyncflow.protocols import SinkRecord
-from tests.integration.kafka.broker import (
+from adapters.kafka import KafkaBroker, kafka_partition  # noqa: E402
+from asyncflow.protocols import SinkRecord  # noqa: E402
+from tests.integration.kafka.broker import (  # noqa: E402
     ENV_BROKER,
     create_topic,
     start_tansu,

@@ -70,7 +70,7 @@ def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
     frontier = events[0][1] if events else 0
     for i, (key, t, value) in enumerate(events):
         on_event(key, t, value)
-        if t > frontier:  # noqa: PLR1730 (same loop shape as the baseline)
+        if t > frontier:
             frontier = t
         if i % WATERMARK_EVERY == WATERMARK_EVERY - 1:
             op.on_watermark(frontier, wall_ms=0)
@@ -100,7 +100,7 @@ def baseline_tumbling_mean(events: list[Event], size: int = 5_000) -> dict[Windo
         acc = bucket[key]
         acc[0] += value["value"]
         acc[1] += 1
-        if t > frontier:  # noqa: PLR1730 (same loop shape as the operator's)
+        if t > frontier:
             frontier = t
         if i % WATERMARK_EVERY == WATERMARK_EVERY - 1:
             wm = frontier - WAIT_MS
@@ -134,7 +134,7 @@ def baseline_hopping_count(
                 heappush(ends, end)
             bucket[key] += 1
             start -= step
-        if t > frontier:  # noqa: PLR1730 (same loop shape as the operator's)
+        if t > frontier:
             frontier = t
         if i % WATERMARK_EVERY == WATERMARK_EVERY - 1:
             wm = frontier - WAIT_MS

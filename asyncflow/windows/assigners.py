@@ -67,14 +67,16 @@ def from_epoch_ms(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
-def _duration_ms(value: timedelta, name: str, *, positive: bool = True) -> int:
+def _duration_ms(value: timedelta, name: str, *, minimum: int | None = 1) -> int:
     if not isinstance(value, timedelta):
         raise TypeError(f"{name} must be a datetime.timedelta, got {value!r}")
     ms = value // _MS
     if ms * _MS != value:
         raise ValueError(f"{name} must be a whole number of milliseconds, got {value!r}")
-    if positive and ms <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    if minimum is not None and ms < minimum:
+        raise ValueError(
+            f"{name} must be {'positive' if minimum else 'zero or more'}, got {value!r}"
+        )
     return ms
 
 
@@ -113,7 +115,7 @@ class _Aligned(WindowAssigner):
         self.size_ms = _duration_ms(size, "size")
         self.step_ms = _duration_ms(step, "step")
         # Like Flink, an offset shifts the alignment; only its value modulo the step matters.
-        self.offset_ms = _duration_ms(offset, "offset", positive=False) % self.step_ms
+        self.offset_ms = _duration_ms(offset, "offset", minimum=None) % self.step_ms
         self.gap_ms = 0
 
     def assign(self, time_ms: int) -> list[tuple[int, int]]:

@@ -63,7 +63,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from heapq import heappop, heappush
-from typing import Any, NamedTuple, Self, cast
+from typing import Any, Literal, NamedTuple, Self, cast
 
 from asyncflow.windows.aggregates import Aggregate, as_aggregate
 from asyncflow.windows.assigners import (
@@ -194,7 +194,7 @@ class WindowOperator:
         *,
         wait: timedelta = timedelta(0),
         lateness: timedelta = timedelta(0),
-        emit: str = "final",
+        emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
     ) -> None:
         if not isinstance(assigner, WindowAssigner):
@@ -209,15 +209,11 @@ class WindowOperator:
                 f"session windows merge accumulators, but {agg!r} cannot merge "
                 "(give fold(...) a merger=)"
             )
-        self._wait = _duration_ms(wait, "wait", positive=False)
-        self._lateness = _duration_ms(lateness, "lateness", positive=False)
+        self._wait = _duration_ms(wait, "wait", minimum=0)
+        self._lateness = _duration_ms(lateness, "lateness", minimum=0)
         self._system_wait = (
-            None
-            if system_wait is None
-            else _duration_ms(system_wait, "system_wait", positive=False)
+            None if system_wait is None else _duration_ms(system_wait, "system_wait", minimum=0)
         )
-        if self._wait < 0 or self._lateness < 0 or (self._system_wait or 0) < 0:
-            raise ValueError("wait, lateness and system_wait cannot be negative")
         if not assigner.is_event_time and (self._wait or self._lateness or system_wait is not None):
             raise ValueError(
                 "processing-time windows fire on the wall clock; wait, lateness and "
@@ -275,17 +271,10 @@ class WindowOperator:
         raise NotImplementedError
 
     def on_watermark(self, time_ms: int | None, wall_ms: int) -> None:
-        """Advance to the event-time frontier ``time_ms`` (``None``: unknown yet) at wall time ``wall_ms``.
+        """Advance to the event-time frontier ``time_ms`` (``None``: not known yet) at ``wall_ms``.
 
-        Fires and purges the windows the new watermark passes, in window-end order.
-
-        Example:
-            >>> from datetime import timedelta
-            >>> from asyncflow.windows import Tumbling, Count
-            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
-            >>> _ = op.on_event("k", 10, None); op.on_watermark(999, wall_ms=0)
-            >>> [r.value for r in op.results]
-            [1]
+        Fires and purges the windows the new watermark passes, in window-end
+        order (examples: the module and class docstrings).
         """
         self._wall = max(self._wall, wall_ms)
         if self.assigner.is_event_time:
@@ -309,12 +298,7 @@ class WindowOperator:
     def flush_all(self) -> None:
         """End of a bounded input: fire and purge every open window (Flink's final watermark).
 
-        Example:
-            >>> from datetime import timedelta
-            >>> from asyncflow.windows import Tumbling, Count
-            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
-            >>> _ = op.on_event("k", 10, None); op.flush_all(); op.results[0].holds
-            []
+        Events that arrive afterwards are late (example: the class docstring).
         """
         self._wm = MAX_TIME
         self._advance(MAX_TIME)
@@ -331,6 +315,26 @@ class WindowOperator:
             >>> _ = op.on_event("a", 1, None, hold=lambda: "h"); _ = op.on_event("b", 1, None)
             >>> op.drop_keys(lambda k: k == "a"), op.open_windows
             (['h'], 1)
+        """
+        raise NotImplementedError
+
+    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
+        """Forget the windows whose holds are all handles ``predicate`` selects.
+
+        For a revoked partition: windows of its events only are dropped (the
+        next owner replays those events); a window that also holds events of
+        other partitions stays and emits as usual, so nothing is lost. Windows
+        without holds stay. Returns the dropped windows' handles.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Session, Count
+            >>> op = WindowOperator(Session(timedelta(seconds=1)), Count())
+            >>> _ = op.on_event("a", 0, None, hold=lambda: "p0")
+            >>> _ = op.on_event("b", 0, None, hold=lambda: "p0")
+            >>> _ = op.on_event("b", 500, None, hold=lambda: "p1")
+            >>> op.drop_windows(lambda h: h == "p0"), op.open_windows
+            (['p0'], 1)
         """
         raise NotImplementedError
 
@@ -372,7 +376,7 @@ class _AlignedOperator(WindowOperator):
         # Windows starting at or before `stop` are late or do not hold the event.
         lowest = time_ms - size
         stop = wm + 1 - size - lateness
-        if stop < lowest:  # noqa: PLR1730 (not max(): a call costs more on this path)
+        if stop < lowest:  # not max(): a call costs more on this path
             stop = lowest
         if start <= stop:
             return self._not_added(key, time_ms, value, start <= lowest)
@@ -450,6 +454,16 @@ class _AlignedOperator(WindowOperator):
             for key in [k for k in bucket if predicate(k)]:
                 del bucket[key]
                 dropped.extend(holds.pop(key, ()))
+        return dropped
+
+    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
+        dropped: list[object] = []
+        for end, by_key in self._holds.items():
+            for key, handles in list(by_key.items()):
+                if handles and all(predicate(h) for h in handles):
+                    del by_key[key]
+                    del self._panes[end][key]
+                    dropped.extend(handles)
         return dropped
 
 
@@ -588,4 +602,13 @@ class _SessionOperator(WindowOperator):
             for session in self._sessions.pop(key):
                 session.alive = False
                 dropped.extend(session.holds or ())
+        return dropped
+
+    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
+        dropped: list[object] = []
+        for key, open_ in list(self._sessions.items()):
+            for session in list(open_):
+                if session.holds and all(predicate(h) for h in session.holds):
+                    dropped.extend(session.holds)
+                    self._close(key, session)
         return dropped

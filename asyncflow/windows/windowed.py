@@ -21,21 +21,31 @@ Contract with the stream (``asyncflow.stream.Stream`` provides it):
   meanwhile, so a sink retaining it keeps it uncommitted until written), else
   ``await stream.dead_letter(event, "late event: ...")``. An event without an
   event time goes to ``stream.dead_letter(event, "no event time")``.
+- ``close()`` releases the result being handled (call it when the lane
+  finishes or the loop was left); ``drop_partitions(partitions)`` forgets the
+  windows of revoked partitions without releasing their holds.
+- Processing-time windows take an event's arrival time from the wall time of
+  the last watermark (the system clock before the first one).
 
 Example:
+    >>> import asyncio
     >>> from datetime import timedelta
-    >>> from asyncflow.windows import Tumbling, Count
-    >>> async def per_key_counts(stream):  # doctest: +SKIP
-    ...     async for w in WindowedStream(stream, Tumbling(timedelta(seconds=5)), aggregate=Count()):
-    ...         print(w.key, w.start, w.value)
+    >>> from asyncflow.testing import stream_of
+    >>> from asyncflow.windows import Count, Tumbling
+    >>> stream = stream_of(["a", "b", "c"], keys=["k", "k", "k"], times=[0, 1_000, 6_000])
+    >>> async def counts():
+    ...     windows = WindowedStream(stream, Tumbling(timedelta(seconds=5)), aggregate=Count())
+    ...     return [(w.key, w.start_ms, w.value) async for w in windows]
+    >>> asyncio.run(counts())
+    [('k', 0, 2), ('k', 5000, 1)]
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from datetime import timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 from asyncflow.acks import NO_ACK, Ack, AckBatch, AckGroup
 from asyncflow.clock import SystemClock
@@ -45,7 +55,8 @@ from asyncflow.windows.aggregates import Aggregate
 from asyncflow.windows.assigners import WindowAssigner, from_epoch_ms
 from asyncflow.windows.operator import WindowOperator, WindowResult
 
-_Handles = list[tuple[AckBatch, int]]
+_Handle = tuple[AckBatch, int]
+_Handles = list[_Handle]
 
 
 class _Lane(Protocol):
@@ -61,7 +72,9 @@ class WindowSource(Protocol):
     @property
     def metrics(self) -> Metrics: ...
 
-    async def _next_item(self) -> Event[Any] | Watermark: ...
+    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
+        """The next event or watermark; ``None`` only when a ``timeout`` is given and passes."""
+        ...
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None: ...
 
@@ -130,13 +143,16 @@ class WindowedStream:
     ``late`` receives late events (default: the dead-letter output).
 
     Example:
+        >>> import asyncio
         >>> from datetime import timedelta
-        >>> import asyncflow as af  # doctest: +SKIP
-        >>> async def average(stream):  # doctest: +SKIP
-        ...     windows = stream.window(af.Tumbling(timedelta(seconds=5)),
-        ...                             lateness=timedelta(seconds=10), aggregate=af.Mean("value"))
-        ...     async for w in windows:
-        ...         await sink.send(w.key, {"average": w.value, "from": w.start, "to": w.end})
+        >>> from asyncflow.testing import stream_of
+        >>> from asyncflow.windows import Mean, Tumbling
+        >>> stream = stream_of([20.0, 22.0], keys=["s1", "s1"], times=[1_000, 2_000])
+        >>> async def averages():
+        ...     windows = stream.window(Tumbling(timedelta(seconds=5)), aggregate=Mean())
+        ...     return [(w.key, w.start.isoformat(), w.value) async for w in windows]
+        >>> asyncio.run(averages())
+        [('s1', '1970-01-01T00:00:00+00:00', 21.0)]
     """
 
     __slots__ = (
@@ -161,7 +177,7 @@ class WindowedStream:
         aggregate: Aggregate[Any, Any] | Mapping[str, Aggregate[Any, Any]],
         wait: timedelta = timedelta(0),
         lateness: timedelta = timedelta(0),
-        emit: str = "final",
+        emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
         late: LateSink | None = None,
     ) -> None:
@@ -185,11 +201,45 @@ class WindowedStream:
         """The window state behind this stream (for inspection and tests)."""
         return self._op
 
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> None:
-        """Forget the windows of revoked keys, without releasing their holds.
+    def drop_partitions(self, partitions: Collection[Hashable]) -> None:
+        """Forget the windows holding only events of revoked ``partitions``, without emitting.
 
-        Their events stay uncommitted, so the partition's next owner replays them.
+        Their holds are not released: those events stay uncommitted here, and the
+        partitions' next owner replays them. A window that also holds events of
+        partitions kept here stays and emits (a possible duplicate, never a loss).
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.acks import PartitionAcks
+            >>> from asyncflow.event import Event
+            >>> from asyncflow.testing import stream_of
+            >>> from asyncflow.windows import Count, Tumbling
+            >>> ws = stream_of([]).window(Tumbling(timedelta(seconds=5)), aggregate=Count())
+            >>> event = Event("k", None, time=0, batch=PartitionAcks("p0").open([0], refs=1))
+            >>> _ = ws.operator.on_event(event.key, event.time, event.value, event.hold)
+            >>> ws.drop_partitions({"p0"}); ws.operator.open_windows
+            0
         """
+        gone = set(partitions)
+        self._op.drop_windows(lambda h: cast(_Handle, h)[0].owner.partition in gone)
+
+    def close(self) -> None:
+        """Let go of the result being handled: the loop was left or the lane is finishing.
+
+        Its events commit once the sinks that kept the result have written it.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.testing import stream_of
+            >>> from asyncflow.windows import Count, Tumbling
+            >>> stream_of([]).window(Tumbling(timedelta(seconds=1)), aggregate=Count()).close()
+        """
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+
+    def drop_keys(self, predicate: Callable[[Any], bool]) -> None:
+        """Forget the windows of the keys ``predicate`` selects, without releasing their holds."""
         self._op.drop_keys(predicate)
 
     def __aiter__(self) -> WindowedStream:
@@ -212,6 +262,8 @@ class WindowedStream:
                 self._ended = True
                 op.flush_all()
                 self._collect()
+                continue
+            if item is None:  # only with a timeout, which is not given: defensive
                 continue
             if isinstance(item, Watermark):
                 if self._wall is None or item.wall > self._wall:

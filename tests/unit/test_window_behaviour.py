@@ -283,7 +283,7 @@ def test_a_fold_without_merger_cannot_be_used_with_sessions() -> None:
 
 def test_bad_settings_are_rejected_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match='"final" or "updates"'):
-        WindowOperator(Tumbling(1 * S), Count(), emit="eager")
+        WindowOperator(Tumbling(1 * S), Count(), emit="eager")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="positive"):
         Tumbling(timedelta(0))
     with pytest.raises(ValueError, match="whole number of milliseconds"):

@@ -15,6 +15,7 @@ from asyncflow.metrics import Metrics
 from asyncflow.windows import (
     Count,
     Hopping,
+    Mean,
     ProcessingTumbling,
     Sum,
     Tumbling,
@@ -39,7 +40,7 @@ class FakeStream:
         self.metrics = Metrics()
         self.dead: list[tuple[Event[Any], str]] = []
 
-    async def _next_item(self) -> Event[Any] | Watermark:
+    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
         while self._items:
             item = self._items.popleft()
             if isinstance(item, Event | Watermark):
@@ -258,3 +259,46 @@ async def test_drop_keys_forgets_windows_and_keeps_their_events_uncommitted() ->
     assert windows.operator.open_windows == 0
     assert acks.done_position() is None  # "a" stays uncommitted: the next owner replays it
     assert acks.active == 0  # yet the partition is drained and can be handed over
+
+
+@pytest.mark.asyncio
+async def test_drop_partitions_forgets_windows_of_revoked_partitions_only() -> None:
+    p0, p1 = PartitionAcks("p0"), PartitionAcks("p1")
+    [a0] = tracked(p0, [("a", 1_000, 1)])  # a: only p0's events
+    [b0] = tracked(p0, [("b", 1_000, 1)])  # b: one event of each (re-keyed in the lane)
+    [b1] = tracked(p1, [("b", 2_000, 1)])
+    stream = FakeStream([a0, b0, b1, Watermark(2_000, 0)])
+    windows = WindowedStream(stream, Tumbling(5 * S), aggregate=Count())
+    stream._items.extend([lambda: windows.drop_partitions({"p0"}), Watermark(5_000, 0)])
+    assert [(r.key, r.value) async for r in windows] == [("b", 2)]
+    assert p1.done_position() == 0  # the mixed window emitted and released p1's event
+    assert p0.done_position() is None  # a0 stays for the next owner to replay
+
+
+async def test_windowed_stream_works_on_the_real_stream_of_asyncflow_testing() -> None:
+    from asyncflow.testing import stream_of
+
+    stream = stream_of(
+        [{"value": v} for v in (1.0, 3.0, 10.0, 5.0)],
+        keys=["a", "a", "b", "a"],
+        times=[0, 4_000, 1_000, 6_000],
+    )
+    windows = stream.window(Tumbling(5 * S), aggregate={"avg": Mean("value"), "n": Count()})
+    got = [(w.key, w.start_ms, w.value) async for w in windows]
+    assert got == [
+        ("a", 0, {"avg": 2.0, "n": 2}),
+        ("b", 0, {"avg": 10.0, "n": 1}),
+        ("a", 5_000, {"avg": 5.0, "n": 1}),
+    ]
+
+
+async def test_leaving_the_loop_and_closing_lets_the_last_results_events_commit() -> None:
+    acks = PartitionAcks("p0")
+    e0, e1 = tracked(acks, [("a", 1_000, 1), ("b", 1_000, 1)])
+    stream = FakeStream([e0, e1, Watermark(5_000, 0)])
+    windows = WindowedStream(stream, Tumbling(5 * S), aggregate=Count())
+    async for _ in windows:
+        break  # handled "a" only
+    assert acks.done_position() is None
+    windows.close()
+    assert acks.done_position() == 0  # "b" was never handed out: it stays held

@@ -153,7 +153,9 @@ async def test_split_shard_is_followed_parent_before_children(
     # parent is checkpointed SHARD_END and revoked.
     assert sorted(got.values) == list(range(1_000))
     assert got.offsets(parent) == sorted(got.offsets(parent))
-    assert recorder.events[:2] == [("assigned", [parent]), ("assigned", children)]
+    # children only after the parent's end (the parent's revocation may come before or after)
+    assigned = [e for e in recorder.events if e[0] == "assigned"]
+    assert assigned == [("assigned", [parent]), ("assigned", children)]
     assert ("revoked", [parent]) in recorder.events
     assert checkpoints[parent] == SHARD_END
     assert source.assigned == [Shard(stream, c) for c in children]
@@ -210,7 +212,8 @@ async def test_closed_parent_with_records_is_read_to_its_end_before_any_child(
     assert last_parent < first_child
     assert order.count(s0) == 500
     assert sorted(got.values) == list(range(1_500))
-    assert recorder.events[:2] == [("assigned", [s0]), ("assigned", [s1, s2])]
+    assigned = [e for e in recorder.events if e[0] == "assigned"]
+    assert assigned == [("assigned", [s0]), ("assigned", [s1, s2])]
     assert checkpoints[s0] == SHARD_END
 
 

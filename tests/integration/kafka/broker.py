@@ -27,9 +27,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -41,12 +42,14 @@ from adapters.kafka_sink import kafka_partition
 ENV_BROKER = "ASYNCFLOW_TEST_KAFKA"
 """Set to ``host:port`` to test against a running broker instead of starting Tansu."""
 
-TEST_OPTIONS: dict[str, str] = {
-    "enable_idempotence": "false",
-    "session_timeout_ms": "3000",
-    "heartbeat_interval_ms": "500",
-    "connect_timeout_ms": "5000",
-}
+TEST_OPTIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "enable_idempotence": "false",
+        "session_timeout_ms": "3000",
+        "heartbeat_interval_ms": "500",
+        "connect_timeout_ms": "5000",
+    }
+)
 """Broker options for tests: Tansu holds each group join for half the session timeout."""
 
 
@@ -184,6 +187,7 @@ def start_tansu(port: int | None = None, timeout: float = 10.0) -> TansuBroker:
             broker.start(timeout)
             return broker
         except RuntimeError:
+            broker.log_path.unlink(missing_ok=True)
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")

@@ -136,9 +136,7 @@ async def test_committed_positions_are_where_a_new_member_of_the_group_starts(
     second = FakeCore("second")
     async with running(broker, topic4, group, second):
         await read_until(second, 60)
-    assert {p.partition: offsets for p, offsets in second.read.items()} == {
-        p: list(range(10, 25)) for p in range(4)
-    }
+    assert second.read == {TopicPartition(topic4, p): list(range(10, 25)) for p in range(4)}
 
 
 async def test_pause_stops_a_partition_and_resume_restarts_it(

@@ -1,0 +1,44 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Both create the environment in .venv/ first (python3 -m venv, then pip install -e '.[dev]').
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint typecheck unit integration bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: the IoT sensor pipeline end to end on the embedded memory broker.
+run: setup
+	$(BIN)/asyncflow worker apps.sensor_averages:app
+
+# The whole suite: lint, types, unit tests (memory broker, doctests) and integration
+# tests (Tansu Kafka broker, moto server, local SSE server — all started by fixtures).
+test: setup lint typecheck
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check asyncflow adapters apps tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest tests/unit asyncflow
+
+integration: setup
+	$(BIN)/pytest tests/integration
+
+bench: setup
+	$(BIN)/python benchmarks/memory_pipeline.py
+	$(BIN)/python benchmarks/windows.py
+	$(BIN)/python benchmarks/kafka_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
