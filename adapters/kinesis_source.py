@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+from botocore.exceptions import BotoCoreError, ClientError
 
 from asyncflow.errors import AsyncflowError, ConfigError
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, Record
@@ -277,16 +277,20 @@ class KinesisSource:
                 continue
             run.committed = offset
             if run.end_delivered and run.delivered is not None and offset >= run.delivered:
-                run.finishing = True
                 saves[p.shard_id] = SHARD_END
                 finished.append(p)
             else:
                 saves[p.shard_id] = str(offset)
         await self._store.save(saves)
-        if finished:
-            for p in finished:
+        released = []
+        for p in finished:
+            run = self._runs.get(p.shard_id)
+            if run is not None and not run.finishing:
+                run.finishing = True
                 self._plan.mark_finished(p.shard_id)
-            self._spawn(self._release(finished))
+                released.append(p)
+        if released:
+            self._spawn(self._release(released))
 
     def _raise_if_failed(self) -> None:
         runner = self._runner
@@ -317,10 +321,14 @@ class KinesisSource:
         self._spawn(self._after_end(shard))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        if self._tg is None:
-            coro.close()
+        runner = self._runner
+        if self._tg is None or runner is None or runner.done():
+            coro.close()  # stopping or failed: nothing more to start
             return
-        self._tg.create_task(coro)
+        try:
+            self._tg.create_task(coro)
+        except RuntimeError:  # the group is shutting down after a failure
+            coro.close()
 
     async def _run(self, ready: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -440,8 +448,11 @@ class KinesisSource:
         run = self._runs[shard_id]
         position = self._plan.position(shard_id)
         run.last_read = position.sequence
-        if position.kind == "LATEST":  # renewing "LATEST" later could skip records
-            position = Position("AT_TIMESTAMP", timestamp=datetime.now(UTC))
+        # Renewing an expired iterator: after the last record read; with nothing read yet,
+        # LATEST again could skip what arrived meanwhile, so from when LATEST was taken.
+        renew = position
+        if position.kind == "LATEST":
+            renew = Position("AT_TIMESTAMP", timestamp=datetime.now(UTC))
         iterator = await self._iterator(shard_id, position)
         failures = 0
         while iterator is not None:
@@ -454,12 +465,8 @@ class KinesisSource:
                 code = error_code(exc)
                 if code == "ExpiredIteratorException":
                     self.stats.iterators_renewed += 1
-                    renew = (
-                        Position("AFTER_SEQUENCE_NUMBER", run.last_read)
-                        if run.last_read
-                        else position
-                    )
-                    iterator = await self._iterator(shard_id, renew)
+                    after = Position("AFTER_SEQUENCE_NUMBER", run.last_read)
+                    iterator = await self._iterator(shard_id, after if run.last_read else renew)
                     continue
                 creds = credentials_problem(exc, "kinesis", self._endpoint)
                 if creds is not None:

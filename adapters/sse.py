@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.http_exceptions import LineTooLong
-from aiohttp_sse_client.client import (  # type: ignore[import-untyped]
+from aiohttp_sse_client.client import (
     READY_STATE_CONNECTING,
     EventSource,
 )

@@ -36,12 +36,14 @@ from asyncflow.memory import MemoryBroker
 from asyncflow.protocols import (
     Broker,
     RawBatch,
-    Record as RawRecordData,
     Sink,
     SinkRecord,
     Source,
     TopicPartition,
     TopicSpec,
+)
+from asyncflow.protocols import (
+    Record as RawRecordData,
 )
 from asyncflow.records import EventTime, Record, to_builtins
 from asyncflow.stream import Stream

@@ -103,7 +103,7 @@ class Agent:
                     return
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - the policy decides
+                except Exception as exc:
                     ev = stream.current
                     where = (ev.partition, ev.offset) if ev is not None else None
                     attempts = attempts + 1 if where == failed_offset else 1

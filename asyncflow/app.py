@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,7 +118,7 @@ class App:
         self.sinks: dict[str, SinkOutput] = {}
         self.agents: dict[str, Agent] = {}
         self.timers: list[Timer] = []
-        self.tasks: list[Callable[[], Awaitable[Any]]] = []
+        self.tasks: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self.metrics = Metrics()
         self._runtime: Runtime | None = None
 

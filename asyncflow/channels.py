@@ -115,6 +115,7 @@ class Output:
 
     name: str
     _app: App | None
+    _bound: SinkWriter | None = None  # set by the runtime while it runs
 
     def _writer(self) -> SinkWriter:
         raise NotImplementedError
@@ -136,10 +137,12 @@ class Output:
             ...
             asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
         """
-        writer = self._writer()
+        writer = self._bound or self._writer()
         lane = current_lane.get()
         ack = lane.current if lane is not None else NO_ACK
-        await writer.send(self._record(key, value, headers), ack)
+        if not writer._room.is_set():
+            await writer._room.wait()
+        writer.add(self._record(key, value, headers), ack)
 
     def _not_running(self) -> ConfigError:
         app = self._app.id if self._app is not None else "?"
@@ -190,4 +193,4 @@ class SinkOutput(Output):
         return runtime.writers[self.name]
 
     def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
-        return SinkRecord(key, value, headers=headers)
+        return SinkRecord(key, value, None, headers)

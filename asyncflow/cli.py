@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_topics(args))
     except KeyboardInterrupt:
         return 130
-    except BaseException as exc:  # noqa: BLE001 - users get one line for what they can fix
+    except BaseException as exc:
         user = _first_user_error(exc)
         if user is None:
             raise

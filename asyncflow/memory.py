@@ -125,6 +125,9 @@ class MemoryBroker:
         p = t.partition_for(key) if partition is None else partition
         log = t.partitions[p]
         ts = timestamp if timestamp is not None else time.time_ns() // 1_000_000
+        if type(value) is bytes:
+            # a right-sized copy: orjson's output keeps a large allocation behind small bytes
+            value = bytes(memoryview(value))
         log.append(MemoryRecord(len(log), key, value, ts, tuple(headers)))
         self._notify()
         return p, len(log) - 1

@@ -113,6 +113,7 @@ class Stream(Generic[T]):
         self._buf: list[Event[Any]] = []
         self._pos = 0
         self._ops: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
+        self._sync_ops = True
         self._held: Event[Any] | None = None
         self._pushed_back: list[Event[Any]] = []
         self._windows: dict[int, WindowedStream] = {}
@@ -124,6 +125,7 @@ class Stream(Generic[T]):
         if self._held is not None:
             raise RuntimeError("add map/filter/key_by before iterating the stream")
         self._ops = (*self._ops, (kind, fn))
+        self._sync_ops = all(k in (_MAP, _FILTER, _KEY) for k, _ in self._ops)
         return self
 
     def map(self, fn: Callable[[T], U] | Callable[[T], Awaitable[U]]) -> Stream[U]:
@@ -236,7 +238,7 @@ class Stream(Generic[T]):
                     item = await self._next_item(left if values else None)
                     if item is None:
                         break
-                    if type(item) is Watermark:
+                    if isinstance(item, Watermark):
                         continue
                     events.append(item)
                     values.append(item.value)
@@ -270,23 +272,52 @@ class Stream(Generic[T]):
         held = self._held
         if held is not None:
             self._held = None
-            held.release()
+            batch = held._batch
+            if batch is not None:
+                batch.release(held._index)
+        ops = self._ops
         while True:
             buf = self._buf
             pos = self._pos
-            if pos < len(buf) and not self._ops and not self._pushed_back:
+            if pos < len(buf) and not self._pushed_back:
                 ev = buf[pos]
                 self._pos = pos + 1
             else:
-                item = await self._next_item()
-                if item is None or type(item) is Watermark:
+                item = await self._next_raw()
+                if item is None or isinstance(item, Watermark):
                     continue
                 ev = item
+            value = ev.value
+            if ops:
+                if not self._sync_ops:
+                    out = await self._apply(ev)
+                    if out is None:
+                        continue
+                    ev = out
+                    value = ev.value
+                else:
+                    key = ev.key
+                    keep = True
+                    for kind, fn in ops:
+                        if kind == _MAP:
+                            value = fn(value)
+                        elif kind == _FILTER:
+                            if not fn(value):
+                                keep = False
+                                break
+                        else:
+                            key = fn(value)
+                    if not keep:
+                        ev.release()
+                        continue
+                    if key is not ev.key:
+                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset,
+                                   ev._batch, ev._index)
             self._held = ev
             self.current = ev
             self._lane.current = ev
-            value: T = ev.value
-            return value
+            result: T = value
+            return result
 
     def events(self) -> AsyncIterator[Event[T]]:
         """Iterate the events themselves (key, value, time, headers, partition, offset).
@@ -327,38 +358,41 @@ class Stream(Generic[T]):
             self._held = None
         self._pushed_back.append(event)
 
-    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
-        """The next event (after map/filter/key_by) or watermark, carrying one lane reference.
-
-        Raises ``StopAsyncIteration`` at the end of input; returns ``None`` when
-        ``timeout`` passed with nothing new.
-        """
+    async def _next_raw(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
+        """The next event as read (no map/filter/key_by) or watermark; see ``_next_item``."""
         while True:
             if self._pushed_back:
                 return self._pushed_back.pop()
             buf = self._buf
             pos = self._pos
             if pos < len(buf):
-                ev = buf[pos]
                 self._pos = pos + 1
-            else:
-                try:
-                    if timeout is None:
-                        got = await self._queue.get()
-                    else:
-                        got = await self._queue.get_within(max(timeout, 0.0))
-                        if got is None:
-                            return None
-                except LaneClosed:
-                    raise StopAsyncIteration from None
-                if type(got) is not list:
-                    return got
-                self._buf = got
-                self._pos = 0
-                continue
-            if not self._ops:
-                return ev
-            out = await self._apply(ev)
+                return buf[pos]
+            got: list[Any] | Watermark | None
+            try:
+                if timeout is None:
+                    got = await self._queue.get()
+                else:
+                    got = await self._queue.get_within(max(timeout, 0.0))
+            except LaneClosed:
+                raise StopAsyncIteration from None
+            if got is None or isinstance(got, Watermark):
+                return got
+            self._buf = got
+            self._pos = 0
+
+    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
+        """The next event (after map/filter/key_by) or watermark, carrying one lane reference.
+
+        Raises ``StopAsyncIteration`` at the end of input; returns ``None`` when
+        ``timeout`` passed with nothing new. An event changed by map or key_by is
+        a new ``Event`` sharing the original's ack.
+        """
+        while True:
+            item = await self._next_raw(timeout)
+            if item is None or isinstance(item, Watermark) or not self._ops:
+                return item
+            out = await self._apply(item)
             if out is not None:
                 return out
 

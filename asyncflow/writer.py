@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 from asyncflow.acks import NO_ACK, Ack
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
@@ -53,8 +54,8 @@ class SinkWriter:
     ) -> None:
         self.sink = sink
         self.name: str = getattr(sink, "name", type(sink).__name__)
-        self.max_batch: int = max_batch or getattr(sink, "max_batch", 500)
-        self.linger: float = linger if linger is not None else getattr(sink, "linger", 0.05)
+        self.max_batch: int = max_batch or int(getattr(sink, "max_batch", 500))
+        self.linger: float = float(linger if linger is not None else getattr(sink, "linger", 0.05))
         self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
         self.metrics = metrics or Metrics()
         self._records: list[SinkRecord] = []

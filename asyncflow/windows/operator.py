@@ -60,7 +60,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from heapq import heappop, heappush
 from typing import Any, Literal, NamedTuple, Self, cast
@@ -98,7 +98,7 @@ class WindowResult:
     end_ms: int
     value: Any
     final: bool = True
-    holds: list[object] | None = None
+    holds: list[object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def start(self) -> datetime:
@@ -181,10 +181,12 @@ class WindowOperator:
         if cls is WindowOperator:
             if assigner.is_merging:
                 impl = _SessionOperator
-            elif assigner.is_event_time:
-                impl = _AlignedOperator
-            else:
+            elif not assigner.is_event_time:
                 impl = _ProcessingOperator
+            elif assigner.step_ms == assigner.size_ms:
+                impl = _TumblingOperator
+            else:
+                impl = _AlignedOperator
         return cast(Self, object.__new__(impl))
 
     def __init__(
@@ -465,6 +467,33 @@ class _AlignedOperator(WindowOperator):
                     del self._panes[end][key]
                     dropped.extend(handles)
         return dropped
+
+
+class _TumblingOperator(_AlignedOperator):
+    """Event-time tumbling windows: ``_AlignedOperator.on_event`` for exactly one window.
+
+    The most common case, so it gets the loop body without the loop.
+    """
+
+    __slots__ = ()
+
+    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+        size, _, offset, lateness, panes, add, updates = self._shape
+        wm = self._wm
+        end = time_ms - (time_ms - offset) % size + size
+        if end - 1 + lateness <= wm:
+            return self._not_added(key, time_ms, value, False)
+        bucket = panes.get(end)
+        if bucket is None:
+            bucket = self._open(end)
+        bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
+        if hold is not None:
+            self._keep(key, end, hold)
+        if end <= wm + 1 or updates:
+            self.results.append(
+                WindowResult(key, end - size, end, self._result(acc), end <= wm + 1)
+            )
+        return True
 
 
 class _ProcessingOperator(_AlignedOperator):

@@ -26,6 +26,9 @@ Contract with the stream (``asyncflow.stream.Stream`` provides it):
   windows of revoked partitions without releasing their holds.
 - Processing-time windows take an event's arrival time from the wall time of
   the last watermark (the system clock before the first one).
+- If an aggregate (or the late sink) raises on an event, the error comes out of
+  ``__anext__`` and the event keeps its lane reference: it is not committed,
+  so it is replayed after a restart (at-least-once).
 
 Example:
     >>> import asyncio
@@ -265,7 +268,7 @@ class WindowedStream:
                 continue
             if item is None:  # only with a timeout, which is not given: defensive
                 continue
-            if isinstance(item, Watermark):
+            if type(item) is Watermark:
                 if self._wall is None or item.wall > self._wall:
                     self._wall = item.wall
                 if item.final:
@@ -274,6 +277,7 @@ class WindowedStream:
                     op.on_watermark(item.time, item.wall)
                 self._collect()
                 continue
+            item = cast(Event[Any], item)  # type() is cheaper than isinstance() per event
             time_ms = item.time if event_time else self._arrival_wall()
             if time_ms is None:
                 await stream.dead_letter(item, "no event time")

@@ -16,7 +16,7 @@ from asyncflow.protocols import SinkRecord
 from tests.integration.aws.kinesis_util import create_stream
 from tests.integration.aws.moto import CREDENTIALS, REGION
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def make_sink(endpoint: str, stream: str, **kwargs: Any) -> KinesisSink:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from adapters._aws import AwsCredentialsError
 from adapters.kinesis import SHARD_END, CheckpointStore, KinesisSource, Shard, StreamNotFound
 from tests.integration.aws.kinesis_util import (
     Consumed,
@@ -20,9 +21,9 @@ from tests.integration.aws.kinesis_util import (
     put_values,
     wait_for,
 )
-from tests.integration.aws.moto import CREDENTIALS, REGION
+from tests.integration.aws.moto import CREDENTIALS, REGION, start_moto
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def make_source(endpoint: str, stream: str, app: str, **kwargs: Any) -> KinesisSource:
@@ -60,6 +61,7 @@ async def stored_checkpoints(aws: Callable[[str], Any], source: KinesisSource) -
     return await store.load()
 
 
+@pytest.mark.slow
 async def test_twenty_thousand_records_over_four_shards_are_read_once_each_in_shard_order(
     moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
 ) -> None:
@@ -321,3 +323,15 @@ async def test_missing_stream_gives_a_clear_error(
         await source.start(Recorder())
     assert repr(stream) in str(info.value)
     assert f"aws kinesis create-stream --stream-name {stream}" in str(info.value)
+
+
+async def test_rejected_credentials_give_a_clear_error(unique: Callable[[str], str]) -> None:
+    server = start_moto(auth=True)  # checks credentials: unknown keys get InvalidClientTokenId
+    try:
+        source = make_source(server.endpoint_url, unique("s"), unique("app"), max_retries=1)
+        with pytest.raises(
+            AwsCredentialsError, match=r"kinesis at .* rejected the AWS credentials"
+        ):
+            await source.start(Recorder())
+    finally:
+        server.stop()

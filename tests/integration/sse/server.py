@@ -121,9 +121,11 @@ class ReplayServer:
         return self.url
 
     async def stop(self) -> None:
+        """Close every connection and the listening socket (idempotent)."""
         self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def _open(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(

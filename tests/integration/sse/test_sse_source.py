@@ -16,7 +16,7 @@ from asyncflow.errors import ConfigError
 from asyncflow.protocols import Partition, RawBatch, TopicPartition
 from tests.integration.sse.server import EVENTS_FILE, Connection, Frame, ReplayServer
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration, pytest.mark.timeout(60)]
 
 LINES = EVENTS_FILE.read_bytes().splitlines()
 

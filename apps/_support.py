@@ -1,0 +1,187 @@
+"""What the demo apps share: their data folder, a console sink and the replay helpers.
+
+Every app replays a real data set from ``apps/data/`` into its input topic with
+an ``@app.task`` when it runs on the embedded memory broker (or, on a real
+broker, when ``ASYNCFLOW_DEMO_LOAD=1``), then marks the input as ended so the
+worker drains and exits 0 by itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import asyncflow as af
+
+DATA = Path(__file__).with_name("data")
+"""The real data sets the apps replay (see ``apps/data/README.md`` for origins and licences)."""
+
+
+class ConsoleSink:
+    """A sink that prints one line per record, ``format(key, value)``: the demos' default output.
+
+    With ``every=N`` it prints only every N-th record (the 1st, the N+1-th...)
+    and, when the worker stops, how many it was given; ``footer()``, if given,
+    is printed last when the worker stops (after every record). Satisfies
+    ``asyncflow.protocols.Sink``; a record is durable once printed.
+
+    Example:
+        >>> import asyncio
+        >>> sink = ConsoleSink(lambda k, v: f"{k}: {v}")
+        >>> asyncio.run(sink.write([af.SinkRecord("a", 1)]))
+        a: 1
+    """
+
+    max_batch = 500
+    linger = 0.0
+
+    def __init__(
+        self,
+        format: Callable[[Any, Any], str] | None = None,
+        *,
+        name: str = "console",
+        out: TextIO | None = None,
+        every: int = 1,
+        footer: Callable[[], str] | None = None,
+    ) -> None:
+        self.name = name
+        self.format = format or (lambda key, value: f"{key}\t{value}")
+        self.out = out
+        self.every = max(1, every)
+        self.footer = footer
+        self.records = 0
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def write(self, records: Sequence[af.SinkRecord]) -> None:
+        """Print the records, one line each."""
+        every, seen = self.every, self.records
+        lines = [
+            self.format(r.key, r.value) + "\n"
+            for i, r in enumerate(records, seen)
+            if i % every == 0
+        ]
+        self.records = seen + len(records)
+        if lines:
+            out = self.out or sys.stdout
+            out.write("".join(lines))
+            out.flush()
+
+    async def stop(self) -> None:
+        """Print the count of records (with ``every > 1``) and the footer."""
+        out = self.out or sys.stdout
+        if self.every > 1 and self.records:
+            print(f"{self.name}: {self.records} records (printed every {self.every}th)", file=out)
+        if self.footer is not None:
+            print(self.footer(), file=out)
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """An environment variable, with an empty value counting as unset."""
+    value = os.environ.get(name)
+    return value if value else default
+
+
+MEMORY_LANE_CAPACITY = 65_536
+"""Lane capacity (events) of the apps on the memory broker: more than any replay here holds."""
+
+
+def lane_capacity() -> int | None:
+    """The apps' ``lane_capacity``: ``None`` (the usual setting) unless they run on memory.
+
+    Workaround for a core bug: when a memory topic ends while the dispatcher has
+    events parked for a full lane, the reader loop spins without awaiting
+    (``MemorySource.fetch`` returns ``[]`` at once when exhausted and
+    ``read_loop`` retries while ``has_parked``), the lanes never drain and the
+    worker hangs. Lanes bigger than the replay never park. An explicit
+    ``ASYNCFLOW_LANE_CAPACITY`` is respected.
+    """
+    if env("ASYNCFLOW_LANE_CAPACITY") or not (env("ASYNCFLOW_BROKER") or "memory://").startswith(
+        "memory://"
+    ):
+        return None
+    return MEMORY_LANE_CAPACITY
+
+
+def on_memory_broker(app: af.App) -> bool:
+    """Whether ``app`` runs on the embedded memory broker (the default, and in tests)."""
+    return app.broker_url.startswith("memory://")
+
+
+def demo_load_enabled(app: af.App, override: bool | None = None) -> bool:
+    """Whether the app's replay task should load its demo data.
+
+    ``override`` (from the app factory) wins; else the replay runs on the memory
+    broker unless ``ASYNCFLOW_DEMO_LOAD=0``, and on a real broker only with
+    ``ASYNCFLOW_DEMO_LOAD=1``.
+    """
+    if override is not None:
+        return override
+    flag = env("ASYNCFLOW_DEMO_LOAD")
+    if on_memory_broker(app):
+        return flag != "0"
+    return flag == "1"
+
+
+async def end_of_input(app: af.App, *topics: af.Topic[Any]) -> bool:
+    """On the memory broker, end ``topics`` once everything sent to them is in the broker.
+
+    The worker then drains, flushes and stops by itself. On a real broker this
+    does nothing and returns ``False`` (a Kafka topic has no end).
+
+    The core has no public way to do this from inside an app yet, so this
+    reaches ``app._runtime`` (its producer, to flush, and its broker, to end).
+    """
+    runtime = app._runtime
+    if runtime is None or not on_memory_broker(app):
+        return False
+    await runtime.producer.flush()
+    end = getattr(runtime.broker, "end", None)
+    if end is None:
+        return False
+    for topic in topics:
+        end(topic.name)
+    return True
+
+
+_EPOCH = datetime(1970, 1, 1)  # naive on purpose: see utc_ms
+_MS = timedelta(milliseconds=1)
+
+
+def utc_ms(timestamp: str) -> int:
+    """Epoch ms of a timestamp without a zone (``YYYY-MM-DD HH:MM:SS``), read as UTC.
+
+    Example:
+        >>> utc_ms("1970-01-02 00:00:00")
+        86400000
+    """
+    return (datetime.fromisoformat(timestamp) - _EPOCH) // _MS
+
+
+def compressed_ms(recorded_ms: int, anchor_ms: int, scale: int) -> int:
+    """A replay's event time (epoch ms) for ``recorded_ms``: ``scale`` times faster from ``anchor_ms``.
+
+    Example:
+        >>> compressed_ms(86_400_000 + 3_600_000, 86_400_000, 86_400)
+        86400041
+    """
+    return anchor_ms + (recorded_ms - anchor_ms) // scale
+
+
+def read_csv(name: str) -> Iterator[dict[str, str]]:
+    """The rows of a CSV file in ``apps/data/`` as dicts, in file order."""
+    with (DATA / name).open(newline="", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
+def read_lines(name: str) -> Iterator[str]:
+    """The lines of a text file in ``apps/data/``, without their line ends."""
+    with (DATA / name).open(encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\r\n")

@@ -1,0 +1,221 @@
+"""Ride-hailing trips: parse CSV lines, derive duration/speed/tip, enrich, send on.
+
+Trips arrive on the topic ``rides`` as CSV lines in the columns of
+``apps/data/rides_sample.csv`` (pickup, dropoff, passengers, distance, fare,
+tip, tolls, total, color, payment, pickup_zone, dropoff_zone, pickup_borough,
+dropoff_borough). The topic's codec parses each line into a typed ``Ride``
+(``color`` is ``yellow``/``green``, ``payment`` ``credit card``/``cash`` or
+empty; pickup and dropoff are New York local times and become zone-aware);
+a malformed line (wrong field count, a bad number or time, an unknown color
+or payment) goes with its raw bytes and the reason to the dead-letter topic
+``rides-dead-letters``. The agent (4 lanes, keyed by pickup zone) transforms
+each ride (duration, average speed, tip % of fare) and enriches it (borough
+pair, time-of-day bucket, weekday, fare per mile), then sends an
+``EnrichedRide`` to the topic ``rides-enriched``. Undefined ratios (a
+zero-second or zero-mile trip) are ``null``.
+
+Run: ``asyncflow worker apps.rides:app``. By default (memory broker) a task
+replays the 6,433 NYC TLC trips of March 2019, sorted by pickup; the console
+prints every 250th enriched ride (26 lines) and the total, then the worker exits 0.
+
+Environment:
+
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port`` for the real topics (the replay
+  then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
+- ``RIDES_PRINT_EVERY``: print every N-th ride (default 250; 1 prints all).
+"""
+
+from __future__ import annotations
+
+import csv
+from datetime import datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import asyncflow as af
+from apps._support import DATA, ConsoleSink, demo_load_enabled, end_of_input, env, lane_capacity
+
+DATA_FILE = "rides_sample.csv"
+NYC = ZoneInfo("America/New_York")
+COLUMNS = (
+    "pickup",
+    "dropoff",
+    "passengers",
+    "distance",
+    "fare",
+    "tip",
+    "tolls",
+    "total",
+    "color",
+    "payment",
+    "pickup_zone",
+    "dropoff_zone",
+    "pickup_borough",
+    "dropoff_borough",
+)
+
+
+class Ride(af.Record):
+    """One trip as the topic carries it."""
+
+    pickup: af.EventTime
+    dropoff: datetime
+    passengers: int
+    distance: float
+    fare: float
+    tip: float
+    tolls: float
+    total: float
+    color: Literal["yellow", "green"]
+    payment: Literal["credit card", "cash"] | None
+    pickup_zone: str | None
+    dropoff_zone: str | None
+    pickup_borough: str | None
+    dropoff_borough: str | None
+
+
+class EnrichedRide(af.Record):
+    """A trip with what the pipeline derived from it."""
+
+    ride: Ride
+    duration_min: float
+    speed_mph: float | None
+    tip_pct: float | None
+    borough_pair: str
+    time_of_day: Literal["night", "morning rush", "midday", "evening rush", "evening"]
+    weekday: str
+    fare_per_mile: float | None
+
+
+_CONVERT: dict[str, Any] = {
+    "passengers": int,
+    "distance": float,
+    "fare": float,
+    "tip": float,
+    "tolls": float,
+    "total": float,
+}
+
+
+def local_time(text: str) -> datetime:
+    """A ``YYYY-MM-DD HH:MM:SS`` New York local time as an aware datetime."""
+    return datetime.fromisoformat(text).replace(tzinfo=NYC)
+
+
+class RideCsvCodec:
+    """CSV lines to ``Ride`` records; anything malformed is a ``DecodeError`` (a dead letter).
+
+    Example:
+        >>> RideCsvCodec().decode(b"2019-03-01 08:00:00,oops").__class__
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.DecodeError: expected 14 CSV fields, got 2
+    """
+
+    def decode(self, data: bytes) -> Ride:
+        """Parse and check one line."""
+        try:
+            fields = next(csv.reader([data.decode("utf-8")]))
+        except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
+            raise af.DecodeError(f"not a CSV line: {exc}") from None
+        if len(fields) != len(COLUMNS):
+            raise af.DecodeError(f"expected {len(COLUMNS)} CSV fields, got {len(fields)}")
+        obj: dict[str, Any] = {}
+        for name, text in zip(COLUMNS, fields, strict=True):
+            try:
+                if name in ("pickup", "dropoff"):
+                    obj[name] = local_time(text)
+                elif name in _CONVERT:
+                    obj[name] = _CONVERT[name](text)
+                else:
+                    obj[name] = text or None
+            except ValueError:
+                raise af.DecodeError(f"field {name!r}: cannot read {text!r:.40}") from None
+        return Ride.decode_obj(obj)
+
+    def encode(self, value: str) -> bytes:
+        """Lines are produced as they are (the replay sends the file's lines)."""
+        return value.encode()
+
+
+def time_of_day(hour: int) -> Literal["night", "morning rush", "midday", "evening rush", "evening"]:
+    """The bucket of a local pickup hour: night 0-5, morning rush 6-9, midday 10-15,
+    evening rush 16-19, evening 20-23."""
+    if hour < 6:
+        return "night"
+    if hour < 10:
+        return "morning rush"
+    if hour < 16:
+        return "midday"
+    if hour < 20:
+        return "evening rush"
+    return "evening"
+
+
+def enrich(ride: Ride) -> EnrichedRide:
+    """Transform (duration, speed, tip %) and enrich (borough pair, bucket, fare per mile)."""
+    seconds = ride.dropoff.timestamp() - ride.pickup.timestamp()  # right across DST changes
+    return EnrichedRide(
+        ride=ride,
+        duration_min=round(seconds / 60, 2),
+        speed_mph=round(ride.distance / (seconds / 3600), 2) if seconds > 0 else None,
+        tip_pct=round(100 * ride.tip / ride.fare, 1) if ride.fare > 0 else None,
+        borough_pair=f"{ride.pickup_borough or '?'} -> {ride.dropoff_borough or '?'}",
+        time_of_day=time_of_day(ride.pickup.hour),
+        weekday=ride.pickup.strftime("%A"),
+        fare_per_mile=round(ride.fare / ride.distance, 2) if ride.distance > 0 else None,
+    )
+
+
+def format_ride(key: Any, e: EnrichedRide) -> str:
+    """One console line for an enriched ride."""
+    r = e.ride
+    speed = f"{e.speed_mph:5.1f} mph" if e.speed_mph is not None else "    - mph"
+    tip = f"{e.tip_pct:5.1f}%" if e.tip_pct is not None else "    -"
+    return (
+        f"{r.pickup:%a %m-%d %H:%M} {r.color:<6} {e.time_of_day:<12} {e.borough_pair:<26} "
+        f"{r.distance:5.2f} mi {e.duration_min:6.1f} min {speed}  ${r.fare:6.2f} tip {tip}"
+    )
+
+
+def sorted_lines() -> list[str]:
+    """The data set's trip lines, sorted by pickup (the file is a random sample)."""
+    with (DATA / DATA_FILE).open(encoding="utf-8") as f:
+        lines = f.read().splitlines()[1:]
+    return sorted(lines, key=lambda line: line[:19])
+
+
+def make_app(
+    *, echo: af.Sink | None = None, load: bool | None = None, limit: int | None = None
+) -> af.App:
+    """Build the app; ``echo`` replaces the console sink, ``limit`` shortens the replay."""
+    app = af.App("rides", lane_capacity=lane_capacity())
+    rides = app.topic(
+        "rides", value_type=Ride, codec=RideCsvCodec(), key=lambda r: r.pickup_zone or ""
+    )
+    enriched = app.topic("rides-enriched", value_type=EnrichedRide)
+    every = int(env("RIDES_PRINT_EVERY") or 250)
+    console = app.sink(echo or ConsoleSink(format_ride, name="rides-console", every=every))
+
+    @app.agent(rides, concurrency=4)
+    async def transform(stream: af.Stream[Ride]) -> None:
+        """Derive and enrich each ride, then send it to ``rides-enriched``."""
+        async for ride in stream:
+            out = enrich(ride)
+            key = stream.current.key if stream.current is not None else None
+            await enriched.send(key, out)
+            await console.send(key, out)
+
+    @app.task
+    async def replay() -> None:
+        """Replay the trips, sorted by pickup, into ``rides``."""
+        if not demo_load_enabled(app, load):
+            return
+        for line in sorted_lines()[:limit]:
+            await rides.send(None, line)
+        await end_of_input(app, rides)
+
+    return app
+
+
+app = make_app()

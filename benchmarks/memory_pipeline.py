@@ -1,0 +1,206 @@
+"""Memory-broker pipeline: decode -> map -> filter -> sink, framework vs a hand-written loop.
+
+N JSON sensor readings (``--events``, default 1,000,000) over 1,000 keys are
+loaded into a 4-partition memory topic. Cases, each in its own process so
+that its peak RSS is its own:
+
+- ``pipeline_dict``: an asyncflow app (4 lanes) decodes JSON to dicts, maps
+  (Fahrenheit to Celsius), filters (drops about 10%) and sends to a sink that
+  counts batches; offsets are committed as usual.
+- ``pipeline_record``: the same with a typed ``af.Record`` value type.
+
+The baseline of each is the best hand-written asyncio loop over the same raw
+records: batches of 1,000 through an ``asyncio.Queue``, orjson (plus the same
+record decoding in the typed case), the same map and filter, appended to a
+list. Both run in the same process, best of ``--repeat``; only ratios compare
+on a shared machine. Latency: per-batch sink latency (first event of a batch
+read -> batch written) percentiles, for the framework.
+
+Usage:
+    .venv/bin/python benchmarks/memory_pipeline.py
+    .venv/bin/python benchmarks/memory_pipeline.py --events 200000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncflow as af  # noqa: E402
+from asyncflow.memory import MemoryBroker  # noqa: E402
+from asyncflow.protocols import SinkRecord  # noqa: E402
+from asyncflow.runtime import GC_YOUNG_THRESHOLD  # noqa: E402
+
+KEYS = 1_000
+PARTITIONS = 4
+
+
+class Reading(af.Record):
+    id: str
+    temperature: float
+    status: str
+    time: float
+
+
+def make_payloads(n: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        k = f"sensor-{i % KEYS}"
+        doc = {"id": k, "temperature": 50.0 + (i % 97), "status": "OK" if i % 10 else "ERROR",
+               "time": 1_700_000_000 + i / 1000}
+        out.append((k.encode(), bytes(memoryview(orjson.dumps(doc)))))
+    return out
+
+
+def to_celsius(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {"id": v["id"], "c": (v["temperature"] - 32) * 5 / 9, "status": v["status"]}
+    return {"id": v.id, "c": (v.temperature - 32) * 5 / 9, "status": v.status}
+
+
+def keep(v: dict[str, Any]) -> bool:
+    return v["status"] != "ERROR"
+
+
+class CountingSink:
+    name = "count"
+    max_batch = 2000
+    linger = 0.01
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latencies: list[float] = []
+
+    async def start(self) -> None: ...
+
+    async def write(self, records: Sequence[SinkRecord]) -> None:
+        self.count += len(records)
+
+    async def stop(self) -> None: ...
+
+
+async def run_framework(payloads: list[tuple[bytes, bytes]], typed: bool) -> tuple[float, int]:
+    broker = MemoryBroker()
+    broker.create_topic("readings", partitions=PARTITIONS)
+    for k, v in payloads:
+        broker.produce("readings", v, key=k)
+    broker.end("readings")
+    app = af.App("bench", broker=broker, lane_capacity=5000, fetch_max=2000)
+    readings = app.topic("readings", value_type=Reading if typed else None, partitions=PARTITIONS)
+    sink = CountingSink()
+    out = app.sink(sink)
+
+    @app.agent(readings, concurrency=4)
+    async def pipeline(stream: af.Stream[Any]) -> None:
+        async for v in stream.map(to_celsius).filter(keep):
+            await out.send(None, v)
+
+    t0 = time.perf_counter()
+    await app.run()
+    return time.perf_counter() - t0, sink.count
+
+
+async def run_baseline(payloads: list[tuple[bytes, bytes]], typed: bool) -> tuple[float, int]:
+    """The best hand-written loop: batches through a queue, the same map/filter and sink."""
+    raw = [v for _, v in payloads]
+    decode_record = Reading.decode_obj
+    loads = orjson.loads
+    sink = CountingSink()
+    gc_before = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_before[1:])  # the same GC setting as the worker's
+    t0 = time.perf_counter()
+    queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=8)
+
+    async def produce() -> None:
+        for i in range(0, len(raw), 1000):
+            await queue.put(raw[i : i + 1000])
+        await queue.put(None)
+
+    async def consume() -> None:
+        out: list[SinkRecord] = []
+        while (batch := await queue.get()) is not None:
+            for data in batch:
+                v = decode_record(loads(data)) if typed else loads(data)
+                m = to_celsius(v)
+                if m["status"] != "ERROR":
+                    out.append(SinkRecord(None, m))
+            if len(out) >= CountingSink.max_batch:
+                await sink.write(out)
+                out = []
+        await sink.write(out)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            tg.create_task(consume())
+    finally:
+        gc.set_threshold(*gc_before)
+    return time.perf_counter() - t0, sink.count
+
+
+def run_case(case: str, events: int, repeat: int) -> dict[str, Any]:
+    typed = case == "pipeline_record"
+    payloads = make_payloads(events)
+    best_fw = best_base = float("inf")
+    count_fw = count_base = 0
+    for _ in range(repeat):
+        s, count_base = asyncio.run(run_baseline(payloads, typed))
+        best_base = min(best_base, s)
+        s, count_fw = asyncio.run(run_framework(payloads, typed))
+        best_fw = min(best_fw, s)
+    if count_fw != count_base:
+        raise SystemExit(f"{case}: framework delivered {count_fw}, baseline {count_base}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "case": case,
+        "events": events,
+        "seconds": round(best_fw, 3),
+        "events_per_s": round(events / best_fw),
+        "baseline_events_per_s": round(events / best_base),
+        "ratio": round(best_base / best_fw, 3),
+        "peak_rss_mb": round(rss, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="one JSON object per case per line")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.events, args.repeat)))
+        return
+    rows = []
+    for case in ("pipeline_dict", "pipeline_record"):
+        cmd = [sys.executable, __file__, "--case", case, "--events", str(args.events),
+               "--repeat", str(args.repeat)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+        rows.append(json.loads(line.splitlines()[-1]))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"{'case':<18}{'events':>10}{'seconds':>9}{'events/s':>11}{'baseline/s':>12}"
+          f"{'ratio':>7}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['case']:<18}{r['events']:>10}{r['seconds']:>9}{r['events_per_s']:>11}"
+              f"{r['baseline_events_per_s']:>12}{r['ratio']:>7}{r['peak_rss_mb']:>9}")
+
+
+if __name__ == "__main__":
+    main()
