@@ -88,27 +88,6 @@ def env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
-MEMORY_LANE_CAPACITY = 65_536
-"""Lane capacity (events) of the apps on the memory broker: more than any replay here holds."""
-
-
-def lane_capacity() -> int | None:
-    """The apps' ``lane_capacity``: ``None`` (the usual setting) unless they run on memory.
-
-    Workaround for a core bug: when a memory topic ends while the dispatcher has
-    events parked for a full lane, the reader loop spins without awaiting
-    (``MemorySource.fetch`` returns ``[]`` at once when exhausted and
-    ``read_loop`` retries while ``has_parked``), the lanes never drain and the
-    worker hangs. Lanes bigger than the replay never park. An explicit
-    ``ASYNCFLOW_LANE_CAPACITY`` is respected.
-    """
-    if env("ASYNCFLOW_LANE_CAPACITY") or not (env("ASYNCFLOW_BROKER") or "memory://").startswith(
-        "memory://"
-    ):
-        return None
-    return MEMORY_LANE_CAPACITY
-
-
 def on_memory_broker(app: af.App) -> bool:
     """Whether ``app`` runs on the embedded memory broker (the default, and in tests)."""
     return app.broker_url.startswith("memory://")
@@ -127,27 +106,6 @@ def demo_load_enabled(app: af.App, override: bool | None = None) -> bool:
     if on_memory_broker(app):
         return flag != "0"
     return flag == "1"
-
-
-async def end_of_input(app: af.App, *topics: af.Topic[Any]) -> bool:
-    """On the memory broker, end ``topics`` once everything sent to them is in the broker.
-
-    The worker then drains, flushes and stops by itself. On a real broker this
-    does nothing and returns ``False`` (a Kafka topic has no end).
-
-    The core has no public way to do this from inside an app yet, so this
-    reaches ``app._runtime`` (its producer, to flush, and its broker, to end).
-    """
-    runtime = app._runtime
-    if runtime is None or not on_memory_broker(app):
-        return False
-    await runtime.producer.flush()
-    end = getattr(runtime.broker, "end", None)
-    if end is None:
-        return False
-    for topic in topics:
-        end(topic.name)
-    return True
 
 
 _EPOCH = datetime(1970, 1, 1)  # naive on purpose: see utc_ms

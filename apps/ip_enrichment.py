@@ -42,9 +42,7 @@ import asyncflow as af
 from apps._support import (
     ConsoleSink,
     demo_load_enabled,
-    end_of_input,
     env,
-    lane_capacity,
     read_lines,
 )
 
@@ -191,7 +189,7 @@ def make_app(
     lanes: int | None = None,
 ) -> af.App:
     """Build the app; ``echo`` replaces the console sink, ``lookup`` the geo lookup."""
-    app = af.App("ip-enrichment", lane_capacity=lane_capacity())
+    app = af.App("ip-enrichment")
     addresses = app.topic(
         "ip-addresses", value_type=IpSeen, codec=IpLineCodec(), key=lambda s: s.ip
     )
@@ -216,7 +214,7 @@ def make_app(
             return
         for line in read_lines(DATA_FILE):
             await addresses.send(line.partition(",")[0], line)
-        await end_of_input(app, addresses)
+        await addresses.end()
 
     return app
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncflow as af
-from apps._support import DATA, ConsoleSink, demo_load_enabled, end_of_input, env, lane_capacity
+from apps._support import DATA, ConsoleSink, demo_load_enabled, env
 
 DATA_FILE = "rides_sample.csv"
 NYC = ZoneInfo("America/New_York")
@@ -189,7 +189,7 @@ def make_app(
     *, echo: af.Sink | None = None, load: bool | None = None, limit: int | None = None
 ) -> af.App:
     """Build the app; ``echo`` replaces the console sink, ``limit`` shortens the replay."""
-    app = af.App("rides", lane_capacity=lane_capacity())
+    app = af.App("rides")
     rides = app.topic(
         "rides", value_type=Ride, codec=RideCsvCodec(), key=lambda r: r.pickup_zone or ""
     )
@@ -213,7 +213,7 @@ def make_app(
             return
         for line in sorted_lines()[:limit]:
             await rides.send(None, line)
-        await end_of_input(app, rides)
+        await rides.end()
 
     return app
 

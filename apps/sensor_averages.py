@@ -51,9 +51,7 @@ from apps._support import (
     ConsoleSink,
     compressed_ms,
     demo_load_enabled,
-    end_of_input,
     env,
-    lane_capacity,
     read_csv,
     utc_ms,
 )
@@ -63,6 +61,7 @@ WAIT = timedelta(seconds=10)
 DEFAULT_SCALE = 86_400
 DATA_FILE = "sensor_readings.csv"
 TOPIC = "sensor-readings"
+DEFAULT_FLUSH_INTERVAL = 5.0
 
 
 class Reading(af.Record):
@@ -132,7 +131,12 @@ def results_sink() -> af.Sink:
     if table:
         from adapters.dynamodb import DynamoDBSink
 
-        return DynamoDBSink(table, key="sensor_id", endpoint_url=env("AWS_ENDPOINT_URL"))
+        return DynamoDBSink(
+            table,
+            key="sensor_id",
+            endpoint_url=env("AWS_ENDPOINT_URL"),
+            flush_interval=float(env("SENSOR_FLUSH_INTERVAL") or DEFAULT_FLUSH_INTERVAL),
+        )
     return ConsoleSink(format_row, name="sensor-averages")
 
 
@@ -140,8 +144,10 @@ def make_app(
     *, sink: af.Sink | None = None, load: bool | None = None, limit: int | None = None
 ) -> af.App:
     """Build the app; ``sink`` replaces the results sink, ``load`` forces the replay on or off."""
-    app = af.App("sensors", lane_capacity=lane_capacity())
-    readings = app.topic(TOPIC, value_type=Reading, key=lambda r: r.sensor_id)
+    app = af.App("sensors")
+    readings = app.topic(
+        env("SENSOR_TOPIC") or TOPIC, value_type=Reading, key=lambda r: r.sensor_id
+    )
     averages = app.sink(sink or results_sink())
     scale = int(env("SENSOR_TIME_SCALE") or DEFAULT_SCALE)
     max_rows = limit if limit is not None else int(env("SENSOR_REPLAY_LIMIT") or 0) or None
@@ -171,7 +177,7 @@ def make_app(
             return
         for r in replay_readings(scale, max_rows):
             await readings.send(r["sensor_id"], r)
-        await end_of_input(app, readings)
+        await readings.end()
 
     return app
 

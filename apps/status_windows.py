@@ -50,9 +50,7 @@ from apps._support import (
     ConsoleSink,
     compressed_ms,
     demo_load_enabled,
-    end_of_input,
     env,
-    lane_capacity,
     read_csv,
     utc_ms,
 )
@@ -145,7 +143,7 @@ def make_app(
     *, sink: af.Sink | None = None, load: bool | None = None, limit: int | None = None
 ) -> af.App:
     """Build the app; ``sink`` replaces the results sink, ``load`` forces the replay on or off."""
-    app = af.App("status-windows", lane_capacity=lane_capacity())
+    app = af.App("status-windows")
     kinesis_in = env("KINESIS_INPUT_STREAM")
     readings: af.Channel[StatusReading]
     demo_out: af.Output | None = None
@@ -182,7 +180,7 @@ def make_app(
         for r in replay_readings(scale, max_rows):
             await demo_out.send(r["status"], r)
         if isinstance(readings, af.Topic):
-            await end_of_input(app, readings)
+            await readings.end()
 
     return app
 

@@ -50,9 +50,7 @@ import asyncflow as af
 from apps._support import (
     ConsoleSink,
     demo_load_enabled,
-    end_of_input,
     env,
-    lane_capacity,
     read_lines,
 )
 
@@ -141,7 +139,7 @@ def make_app(
     lanes: int = 4,
 ) -> af.App:
     """Build the app; ``echo`` replaces the console sink, ``rate`` the pages/s threshold."""
-    app = af.App("wiki-bots", lane_capacity=lane_capacity())
+    app = af.App("wiki-bots")
     limit = (rate if rate is not None else float(env("WIKI_BOT_RATE") or 10)) * WINDOW.seconds
     url = env("WIKI_SSE_URL")
     changes: af.Channel[Change]
@@ -191,7 +189,7 @@ def make_app(
         for line in read_lines(DATA_FILE):
             event = orjson.loads(line)
             await changes.send(event.get("user"), event)
-        await end_of_input(app, changes)
+        await changes.end()
 
     return app
 

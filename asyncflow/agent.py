@@ -137,6 +137,7 @@ class Agent:
             stream.close()
 
     async def _body(self, stream: Stream[Any]) -> None:
+        stream._restart()  # a restarted body rebuilds its operations and gets its windows back
         if not self._is_generator:
             await self.fn(stream)
             return

@@ -165,6 +165,32 @@ class Topic(Channel[T], Output):
             raise self._not_running()
         return runtime.producer
 
+    async def end(self) -> None:
+        """Mark the end of a bounded input written by this app (a replay, a data generator).
+
+        Flushes what was sent to the topic first. On the memory broker, readers
+        then drain and the worker stops once every input has ended; brokers
+        without bounded topics (Kafka) ignore it.
+
+        Example:
+            >>> import asyncflow as af, asyncio
+            >>> app = af.App("gen")
+            >>> numbers = app.topic("numbers")
+            >>> @app.task
+            ... async def generate():
+            ...     for n in range(3):
+            ...         await numbers.send(None, n)
+            ...     await numbers.end()
+            >>> asyncio.run(app.run(stop_when_idle=True))
+        """
+        writer = self._writer()
+        await writer.flush()
+        app = self._app
+        assert app is not None and app._runtime is not None
+        end = getattr(app._runtime.broker, "end", None)
+        if end is not None:
+            end(self.name)
+
     def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
         kb = None if key is None else (key if isinstance(key, bytes) else self.key_codec.encode(key))
         return SinkRecord(kb, self.codec.encode(value), topic=self.name, headers=headers)

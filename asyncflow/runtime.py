@@ -26,6 +26,7 @@ from asyncflow.channels import Channel, Topic
 from asyncflow.dispatch import Dispatcher, Route
 from asyncflow.event import Event
 from asyncflow.lanes import LaneQueue
+from asyncflow.metrics import Metrics
 from asyncflow.protocols import Broker, RawRecord, SinkRecord, Source, TopicSpec
 from asyncflow.stream import LaneContext, Stream
 from asyncflow.watermarks import PartitionWatermarks
@@ -59,7 +60,14 @@ class _Ref:
 class DeadLetters:
     """The dead-letter output: the raw record, its position and the reason, in headers."""
 
-    def __init__(self, writer: SinkWriter, topic: str | None, codecs: dict[str, Channel[Any]]) -> None:
+    def __init__(
+        self,
+        writer: SinkWriter,
+        topic: str | None,
+        codecs: dict[str, Channel[Any]],
+        metrics: Metrics,
+    ) -> None:
+        self.metrics = metrics
         self.writer = writer
         self.topic = topic
         self.channels = codecs
@@ -78,6 +86,7 @@ class DeadLetters:
     ) -> None:
         """A record that could not be decoded (called by the dispatcher)."""
         self.count += 1
+        self.metrics.incr("dead_letters")
         if self.count <= 10 or self.count % 1000 == 0:
             log.warning(
                 "dead letter #%d from %s %s@%s: %s", self.count, topic, partition, rec.offset, reason
@@ -256,7 +265,7 @@ class Runtime:
         dl_writer = self.producer
         if not isinstance(dl_target, str):
             dl_writer = self.writers["__dead_letters__"] = SinkWriter(dl_target, app.metrics)
-        self.dead_letters = DeadLetters(dl_writer, dl_topic, dict(app.channels))
+        self.dead_letters = DeadLetters(dl_writer, dl_topic, dict(app.channels), app.metrics)
 
         for ch in app.channels.values():
             if isinstance(ch, Topic):

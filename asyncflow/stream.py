@@ -122,8 +122,6 @@ class Stream(Generic[T]):
 
     # -- building -----------------------------------------------------------------
     def _with(self, kind: int, fn: Callable[[Any], Any]) -> Stream[Any]:
-        if self._held is not None:
-            raise RuntimeError("add map/filter/key_by before iterating the stream")
         self._ops = (*self._ops, (kind, fn))
         self._sync_ops = all(k in (_MAP, _FILTER, _KEY) for k, _ in self._ops)
         return self
@@ -352,6 +350,12 @@ class Stream(Generic[T]):
         """
         return [v async for v in self]
 
+    def _restart(self) -> None:
+        """Forget map/filter/key_by (the agent body adds them again); keep window state."""
+        self._ops = ()
+        self._sync_ops = True
+        self._window_calls = 0
+
     def push_back(self, event: Event[Any]) -> None:
         """Deliver ``event`` again as the next item (retry after an error)."""
         if self._held is event:
@@ -388,6 +392,10 @@ class Stream(Generic[T]):
         ``timeout`` passed with nothing new. An event changed by map or key_by is
         a new ``Event`` sharing the original's ack.
         """
+        held = self._held
+        if held is not None:  # an event whose map/filter raised: done once handled
+            self._held = None
+            held.release()
         while True:
             item = await self._next_raw(timeout)
             if item is None or isinstance(item, Watermark) or not self._ops:
@@ -397,6 +405,14 @@ class Stream(Generic[T]):
                 return out
 
     async def _apply(self, ev: Event[Any]) -> Event[Any] | None:
+        try:
+            return await self._apply_ops(ev)
+        except Exception:
+            self.current = ev  # the agent's error policy names and dead-letters this event
+            self._held = ev
+            raise
+
+    async def _apply_ops(self, ev: Event[Any]) -> Event[Any] | None:
         key = ev.key
         value = ev.value
         for kind, fn in self._ops:

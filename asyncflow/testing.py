@@ -210,6 +210,11 @@ class TestRun:
         assert self._task is not None
         await asyncio.wait_for(asyncio.shield(self._task), timeout)
 
+    async def wait_stopped(self, timeout: float = 30.0) -> None:
+        """Wait for a worker that stops by itself (its inputs ended), without ending them."""
+        assert self._task is not None
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop the worker as SIGTERM would (drain, flush, commit) without ending inputs."""
         self.app.stop()

@@ -283,7 +283,15 @@ def main() -> None:
     for case in CASES:  # one process per case: its own peak RSS
         command = [sys.executable, __file__, "--case", case]
         command += ["--events", str(args.events), "--repeat", str(args.repeat)]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        limit = 120 + args.events * args.repeat / 1_000  # seconds; generous, but never forever
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=limit
+            )
+        except subprocess.TimeoutExpired:
+            sys.exit(f"case {case} did not finish within {limit:.0f} s")
+        if done.returncode != 0:
+            sys.exit(f"case {case} failed:\n{done.stderr[-2000:]}")
         rows += [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     if args.json:
         for row in rows:

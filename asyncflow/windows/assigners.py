@@ -85,6 +85,12 @@ class WindowAssigner:
 
     ``step_ms`` is the distance between window starts (``size_ms`` for tumbling
     windows); ``gap_ms`` is set for session windows only.
+
+    Example:
+        >>> from datetime import timedelta
+        >>> a = Hopping(timedelta(seconds=10), timedelta(seconds=5))
+        >>> (a.size_ms, a.step_ms, a.is_event_time, a.is_merging)
+        (10000, 5000, True, False)
     """
 
     __slots__ = ("gap_ms", "offset_ms", "size_ms", "step_ms")

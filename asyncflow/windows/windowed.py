@@ -67,7 +67,12 @@ class _Lane(Protocol):
 
 
 class WindowSource(Protocol):
-    """What ``WindowedStream`` needs from the stream it windows."""
+    """What ``WindowedStream`` needs from the stream it windows (``Stream`` has it).
+
+    Example:
+        >>> from asyncflow.testing import stream_of
+        >>> s: WindowSource = stream_of([])
+    """
 
     @property
     def _lane(self) -> _Lane: ...
@@ -83,7 +88,14 @@ class WindowSource(Protocol):
 
 
 class LateSink(Protocol):
-    """Where late events go when given as ``late=`` (e.g. an app sink or topic)."""
+    """Where late events go when given as ``late=`` (an app topic or sink output fits).
+
+    Example:
+        >>> class Printer:
+        ...     async def send(self, key, value):
+        ...         print("late:", key, value)
+        >>> sink: LateSink = Printer()
+    """
 
     async def send(self, key: Any, value: Any) -> None: ...
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from apps.ip_enrichment import GeoLookup, IpLocation, make_app
-from asyncflow.testing import CaptureSink, TestRun, reason_of, wait_for
+from asyncflow.testing import CaptureSink, TestRun, reason_of
 
 DATA = Path(__file__).resolve().parents[2] / "apps" / "data" / "ip_address_w_country.txt"
 IN, OUT = "ip-addresses", "ip-locations"
@@ -51,10 +51,12 @@ class FakeReader:
 
 
 async def run_lines(app: Any, lines: list[str] | None = None) -> TestRun:
+    """Run ``app`` over ``lines``, or, with ``None``, over its own replay until it stops."""
     async with TestRun(app) as run:
         if lines is None:
-            await wait_for(lambda: IN in run.broker.topics and run.broker.topics[IN].ended, 20)
-        for line in lines or []:
+            await run.wait_stopped(20)  # the replay ends its input: the worker stops by itself
+            return run
+        for line in lines:
             run.send_raw(IN, line.encode(), key=line.partition(",")[0].encode())
         await run.finish()
     return run

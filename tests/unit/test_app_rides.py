@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from apps.rides import EnrichedRide, make_app, sorted_lines
-from asyncflow.testing import CaptureSink, TestRun, reason_of, wait_for
+from asyncflow.testing import CaptureSink, TestRun, reason_of
 
 DATA = Path(__file__).resolve().parents[2] / "apps" / "data" / "rides_sample.csv"
 NYC = ZoneInfo("America/New_York")
@@ -72,10 +72,7 @@ def derived(e: EnrichedRide) -> dict[str, Any]:
 async def test_enriched_rides_match_a_plain_computation_of_the_sample() -> None:
     echo = CaptureSink()
     async with TestRun(make_app(echo=echo, load=True)) as run:
-        await wait_for(
-            lambda: "rides" in run.broker.topics and run.broker.topics["rides"].ended, 20
-        )
-        await run.finish()
+        await run.wait_stopped(20)
     assert run.dead_letters() == []
     got = [derived(e) for e in run.outputs("rides-enriched")]
     with DATA.open(newline="") as f:
@@ -87,10 +84,7 @@ async def test_enriched_rides_match_a_plain_computation_of_the_sample() -> None:
 
 async def test_each_pickup_zone_keeps_the_replays_pickup_order() -> None:
     async with TestRun(make_app(echo=CaptureSink(), load=True, limit=2000)) as run:
-        await wait_for(
-            lambda: "rides" in run.broker.topics and run.broker.topics["rides"].ended, 20
-        )
-        await run.finish()
+        await run.wait_stopped(20)
     zones: dict[str | None, list[datetime]] = {}
     for e in run.outputs("rides-enriched"):
         zones.setdefault(e.ride.pickup_zone, []).append(e.ride.pickup)

@@ -72,8 +72,7 @@ def ms(dt: datetime) -> int:
 
 async def run_replay(app: Any) -> TestRun:
     async with TestRun(app) as run:
-        await wait_for(lambda: TOPIC in run.broker.topics and run.broker.topics[TOPIC].ended, 20)
-        await run.finish()
+        await run.wait_stopped(20)
     return run
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from adapters.kinesis import KinesisSink, KinesisSource
 from apps.status_windows import INPUT, make_app, results_sink, status_of
-from asyncflow.testing import CaptureSink, TestRun, wait_for
+from asyncflow.testing import CaptureSink, TestRun
 
 ROOT = Path(__file__).resolve().parents[2]
 READINGS = ROOT / "apps" / "data" / "sensor_readings.csv"
@@ -68,8 +68,7 @@ def assert_same(got: dict[Any, tuple[int, float]], expected: dict[Any, tuple[int
 async def test_counts_and_averages_match_a_plain_computation_of_the_replayed_slice() -> None:
     sink = CaptureSink("status")
     async with TestRun(make_app(sink=sink, load=True, limit=8000)) as run:
-        await wait_for(lambda: INPUT in run.broker.topics and run.broker.topics[INPUT].ended, 20)
-        await run.finish()
+        await run.wait_stopped(20)
 
     with READINGS.open(newline="") as f:
         rows = list(csv.DictReader(f))[:8000]

@@ -48,8 +48,7 @@ def as_key(alert: dict[str, Any]) -> tuple[str, int]:
 
 async def replayed(app: Any) -> TestRun:
     async with TestRun(app) as run:
-        await wait_for(lambda: INPUT in run.broker.topics and run.broker.topics[INPUT].ended, 20)
-        await run.finish()
+        await run.wait_stopped(20)
     return run
 
 

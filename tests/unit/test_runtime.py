@@ -315,3 +315,37 @@ async def test_a_failing_sink_stops_the_worker_without_committing_its_events() -
             await run.finish()
     assert any(isinstance(e, af.SinkError) for e in info.value.exceptions)
     assert broker.committed("badsink", "numbers", 0) is None
+
+
+async def test_window_state_survives_an_agent_error_and_restart() -> None:
+    from datetime import timedelta
+
+    app = af.App("winretry")
+    readings = app.topic("readings", time=lambda v: v["t"])
+    out = app.sink(CaptureSink("out"))
+    failed: list[int] = []
+
+    @app.agent(readings)
+    async def count(stream: af.Stream[dict[str, int]]) -> None:
+        windows = stream.map(_fail_once(failed)).window(
+            af.Tumbling(timedelta(seconds=10)), aggregate=af.Count()
+        )
+        async for w in windows:
+            await out.send(w.key, w.value)
+
+    async with TestRun(app) as run:
+        for t in range(5):
+            await run.send("readings", {"t": t}, key="k")
+        await run.finish()
+    assert failed == [2]
+    assert out.sink.values == [4]  # the failing event went to dead letters, the others counted once
+
+
+def _fail_once(failed: list[int]) -> Any:
+    def check(v: dict[str, int]) -> dict[str, int]:
+        if v["t"] == 2 and not failed:
+            failed.append(2)
+            raise RuntimeError("boom")
+        return v
+
+    return check

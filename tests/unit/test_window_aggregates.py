@@ -39,9 +39,10 @@ def run(agg: Aggregate[Any, Any], items: list[tuple[int, Any]]) -> Any:
 
 
 def test_field_reads_dict_keys_and_object_attributes_alike() -> None:
-    items = [(0, {"value": 1.0}), (1, Reading("a", 3.0))]
-    assert run(Mean("value"), items) == 2.0
-    assert run(Sum(lambda r: r["value"] if isinstance(r, dict) else r.value), items) == 4.0
+    items = [(0, {"value": 1.0}), (1, Reading("a", 3.0)), (2, {"value": 5.0})]
+    assert run(Mean("value"), items) == 3.0  # dict, object, dict again
+    assert run(Collect("id"), [(0, Reading("x", 0)), (1, {"id": "y"})]) == ["x", "y"]
+    assert run(Sum(lambda r: r["value"] if isinstance(r, dict) else r.value), items) == 9.0
 
 
 def test_a_missing_field_raises() -> None:
