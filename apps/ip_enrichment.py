@@ -23,10 +23,28 @@ a task replays ``apps/data/ip_address_w_country.txt`` (header + 70 addresses,
 from Bytewax's Kafka enrichment example), which prints 70 lines and one
 dead-letter warning, then exits 0.
 
+**On Kafka**::
+
+    ASYNCFLOW_BROKER=kafka://localhost:9092 ASYNCFLOW_DEMO_LOAD=1 \\
+        asyncflow worker apps.ip_enrichment:app
+
+It consumes ``ip-addresses`` as the consumer group ``ip-enrichment``: each
+record's value is one ``ip,country`` text line (the key, the address, is
+optional: the lanes are keyed by the parsed address). Results go to
+``ip-locations`` as JSON ``IpLocation`` objects keyed by address, poison lines to
+``ip-enrichment-dead-letters`` (raw bytes; the reason, source topic, partition and
+offset in the ``asyncflow.reason``/``.topic``/``.partition``/``.offset`` headers).
+Missing topics are created with 1 partition (``asyncflow topics --broker ...
+create ip-addresses --partitions 4`` first, for more). ``ASYNCFLOW_DEMO_LOAD=1``
+makes the worker replay the data set into ``ip-addresses`` itself; leave it out
+to process what producers send. The worker runs until SIGINT/SIGTERM (drain,
+flush, commit, exit 0). On the local Tansu broker of ``apps/_support.py`` use
+``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'``.
+
 Environment:
 
-- ``ASYNCFLOW_BROKER``: ``kafka://host:port`` for the real topics (the replay
-  then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port[?option=value&...]`` for the real topics (the
+  replay then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
 - ``IP_LANES``: agent lanes (default 8); ``IP_LOOKUP_CONCURRENCY``: lookups at once (default 4).
 - ``IP_GEO_DB``: path of another MaxMind-format ``.mmdb`` city database; ``none`` to
   use the input country only.

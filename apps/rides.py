@@ -18,10 +18,26 @@ Run: ``asyncflow worker apps.rides:app``. By default (memory broker) a task
 replays the 6,433 NYC TLC trips of March 2019, sorted by pickup; the console
 prints every 250th enriched ride (26 lines) and the total, then the worker exits 0.
 
+**On Kafka**::
+
+    ASYNCFLOW_BROKER=kafka://localhost:9092 ASYNCFLOW_DEMO_LOAD=1 asyncflow worker apps.rides:app
+
+It consumes ``rides`` as the consumer group ``rides``: each record's value is one
+CSV line in the columns above, without a header (keys are not used: the lanes
+are keyed by pickup zone, so one zone's rides keep their order within a
+partition). Enriched rides go to ``rides-enriched`` as JSON ``EnrichedRide``
+objects keyed by pickup zone; malformed lines to ``rides-dead-letters`` (raw
+bytes; the reason, source topic, partition and offset in the
+``asyncflow.reason``/``.topic``/``.partition``/``.offset`` headers). Missing
+topics are created with 1 partition. ``ASYNCFLOW_DEMO_LOAD=1`` makes the worker
+replay the sample into ``rides`` itself. The worker runs until SIGINT/SIGTERM
+(drain, flush, commit, exit 0). On the local Tansu broker of ``apps/_support.py``
+use ``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'``.
+
 Environment:
 
-- ``ASYNCFLOW_BROKER``: ``kafka://host:port`` for the real topics (the replay
-  then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port[?option=value&...]`` for the real topics (the
+  replay then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
 - ``RIDES_PRINT_EVERY``: print every N-th ride (default 250; 1 prints all).
 """
 

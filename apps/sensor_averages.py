@@ -28,13 +28,38 @@ readings), and the whole run prints 82 lines. The CSV timestamps have no
 zone: they are read as UTC. Each reading carries its original timestamp in
 ``recorded_at``, and the output shows the real span each window covers.
 
+**On the real services** (Kafka in, DynamoDB out). Create the table (hash key
+``sensor_id``, a string), then run the worker::
+
+    aws dynamodb create-table --table-name sensor-averages \\
+        --attribute-definitions AttributeName=sensor_id,AttributeType=S \\
+        --key-schema AttributeName=sensor_id,KeyType=HASH --billing-mode PAY_PER_REQUEST
+    ASYNCFLOW_BROKER=kafka://localhost:9092 SENSOR_TABLE=sensor-averages AWS_REGION=us-east-1 \\
+        asyncflow worker apps.sensor_averages:app
+
+It consumes ``sensor-readings`` as the consumer group ``sensors`` (the topic is
+created with 1 partition if missing; create it first with more, e.g.
+``asyncflow topics --broker kafka://localhost:9092 create sensor-readings --partitions 4``).
+Each record's value is a JSON ``Reading`` (``time`` in epoch seconds or ISO-8601
+with a zone), its key the sensor id. Add ``ASYNCFLOW_DEMO_LOAD=1`` to have the
+worker replay the data set into the topic itself. A topic has no end: a window
+is written once a later reading moves the watermark past it (so each sensor's
+newest window waits for more readings), and the worker runs until SIGINT/SIGTERM,
+which flush the buffered DynamoDB writes, commit and exit 0. Late readings go to
+the Kafka topic ``sensors-dead-letters`` (the reason in the ``asyncflow.reason``
+header). With the local stand-ins of ``apps/_support.py``, use
+``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'`` and
+``AWS_ENDPOINT_URL=http://127.0.0.1:5000`` with dummy credentials.
+
 Environment:
 
-- ``ASYNCFLOW_BROKER``: ``kafka://host:port`` to read ``sensor-readings`` from Kafka
-  (the replay then runs only with ``ASYNCFLOW_DEMO_LOAD=1``).
-- ``SENSOR_TABLE``: upsert into this DynamoDB table (hash key ``sensor_id``, string)
-  instead of printing; ``AWS_ENDPOINT_URL``, ``AWS_REGION`` and the usual AWS
-  credentials variables select the service.
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port[?option=value&...]`` to read from Kafka
+  (options: see ``adapters.kafka``); the replay then runs only with ``ASYNCFLOW_DEMO_LOAD=1``.
+- ``SENSOR_TOPIC``: the input topic (default ``sensor-readings``).
+- ``SENSOR_TABLE``: upsert into this DynamoDB table instead of printing. ``AWS_ENDPOINT_URL``
+  (e.g. a local moto server), ``AWS_REGION`` and the usual AWS credential variables
+  (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``...) select the service.
+- ``SENSOR_FLUSH_INTERVAL``: seconds between DynamoDB batch writes (default 5).
 - ``SENSOR_TIME_SCALE``: replay compression (default 86400; 1 = real time).
 - ``SENSOR_REPLAY_LIMIT``: replay only the first N readings.
 - ``ASYNCFLOW_DEMO_LOAD``: ``1`` to replay on a real broker, ``0`` to skip it on memory.

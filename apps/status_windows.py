@@ -28,14 +28,43 @@ and starts every 10 days); the run prints 88 lines and exits 0.
 
 Run: ``asyncflow worker apps.status_windows:app``.
 
+**On Kinesis**. Create the streams, then run the worker::
+
+    aws kinesis create-stream --stream-name status-readings --shard-count 4
+    aws kinesis create-stream --stream-name status-windows --shard-count 1
+    KINESIS_INPUT_STREAM=status-readings KINESIS_OUTPUT_STREAM=status-windows \\
+    AWS_REGION=us-east-1 ASYNCFLOW_DEMO_LOAD=1 asyncflow worker apps.status_windows:app
+
+Each input record's data is a JSON ``StatusReading`` (``time`` in epoch seconds
+or ISO-8601 with a zone); any partition key will do (the demo load uses the
+status). Every shard is read from ``TRIM_HORIZON`` the first time; the
+positions done are checkpointed in the DynamoDB table
+``status-windows-kinesis-checkpoints`` (created if missing, at the same
+endpoint), so a restart resumes there; one worker per stream. Results go to
+the output stream as JSON (``status``, ``window_start``, ``window_end``,
+``count``, ``average_temperature``) with the status as partition key.
+``ASYNCFLOW_DEMO_LOAD=1`` makes the worker put the derived readings into the
+input stream itself; leave it out to process what producers put. A stream has
+no end: a window is sent once the watermark (the lowest newest event time over
+the shards, minus 5 s; a shard quiet for ``ASYNCFLOW_IDLE_TIMEOUT`` s is left
+out) passes it, and the worker runs until SIGINT/SIGTERM (drain, flush,
+checkpoint, exit 0). Late readings go to the broker's topic
+``status-windows-dead-letters``: set ``ASYNCFLOW_BROKER=kafka://...`` to keep
+them (on the default memory broker they are only counted, in the worker's
+final log line). With the local moto server of ``apps/_support.py`` add
+``AWS_ENDPOINT_URL=http://127.0.0.1:5000`` and dummy credentials.
+
 Environment:
 
-- ``KINESIS_INPUT_STREAM``: read readings from this stream (shards are partitions;
-  checkpoints in the DynamoDB table ``status-windows-kinesis-checkpoints``).
+- ``KINESIS_INPUT_STREAM``: read readings from this stream (shards are partitions).
 - ``KINESIS_OUTPUT_STREAM``: send window results to this stream instead of printing.
-- ``AWS_ENDPOINT_URL``, ``AWS_REGION`` and the usual AWS credential variables.
+- ``AWS_ENDPOINT_URL`` (e.g. a local moto server), ``AWS_REGION`` and the usual AWS
+  credential variables (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``...).
 - ``ASYNCFLOW_DEMO_LOAD=1``: replay the derived readings into ``KINESIS_INPUT_STREAM``
-  (or, with ``ASYNCFLOW_BROKER=kafka://...``, into the ``status-readings`` topic).
+  (or, with ``ASYNCFLOW_BROKER=kafka://...`` and no Kinesis input, into the
+  ``status-readings`` topic).
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port[?option=value&...]`` for the dead letters, and
+  for the input topic ``status-readings`` when ``KINESIS_INPUT_STREAM`` is not set.
 - ``STATUS_TIME_SCALE`` (default 86400; 1 = real time), ``STATUS_REPLAY_LIMIT`` (first N rows).
 """
 

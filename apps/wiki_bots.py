@@ -30,13 +30,35 @@ when the worker stops; ``WIKI_BOT_RATE=1`` prints three alerts.
 
 Run: ``asyncflow worker apps.wiki_bots:app``.
 
+**On the live stream**::
+
+    WIKI_SSE_URL=https://stream.wikimedia.org/v2/stream/recentchange \\
+    WIKI_SSE_CHECKPOINT=wiki-bots.last-event-id \\
+        asyncflow worker apps.wiki_bots:app
+
+The SSE connection is re-opened after a drop with ``Last-Event-ID`` (nothing
+lost, nothing repeated); the checkpoint file keeps the id of the last event
+the worker committed (processed, its results written), and a restarted worker
+resumes after it. A stream has no
+end: a window is counted once the watermark (newest event time minus 10 s)
+passes it, so alerts come about 15 s after their window, and the worker runs
+until SIGINT/SIGTERM (drain, flush, commit, exit 0; the summary line is printed
+then). Alerts are printed and sent to the topic ``wiki-bot-alerts`` on the
+broker: with ``ASYNCFLOW_BROKER=kafka://localhost:9092`` a Kafka topic (JSON
+alerts keyed by user; undecodable events go to ``wiki-bots-dead-letters``), by
+default the in-process memory broker (printed only). On the local Tansu broker
+of ``apps/_support.py`` use ``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'``.
+
 Environment:
 
-- ``WIKI_SSE_URL``: read live events, e.g. https://stream.wikimedia.org/v2/stream/recentchange
-  (``WIKI_SSE_CHECKPOINT``: a file to resume from after a restart).
-- ``WIKI_BOT_RATE``: pages per second above which an account is flagged (default 10).
-- ``ASYNCFLOW_BROKER``: ``kafka://host:port`` for the topics (the replay then runs
-  only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it on memory).
+- ``WIKI_SSE_URL``: read live events from this SSE URL (e.g. the Wikimedia one above).
+- ``WIKI_SSE_CHECKPOINT``: a file to keep the last processed event id in, to resume from
+  after a restart.
+- ``WIKI_BOT_RATE``: pages per second above which an account is flagged (default 10;
+  ``0`` reports every user-window with edits).
+- ``ASYNCFLOW_BROKER``: ``kafka://host:port[?option=value&...]`` for the topics (without
+  ``WIKI_SSE_URL`` the replay then runs only with ``ASYNCFLOW_DEMO_LOAD=1``; ``0`` skips it
+  on memory).
 """
 
 from __future__ import annotations

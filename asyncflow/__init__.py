@@ -65,6 +65,7 @@ from asyncflow.windows import (
     WindowResult,
     fold,
     reduce,
+    to_epoch_ms,
 )
 
 __version__ = "0.1.0"
@@ -77,5 +78,5 @@ __all__ = [
     "RawCodec", "RawRecordData", "Record", "Retry", "Session", "Sink", "SinkError", "SinkOutput",
     "SinkRecord", "Source", "StrCodec", "Stream", "Sum", "SystemClock", "Topic", "TopicMissing",
     "TopicPartition", "TopicSpec", "Tumbling", "Watermark", "WindowResult", "WindowedStream",
-    "fold", "reduce", "to_builtins", "__version__",
+    "fold", "reduce", "to_builtins", "to_epoch_ms", "__version__",
 ]

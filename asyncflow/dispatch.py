@@ -195,6 +195,8 @@ class Dispatcher:
         ``final`` marks the end of a bounded input; send it only once nothing is parked.
         """
         wall = self.clock.wall_ms()
+        for p in self._blocked:  # paused for backpressure is not idle: keep holding the mark
+            self.watermarks.observe(p, None, wall)
         mark = Watermark(self.watermarks.current(wall), wall, final=final)
         for q in self._all_lanes:
             q.put_watermark(mark)

@@ -322,7 +322,10 @@ class Runtime:
         try:
             if not runners:
                 if stop_when_idle and user:
-                    await asyncio.wait([stop, *user], return_when=asyncio.ALL_COMPLETED)
+                    pending = list(user)
+                    while pending and not stop.done():
+                        await asyncio.wait([stop, *pending], return_when=asyncio.FIRST_COMPLETED)
+                        pending = [t for t in pending if not t.done()]
                 elif not (stop_when_idle and not self.app.timers):
                     await stop
                 return

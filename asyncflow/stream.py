@@ -439,9 +439,11 @@ class Stream(Generic[T]):
         await self._dead_letter(event, reason)
 
     def close(self) -> None:
-        """Release the event still held (the lane is finishing)."""
+        """Release the event still held and the windows' last results (the lane is finishing)."""
         held = self._held
         if held is not None:
             self._held = None
             held.release()
+        for ws in self._windows.values():
+            ws.close()
         self._lane.current = NO_ACK

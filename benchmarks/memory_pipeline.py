@@ -39,10 +39,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncflow as af  # noqa: E402
-from asyncflow.memory import MemoryBroker  # noqa: E402
-from asyncflow.protocols import SinkRecord  # noqa: E402
-from asyncflow.runtime import GC_YOUNG_THRESHOLD  # noqa: E402
+import asyncflow as af
+from asyncflow.memory import MemoryBroker
+from asyncflow.protocols import SinkRecord
+from asyncflow.runtime import GC_YOUNG_THRESHOLD
 
 KEYS = 1_000
 PARTITIONS = 4

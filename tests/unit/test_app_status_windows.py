@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def ms(dt: datetime) -> int:
     return round(dt.timestamp() * 1000)
 
 
-def hopping(events: list[tuple[str, int, float]]) -> dict[tuple[str, int], tuple[int, float]]:
+def hopping(events: Sequence[tuple[str, int, float]]) -> dict[tuple[str, int], tuple[int, float]]:
     """Plain Python: (status, start ms) -> (count, mean) over 60 s windows every 10 s."""
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for status, t, value in events:

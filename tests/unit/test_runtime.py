@@ -73,10 +73,10 @@ async def test_a_slow_sink_pauses_the_source_and_lane_queues_stay_within_bounds(
 
 
 async def test_lane_queues_never_exceed_capacity_plus_one_fetch() -> None:
-    from asyncflow.dispatch import Dispatcher, Route
     from asyncflow.acks import AckTracker
     from asyncflow.channels import Channel
     from asyncflow.clock import ManualClock
+    from asyncflow.dispatch import Dispatcher, Route
     from asyncflow.lanes import LaneQueue
     from asyncflow.metrics import Metrics
     from asyncflow.protocols import TopicSpec

@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from adapters.dynamodb import item_from_dynamodb
@@ -131,26 +132,32 @@ class Workers:
             worker.kill()
 
 
-async def topic_partitions(consumer: Any, topic: str, timeout: float = 30.0) -> list[int]:
-    """The partitions of ``topic``, waiting for it to exist (a worker creates its topics)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        await consumer.topics()  # metadata of all topics: creates nothing on the broker
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            return sorted(parts)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"topic {topic} did not appear within {timeout}s")
-        await asyncio.sleep(0.05)
+async def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> list[int]:
+    """The partitions of ``topic``, waiting for it to exist (a worker creates its topics).
+
+    Asks for the metadata of all topics, which creates nothing on the broker
+    (a request naming the topic could create it on Tansu).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            for described in await admin.describe_topics():
+                if described["topic"] == topic and described["partitions"]:
+                    return sorted(p["partition"] for p in described["partitions"])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {topic} did not appear within {timeout}s")
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
 
 
 class TopicReader:
     """Every record of a Kafka topic, from the start of each partition (no consumer group).
 
-    Example:
-        >>> async def first_ten(bootstrap: str) -> None:  # doctest: +SKIP
-        ...     async with TopicReader(bootstrap, "rides-enriched") as reader:
-        ...         await reader.read_until(lambda records: len(records) >= 10)
+    ``async with TopicReader(bootstrap, topic) as reader: await reader.read_until(done)``
+    reads until ``done(reader.records)``; the topic may be created after the reader is.
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
@@ -161,11 +168,11 @@ class TopicReader:
         self._consumer: Any = None
 
     async def __aenter__(self) -> Self:
+        self.partitions = await topic_partitions(self.bootstrap, self.topic)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         await consumer.start()
         self._consumer = consumer
         try:
-            self.partitions = await topic_partitions(consumer, self.topic)
             tps = [TopicPartition(self.topic, p) for p in self.partitions]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
@@ -223,13 +230,13 @@ def header(record: ConsumerRecord, name: str) -> str | None:
 async def require_absent_topics(bootstrap: str, names: Iterable[str]) -> None:
     """Skip when the broker already holds an app's fixed topics (an earlier run on a
     broker given by ``ASYNCFLOW_TEST_KAFKA``): the tests count every record in them."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
     try:
-        existing = await consumer.topics()
+        existing = {t["topic"] for t in await admin.describe_topics()}
     finally:
-        await consumer.stop()
-    left = sorted(set(names) & set(existing))
+        await admin.close()
+    left = sorted(set(names) & existing)
     if left:
         pytest.skip(f"the Kafka broker already has the app's topics {left}: use a fresh broker")
 

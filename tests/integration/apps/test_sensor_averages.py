@@ -104,16 +104,16 @@ async def create_table(dynamodb: Any) -> str:
 
 async def produce_readings_then_end_marks(bootstrap: str, topic: str) -> None:
     """The replay, keyed by sensor id, then an ``~end`` reading a day later in each partition."""
-    await produce(
-        bootstrap, topic, [(r["sensor_id"].encode(), orjson.dumps(r)) for r in READINGS]
-    )
+    await produce(bootstrap, topic, [(r["sensor_id"].encode(), orjson.dumps(r)) for r in READINGS])
     end = {"sensor_id": END_SENSOR, "temperature": 0.0, "time": (LAST_MS + DAY_MS) / 1000}
     await produce(
         bootstrap, topic, [(END_SENSOR.encode(), orjson.dumps(end), p) for p in range(PARTITIONS)]
     )
 
 
-def worker_settings(kafka_bootstrap: str, moto_endpoint: str, topic: str, table: str) -> dict[str, str]:
+def worker_settings(
+    kafka_bootstrap: str, moto_endpoint: str, topic: str, table: str
+) -> dict[str, str]:
     return {
         "ASYNCFLOW_BROKER": kafka_app_url(kafka_bootstrap),
         "SENSOR_TOPIC": topic,

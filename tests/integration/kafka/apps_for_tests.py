@@ -16,11 +16,12 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
 Modes:
 
 * ``transform``: every input event becomes one output record keyed like the input,
-  carrying where it came from: ``{"key", "seq", "p", "o", "pid"}`` (input partition,
-  input offset, the worker's pid). Tests compute loss, duplicates and order from it.
+  carrying where it came from: ``{"key", "seq", "p", "o", "pid", "t"}`` (input partition,
+  input offset, the worker's pid, the wall time it was handled). Tests compute loss, duplicates and order from it.
   A negative ``seq`` makes the agent raise (its event goes to the dead letters).
 * ``slow``: every event goes to an external sink that writes ``E2E_LANE_RATE``
-  events/s; a timer logs the lane queues (``lanes size=... peak=... capacity=...``).
+  events/s; a timer logs the lane queues, events read and written (``lanes size=...
+  peak=... capacity=... events_in=... written=...``).
 * ``window``: per key, 1 s tumbling event-time windows (event time = ``seq`` * 10 ms)
   collecting the ``seq`` s; each result is one output record ``{"key", "start",
   "seqs", "pid"}``. A record with ``seq`` >= ``END_SEQ`` pushes the watermark past
@@ -39,9 +40,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,14 +170,17 @@ def build(cfg: Config) -> af.App:
                 assert ev is not None
                 p = ev.partition.partition  # type: ignore[union-attr]
                 await output.send(
-                    item.key, {"key": item.key, "seq": item.seq, "p": p, "o": ev.offset, "pid": pid}
+                    item.key,
+                    {"key": item.key, "seq": item.seq, "p": p, "o": ev.offset, "pid": pid,
+                     "t": time.time()},
                 )
                 n += 1
                 if pause and n % every == 0:
                     await asyncio.sleep(pause)
 
     elif cfg.mode == "slow":
-        sink = app.sink(SlowSink(cfg.lane_rate or 1000.0))
+        slow_sink = SlowSink(cfg.lane_rate or 1000.0)
+        sink = app.sink(slow_sink)
         streams: list[af.Stream[Any]] = []
 
         @app.agent(source, concurrency=cfg.concurrency)
@@ -188,11 +194,12 @@ def build(cfg: Config) -> af.App:
             queues = [s._queue for s in streams]  # test-only peek at the lane queues
             if queues:
                 log.info(
-                    "lanes size=%d peak=%d capacity=%d events_in=%d",
+                    "lanes size=%d peak=%d capacity=%d events_in=%d written=%d",
                     max(q.size for q in queues),
                     max(q.peak for q in queues),
                     queues[0].maxsize,
                     app.metrics.get("events_in"),
+                    slow_sink.written,
                 )
 
     elif cfg.mode == "window":
@@ -407,7 +414,7 @@ class Worker:
         self.spec = spec
         self.broker = broker
         self.env = dict(env or {})
-        self.log_path = (log_dir or Path("/tmp")) / f"{name}-{os.getpid()}-{id(self)}.log"
+        self.log_path = (log_dir or Path(tempfile.gettempdir())) / f"{name}-{id(self):x}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -441,6 +448,12 @@ class Worker:
     def lines(self, pattern: str) -> list[re.Match[str]]:
         rx = re.compile(pattern)
         return [m for line in self.log().splitlines() if (m := rx.search(line))]
+
+    def wait_log_now(self, pattern: str) -> re.Match[str]:
+        """The last log line matching ``pattern`` (it must be there already)."""
+        found = self.lines(pattern)
+        assert found, f"no /{pattern}/ in the worker log:\n{self.tail()}"
+        return found[-1]
 
     async def wait_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> re.Match[str]:
         """Wait for the ``count``-th log line matching ``pattern``; fail if the worker exits first."""
@@ -481,11 +494,10 @@ class Worker:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def stop_now(self) -> None:
-        """Kill the process if it still runs (test teardown) and remove the log."""
+        """Kill the process if it still runs (test teardown); the log stays for post-mortems."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        self.log_path.unlink(missing_ok=True)
 
 
 class Tail:
@@ -545,6 +557,12 @@ class Tail:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} not reached in {timeout}s ({len(self.values)} read)")
             await asyncio.sleep(0.05)
+
+
+def log_time(match: re.Match[str]) -> float:
+    """The epoch time of a log line (``logging``'s default ``asctime``, local time, ms)."""
+    line = match.string
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def assigned_partitions(worker: Worker) -> list[set[int]]:

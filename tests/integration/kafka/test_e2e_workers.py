@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import orjson
 import pytest
 
 from adapters.kafka_sink import kafka_partition
@@ -26,6 +27,7 @@ from tests.integration.kafka.apps_for_tests import (
     assigned_partitions,
     decode_outputs,
     key_of,
+    log_time,
     partition_counts,
     produce_events,
     read_all,
@@ -86,9 +88,12 @@ async def test_two_workers_split_partitions_and_after_a_kill_the_survivor_replay
         v_parts, s_parts = await wait_split(victim, survivor)
         # the input arrives only once the group has settled, so no data was read before the split
         await produce_events(kafka_bootstrap, src, n, keys=keys)
-        await tail.wait(
-            lambda vs: len(vs) > n // 3 and {victim.pid, survivor.pid} <= {v["pid"] for v in vs},
-            what="both workers writing",
+        shares = {victim.pid: v_parts, survivor.pid: s_parts}
+        await tail.wait(  # each worker has written output for each of its partitions
+            lambda vs: all(
+                {v["p"] for v in vs if v["pid"] == pid} == parts for pid, parts in shares.items()
+            ),
+            what="both workers writing for all their partitions",
         )
         victim.signal(signal.SIGKILL)
         at_kill = await committed(kafka_bootstrap, group, src, PARTITIONS)
@@ -104,32 +109,117 @@ async def test_two_workers_split_partitions_and_after_a_kill_the_survivor_replay
     outputs = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     # every input is reflected in the output at least once
     assert {(o["key"], o["seq"]) for o in outputs} == {(key_of(i, keys), i // keys) for i in range(n)}
-    by_position: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for o in outputs:
-        by_position[(o["p"], o["o"])].append(o["pid"])
     counts = partition_counts(n, keys, PARTITIONS)
-    assert len(by_position) == n
-    assert all(o < counts[p] for p, o in by_position)
-
+    assert all(o["o"] < counts[o["p"]] for o in outputs)
     # both workers did a share, each on its own partitions until the kill
-    assert {o["p"] for o in outputs if o["pid"] == victim.pid} == v_parts
     assert v_parts and s_parts
-    # the survivor resumed each of the victim's partitions exactly at its last commit ...
-    for p in v_parts:
-        start = min(o for (q, o), pids in by_position.items() if q == p and survivor.pid in pids)
-        assert start == (at_kill[p] or 0), (p, start, at_kill)
-        done_by_victim = {o for (q, o), pids in by_position.items() if q == p and victim.pid in pids}
-        assert set(range(start)) <= done_by_victim  # ... having everything before it done
-    # ... and the only duplicates are the victim's events after its last commit
-    duplicates = {pos: pids for pos, pids in by_position.items() if len(pids) > 1}
-    for (p, o), pids in duplicates.items():
-        assert p in v_parts and o >= (at_kill[p] or 0), ((p, o), pids, at_kill)
-        assert sorted(pids) == sorted([victim.pid, survivor.pid])
+    assert {o["p"] for o in outputs if o["pid"] == victim.pid} == v_parts
+
+    # The survivor's takeover is an eager rebalance: it also revokes and gets back its own
+    # partitions. Its outputs before the takeover and after it are told apart by time.
+    revoked = survivor.lines(r"asyncflow\.worker: revoking ")[-1]
+    takeover = (log_time(revoked) + log_time(survivor.wait_log_now(r"assigned .*partition=3"))) / 2
+    writes: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for o in outputs:
+        who = "victim" if o["pid"] == victim.pid else ("after" if o["t"] > takeover else "before")
+        writes[(o["p"], o["o"])].append(who)
+    duplicates = {pos: sorted(w) for pos, w in writes.items() if len(w) > 1}
+
+    for p in range(PARTITIONS):
+        before = {o for (q, o), w in writes.items() if q == p and ({"victim", "before"} & set(w))}
+        restart = min(
+            (o for (q, o), w in writes.items() if q == p and "after" in w), default=counts[p]
+        )
+        # after the takeover the survivor read each partition from the last commit made for
+        # it: the victim's last periodic commit, or the survivor's own commit on revoke ...
+        if p in v_parts:
+            assert restart == (at_kill[p] or 0), (p, restart, at_kill)
+        # ... which covered exactly what was done before it: nothing is skipped
+        assert set(range(restart)) <= before, p
+        # and the only duplicates are events at or after that commit
+        dups = {o: w for (q, o), w in duplicates.items() if q == p}
+        assert all(o >= restart and w.count("after") == 1 and len(w) == 2 for o, w in dups.items())
+        expected_pair = ["after", "victim"] if p in v_parts else ["after", "before"]
+        assert all(w == expected_pair for w in dups.values()), (p, dups)
     victim_tail = sum(
-        1 for (p, o), pids in by_position.items()
-        if p in v_parts and victim.pid in pids and o >= (at_kill[p] or 0)
+        1 for (p, o), w in writes.items()
+        if p in v_parts and "victim" in w and o >= (at_kill[p] or 0)
     )
-    print("DIAG dups", len(duplicates), "victim_tail", victim_tail, "at_kill", at_kill, "v_parts", v_parts)
-    assert len(duplicates) == victim_tail
+    assert sum(1 for (p, _) in duplicates if p in v_parts) == victim_tail
+    own = sum(1 for (p, _) in duplicates if p in s_parts)
+    print(f"duplicates: {victim_tail} from the kill, {own} from the survivor's own rebalance")
     # the survivor's shutdown committed everything
     assert await committed(kafka_bootstrap, group, src, PARTITIONS) == counts
+
+
+def sentinel_keys(partitions: int) -> list[bytes]:
+    """One key per partition, for records that push each partition's event time far ahead."""
+    found: dict[int, bytes] = {}
+    i = 0
+    while len(found) < partitions:
+        key = f"end-{i}".encode()
+        found.setdefault(kafka_partition(key, partitions), key)
+        i += 1
+    return [found[p] for p in range(partitions)]
+
+
+@pytest.mark.slow
+async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window_state_is_rebuilt(
+    kafka_bootstrap: str, kafka_url: str, tmp_path: Path
+) -> None:
+    """Window state across a graceful rebalance: exactly one complete result per key and window.
+
+    Per key, event time is ``seq`` * 10 ms, so 1 s windows hold 100 events each.
+    The first worker reads seqs 0-199 alone: window [0 s, 1 s) closes and is written,
+    [1 s, 2 s) stays open, holding its events uncommitted. It never commits on a timer,
+    so any committed offset comes from the drain on revoke.
+    """
+    keys, per_phase = 50, 10_000  # 200 seqs per key a phase
+    src = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-in"))
+    out = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-out"))
+    group = unique_name("e2e-rebalance")
+    cfg = Config(app_id=group, input=src, output=out, mode="window", commit_interval=3600)
+    await produce_events(kafka_bootstrap, src, per_phase, keys=keys)
+    async with workers(kafka_url, cfg, tmp_path) as make, Tail(kafka_bootstrap, out, PARTITIONS) as tail:
+        first = make("first").start()
+        await tail.wait(lambda vs: len({v["key"] for v in vs if v["start"] == 0}) == keys,
+                        what="window [0 s, 1 s) of every key")
+        assert all(v["start"] == 0 for v in tail.values)  # [1 s, 2 s) is still open
+        assert set((await committed(kafka_bootstrap, group, src, PARTITIONS)).values()) == {None}
+
+        second = make("second").start()
+        first_parts, second_parts = await wait_split(first, second)
+        # the first worker drained and committed before releasing: exactly the events of the
+        # closed window; those of the open window, held uncommitted, are read again
+        assert await committed(kafka_bootstrap, group, src, PARTITIONS) == partition_counts(
+            100 * keys, keys, PARTITIONS
+        )
+        await produce_events(
+            kafka_bootstrap, src, per_phase, keys=keys, start=per_phase,
+            raw=[(k, orjson.dumps({"key": k.decode(), "seq": END_SEQ}))
+                 for k in sentinel_keys(PARTITIONS)],
+        )
+        everything = {(key_of(i, keys), i // keys) for i in range(2 * per_phase)}
+        await tail.wait(
+            lambda vs: {(v["key"], s) for v in vs for s in v["seqs"]} >= everything,
+            timeout=60, what="every input in a window result",
+        )
+        for w in (first, second):
+            w.signal(signal.SIGTERM)
+        assert await first.wait_exit(30) == 0, first.tail()
+        assert await second.wait_exit(30) == 0, second.tail()
+
+    assert first.lines(r"revoking .*: draining")
+    assert not first.lines(r"did not drain in time")
+    results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    by_window = Counter((r["key"], r["start"]) for r in results)
+    assert by_window == Counter({(key_of(k, keys), s * 1000): 1 for k in range(keys) for s in range(4)})
+    for r in results:
+        first_seq = r["start"] // 10
+        assert r["seqs"] == list(range(first_seq, first_seq + 100)), (r["key"], r["start"])
+        mine = first_parts if r["pid"] == first.pid else second_parts
+        assert kafka_partition(r["key"].encode(), PARTITIONS) in mine or r["start"] == 0
+    # every data event is committed; the sentinels may stay held by their open windows
+    done = await committed(kafka_bootstrap, group, src, PARTITIONS)
+    data = partition_counts(2 * per_phase, keys, PARTITIONS)
+    assert all(data[p] <= (done[p] or 0) <= data[p] + 1 for p in range(PARTITIONS)), (done, data)
