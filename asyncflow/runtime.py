@@ -277,6 +277,7 @@ class Runtime:
             writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}") for n, w in self.writers.items()]
             for r in runners:
                 await r.source.start(r)
+                r.dispatcher.broadcast_watermark()  # lanes learn the wall clock before any event
             lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
             reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
             aux = [tg.create_task(r.commit_loop(), name="committer") for r in runners]

@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[3]
 END_SEQ = 1_000_000_000
 """Window mode: a record with a ``seq`` this large is a watermark sentinel, not data."""
 SENTINEL = b"__e2e_end__"
-"""The value ``read_all`` writes to mark the end of each partition it reads."""
+"""How the values ``read_all`` writes to mark the end of each partition it reads begin."""
 
 
 class Item(af.Record):
@@ -316,11 +316,12 @@ async def read_all(
     partition and reads each one up to its sentinel (end offsets are inexact on
     Tansu, so they are never used).
     """
+    mine = SENTINEL + os.urandom(8).hex().encode()  # earlier calls left their own sentinels
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
     await producer.start()
     try:
         for p in range(partitions):
-            await producer.send_and_wait(topic, SENTINEL, partition=p)
+            await producer.send_and_wait(topic, mine, partition=p)
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
@@ -344,11 +345,12 @@ async def read_all(
                 if tp.partition not in open_:
                     continue
                 for r in records:
-                    if r.value == SENTINEL:
+                    if r.value == mine:
                         open_.discard(tp.partition)
                         consumer.pause(tp)
                         break
-                    out[tp.partition].append(r)
+                    if not r.value.startswith(SENTINEL):
+                        out[tp.partition].append(r)
         return [r for p in range(partitions) for r in out[p]]
     finally:
         await consumer.stop()
@@ -539,7 +541,7 @@ class Tail:
             while True:
                 for records in (await consumer.getmany(timeout_ms=100)).values():
                     for r in records:
-                        if r.value != SENTINEL:
+                        if not r.value.startswith(SENTINEL):
                             value = orjson.loads(r.value)
                             value["out_p"] = r.partition
                             self.values.append(value)

@@ -131,3 +131,33 @@ async def test_malformed_records_go_to_the_dead_letter_topic_with_the_reason_and
     for key, _, _ in bad:
         expected[kafka_partition(key, PARTITIONS)] += 1
     assert await committed(kafka_bootstrap, cfg.app_id, src, PARTITIONS) == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core: a stop closes the lanes like the end of a bounded input, so open windows "
+    "flush partial results and commit their events (runtime.py _run -> close_lanes -> "
+    "WindowedStream.__anext__ flush_all on StopAsyncIteration)",
+)
+async def test_stopping_a_worker_keeps_open_windows_uncommitted_instead_of_emitting_them_partially(
+    kafka_bootstrap: str, kafka_url: str
+) -> None:
+    keys = 10
+    src, out = await topics(kafka_bootstrap)
+    # per key, seqs 0-149 at 10 ms each: window [0 s, 1 s) is complete, [1 s, 2 s) half full
+    await produce_events(kafka_bootstrap, src, 150 * keys, keys=keys)
+    cfg = Config(
+        app_id=unique_name("e2e-win"), input=src, output=out, broker=kafka_url, mode="window"
+    )
+    app = build(cfg)
+    task = asyncio.create_task(app.run())
+    try:
+        await count_records(kafka_bootstrap, out, keys, timeout=30)  # window [0 s, 1 s)
+    finally:
+        await stop(app, task)
+    results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    assert sorted(r["start"] for r in results) == [0] * keys, "a half-full window was emitted"
+    # the open window's events stay uncommitted, to be read again after a restart
+    assert await committed(kafka_bootstrap, cfg.app_id, src, PARTITIONS) == partition_counts(
+        100 * keys, keys, PARTITIONS
+    )
