@@ -10,8 +10,9 @@ input:
   produce with aiokafka's batch API, one batch per output partition, all in
   flight together; a batch's input offsets are committed once its output is
   acknowledged, while the next batch is already being processed.
-* ``asyncflow``: the same pipeline as an asyncflow app (``run_asyncflow_case``,
-  wired once the runtime exists; skipped until then).
+* ``asyncflow``: the same pipeline as an asyncflow app (``run_asyncflow_case``):
+  a JSON topic, ``stream.filter(...).map(...)`` in 4 lanes (``ASYNCFLOW_BENCH_LANES``),
+  ``await topic.send(key, value)`` per output.
 
 Timing starts at the first record a case receives (the group join, ~1.5 s on
 Tansu, is excluded) and ends when all N input records are consumed, their
@@ -200,19 +201,59 @@ async def send(
     return futures
 
 
-async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
-    """TO BE WIRED BY THE LEAD: the same pipeline as an asyncflow app.
+LANES = int(os.environ.get("ASYNCFLOW_BENCH_LANES", "4"))
 
-    Read ``w.input_topic`` (JSON readings ``{id, value, time}``, key = id) as
-    group ``unique_name("asyncflow")``, keep ``value >= 0``, write
-    ``{"id", "fahrenheit": value * 1.8 + 32, "time"}`` keyed by id to a fresh
-    4-partition topic, and stop once all ``w.events`` input records are
-    consumed, acknowledged and committed. Return (seconds from the first
-    record received, records produced); ``produced`` must equal ``w.kept``.
-    Use broker options ``enable_idempotence=false`` and
-    ``session_timeout_ms=3000`` on Tansu.
+
+async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
+    """The same pipeline as an asyncflow app; returns (seconds, records produced).
+
+    Reads ``w.input_topic`` as a fresh group, keeps ``value >= 0``, writes
+    ``{"id", "fahrenheit", "time"}`` keyed by id to a fresh 4-partition topic. The
+    clock starts when the agent sees its first reading and stops when the sink has
+    had every output acknowledged (``sink.kafka.written``, counted per acked batch)
+    and every input was read; the worker then stops, which commits.
     """
-    raise NotImplementedError("the asyncflow runtime is not wired into this benchmark yet")
+    import asyncflow as af
+
+    out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
+    app = af.App(
+        unique_name("asyncflow"),
+        broker=f"kafka://{w.bootstrap}",
+        broker_options={
+            "enable_idempotence": "false",
+            "session_timeout_ms": str(SESSION_TIMEOUT_MS),
+            "heartbeat_interval_ms": "500",
+        },
+    )
+    readings = app.topic(w.input_topic, partitions=PARTITIONS, create=False)
+    converted = app.topic(out_topic, partitions=PARTITIONS, create=False)
+    started: list[float] = []
+
+    def fahrenheit(r: dict[str, Any]) -> dict[str, Any]:
+        return {"id": r["id"], "fahrenheit": r["value"] * 1.8 + 32.0, "time": r["time"]}
+
+    @app.agent(readings, concurrency=LANES)
+    async def convert(stream: af.Stream[dict[str, Any]]) -> None:
+        async for reading in stream.filter(lambda r: r["value"] >= 0).map(fahrenheit):
+            if not started:
+                started.append(time.perf_counter())
+            await converted.send(reading["id"], reading)
+
+    metrics = app.metrics
+    worker = asyncio.create_task(app.run())
+    try:
+        while not (
+            metrics.get("sink.kafka.written") >= w.kept and metrics.get("events_in") >= w.events
+        ):
+            if worker.done():
+                worker.result()
+                raise RuntimeError("the asyncflow worker stopped before the end of the input")
+            await asyncio.sleep(0.002)
+        finished = time.perf_counter()
+    finally:
+        app.stop()
+        await worker
+    return finished - started[0], int(metrics.get("sink.kafka.written"))
 
 
 CASES = {"aiokafka-baseline": run_baseline, "asyncflow": run_asyncflow_case}

@@ -20,6 +20,8 @@ The semantics are Flink's ``WindowOperator`` with its ``EventTimeTrigger``:
 - **Sessions** merge like Flink's ``MergingWindowSet``: the event's window
   ``[t, t + gap)`` merges with every open session of its key that it overlaps
   or touches. A merged window that is already past its max timestamp fires at once.
+  (The session engine is in ``asyncflow.windows.sessions``; the records and the
+  state every engine shares are in ``asyncflow.windows._base``.)
 - **System-time wait.** With ``system_wait``, a source that goes quiet still
   gets its windows out: once the frontier has not moved for ``system_wait`` of
   wall time, the watermark moves on with the wall clock from where it stood
@@ -60,85 +62,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from heapq import heappop, heappush
-from typing import Any, Literal, NamedTuple, Self, cast
+from typing import Any, Literal, Self, cast
 
-from asyncflow.windows.aggregates import Aggregate, as_aggregate
-from asyncflow.windows.assigners import (
-    MAX_TIME,
-    MIN_TIME,
-    WindowAssigner,
-    _duration_ms,
-    from_epoch_ms,
+from asyncflow.windows._base import (
+    HoldFn,
+    LateEvent,
+    PurgedWindow,
+    WindowResult,
+    _OperatorBase,
 )
+from asyncflow.windows.aggregates import Aggregate
+from asyncflow.windows.assigners import MAX_TIME, MIN_TIME, WindowAssigner
+from asyncflow.windows.sessions import _SessionEngine
 
-HoldFn = Callable[[], object]
-"""Called once per window an event is added to; returns the handle to release at purge."""
-
-
-@dataclass(slots=True)
-class WindowResult:
-    """One window's value for one key.
-
-    ``final`` is ``True`` once the watermark has passed the window's end (it is
-    ``False`` only for early results in ``emit="updates"`` mode). ``holds`` is
-    ``None`` while the window stays open; on the result emitted when the window
-    is purged it is the list of the window's hold handles.
-
-    Example:
-        >>> r = WindowResult("k", 0, 5_000, 3)
-        >>> r.start.isoformat(), r.end.isoformat()
-        ('1970-01-01T00:00:00+00:00', '1970-01-01T00:00:05+00:00')
-    """
-
-    key: Any
-    start_ms: int
-    end_ms: int
-    value: Any
-    final: bool = True
-    holds: list[object] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def start(self) -> datetime:
-        """The window's start (inclusive) as a UTC ``datetime``."""
-        return from_epoch_ms(self.start_ms)
-
-    @property
-    def end(self) -> datetime:
-        """The window's end (exclusive) as a UTC ``datetime``."""
-        return from_epoch_ms(self.end_ms)
+__all__ = ["HoldFn", "LateEvent", "PurgedWindow", "WindowOperator", "WindowResult"]
 
 
-class PurgedWindow(NamedTuple):
-    """A window purged without a result at that moment (its last result went out earlier).
-
-    Example:
-        >>> PurgedWindow("k", 0, 5_000, []).end_ms
-        5000
-    """
-
-    key: Any
-    start_ms: int
-    end_ms: int
-    holds: list[object]
-
-
-class LateEvent(NamedTuple):
-    """An event that arrived after every window it belongs to was purged or late.
-
-    Example:
-        >>> LateEvent("k", 1_000, 7.5).time_ms
-        1000
-    """
-
-    key: Any
-    time_ms: int
-    value: Any
-
-
-class WindowOperator:
+class WindowOperator(_OperatorBase):
     """Window state of one lane: events and watermarks in; results, late events and holds out.
 
     ``WindowOperator(assigner, ...)`` builds the variant for the assigner
@@ -156,25 +98,7 @@ class WindowOperator:
         [(0, 5000, 3)]
     """
 
-    __slots__ = (
-        "_add",
-        "_create",
-        "_frontier",
-        "_frontier_wall",
-        "_lateness",
-        "_result",
-        "_system_wait",
-        "_updates",
-        "_wait",
-        "_wall",
-        "_wm",
-        "aggregate",
-        "assigner",
-        "emit",
-        "late",
-        "released",
-        "results",
-    )
+    __slots__ = ()  # the shared ones are _OperatorBase's
 
     def __new__(cls, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> Self:
         impl: type[WindowOperator] = cls
@@ -199,42 +123,10 @@ class WindowOperator:
         emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
     ) -> None:
-        if not isinstance(assigner, WindowAssigner):
-            raise TypeError(
-                f"expected a window assigner (Tumbling, Hopping, ...), got {assigner!r}"
-            )
-        if emit not in ("final", "updates"):
-            raise ValueError(f'emit must be "final" or "updates", got {emit!r}')
-        agg = as_aggregate(aggregate)
-        if assigner.is_merging and not agg.mergeable:
-            raise ValueError(
-                f"session windows merge accumulators, but {agg!r} cannot merge "
-                "(give fold(...) a merger=)"
-            )
-        self._wait = _duration_ms(wait, "wait", minimum=0)
-        self._lateness = _duration_ms(lateness, "lateness", minimum=0)
-        self._system_wait = (
-            None if system_wait is None else _duration_ms(system_wait, "system_wait", minimum=0)
+        # The public signature; _OperatorBase checks and stores the arguments.
+        super().__init__(
+            assigner, aggregate, wait=wait, lateness=lateness, emit=emit, system_wait=system_wait
         )
-        if not assigner.is_event_time and (self._wait or self._lateness or system_wait is not None):
-            raise ValueError(
-                "processing-time windows fire on the wall clock; wait, lateness and "
-                "system_wait apply to event-time windows only"
-            )
-        self.assigner = assigner
-        self.aggregate = agg
-        self.emit = emit
-        self.results: list[WindowResult] = []
-        self.late: list[LateEvent] = []
-        self.released: list[PurgedWindow] = []
-        self._wm = MIN_TIME
-        self._frontier: int | None = None
-        self._frontier_wall = MIN_TIME
-        self._wall = MIN_TIME
-        self._create = agg.create
-        self._add = agg.add
-        self._result = agg.result
-        self._updates = emit == "updates"
 
     @property
     def watermark(self) -> int | None:
@@ -506,138 +398,7 @@ class _ProcessingOperator(_AlignedOperator):
         return super().on_event(key, max(time_ms, self._wall), value, hold)
 
 
-class _Session:
-    __slots__ = ("acc", "alive", "end", "holds", "start")
+class _SessionOperator(_SessionEngine, WindowOperator):
+    """Session windows: the engine of ``asyncflow.windows.sessions`` as a ``WindowOperator``."""
 
-    def __init__(self, start: int, end: int, acc: Any) -> None:
-        self.start = start
-        self.end = end
-        self.acc = acc
-        self.holds: list[object] | None = None
-        self.alive = True
-
-
-_Timer = tuple[int, int, Any, _Session]  # (end, tie-breaker, key, session)
-
-
-class _SessionOperator(WindowOperator):
-    """Session windows: per key, a short list of open sessions; timers in heaps by end."""
-
-    __slots__ = ("_fire", "_gap", "_merge", "_purge", "_seq", "_sessions")
-
-    def __init__(self, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> None:
-        super().__init__(assigner, *args, **kwargs)
-        self._gap = assigner.gap_ms
-        self._merge = self.aggregate.merge
-        self._sessions: dict[Any, list[_Session]] = {}
-        self._fire: list[_Timer] = []
-        self._purge: list[_Timer] = []
-        self._seq = 0
-
-    @property
-    def open_windows(self) -> int:
-        return sum(len(open_) for open_ in self._sessions.values())
-
-    def _schedule(self, key: Any, session: _Session, wm: int) -> None:
-        self._seq += 1
-        timer = (session.end, self._seq, key, session)
-        heappush(self._fire if session.end - 1 > wm else self._purge, timer)
-
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
-        wm = self._wm
-        lo, hi = time_ms, time_ms + self._gap
-        open_ = self._sessions.get(key)
-        hits = [s for s in open_ if s.start <= hi and s.end >= lo] if open_ else []
-        if not hits:
-            # Open sessions are never late, so only a window that merges with none can be.
-            if hi - 1 + self._lateness <= wm:
-                self.late.append(LateEvent(key, time_ms, value))
-                return False
-            session = _Session(lo, hi, self._create())
-            if open_ is None:
-                self._sessions[key] = [session]
-            else:
-                open_.append(session)
-            self._schedule(key, session, wm)
-        else:
-            assert open_ is not None
-            if len(hits) > 1:
-                hits.sort(key=lambda s: s.start)
-            session = hits[0]
-            old_end = session.end
-            for other in hits[1:]:
-                session.acc = self._merge(session.acc, other.acc)
-                if other.holds:
-                    if session.holds is None:
-                        session.holds = []
-                    session.holds.extend(other.holds)
-                session.end = max(session.end, other.end)
-                other.alive = False
-                open_.remove(other)
-            session.start = min(session.start, lo)
-            session.end = max(session.end, hi)
-            if session.end != old_end:
-                self._schedule(key, session, wm)
-        session.acc = self._add(session.acc, value, time_ms)
-        if hold is not None:
-            handle = hold()
-            if handle is not None:
-                if session.holds is None:
-                    session.holds = [handle]
-                else:
-                    session.holds.append(handle)
-        end = session.end
-        if self._updates or end - 1 <= wm:
-            self.results.append(
-                WindowResult(key, session.start, end, self._result(session.acc), end - 1 <= wm)
-            )
-        return True
-
-    def _close(self, key: Any, session: _Session) -> None:
-        session.alive = False
-        open_ = self._sessions[key]
-        open_.remove(session)
-        if not open_:
-            del self._sessions[key]
-
-    def _advance(self, wm: int) -> None:
-        fire, purge, lateness, result = self._fire, self._purge, self._lateness, self._result
-        while fire and fire[0][0] - 1 <= wm:
-            timer = heappop(fire)
-            end, _, key, session = timer
-            if not session.alive or session.end != end:
-                continue  # superseded by a merge
-            if end - 1 + lateness <= wm:
-                holds = session.holds or []
-                self.results.append(
-                    WindowResult(key, session.start, end, result(session.acc), True, holds)
-                )
-                self._close(key, session)
-            else:
-                self.results.append(
-                    WindowResult(key, session.start, end, result(session.acc), True, None)
-                )
-                heappush(purge, timer)
-        while purge and purge[0][0] - 1 + lateness <= wm:
-            end, _, key, session = heappop(purge)
-            if not session.alive or session.end != end:
-                continue
-            self.released.append(PurgedWindow(key, session.start, end, session.holds or []))
-            self._close(key, session)
-
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
-        dropped: list[object] = []
-        for key in [k for k in self._sessions if predicate(k)]:
-            for session in self._sessions.pop(key):
-                session.alive = False
-                dropped.extend(session.holds or ())
-        return dropped
-
-    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
-        dropped: list[object] = []
-        for key, open_ in list(self._sessions.items()):
-            for session in list(open_):
-                if session.holds and all(predicate(h) for h in session.holds):
-                    dropped.extend(session.holds)
-                    self._close(key, session)
-        return dropped
+    __slots__ = ()

@@ -151,7 +151,10 @@ def build(cfg: Config) -> af.App:
         **cfg.extra,
     )
     source = app.topic(
-        cfg.input, value_type=Item, key=lambda v: v.key, partitions=cfg.partitions,
+        cfg.input,
+        value_type=Item,
+        key=lambda v: v.key,
+        partitions=cfg.partitions,
         time=lambda v: v.seq / 100,
     )
     pid = os.getpid()
@@ -171,8 +174,14 @@ def build(cfg: Config) -> af.App:
                 p = ev.partition.partition  # type: ignore[union-attr]
                 await output.send(
                     item.key,
-                    {"key": item.key, "seq": item.seq, "p": p, "o": ev.offset, "pid": pid,
-                     "t": time.time()},
+                    {
+                        "key": item.key,
+                        "seq": item.seq,
+                        "p": p,
+                        "o": ev.offset,
+                        "pid": pid,
+                        "t": time.time(),
+                    },
                 )
                 n += 1
                 if pause and n % every == 0:
@@ -261,8 +270,11 @@ async def produce_events(
     pairs are appended as they are (malformed records). Returns the records acknowledged.
     """
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=0,
-        max_batch_size=256 * 1024, max_request_size=4 * 1024 * 1024,
+        bootstrap_servers=bootstrap,
+        enable_idempotence=False,
+        linger_ms=0,
+        max_batch_size=256 * 1024,
+        max_request_size=4 * 1024 * 1024,
     )
     await producer.start()
     try:
@@ -307,9 +319,7 @@ async def produce_events(
         await producer.stop()
 
 
-async def read_all(
-    bootstrap: str, topic: str, partitions: int, timeout: float = 60.0
-) -> list[Any]:
+async def read_all(bootstrap: str, topic: str, partitions: int, timeout: float = 60.0) -> list[Any]:
     """Every record in ``topic``, partition by partition in offset order (sentinels left out).
 
     Call it once nothing else writes to the topic: it appends a sentinel to each
@@ -325,7 +335,8 @@ async def read_all(
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await consumer.start()
@@ -339,8 +350,10 @@ async def read_all(
         while open_:
             if time.monotonic() > deadline:
                 got = {p: len(v) for p, v in out.items()}
-                raise AssertionError(f"no sentinel in partitions {sorted(open_)} of {topic} "
-                                     f"after {timeout}s (read {got})")
+                raise AssertionError(
+                    f"no sentinel in partitions {sorted(open_)} of {topic} "
+                    f"after {timeout}s (read {got})"
+                )
             for tp, records in (await consumer.getmany(timeout_ms=200, max_records=50_000)).items():
                 if tp.partition not in open_:
                     continue
@@ -359,7 +372,8 @@ async def read_all(
 async def count_records(bootstrap: str, topic: str, n: int, timeout: float = 60.0) -> None:
     """Wait until ``topic`` holds at least ``n`` records (counted, not from end offsets)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await consumer.start()
@@ -431,8 +445,12 @@ class Worker:
             env.pop("ASYNCFLOW_BROKER", None)
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(
-                self.command(self.spec, self.broker), cwd=ROOT, env=env,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.command(self.spec, self.broker),
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         return self
 
@@ -469,7 +487,9 @@ class Worker:
                     f"worker exited ({self.process.returncode}) before /{pattern}/:\n{self.tail()}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(f"no /{pattern}/ in the worker log in {timeout}s:\n{self.tail()}")
+                raise AssertionError(
+                    f"no /{pattern}/ in the worker log in {timeout}s:\n{self.tail()}"
+                )
             await asyncio.sleep(0.05)
 
     async def wait_exit(self, timeout: float = 30.0) -> int:
@@ -551,11 +571,24 @@ class Tail:
     def pids(self) -> set[int]:
         return {v["pid"] for v in self.values}
 
-    async def wait(self, predicate: Any, timeout: float = 60.0, what: str = "outputs") -> None:
+    async def wait(
+        self,
+        predicate: Any,
+        timeout: float = 60.0,
+        what: str = "outputs",
+        alive: Sequence[Worker] = (),
+    ) -> None:
+        """Wait until ``predicate(values)``; fail early if a worker in ``alive`` exits."""
         deadline = time.monotonic() + timeout
         while not predicate(self.values):
             if self._task is not None and self._task.done():
                 self._task.result()
+            for w in alive:
+                if w.process is not None and w.process.poll() is not None:
+                    raise AssertionError(
+                        f"{w.log_path.name} exited ({w.process.returncode}) while waiting for "
+                        f"{what}:\n{w.tail()}"
+                    )
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} not reached in {timeout}s ({len(self.values)} read)")
             await asyncio.sleep(0.05)

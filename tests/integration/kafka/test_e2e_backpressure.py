@@ -92,5 +92,7 @@ async def test_a_slow_sink_keeps_memory_flat_and_lanes_bounded_and_sigterm_exits
     assert stopped is not None, worker.tail()
     offsets = await committed(kafka_bootstrap, group, src, PARTITIONS)
     assert 0 < sum(o or 0 for o in offsets.values()) <= int(stopped.group(1))
-    print(f"held at most {held} events, RSS {rss[0]:.0f}-{max(rss):.0f} MB, "
-          f"lane peak {peak}/{capacity}, SIGTERM drain {drain:.1f}s")
+    print(
+        f"held at most {held} events, RSS {rss[0]:.0f}-{max(rss):.0f} MB, "
+        f"lane peak {peak}/{capacity}, SIGTERM drain {drain:.1f}s"
+    )

@@ -37,8 +37,11 @@ async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str, flo
     env = {k: v for k, v in os.environ.items() if k != "ASYNCFLOW_BROKER"}
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        *command, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *command,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -78,7 +81,9 @@ async def test_worker_sigterm_after_consuming_everything_exits_zero_with_every_r
     cfg = Config(app_id=group, input=src, output=out)
     worker = Worker(broker=kafka_url, env=cfg.env(), log_dir=tmp_path, name="cli").start()
     try:
-        await worker.wait_log(r"asyncflow\.worker: worker \S+ running on " + re.escape(kafka_url), 20)
+        await worker.wait_log(
+            r"asyncflow\.worker: worker \S+ running on " + re.escape(kafka_url), 20
+        )
         await count_records(kafka_bootstrap, out, n, timeout=60)
         worker.signal(signal.SIGTERM)
         assert await worker.wait_exit(30) == 0, worker.tail()
@@ -106,7 +111,7 @@ async def test_worker_sigterm_mid_stream_commits_exactly_what_it_processed_and_a
     try:
         async with Tail(kafka_bootstrap, out, PARTITIONS) as tail:
             first.start()
-            await tail.wait(lambda vs: len(vs) >= n // 10, timeout=60)
+            await tail.wait(lambda vs: len(vs) >= n // 10, timeout=60, alive=[first])
             first.signal(signal.SIGTERM)
             assert await first.wait_exit(30) == 0, first.tail()
             at_stop = await committed(kafka_bootstrap, group, src, PARTITIONS)
@@ -129,7 +134,9 @@ async def test_worker_sigterm_mid_stream_commits_exactly_what_it_processed_and_a
         everything = {(key_of(i, 1000), i // 1000) for i in range(n)}
         async with Tail(kafka_bootstrap, out, PARTITIONS) as tail:
             second.start()
-            await tail.wait(lambda vs: {(v["key"], v["seq"]) for v in vs} >= everything, 60)
+            await tail.wait(
+                lambda vs: {(v["key"], v["seq"]) for v in vs} >= everything, 60, alive=[second]
+            )
         second.signal(signal.SIGTERM)
         assert await second.wait_exit(30) == 0, second.tail()
     finally:
@@ -164,8 +171,9 @@ async def test_worker_with_a_missing_module_exits_non_zero_with_one_line() -> No
 
 async def test_topics_create_then_list_shows_the_topic_with_its_partitions(kafka_url: str) -> None:
     name = unique_name("cli-topic")
-    code, out, err, _ = await run_cli("topics", "--broker", kafka_url, "create", name,
-                                      "--partitions", "3")
+    code, out, err, _ = await run_cli(
+        "topics", "--broker", kafka_url, "create", name, "--partitions", "3"
+    )
     assert code == 0, err
     assert name in out
     code, out, err, _ = await run_cli("topics", "--broker", kafka_url, "list")
@@ -176,8 +184,9 @@ async def test_topics_create_then_list_shows_the_topic_with_its_partitions(kafka
 @pytest.mark.xfail(strict=True, reason="cli.py: --broker is only accepted before create/list")
 async def test_topics_accepts_the_broker_option_after_the_subcommand(kafka_url: str) -> None:
     name = unique_name("cli-topic")
-    code, _, err, _ = await run_cli("topics", "create", name, "--partitions", "3",
-                                    "--broker", kafka_url)
+    code, _, err, _ = await run_cli(
+        "topics", "create", name, "--partitions", "3", "--broker", kafka_url
+    )
     assert code == 0, err
     code, out, err, _ = await run_cli("topics", "list", "--broker", kafka_url)
     assert code == 0, err

@@ -95,9 +95,7 @@ async def test_malformed_records_go_to_the_dead_letter_topic_with_the_reason_and
         (b"k0005", orjson.dumps({"key": "k0005"}), "seq"),
         (b"k0006", orjson.dumps({"key": "k0006", "seq": -1}), "negative seq -1"),
     ]
-    await produce_events(
-        kafka_bootstrap, src, 1000, keys=keys, raw=[(k, v) for k, v, _ in bad]
-    )
+    await produce_events(kafka_bootstrap, src, 1000, keys=keys, raw=[(k, v) for k, v, _ in bad])
     await produce_events(kafka_bootstrap, src, 1000, keys=keys, start=1000)
     cfg = Config(app_id=unique_name("e2e-dl"), input=src, output=out, broker=kafka_url)
     app = build(cfg)

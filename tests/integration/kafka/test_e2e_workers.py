@@ -83,7 +83,10 @@ async def test_two_workers_split_partitions_and_after_a_kill_the_survivor_replay
     out = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-out"))
     group = unique_name("e2e-scale")
     cfg = Config(app_id=group, input=src, output=out, lane_rate=1500)
-    async with workers(kafka_url, cfg, tmp_path) as make, Tail(kafka_bootstrap, out, PARTITIONS) as tail:
+    async with (
+        workers(kafka_url, cfg, tmp_path) as make,
+        Tail(kafka_bootstrap, out, PARTITIONS) as tail,
+    ):
         victim, survivor = make("victim").start(), make("survivor").start()
         v_parts, s_parts = await wait_split(victim, survivor)
         # the input arrives only once the group has settled, so no data was read before the split
@@ -94,21 +97,29 @@ async def test_two_workers_split_partitions_and_after_a_kill_the_survivor_replay
                 {v["p"] for v in vs if v["pid"] == pid} == parts for pid, parts in shares.items()
             ),
             what="both workers writing for all their partitions",
+            alive=[victim, survivor],
         )
         victim.signal(signal.SIGKILL)
         at_kill = await committed(kafka_bootstrap, group, src, PARTITIONS)
         assert await victim.wait_exit(10) == -signal.SIGKILL
 
-        await survivor.wait_log(r"assigned .*partition=0.*partition=1.*partition=2.*partition=3", 30)
+        await survivor.wait_log(
+            r"assigned .*partition=0.*partition=1.*partition=2.*partition=3", 30
+        )
         await tail.wait(
-            lambda vs: len({(v["p"], v["o"]) for v in vs}) >= n, timeout=90, what="every input"
+            lambda vs: len({(v["p"], v["o"]) for v in vs}) >= n,
+            timeout=90,
+            what="every input",
+            alive=[survivor],
         )
         survivor.signal(signal.SIGTERM)
         assert await survivor.wait_exit(30) == 0, survivor.tail()
 
     outputs = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     # every input is reflected in the output at least once
-    assert {(o["key"], o["seq"]) for o in outputs} == {(key_of(i, keys), i // keys) for i in range(n)}
+    assert {(o["key"], o["seq"]) for o in outputs} == {
+        (key_of(i, keys), i // keys) for i in range(n)
+    }
     counts = partition_counts(n, keys, PARTITIONS)
     assert all(o["o"] < counts[o["p"]] for o in outputs)
     # both workers did a share, each on its own partitions until the kill
@@ -142,7 +153,8 @@ async def test_two_workers_split_partitions_and_after_a_kill_the_survivor_replay
         expected_pair = ["after", "victim"] if p in v_parts else ["after", "before"]
         assert all(w == expected_pair for w in dups.values()), (p, dups)
     victim_tail = sum(
-        1 for (p, o), w in writes.items()
+        1
+        for (p, o), w in writes.items()
         if p in v_parts and "victim" in w and o >= (at_kill[p] or 0)
     )
     assert sum(1 for (p, _) in duplicates if p in v_parts) == victim_tail
@@ -180,10 +192,16 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
     group = unique_name("e2e-rebalance")
     cfg = Config(app_id=group, input=src, output=out, mode="window", commit_interval=3600)
     await produce_events(kafka_bootstrap, src, per_phase, keys=keys)
-    async with workers(kafka_url, cfg, tmp_path) as make, Tail(kafka_bootstrap, out, PARTITIONS) as tail:
+    async with (
+        workers(kafka_url, cfg, tmp_path) as make,
+        Tail(kafka_bootstrap, out, PARTITIONS) as tail,
+    ):
         first = make("first").start()
-        await tail.wait(lambda vs: len({v["key"] for v in vs if v["start"] == 0}) == keys,
-                        what="window [0 s, 1 s) of every key")
+        await tail.wait(
+            lambda vs: len({v["key"] for v in vs if v["start"] == 0}) == keys,
+            what="window [0 s, 1 s) of every key",
+            alive=[first],
+        )
         assert all(v["start"] == 0 for v in tail.values)  # [1 s, 2 s) is still open
         assert set((await committed(kafka_bootstrap, group, src, PARTITIONS)).values()) == {None}
 
@@ -195,14 +213,22 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
             100 * keys, keys, PARTITIONS
         )
         await produce_events(
-            kafka_bootstrap, src, per_phase, keys=keys, start=per_phase,
-            raw=[(k, orjson.dumps({"key": k.decode(), "seq": END_SEQ}))
-                 for k in sentinel_keys(PARTITIONS)],
+            kafka_bootstrap,
+            src,
+            per_phase,
+            keys=keys,
+            start=per_phase,
+            raw=[
+                (k, orjson.dumps({"key": k.decode(), "seq": END_SEQ}))
+                for k in sentinel_keys(PARTITIONS)
+            ],
         )
         everything = {(key_of(i, keys), i // keys) for i in range(2 * per_phase)}
         await tail.wait(
             lambda vs: {(v["key"], s) for v in vs for s in v["seqs"]} >= everything,
-            timeout=60, what="every input in a window result",
+            timeout=60,
+            what="every input in a window result",
+            alive=[first, second],
         )
         for w in (first, second):
             w.signal(signal.SIGTERM)
@@ -213,7 +239,9 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
     assert not first.lines(r"did not drain in time")
     results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     by_window = Counter((r["key"], r["start"]) for r in results)
-    assert by_window == Counter({(key_of(k, keys), s * 1000): 1 for k in range(keys) for s in range(4)})
+    assert by_window == Counter(
+        {(key_of(k, keys), s * 1000): 1 for k in range(keys) for s in range(4)}
+    )
     for r in results:
         first_seq = r["start"] // 10
         assert r["seqs"] == list(range(first_seq, first_seq + 100)), (r["key"], r["start"])

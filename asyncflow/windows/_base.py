@@ -1,0 +1,160 @@
+"""What every window engine shares: the records it emits and its configuration and state.
+
+``WindowOperator`` (``asyncflow.windows.operator``) is the public entry point
+and builds the engine for its assigner: the aligned ones live beside it, the
+session one in ``asyncflow.windows.sessions``. ``sessions`` imports only this
+module and ``operator`` imports both, so the imports have no cycle.
+
+Example:
+    >>> r = WindowResult("k", 0, 5_000, 3)
+    >>> (r.key, r.end_ms, r.final, r.holds)
+    ('k', 5000, True, None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, NamedTuple
+
+from asyncflow.windows.aggregates import Aggregate, as_aggregate
+from asyncflow.windows.assigners import MIN_TIME, WindowAssigner, _duration_ms, from_epoch_ms
+
+HoldFn = Callable[[], object]
+"""Called once per window an event is added to; returns the handle to release at purge."""
+
+
+@dataclass(slots=True)
+class WindowResult:
+    """One window's value for one key.
+
+    ``final`` is ``True`` once the watermark has passed the window's end (it is
+    ``False`` only for early results in ``emit="updates"`` mode). ``holds`` is
+    ``None`` while the window stays open; on the result emitted when the window
+    is purged it is the list of the window's hold handles.
+
+    Example:
+        >>> r = WindowResult("k", 0, 5_000, 3)
+        >>> r.start.isoformat(), r.end.isoformat()
+        ('1970-01-01T00:00:00+00:00', '1970-01-01T00:00:05+00:00')
+    """
+
+    key: Any
+    start_ms: int
+    end_ms: int
+    value: Any
+    final: bool = True
+    holds: list[object] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def start(self) -> datetime:
+        """The window's start (inclusive) as a UTC ``datetime``."""
+        return from_epoch_ms(self.start_ms)
+
+    @property
+    def end(self) -> datetime:
+        """The window's end (exclusive) as a UTC ``datetime``."""
+        return from_epoch_ms(self.end_ms)
+
+
+class PurgedWindow(NamedTuple):
+    """A window purged without a result at that moment (its last result went out earlier).
+
+    Example:
+        >>> PurgedWindow("k", 0, 5_000, []).end_ms
+        5000
+    """
+
+    key: Any
+    start_ms: int
+    end_ms: int
+    holds: list[object]
+
+
+class LateEvent(NamedTuple):
+    """An event that arrived after every window it belongs to was purged or late.
+
+    Example:
+        >>> LateEvent("k", 1_000, 7.5).time_ms
+        1000
+    """
+
+    key: Any
+    time_ms: int
+    value: Any
+
+
+class _OperatorBase:
+    """Configuration and state of every engine; ``WindowOperator`` adds the public methods.
+
+    ``__init__`` checks and stores ``WindowOperator``'s arguments; the engines
+    read the hot attributes straight from the slots.
+    """
+
+    __slots__ = (
+        "_add",
+        "_create",
+        "_frontier",
+        "_frontier_wall",
+        "_lateness",
+        "_result",
+        "_system_wait",
+        "_updates",
+        "_wait",
+        "_wall",
+        "_wm",
+        "aggregate",
+        "assigner",
+        "emit",
+        "late",
+        "released",
+        "results",
+    )
+
+    def __init__(
+        self,
+        assigner: WindowAssigner,
+        aggregate: Aggregate[Any, Any] | Mapping[str, Aggregate[Any, Any]],
+        *,
+        wait: timedelta = timedelta(0),
+        lateness: timedelta = timedelta(0),
+        emit: Literal["final", "updates"] = "final",
+        system_wait: timedelta | None = None,
+    ) -> None:
+        if not isinstance(assigner, WindowAssigner):
+            raise TypeError(
+                f"expected a window assigner (Tumbling, Hopping, ...), got {assigner!r}"
+            )
+        if emit not in ("final", "updates"):
+            raise ValueError(f'emit must be "final" or "updates", got {emit!r}')
+        agg = as_aggregate(aggregate)
+        if assigner.is_merging and not agg.mergeable:
+            raise ValueError(
+                f"session windows merge accumulators, but {agg!r} cannot merge "
+                "(give fold(...) a merger=)"
+            )
+        self._wait = _duration_ms(wait, "wait", minimum=0)
+        self._lateness = _duration_ms(lateness, "lateness", minimum=0)
+        self._system_wait = (
+            None if system_wait is None else _duration_ms(system_wait, "system_wait", minimum=0)
+        )
+        if not assigner.is_event_time and (self._wait or self._lateness or system_wait is not None):
+            raise ValueError(
+                "processing-time windows fire on the wall clock; wait, lateness and "
+                "system_wait apply to event-time windows only"
+            )
+        self.assigner = assigner
+        self.aggregate = agg
+        self.emit = emit
+        self.results: list[WindowResult] = []
+        self.late: list[LateEvent] = []
+        self.released: list[PurgedWindow] = []
+        self._wm = MIN_TIME
+        self._frontier: int | None = None
+        self._frontier_wall = MIN_TIME
+        self._wall = MIN_TIME
+        self._create = agg.create
+        self._add = agg.add
+        self._result = agg.result
+        self._updates = emit == "updates"
