@@ -103,6 +103,11 @@ class WindowOperator(_OperatorBase):
     def __new__(cls, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> Self:
         impl: type[WindowOperator] = cls
         if cls is WindowOperator:
+            if not isinstance(assigner, WindowAssigner):
+                raise TypeError(
+                    f"a window operator needs a window assigner (Tumbling, Hopping, Session, ...),"
+                    f" got {type(assigner).__name__}"
+                )
             if assigner.is_merging:
                 impl = _SessionOperator
             elif not assigner.is_event_time:
