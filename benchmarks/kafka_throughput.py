@@ -15,15 +15,19 @@ input:
   ``await topic.send(key, value)`` per output.
 
 Timing starts at the first record a case receives (the group join, ~1.5 s on
-Tansu, is excluded) and ends when all N input records are consumed, their
-outputs acknowledged and their offsets committed. Completion counts records,
-never end offsets (inexact on Tansu). The broker helpers come from
+Tansu, is excluded) and ends when all N input records are consumed and their
+outputs acknowledged (the baseline also commits its last batch; asyncflow commits
+when it stops, right after). The cases alternate ``--repeat`` times, each run in a
+fresh process with a fresh consumer group and output topic; the best time of each
+case counts and its peak RSS is the largest of its runs. On a shared 2-core
+machine only the ratio compares. Completion counts records, never end offsets
+(inexact on Tansu). The broker helpers come from
 ``tests/integration/kafka/broker.py`` (the repository root is put on
 ``sys.path``), so tests and benchmark start Tansu the same way.
 
 Usage:
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000
-    .venv/bin/python benchmarks/kafka_throughput.py --events 200000 --json
+    .venv/bin/python benchmarks/kafka_throughput.py --events 200000 --json --repeat 5
 """
 
 from __future__ import annotations
@@ -209,9 +213,10 @@ async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
 
     Reads ``w.input_topic`` as a fresh group, keeps ``value >= 0``, writes
     ``{"id", "fahrenheit", "time"}`` keyed by id to a fresh 4-partition topic. The
-    clock starts when the agent sees its first reading and stops when the sink has
-    had every output acknowledged (``sink.kafka.written``, counted per acked batch)
-    and every input was read; the worker then stops, which commits.
+    clock starts at the first reading through the filter (the first or second record
+    read) and stops when the sink has had every output acknowledged
+    (``sink.kafka.written``, counted per acked batch) and every input was read; the
+    worker then stops, which commits.
     """
     import asyncflow as af
 
@@ -225,8 +230,10 @@ async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
             "heartbeat_interval_ms": "500",
         },
     )
-    readings = app.topic(w.input_topic, partitions=PARTITIONS, create=False)
-    converted = app.topic(out_topic, partitions=PARTITIONS, create=False)
+    readings: af.Topic[dict[str, Any]] = app.topic(
+        w.input_topic, partitions=PARTITIONS, create=False
+    )
+    converted: af.Topic[dict[str, Any]] = app.topic(out_topic, partitions=PARTITIONS, create=False)
     started: list[float] = []
 
     def fahrenheit(r: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +309,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="input records (200,000)")
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
     parser.add_argument(
+        "--repeat", type=int, default=3, help="alternate runs of the cases; best time counts (3)"
+    )
+    parser.add_argument(
         "--bootstrap", default=os.environ.get(ENV_BROKER), help="use this broker, start none"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -320,23 +330,28 @@ def main() -> None:
     try:
         bootstrap = args.bootstrap or tansu.bootstrap  # type: ignore[union-attr]
         workload = asyncio.run(load(bootstrap, args.events))
+        best: dict[str, float] = {}
+        peak: dict[str, float] = {}
+        for _ in range(args.repeat):  # alternate the cases; the best time of each counts
+            for case in CASES:
+                measured = run_case_child(case, workload)
+                if measured is None:
+                    continue
+                best[case] = min(best.get(case, float("inf")), measured["seconds"])
+                peak[case] = max(peak.get(case, 0.0), measured["peak_rss_mb"])
         results: list[CaseResult] = []
-        baseline: float | None = None
-        for case in CASES:
-            measured = run_case_child(case, workload)
-            if measured is None:
-                continue
-            rate = args.events / measured["seconds"]
-            baseline = baseline or rate
+        baseline = args.events / best["aiokafka-baseline"]
+        for case, seconds in best.items():
+            rate = args.events / seconds
             results.append(
                 CaseResult(
                     case=case,
                     events=args.events,
-                    seconds=round(measured["seconds"], 3),
+                    seconds=round(seconds, 3),
                     events_per_s=round(rate),
                     baseline_events_per_s=round(baseline),
                     ratio=round(rate / baseline, 3),
-                    peak_rss_mb=round(measured["peak_rss_mb"], 1),
+                    peak_rss_mb=round(peak[case], 1),
                 )
             )
         report(results, args.json)

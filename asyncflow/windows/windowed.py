@@ -274,9 +274,10 @@ class WindowedStream:
             try:
                 item = await stream._next_item()
             except StopAsyncIteration:
+                # the lane closed: after a final watermark the windows are flushed already;
+                # on a stop (SIGTERM, rebalance) open windows keep their holds, uncommitted,
+                # and are rebuilt from the replay after a restart
                 self._ended = True
-                op.flush_all()
-                self._collect()
                 continue
             if item is None:  # only with a timeout, which is not given: defensive
                 continue

@@ -349,3 +349,24 @@ def _fail_once(failed: list[int]) -> Any:
         return v
 
     return check
+
+
+async def test_stopping_keeps_open_windows_uncommitted_for_the_replay() -> None:
+    from datetime import timedelta
+
+    app = af.App("winstop")
+    readings = app.topic("readings", time=lambda v: v["t"])
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(readings)
+    async def count(stream: af.Stream[dict[str, int]]) -> None:
+        async for w in stream.window(af.Tumbling(timedelta(seconds=5)), aggregate=af.Count()):
+            await out.send(w.key, (w.start_ms, w.value))
+
+    async with TestRun(app) as run:
+        for t in (1, 2, 6):
+            await run.send("readings", {"t": t}, key="k")
+        await wait_for(lambda: app.metrics.get("events_in") == 3)
+        await run.stop()
+        assert out.sink.values == [(0, 2)]  # the watermark (6 s) closed [0, 5) only
+        assert run.broker.committed("winstop", "readings", 0) == 2  # t=6 waits in its window

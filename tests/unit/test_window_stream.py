@@ -34,8 +34,14 @@ class Lane:
 class FakeStream:
     """The part of the lead's Stream that WindowedStream uses."""
 
-    def __init__(self, items: Sequence[Event[Any] | Watermark | Callable[[], None]]) -> None:
+    def __init__(
+        self,
+        items: Sequence[Event[Any] | Watermark | Callable[[], None]],
+        *,
+        bounded: bool = True,
+    ) -> None:
         self._items = deque(items)
+        self._bounded = bounded  # a bounded input ends with a final watermark, as the runtime's
         self._lane = Lane()
         self.metrics = Metrics()
         self.dead: list[tuple[Event[Any], str]] = []
@@ -46,6 +52,9 @@ class FakeStream:
             if isinstance(item, Event | Watermark):
                 return item
             item()  # a step of the test between two items
+        if self._bounded:
+            self._bounded = False
+            return Watermark(None, 0, final=True)
         raise StopAsyncIteration
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None:
@@ -302,3 +311,12 @@ async def test_leaving_the_loop_and_closing_lets_the_last_results_events_commit(
     assert acks.done_position() is None
     windows.close()
     assert acks.done_position() == 0  # "b" was never handed out: it stays held
+
+
+async def test_a_lane_closed_without_a_final_watermark_keeps_open_windows_held() -> None:
+    acks = PartitionAcks("p")
+    events = tracked(acks, [("k", 1_000, 1), ("k", 2_000, 1)])
+    stream = FakeStream([*events], bounded=False)  # a stop, not the end of a bounded input
+    ws = WindowedStream(stream, Tumbling(5 * S), aggregate=Count())
+    assert [r async for r in ws] == []
+    assert acks.done_position() is None  # both events wait, uncommitted, for the replay

@@ -16,9 +16,10 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
 Modes:
 
 * ``transform``: every input event becomes one output record keyed like the input,
-  carrying where it came from: ``{"key", "seq", "p", "o", "pid", "t"}`` (input partition,
-  input offset, the worker's pid, the wall time it was handled). Tests compute loss, duplicates and order from it.
-  A negative ``seq`` makes the agent raise (its event goes to the dead letters).
+  carrying where it came from: ``{"key", "seq", "p", "o", "pid", "t"}`` (input
+  partition and offset, the worker's pid, the wall time it was handled), so tests
+  compute loss, duplicates and order exactly. A negative ``seq`` makes the agent
+  raise (its event goes to the dead letters).
 * ``slow``: every event goes to an external sink that writes ``E2E_LANE_RATE``
   events/s; a timer logs the lane queues, events read and written (``lanes size=...
   peak=... capacity=... events_in=... written=...``).
@@ -87,8 +88,8 @@ class Config:
     mode: str = "transform"
     lane_rate: float = 0.0
     commit_interval: float | None = None
-    broker: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    broker: str | None = None  # None: ASYNCFLOW_BROKER or --broker
+    extra: dict[str, Any] = field(default_factory=dict)  # more App(...) arguments, in-process
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -159,7 +160,7 @@ def build(cfg: Config) -> af.App:
     )
     pid = os.getpid()
     if cfg.mode == "transform":
-        output = app.topic(cfg.output, partitions=cfg.partitions)
+        output: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
         every = 50
         pause = every / cfg.lane_rate if cfg.lane_rate > 0 else 0.0
 
@@ -171,7 +172,7 @@ def build(cfg: Config) -> af.App:
                     raise ValueError(f"negative seq {item.seq}")
                 ev = stream.current
                 assert ev is not None
-                p = ev.partition.partition  # type: ignore[union-attr]
+                p = ev.partition.partition  # type: ignore[attr-defined]
                 await output.send(
                     item.key,
                     {
@@ -214,7 +215,7 @@ def build(cfg: Config) -> af.App:
     elif cfg.mode == "window":
         from datetime import timedelta
 
-        output = app.topic(cfg.output, partitions=cfg.partitions)
+        results_topic: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
 
         @app.agent(source, concurrency=cfg.concurrency)
         async def windows(stream: af.Stream[Item]) -> None:
@@ -223,7 +224,7 @@ def build(cfg: Config) -> af.App:
             async for w in results:
                 kept = [s for s in w.value if s < END_SEQ]
                 if kept:
-                    await output.send(
+                    await results_topic.send(
                         w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
                     )
 
