@@ -84,6 +84,8 @@ class KafkaSource:
         self._stash: dict[Any, list[Any]] = {}
         self._listener_error: BaseException | None = None
         self._failures = 0
+        self.fetch_max: int | None = None
+        """Records one ``fetch`` returns at most (the core sets it; ``None``: max_poll_records)."""
 
     async def start(self, listener: PartitionListener) -> None:
         """Connect, then join the group; raise ``BrokerUnavailable`` if the broker is unreachable.
@@ -122,7 +124,9 @@ class KafkaSource:
         else:
             try:
                 async with asyncio.timeout(timeout + _FETCH_GRACE):
-                    data = await consumer.getmany(timeout_ms=int(timeout * 1000))
+                    data = await consumer.getmany(
+                        timeout_ms=int(timeout * 1000), max_records=self.fetch_max
+                    )
             except TimeoutError:
                 return []  # a rebalance began while waiting; the next fetch waits for it
             except ConsumerStoppedError:

@@ -16,9 +16,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from asyncflow.acks import NO_ACK
 from asyncflow.codecs import Codec, StrCodec, codec_for
@@ -110,6 +110,19 @@ class Channel(Generic[T]):
         return f"{type(self).__name__}({self.name!r})"
 
 
+class _Ready:
+    """An awaitable that is already done (what ``send`` returns while there is room)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return _EXHAUSTED
+
+
+_EXHAUSTED: Generator[Any, None, None] = cast(Generator[Any, None, None], iter(()))
+_READY = _Ready()
+
+
 class Output:
     """Something agents send to: a topic or a sink."""
 
@@ -123,10 +136,13 @@ class Output:
     def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
         raise NotImplementedError
 
-    async def send(
+    def send(
         self, key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()
-    ) -> None:
+    ) -> Awaitable[Any]:
         """Send one record; inside an agent, the event being handled waits for its flush.
+
+        The record is buffered at once; awaiting the result waits only while the
+        sink's buffer is full (backpressure), so a fast path costs no coroutine.
 
         Example:
             >>> import asyncflow as af, asyncio
@@ -139,10 +155,11 @@ class Output:
         """
         writer = self._bound or self._writer()
         lane = current_lane.get()
-        ack = lane.current if lane is not None else NO_ACK
-        if not writer._room.is_set():
-            await writer._room.wait()
-        writer.add(self._record(key, value, headers), ack)
+        writer.add(self._record(key, value, headers), NO_ACK if lane is None else lane.current)
+        room = writer._room
+        if room.is_set():
+            return _READY
+        return room.wait()
 
     def _not_running(self) -> ConfigError:
         app = self._app.id if self._app is not None else "?"

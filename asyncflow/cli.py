@@ -32,6 +32,21 @@ from asyncflow.protocols import TopicSpec
 
 log = logging.getLogger("asyncflow.cli")
 
+CLIENT_LOGGERS = ("aiokafka",)
+"""Client libraries whose start-up errors repeat ours: quiet until the worker runs."""
+
+
+class _QuietUntilRunning(logging.Filter):
+    """Drops client log records until the worker has started (our one-line error says it)."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        runtime = self.app._runtime
+        return record.levelno >= logging.CRITICAL or (runtime is not None and runtime.started)
+
 
 def load_app(spec: str) -> App:
     """Import ``module:attr`` and return the ``App`` it names.
@@ -83,11 +98,17 @@ async def _run_worker(app: App) -> None:
 
     for s in signals:
         loop.add_signal_handler(s, on_signal, s)
+    quiet = _QuietUntilRunning(app)
+    client_logs = [logging.getLogger(name) for name in CLIENT_LOGGERS]
+    for logger in client_logs:
+        logger.addFilter(quiet)
     try:
         await app.run()
     finally:
         for s in signals:
             loop.remove_signal_handler(s)
+        for logger in client_logs:
+            logger.removeFilter(quiet)
 
 
 async def _topics(args: argparse.Namespace) -> None:
@@ -127,13 +148,16 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--broker", help="memory:// (default) or kafka://host:port[,host:port]")
     w.add_argument("--log-level", default=os.environ.get("ASYNCFLOW_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
+    broker_help = "kafka://host:port (default: ASYNCFLOW_BROKER)"
     t = sub.add_parser("topics", help="create or list topics on a broker")
-    t.add_argument("--broker", help="kafka://host:port (default: ASYNCFLOW_BROKER)")
+    t.add_argument("--broker", help=broker_help)
     tsub = t.add_subparsers(dest="topics_cmd", required=True)
     c = tsub.add_parser("create", help="create topics")
     c.add_argument("names", nargs="+")
     c.add_argument("--partitions", type=int, default=1)
-    tsub.add_parser("list", help="list topics and their partition counts")
+    c.add_argument("--broker", help=broker_help, default=argparse.SUPPRESS)
+    ls = tsub.add_parser("list", help="list topics and their partition counts")
+    ls.add_argument("--broker", help=broker_help, default=argparse.SUPPRESS)
     return p
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.acks import AckBatch, AckTracker
@@ -137,12 +137,7 @@ class SourceRunner:
         gone = set(partitions)
         log.info("revoking %s: draining", _fmt(partitions))
         self.dispatcher.revoke(list(gone))
-        for r in self.routes.values():
-            for lanes in r.consumers:
-                for q in lanes:
-                    for ev in q.drop_where(lambda e: e.partition in gone):
-                        if ev._batch is not None:
-                            ev._batch.abandon(ev._index)
+        self.abandon_queued(lambda e: e.partition in gone)
         await self.runtime.flush_writers()
         for p in gone:
             acks = self.tracker.get(p)
@@ -155,6 +150,22 @@ class SourceRunner:
                 drop = getattr(ws, "drop_partitions", None)
                 if drop is not None:
                     drop(gone)
+
+    def abandon_queued(self, predicate: Callable[[Event[Any]], bool]) -> int:
+        """Take queued events that no lane has started out of the lanes, uncommitted.
+
+        They are replayed from the committed offset by whoever reads the
+        partition next; returns how many there were.
+        """
+        n = 0
+        for r in self.routes.values():
+            for lanes in r.consumers:
+                for q in lanes:
+                    for ev in q.drop_where(predicate):
+                        n += 1
+                        if ev._batch is not None:
+                            ev._batch.abandon(ev._index)
+        return n
 
     async def commit(self, only: set[Hashable] | None = None) -> None:
         positions = self.tracker.positions_to_commit()
@@ -212,6 +223,8 @@ class Runtime:
         self.broker: Broker | None = None
         self.writers: dict[str, SinkWriter] = {}
         self.lanes: list[LaneContext] = []
+        self.started = False
+        """True once every source has joined and the lanes run."""
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -286,6 +299,7 @@ class Runtime:
             user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
             log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
                      len(app.agents), len(lane_tasks))
+            self.started = True
 
             await self._until_stop(runners, lane_tasks, user, stop_when_idle)
 
@@ -294,6 +308,11 @@ class Runtime:
             await asyncio.gather(*reader_tasks, return_exceptions=True)
             for r in runners:
                 if not r.ended.is_set():
+                    # a stop, not the end of the input: what no lane has started waits
+                    # for the replay instead of holding up the shutdown
+                    left = r.abandon_queued(lambda e: True)
+                    if left:
+                        log.info("stopping: %d queued events left for the replay", left)
                     r.dispatcher.close_lanes()
             if lane_tasks:
                 _, pending = await asyncio.wait(lane_tasks, timeout=app.shutdown_timeout)

@@ -18,10 +18,7 @@ from tests.integration.apps.helpers import Workers
 from tests.integration.aws.conftest import (  # noqa: F401 - fixtures, used by name
     aws,
     aws_environment,
-    moto_endpoint,
-    moto_server,
 )
-from tests.integration.kafka.conftest import kafka_bootstrap, kafka_url  # noqa: F401
 from tests.integration.sse.conftest import replay_server  # noqa: F401
 
 

@@ -1,33 +1,17 @@
-"""Fixtures for the AWS adapter tests: one real ``moto_server`` per test session."""
+"""Fixtures for the AWS adapter tests (the session's ``moto_server`` is in ../conftest.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiobotocore.session import AioSession
 
-from tests.integration.aws.moto import CREDENTIALS, REGION, MotoServer, start_moto
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    """A ``moto_server`` on a free loopback port for the whole session."""
-    server = start_moto()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint(moto_server: MotoServer) -> str:
-    """The endpoint URL of the session's moto server."""
-    return moto_server.endpoint_url
+from tests.integration.aws.moto import CREDENTIALS, REGION
 
 
 @pytest.fixture(autouse=True)

@@ -181,7 +181,6 @@ async def test_topics_create_then_list_shows_the_topic_with_its_partitions(kafka
     assert f"{name}\t3" in out.splitlines()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: --broker is only accepted before create/list")
 async def test_topics_accepts_the_broker_option_after_the_subcommand(kafka_url: str) -> None:
     name = unique_name("cli-topic")
     code, _, err, _ = await run_cli(

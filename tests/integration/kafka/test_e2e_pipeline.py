@@ -131,12 +131,6 @@ async def test_malformed_records_go_to_the_dead_letter_topic_with_the_reason_and
     assert await committed(kafka_bootstrap, cfg.app_id, src, PARTITIONS) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a stop closes the lanes like the end of a bounded input, so open windows "
-    "flush partial results and commit their events (runtime.py _run -> close_lanes -> "
-    "WindowedStream.__anext__ flush_all on StopAsyncIteration)",
-)
 async def test_stopping_a_worker_keeps_open_windows_uncommitted_instead_of_emitting_them_partially(
     kafka_bootstrap: str, kafka_url: str
 ) -> None:

@@ -258,7 +258,7 @@ class FlakyConsumer:
         self.failures = failures
         self.calls = 0
 
-    async def getmany(self, timeout_ms: int = 0) -> dict[object, list[object]]:
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[object, list[object]]:
         from aiokafka.errors import KafkaConnectionError, RequestTimedOutError
 
         self.calls += 1
@@ -290,7 +290,7 @@ async def test_non_retriable_fetch_errors_stop_the_worker_with_a_clear_error() -
     from adapters.kafka import KafkaSettings, KafkaSourceError
 
     class Denied:
-        async def getmany(self, timeout_ms: int = 0) -> None:
+        async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> None:
             raise TopicAuthorizationFailedError("rides")
 
     source = KafkaSource(KafkaSettings.parse("kafka://127.0.0.1:1"), ["rides"], "g")
