@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asyncflow.worker")
 
-GC_YOUNG_THRESHOLD = 50_000
+GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young-generation collections while a worker runs."""
 
 
