@@ -209,10 +209,16 @@ class SourceRunner:
 
     async def ticker(self) -> None:
         interval = self.runtime.app.watermark_interval
+        metrics = self.runtime.app.metrics
+        lanes = [q for r in self.routes.values() for c in r.consumers for q in c]
         while not self.ended.is_set():
             await asyncio.sleep(interval)
             if not self.ended.is_set():
                 self.dispatcher.broadcast_watermark()
+            metrics.gauge("lanes.queued", sum(q.size for q in lanes))
+            metrics.gauge("lanes.peak", max((q.peak for q in lanes), default=0))
+            metrics.gauge("partitions.paused", len(self.dispatcher.paused))
+            metrics.gauge("in_flight", self.tracker.in_flight)
 
 
 class Runtime:

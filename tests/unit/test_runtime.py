@@ -376,3 +376,21 @@ async def test_stopping_keeps_open_windows_uncommitted_for_the_replay() -> None:
         await run.stop()
         assert out.sink.values == [(0, 2)]  # the watermark (6 s) closed [0, 5) only
         assert run.broker.committed("winstop", "readings", 0) == 2  # t=6 waits in its window
+
+
+async def test_lane_and_ack_gauges_are_reported_in_the_metrics() -> None:
+    app = af.App("gauges", watermark_interval=0.01)
+    numbers = app.topic("numbers")
+    gate = asyncio.Event()
+
+    @app.agent(numbers)
+    async def wait(stream: af.Stream[int]) -> None:
+        async for _ in stream:
+            await gate.wait()
+
+    async with TestRun(app) as run:
+        await run.send_many("numbers", range(10))
+        await wait_for(lambda: app.metrics.get("in_flight") == 10)
+        assert app.metrics.get("lanes.peak") >= 9
+        gate.set()
+        await run.finish()
