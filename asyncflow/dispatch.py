@@ -87,6 +87,11 @@ class Dispatcher:
             q.on_room = self._on_room
 
     @property
+    def lanes(self) -> list[LaneQueue]:
+        """Every lane queue this dispatcher feeds."""
+        return self._all_lanes
+
+    @property
     def paused(self) -> frozenset[Hashable]:
         """Partitions paused because a lane is full."""
         return frozenset(self._blocked)

@@ -209,16 +209,20 @@ class SourceRunner:
 
     async def ticker(self) -> None:
         interval = self.runtime.app.watermark_interval
-        metrics = self.runtime.app.metrics
-        lanes = [q for r in self.routes.values() for c in r.consumers for q in c]
         while not self.ended.is_set():
             await asyncio.sleep(interval)
             if not self.ended.is_set():
                 self.dispatcher.broadcast_watermark()
-            metrics.gauge("lanes.queued", sum(q.size for q in lanes))
-            metrics.gauge("lanes.peak", max((q.peak for q in lanes), default=0))
-            metrics.gauge("partitions.paused", len(self.dispatcher.paused))
-            metrics.gauge("in_flight", self.tracker.in_flight)
+            self.report_gauges()
+
+    def report_gauges(self) -> None:
+        """Lane queue sizes, paused partitions and records in flight, as metrics gauges."""
+        metrics = self.runtime.app.metrics
+        lanes = self.dispatcher.lanes
+        metrics.gauge("lanes.queued", sum(q.size for q in lanes))
+        metrics.gauge("lanes.peak", max((q.peak for q in lanes), default=0))
+        metrics.gauge("partitions.paused", len(self.dispatcher.paused))
+        metrics.gauge("in_flight", self.tracker.in_flight)
 
 
 class Runtime:
@@ -331,6 +335,7 @@ class Runtime:
             await asyncio.gather(*writer_tasks)
             for r in runners:
                 await r.commit()
+                r.report_gauges()
                 await r.source.stop()
             for w in self.writers.values():
                 await w.stop()
