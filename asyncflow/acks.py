@@ -59,7 +59,11 @@ class AckBatch:
 
     def retain(self, index: int) -> None:
         """Add a processing reference (a sink buffering output of this record)."""
-        self.counts[index] += 1
+        counts = self.counts
+        c = counts[index]
+        if c == 0:  # a record already done is open again (never committed past it twice)
+            self.pending += 1
+        counts[index] = c + 1
         self.owner.active += 1
 
     def release(self, index: int) -> None:

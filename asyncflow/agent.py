@@ -104,26 +104,32 @@ class Agent:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    ev = stream.current
-                    where = (ev.partition, ev.offset) if ev is not None else None
+                    events = stream._take_in_flight()
+                    ev = events[-1] if events else None
+                    where = (events[0].partition, events[0].offset) if events else None
                     attempts = attempts + 1 if where == failed_offset else 1
                     failed_offset = where
                     desc = (
                         f"key={ev.key!r} at {ev.partition}@{ev.offset}" if ev is not None else "-"
                     )
+                    if len(events) > 1:
+                        desc += f" (a batch of {len(events)} events)"
                     reason = f"{type(exc).__name__}: {exc}"
                     policy = self.on_error
-                    if isinstance(policy, Retry) and attempts <= policy.times and ev is not None:
+                    if isinstance(policy, Retry) and attempts <= policy.times and events:
                         delay = policy.delay(attempts)
                         log.warning(
                             "agent %s lane %d failed on %s (%s); retry %d/%d in %.2fs",
                             self.name, lane.index, desc, reason, attempts, policy.times, delay,
                         )
                         await asyncio.sleep(delay)
-                        stream.push_back(ev)
+                        for e in reversed(events):
+                            stream.push_back(e)
                         continue
                     action = policy.then if isinstance(policy, Retry) else policy
-                    if action == "stop" or ev is None:
+                    if action == "stop" or not events:
+                        for e in events:
+                            e.abandon()
                         log.error("agent %s lane %d failed on %s: %s; stopping", self.name,
                                   lane.index, desc, reason)
                         raise AgentError(
@@ -132,7 +138,9 @@ class Agent:
                         ) from exc
                     log.error("agent %s lane %d failed on %s: %s; sent to dead letters",
                               self.name, lane.index, desc, reason)
-                    await stream.dead_letter(ev, f"agent {self.name} raised {reason}")
+                    for e in events:
+                        await stream.dead_letter(e, f"agent {self.name} raised {reason}")
+                        e.release()
         finally:
             stream.close()
 

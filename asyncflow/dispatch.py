@@ -130,6 +130,7 @@ class Dispatcher:
                     kb = rec.key
                     key = None if kb is None else key_decode(kb)
                 t = time_fn(value) if time_fn is not None else rec.timestamp
+                h = hash(key)  # an unhashable key is this record's problem too
             except Exception as exc:  # noqa: BLE001 - any failure is this record's, not ours
                 self._dead_letter(ch.name, partition, rec, _reason(exc), acks, i)
                 for _ in consumers:
@@ -139,9 +140,8 @@ class Dispatcher:
             if t is not None and (max_time is None or t > max_time):
                 max_time = t
             if single is not None:
-                single[hash(key) % n_single if n_single > 1 else 0].append(ev)
+                single[h % n_single if n_single > 1 else 0].append(ev)
             else:
-                h = hash(key)
                 for parts_c, lanes in zip(parts, consumers, strict=True):
                     parts_c[h % len(lanes)].append(ev)
         self.metrics.incr("events_in", len(records))
@@ -210,6 +210,10 @@ class Dispatcher:
         """Forget parked events and watermark state of partitions given up."""
         gone = set(partitions)
         for q, parked in list(self._parked.items()):
+            for p, part in parked:
+                if p in gone:
+                    for ev in part:  # never delivered: uncommitted, but no longer in flight
+                        ev.abandon()
             keep = deque((p, part) for p, part in parked if p not in gone)
             if keep:
                 self._parked[q] = keep

@@ -66,6 +66,11 @@ class Event(Generic[T]):
         if self._batch is not None:
             self._batch.release(self._index)
 
+    def abandon(self) -> None:
+        """Drop a processing reference without finishing: the event stays uncommitted."""
+        if self._batch is not None:
+            self._batch.abandon(self._index)
+
     def hold(self) -> tuple[AckBatch, int] | None:
         """Keep the event uncommitted while a window holds it; returns the handle to unhold."""
         if self._batch is None:

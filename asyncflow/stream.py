@@ -115,6 +115,7 @@ class Stream(Generic[T]):
         self._ops: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
         self._sync_ops = True
         self._held: Event[Any] | None = None
+        self._batch_events: list[Event[Any]] | None = None
         self._pushed_back: list[Event[Any]] = []
         self._windows: dict[int, WindowedStream] = {}
         self._window_calls = 0
@@ -230,6 +231,8 @@ class Stream(Generic[T]):
             events: list[Event[Any]] = []
             values: list[T] = []
             deadline = time.monotonic() + timeout
+            ended = False
+            failed: tuple[Exception, Event[Any] | None] | None = None
             try:
                 while len(values) < size:
                     left = deadline - time.monotonic()
@@ -241,26 +244,52 @@ class Stream(Generic[T]):
                     events.append(item)
                     values.append(item.value)
             except StopAsyncIteration:
-                if not values:
-                    return
-                await self._yield_batch(events)
-                yield values
-                self._release_batch(events)
+                ended = True
+            except Exception as exc:  # map/filter raised on the next event
+                if not events:
+                    raise
+                # the batch so far goes out first; the failing event (held aside) follows
+                failed = (exc, self._held)
+                self._held = None
+            if values:
+                self._yield_batch(events)
+                try:
+                    yield values
+                finally:
+                    self._release_batch(events)
+            if failed is not None:
+                error, event = failed
+                self._held = event
+                self.current = event
+                raise error
+            if ended:
                 return
-            if not values:
-                continue
-            await self._yield_batch(events)
-            yield values
-            self._release_batch(events)
 
-    async def _yield_batch(self, events: list[Event[Any]]) -> None:
+    def _yield_batch(self, events: list[Event[Any]]) -> None:
+        self._batch_events = events
         self.current = events[-1]
         self._lane.current = _EventsAck(events)
 
     def _release_batch(self, events: list[Event[Any]]) -> None:
+        if self._batch_events is not events:
+            return  # an agent error took them over (re-delivered or dead-lettered)
+        self._batch_events = None
         for e in events:
             e.release()
         self._lane.current = NO_ACK
+
+    def _take_in_flight(self) -> list[Event[Any]]:
+        """The events being handled when the agent body raised; the caller now owns their refs."""
+        batch = self._batch_events
+        if batch is not None:
+            self._batch_events = None
+            self._lane.current = NO_ACK
+            return batch
+        held = self._held
+        if held is not None:
+            self._held = None
+            return [held]
+        return []
 
     # -- iterating ----------------------------------------------------------------
     def __aiter__(self) -> Stream[T]:
@@ -296,15 +325,20 @@ class Stream(Generic[T]):
                 else:
                     key = ev.key
                     keep = True
-                    for kind, fn in ops:
-                        if kind == _MAP:
-                            value = fn(value)
-                        elif kind == _FILTER:
-                            if not fn(value):
-                                keep = False
-                                break
-                        else:
-                            key = fn(value)
+                    try:
+                        for kind, fn in ops:
+                            if kind == _MAP:
+                                value = fn(value)
+                            elif kind == _FILTER:
+                                if not fn(value):
+                                    keep = False
+                                    break
+                            else:
+                                key = fn(value)
+                    except Exception:
+                        self.current = ev  # the agent's error policy handles this event
+                        self._held = ev
+                        raise
                     if not keep:
                         ev.release()
                         continue

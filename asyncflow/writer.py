@@ -64,10 +64,11 @@ class SinkWriter:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._flush_now = False
         self._closed = False
+        self._added = 0
+        self._written = 0
+        self._progress = asyncio.Event()
         self._failed: BaseException | None = None
 
     @property
@@ -82,9 +83,9 @@ class SinkWriter:
         records = self._records
         if not records:
             self._first_at = time.monotonic()
-            self._idle.clear()
             self._wake.set()
         records.append(record)
+        self._added += 1
         ack.retain()
         self._acks.append(ack)
         n = len(records)
@@ -100,11 +101,17 @@ class SinkWriter:
         self.add(record, ack)
 
     async def flush(self) -> None:
-        """Write everything buffered now and wait until it is durable."""
-        if self._records or not self._idle.is_set():
+        """Write everything buffered now and wait until it is durable.
+
+        Records added after the call are not waited for, so a flush ends even
+        while other lanes keep sending.
+        """
+        target = self._added
+        while self._written < target and self._failed is None:
             self._flush_now = True
             self._wake.set()
-            await self._idle.wait()
+            self._progress.clear()
+            await self._progress.wait()
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed: {self._failed}") from self._failed
 
@@ -114,7 +121,6 @@ class SinkWriter:
         try:
             while True:
                 if not self._records:
-                    self._idle.set()
                     if self._closed:
                         return
                     self._wake.clear()
@@ -132,8 +138,8 @@ class SinkWriter:
                         continue
                 await self._write_buffered()
         finally:
-            self._idle.set()
             self._room.set()
+            self._progress.set()
 
     async def _write_buffered(self) -> None:
         records, acks = self._records, self._acks
@@ -147,12 +153,16 @@ class SinkWriter:
                 await self.sink.write(chunk)
                 for ack in acks[i : i + step]:
                     ack.release()
+                self._written += len(chunk)
+                self._progress.set()
                 self.metrics.incr(f"sink.{self.name}.written", len(chunk))
         except SinkError as exc:
             self._failed = exc
+            self._progress.set()
             raise
         except Exception as exc:
             self._failed = exc
+            self._progress.set()
             raise SinkError(f"sink {self.name} failed to write a batch: {exc}") from exc
 
     def close(self) -> None:

@@ -74,6 +74,12 @@ class WindowSource(Protocol):
         >>> s: WindowSource = stream_of([])
     """
 
+    current: Event[Any] | None
+    """The event being handled (the agent's error policy reads it)."""
+
+    _held: Event[Any] | None
+    """An event whose processing reference the agent's error policy takes over."""
+
     @property
     def _lane(self) -> _Lane: ...
 
@@ -294,9 +300,17 @@ class WindowedStream:
             time_ms = item.time if event_time else self._arrival_wall()
             if time_ms is None:
                 await stream.dead_letter(item, "no event time")
-            elif not op.on_event(item.key, time_ms, item.value, item.hold):
-                op.late.clear()
-                await self._late_event(item, time_ms)
+            else:
+                try:
+                    added = op.on_event(item.key, time_ms, item.value, item.hold)
+                except Exception:
+                    # an aggregate raised: the agent's error policy takes this event over
+                    stream.current = item
+                    stream._held = item
+                    raise
+                if not added:
+                    op.late.clear()
+                    await self._late_event(item, time_ms)
             item.release()
             if op.results:
                 self._collect()

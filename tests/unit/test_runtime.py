@@ -394,3 +394,104 @@ async def test_lane_and_ack_gauges_are_reported_in_the_metrics() -> None:
         assert app.metrics.get("lanes.peak") >= 9
         gate.set()
         await run.finish()
+
+
+async def _run_numbers(app: af.App, values: list[Any]) -> TestRun:
+    async with TestRun(app) as run:
+        await run.send_many("numbers", values)
+        await run.finish()
+    return run
+
+
+async def test_a_map_that_raises_dead_letters_that_event_and_commits_after_it() -> None:
+    app = af.App("badmap")
+    numbers = app.topic("numbers")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(numbers)
+    async def inverse(stream: af.Stream[int]) -> None:
+        async for v in stream.map(lambda n: 12 // n):
+            await out.send(None, v)
+
+    run = await _run_numbers(app, [0, 1, 0, 2, 3])
+    assert out.sink.values == [12, 6, 4]
+    assert [r.value for r in run.dead_letters()] == [b"0", b"0"]
+    assert run.broker.committed("badmap", "numbers", 0) == 5
+
+
+async def test_a_failing_batch_is_dead_lettered_whole_and_the_rest_goes_on() -> None:
+    app = af.App("badbatch")
+    numbers = app.topic("numbers")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(numbers)
+    async def sums(stream: af.Stream[int]) -> None:
+        async for batch in stream.batch(3, timeout=0.05):
+            if 0 in batch:
+                raise ValueError("zero in batch")
+            await out.send(None, sum(batch))
+
+    run = await _run_numbers(app, [1, 0, 2, 3, 4, 5])
+    assert out.sink.values == [12]
+    assert [r.value for r in run.dead_letters()] == [b"1", b"0", b"2"]
+    assert run.broker.committed("badbatch", "numbers", 0) == 6
+
+
+async def test_an_unhashable_key_is_a_dead_letter_not_a_crash() -> None:
+    app = af.App("badkey")
+    numbers = app.topic("numbers", key=lambda v: v["k"])
+    seen: list[Any] = []
+
+    @app.agent(numbers, concurrency=2)
+    async def keep(stream: af.Stream[Any]) -> None:
+        async for v in stream:
+            seen.append(v)
+
+    run = await _run_numbers(app, [{"k": "a"}, {"k": ["x"]}, {"k": "b"}])
+    assert seen == [{"k": "a"}, {"k": "b"}] or seen == [{"k": "b"}, {"k": "a"}]
+    assert "unhashable" in reason_of(run.dead_letters()[0])
+
+
+async def test_flush_returns_while_other_lanes_keep_sending() -> None:
+    from asyncflow.protocols import SinkRecord
+    from asyncflow.writer import SinkWriter
+
+    sink = CaptureSink("busy", delay=0.001, max_batch=10, linger=0.001)
+    writer = SinkWriter(sink)
+    stop = asyncio.Event()
+
+    async def keep_sending() -> None:
+        while not stop.is_set():
+            await writer.send(SinkRecord(None, 1))
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(writer.run())
+        sender = tg.create_task(keep_sending())
+        await writer.send(SinkRecord(None, "mine"))
+        await asyncio.wait_for(writer.flush(), 5)
+        assert "mine" in sink.values
+        stop.set()
+        await sender
+        writer.close()
+
+
+async def test_a_window_aggregate_that_raises_follows_the_agents_error_policy() -> None:
+    from datetime import timedelta
+
+    app = af.App("badagg")
+    readings = app.topic("readings", time=lambda v: v["t"])
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(readings)
+    async def total(stream: af.Stream[dict[str, Any]]) -> None:
+        async for w in stream.window(af.Tumbling(timedelta(seconds=10)), aggregate=af.Sum("v")):
+            await out.send(w.key, w.value)
+
+    async with TestRun(app) as run:
+        for t, v in [(1, 1), (2, "oops"), (3, 2)]:
+            await run.send("readings", {"t": t, "v": v}, key="k")
+        await run.finish()
+        assert out.sink.values == [3]
+        assert [r.value for r in run.dead_letters()] == [b'{"t":2,"v":"oops"}']
+        assert run.broker.committed("badagg", "readings", 0) == 3
