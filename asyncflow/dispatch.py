@@ -224,6 +224,19 @@ class Dispatcher:
             self._pending_time.pop(p, None)
             self.watermarks.revoke(p)
 
+    def abandon_parked(self) -> int:
+        """Stopping: parked parts stay undelivered and uncommitted; returns their events."""
+        n = 0
+        for parked in self._parked.values():
+            for _, part in parked:
+                for ev in part:
+                    ev.abandon()
+                n += len(part)
+        self._parked.clear()
+        self._blocked.clear()
+        self._pending_time.clear()
+        return n
+
     def assign(self, partitions: Sequence[Hashable]) -> None:
         for p in partitions:
             self.watermarks.assign(p)

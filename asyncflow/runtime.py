@@ -320,7 +320,7 @@ class Runtime:
                 if not r.ended.is_set():
                     # a stop, not the end of the input: what no lane has started waits
                     # for the replay instead of holding up the shutdown
-                    left = r.abandon_queued(lambda e: True)
+                    left = r.abandon_queued(lambda e: True) + r.dispatcher.abandon_parked()
                     if left:
                         log.info("stopping: %d queued events left for the replay", left)
                     r.dispatcher.close_lanes()
