@@ -381,7 +381,6 @@ class Runtime:
         app = self.app
         by_channel: dict[str, list[list[LaneQueue]]] = {}
         jobs: list[Any] = []
-        runner_of: dict[str, SourceRunner] = {}
         pending_lanes: list[tuple[Any, LaneQueue, LaneContext, str]] = []
         for agent in app.agents.values():
             queues = []
@@ -400,18 +399,13 @@ class Runtime:
             if ch.source is None:
                 broker_routes[name] = route
             else:
-                r = SourceRunner(self, ch.source, {name: route})
-                runners.append(r)
-                runner_of[name] = r
+                runners.append(SourceRunner(self, ch.source, {name: route}))
         if broker_routes:
             specs = [app.channels[n].spec for n in broker_routes]
             src = broker.source(specs, app.id)
             if hasattr(src, "fetch_max"):
                 src.fetch_max = app.fetch_max
-            r = SourceRunner(self, src, broker_routes)
-            runners.append(r)
-            for n in broker_routes:
-                runner_of[n] = r
+            runners.append(SourceRunner(self, src, broker_routes))
         for agent, q, ctx, ch_name in pending_lanes:
             dead = self._dead_letter_fn(ch_name)
             stream: Stream[Any] = Stream(q, ctx, metrics=app.metrics, dead_letter=dead)

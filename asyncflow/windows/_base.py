@@ -85,6 +85,22 @@ class LateEvent(NamedTuple):
     value: Any
 
 
+def check_assigner(assigner: object) -> None:
+    """Raise ``TypeError`` unless ``assigner`` is a window assigner.
+
+    Example:
+        >>> check_assigner(5)
+        Traceback (most recent call last):
+        ...
+        TypeError: a window operator needs a window assigner (Tumbling, Hopping, Session, ...), got int
+    """
+    if not isinstance(assigner, WindowAssigner):
+        raise TypeError(
+            "a window operator needs a window assigner (Tumbling, Hopping, Session, ...),"
+            f" got {type(assigner).__name__}"
+        )
+
+
 class _OperatorBase:
     """Configuration and state of every engine; ``WindowOperator`` adds the public methods.
 
@@ -122,10 +138,7 @@ class _OperatorBase:
         emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
     ) -> None:
-        if not isinstance(assigner, WindowAssigner):
-            raise TypeError(
-                f"expected a window assigner (Tumbling, Hopping, ...), got {assigner!r}"
-            )
+        check_assigner(assigner)
         if emit not in ("final", "updates"):
             raise ValueError(f'emit must be "final" or "updates", got {emit!r}')
         agg = as_aggregate(aggregate)

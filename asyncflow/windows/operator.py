@@ -72,6 +72,7 @@ from asyncflow.windows._base import (
     PurgedWindow,
     WindowResult,
     _OperatorBase,
+    check_assigner,
 )
 from asyncflow.windows.aggregates import Aggregate
 from asyncflow.windows.assigners import MAX_TIME, MIN_TIME, WindowAssigner
@@ -103,11 +104,7 @@ class WindowOperator(_OperatorBase):
     def __new__(cls, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> Self:
         impl: type[WindowOperator] = cls
         if cls is WindowOperator:
-            if not isinstance(assigner, WindowAssigner):
-                raise TypeError(
-                    f"a window operator needs a window assigner (Tumbling, Hopping, Session, ...),"
-                    f" got {type(assigner).__name__}"
-                )
+            check_assigner(assigner)
             if assigner.is_merging:
                 impl = _SessionOperator
             elif not assigner.is_event_time:
