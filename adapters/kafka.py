@@ -2,8 +2,9 @@
 
 Found through the ``asyncflow.brokers`` entry point ``kafka`` (URL scheme
 ``kafka://``). The pieces live in ``kafka_config`` (URL and options),
-``kafka_source`` (consumer) and ``kafka_sink`` (producer); this module holds
-the broker and topic management.
+``kafka_source`` (consumer), ``kafka_sink`` (producer) and ``kafka_changelog``
+(durable state's changelog topics); this module holds the broker and topic
+management.
 
 URL: ``kafka://host:port[,host:port][?option=value&...]``. Options, from the
 query string or the ``options`` mapping (which wins): ``client_id``,
@@ -32,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,15 +41,17 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
 
+from adapters.kafka_changelog import KafkaChangelog
 from adapters.kafka_config import URL_FORM, KafkaSettings, describe, redact_url, start_client
 from adapters.kafka_sink import KafkaSink, kafka_partition
 from adapters.kafka_source import KafkaSource, KafkaSourceError
 from asyncflow.errors import BrokerUnavailable, ConfigError, TopicMissing
-from asyncflow.protocols import TopicSpec
+from asyncflow.protocols import RawRecord, SinkRecord, TopicSpec
 
 __all__ = [
     "URL_FORM",
     "KafkaBroker",
+    "KafkaChangelog",
     "KafkaSettings",
     "KafkaSink",
     "KafkaSource",
@@ -58,14 +62,15 @@ __all__ = [
 log = logging.getLogger("asyncflow.kafka")
 
 _TOPIC_ALREADY_EXISTS = 36
+_CLEANUP_POLICY = "cleanup.policy"
 
 
 class KafkaBroker:
-    """A Kafka cluster as an asyncflow ``Broker`` (``asyncflow.protocols.Broker``).
+    """A Kafka cluster as an asyncflow ``Broker`` and ``ChangelogBroker`` (see ``protocols``).
 
     ``KafkaBroker(url, options)`` only parses its settings (``ConfigError`` if
     they are wrong); connections open when a source or sink starts or a topic
-    call is made.
+    or changelog call is made.
 
     Example:
         >>> broker = KafkaBroker("kafka://k1:9092,k2:9092", {"client_id": "etl"})
@@ -82,6 +87,7 @@ class KafkaBroker:
         self.url = redact_url(url)
         self._admin: Any = None
         self._admin_lock: asyncio.Lock | None = None
+        self._changelog = KafkaChangelog(self.settings, self.url)
 
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
         """A consumer-group member reading ``topics`` as ``group_id`` (not started).
@@ -138,6 +144,82 @@ class KafkaBroker:
         if missing:
             await self._create(list(missing.values()))
 
+    async def ensure_changelogs(self, topics: Sequence[TopicSpec]) -> None:
+        """Create missing changelog topics, compacted (``cleanup.policy=compact``).
+
+        The spec's ``config`` is kept and ``cleanup.policy`` added to it; a spec
+        whose policy does not include ``compact`` is a ``ConfigError`` (a
+        ``delete`` policy would drop state). Like ``ensure_topics``: a missing
+        topic whose spec says ``create=False``, or a broker with
+        ``create_topics=false``, raises ``TopicMissing`` and nothing is
+        created; existing topics are left as they are, with a warning when
+        they have fewer partitions than asked (appends for the partitions
+        they lack fail). Calling it again, or from several workers at once,
+        is harmless.
+
+        Example:
+            >>> async def main():  # doctest: +SKIP
+            ...     await broker.ensure_changelogs([TopicSpec("app-c-changelog", partitions=4)])
+        """
+        specs = [_compacted(spec) for spec in topics]
+        existing = await self.list_topics()
+        missing: dict[str, TopicSpec] = {}
+        for spec in specs:
+            count = existing.get(spec.name)
+            if count is None:
+                missing.setdefault(spec.name, spec)
+            elif count < spec.partitions:
+                log.warning(
+                    "changelog topic %r has %d partitions, fewer than the %d asked; "
+                    "state of source partitions %d and above cannot be written to it",
+                    spec.name,
+                    count,
+                    spec.partitions,
+                    count,
+                )
+        for spec in missing.values():
+            if not (spec.create and self.settings.create_topics):
+                raise TopicMissing(spec.name, self.url)
+        if missing:
+            await self._create(list(missing.values()))
+
+    async def append(self, topic: str, partition: int, records: Sequence[SinkRecord]) -> int:
+        """Write ``records`` in order to one changelog partition; the offset of the last one.
+
+        Returns once they are durable (``acks=all``). ``key``/``value`` are bytes,
+        ``value=None`` is a tombstone, ``headers`` are kept. Raises
+        ``SinkError`` naming the topic and partition if the broker does not
+        acknowledge them after the producer's retries. See
+        ``KafkaChangelog.append``.
+
+        Example:
+            >>> async def main():  # doctest: +SKIP
+            ...     await broker.append("app-c-changelog", 0, [SinkRecord(b"k", b"1")])
+            41
+        """
+        return await self._changelog.append(topic, partition, records)
+
+    async def read_changelog(
+        self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000
+    ) -> list[RawRecord]:
+        """Records of one changelog partition from offset ``start`` on, at most ``max_records``.
+
+        ``[]`` if none arrived within ``timeout`` seconds. The records are
+        aiokafka ``ConsumerRecord`` s (``offset``, ``key``, ``value``,
+        ``timestamp``, ``headers``). No consumer group is joined and nothing is
+        committed. Records written by ``append`` can be read as soon as it
+        returned. See ``KafkaChangelog.read``.
+
+        Example:
+            >>> async def main():  # doctest: +SKIP
+            ...     records = await broker.read_changelog("app-c-changelog", 0, 40, timeout=1)
+            ...     [r.offset for r in records]
+            [40, 41]
+        """
+        return await self._changelog.read(
+            topic, partition, start, timeout=timeout, max_records=max_records
+        )
+
     async def _create(self, specs: list[TopicSpec]) -> None:
         admin = await self._admin_client()
         replication = self.settings.replication_factor
@@ -181,10 +263,19 @@ class KafkaBroker:
         }
 
     async def close(self) -> None:
-        """Close the admin connection (sources and sinks are stopped by their owners)."""
+        """Close the admin connection and the changelog clients.
+
+        Sources and sinks are stopped by their owners.
+
+        Example:
+            >>> asyncio.run(KafkaBroker("kafka://localhost", {}).close())
+        """
         admin, self._admin = self._admin, None
-        if admin is not None:
-            await admin.close()
+        try:
+            await self._changelog.close()
+        finally:
+            if admin is not None:
+                await admin.close()
 
     async def _admin_client(self) -> Any:
         if self._admin is not None:
@@ -210,3 +301,22 @@ class KafkaBroker:
             ) from None
         except KafkaError as exc:
             raise BrokerUnavailable(self.url, describe(exc)) from None
+
+
+def _compacted(spec: TopicSpec) -> TopicSpec:
+    """``spec`` with ``cleanup.policy=compact`` in its config (a policy without it is an error).
+
+    Example:
+        >>> _compacted(TopicSpec("c", config={"retention.ms": "-1"})).config
+        {'retention.ms': '-1', 'cleanup.policy': 'compact'}
+        >>> _compacted(TopicSpec("c", config={"cleanup.policy": "compact,delete"})).config
+        {'cleanup.policy': 'compact,delete'}
+    """
+    config = dict(spec.config)
+    policy = config.setdefault(_CLEANUP_POLICY, "compact")
+    if "compact" not in (p.strip() for p in policy.split(",")):
+        raise ConfigError(
+            f"changelog topic {spec.name!r} has cleanup.policy={policy!r}; a changelog must be "
+            "compacted (cleanup.policy=compact, or compact,delete)"
+        )
+    return dataclasses.replace(spec, config=config)

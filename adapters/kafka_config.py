@@ -276,6 +276,45 @@ class KafkaSettings:
         )
         return args
 
+    def changelog_producer_args(self) -> dict[str, Any]:
+        """Keyword arguments for the changelog producer: ``acks=all`` whatever ``acks`` says.
+
+        Idempotence follows ``enable_idempotence``, as for the sink.
+
+        Example:
+            >>> s = KafkaSettings.parse("kafka://k?acks=1")
+            >>> args = s.changelog_producer_args()
+            >>> args["acks"], args["enable_idempotence"]
+            (-1, False)
+        """
+        args = self.producer_args()
+        args["acks"] = -1
+        return args
+
+    def reader_args(self) -> dict[str, Any]:
+        """Keyword arguments for a changelog reader: no group, no commits, no offset reset.
+
+        ``auto_offset_reset="none"``: a read from an offset the broker does not
+        have raises instead of silently jumping to the start or the end.
+
+        Example:
+            >>> args = KafkaSettings.parse("kafka://k").reader_args()
+            >>> args["group_id"], args["enable_auto_commit"], args["isolation_level"]
+            (None, False, 'read_uncommitted')
+        """
+        args = self.client_args()
+        args.update(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="none",
+            isolation_level="read_uncommitted",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            fetch_min_bytes=self.fetch_min_bytes,
+            fetch_max_bytes=self.fetch_max_bytes,
+            max_partition_fetch_bytes=self.max_partition_fetch_bytes,
+        )
+        return args
+
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "client_id": _text,

@@ -36,7 +36,7 @@ from aiokafka.errors import (
 )
 
 from adapters.kafka_config import KafkaSettings, describe, start_client
-from asyncflow.errors import AsyncflowError
+from asyncflow.errors import AsyncflowError, BrokerUnavailable
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, TopicPartition
 
 log = logging.getLogger("asyncflow.kafka")
@@ -240,6 +240,52 @@ class KafkaSource:
                     f"{describe(exc)}"
                 ) from exc
             log.warning("Kafka commit for group %s failed: %s", self.group_id, exc)
+
+    async def committed(self, partitions: Collection[Partition]) -> dict[Partition, int | None]:
+        """The offset of the last record the group's last commit covers, per partition.
+
+        That is Kafka's committed offset minus one (``commit`` stores
+        ``offset + 1``), or ``None`` where the group never committed. Works for
+        any partition of the group's topics, assigned here or not, and from
+        inside ``on_assigned``. Needs a started source; the broker must answer
+        within ``request_timeout_ms``, else ``BrokerUnavailable``.
+
+        Example:
+            >>> async def resume_from(source: KafkaSource) -> None:  # doctest: +SKIP
+            ...     await source.committed([TopicPartition("rides", 0)])
+            {TopicPartition(topic='rides', partition=0): 41}
+        """
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("KafkaSource.committed() while not running; call start() first")
+        wanted = list(dict.fromkeys(partitions))
+        if not wanted:
+            return {}
+        timeout_ms = self.settings.request_timeout_ms
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                offsets = await asyncio.gather(*(consumer.committed(_to_kafka(p)) for p in wanted))
+        except TimeoutError:
+            raise BrokerUnavailable(
+                self.url,
+                f"asking for the committed offsets of group {self.group_id} got no answer "
+                f"within request_timeout_ms={timeout_ms}",
+            ) from None
+        except KafkaError as exc:
+            if exc.retriable or isinstance(exc, KafkaConnectionError):
+                raise BrokerUnavailable(
+                    self.url,
+                    f"asking for the committed offsets of group {self.group_id} failed: "
+                    f"{describe(exc)}",
+                ) from None
+            raise KafkaSourceError(
+                f"reading the committed offsets of group {self.group_id} on {self.url} "
+                f"failed: {describe(exc)} (check the group's ACLs)"
+            ) from exc
+        return {
+            p: None if offset is None else int(offset) - 1
+            for p, offset in zip(wanted, offsets, strict=True)
+        }
 
     async def stop(self) -> None:
         """Leave the group and close the connection.

@@ -16,7 +16,6 @@ Example:
     ...         print("hello", g.name)
 """
 
-from asyncflow.acks import AckTracker
 from asyncflow.agent import Agent, ErrorPolicy, Retry
 from asyncflow.app import App
 from asyncflow.channels import Channel, Output, SinkOutput, Topic
@@ -46,6 +45,7 @@ from asyncflow.protocols import (
     Record as RawRecordData,
 )
 from asyncflow.records import EventTime, Record, to_builtins
+from asyncflow.state import KeyedState, Table
 from asyncflow.stream import Stream
 from asyncflow.windows import (
     Collect,
@@ -71,12 +71,12 @@ from asyncflow.windows import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AckTracker", "Agent", "AgentError", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
+    "Agent", "AgentError", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
     "Channel", "Clock", "Codec", "Collect", "ConfigError", "Count", "DecodeError", "ErrorPolicy",
     "Event", "EventTime", "First", "Hopping", "JsonCodec", "Last", "ManualClock", "Max", "Mean",
     "MemoryBroker", "Min", "Output", "ProcessingHopping", "ProcessingTumbling", "RawBatch",
     "RawCodec", "RawRecordData", "Record", "Retry", "Session", "Sink", "SinkError", "SinkOutput",
-    "SinkRecord", "Source", "StrCodec", "Stream", "Sum", "SystemClock", "Topic", "TopicMissing",
+    "SinkRecord", "Source", "StrCodec", "Stream", "Sum", "SystemClock", "Table", "KeyedState", "Topic", "TopicMissing",
     "TopicPartition", "TopicSpec", "Tumbling", "Watermark", "WindowResult", "WindowedStream",
     "fold", "reduce", "to_builtins", "to_epoch_ms", "__version__",
 ]

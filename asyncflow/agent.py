@@ -8,7 +8,11 @@ sends the event to the dead-letter output and carries on with the next one,
 agent, lane, key and source position.
 
 An agent written as an async generator sends what it yields to its ``sink``
-outputs, keyed by the key of the event being handled.
+outputs, keyed by the key of the event (or window result) being handled.
+
+An agent body must read its stream until the stream ends: one that returns
+earlier stops the worker with an ``AgentError``, since the events left in its
+lane could never be checkpointed.
 
 Example:
     >>> Retry(times=2, backoff=0.1).delay(2)
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from asyncflow.errors import AgentError
-from asyncflow.stream import LaneContext, Stream, current_lane
+from asyncflow.event import Event
+from asyncflow.stream import LaneContext, Stream
 
 if TYPE_CHECKING:
     from asyncflow.channels import Channel, Output
@@ -93,18 +98,26 @@ class Agent:
 
     async def run_lane(self, stream: Stream[Any], lane: LaneContext) -> None:
         """Run the agent function on one lane until its input ends."""
-        current_lane.set(lane)
         failed_offset: tuple[Any, int] | None = None
         attempts = 0
         try:
             while True:
                 try:
                     await self._body(stream)
+                    if not stream.input_ended:
+                        raise AgentError(
+                            f"agent {self.name!r} lane {lane.index} returned before its input "
+                            "ended; an agent must read its stream to the end (the events left in "
+                            "its lane could never be committed)"
+                        )
                     return
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, AgentError):
                     raise
                 except Exception as exc:
                     events = stream._take_in_flight()
+                    from_result = not events and stream._window_key is not _no_key()
+                    if from_result:  # raised while handling a window result: that is what failed
+                        events = [_result_event(stream)]
                     ev = events[-1] if events else None
                     where = (events[0].partition, events[0].offset) if events else None
                     attempts = attempts + 1 if where == failed_offset else 1
@@ -116,7 +129,7 @@ class Agent:
                         desc += f" (a batch of {len(events)} events)"
                     reason = f"{type(exc).__name__}: {exc}"
                     policy = self.on_error
-                    if isinstance(policy, Retry) and attempts <= policy.times and events:
+                    if isinstance(policy, Retry) and attempts <= policy.times and events and not from_result:
                         delay = policy.delay(attempts)
                         log.warning(
                             "agent %s lane %d failed on %s (%s); retry %d/%d in %.2fs",
@@ -128,8 +141,6 @@ class Agent:
                         continue
                     action = policy.then if isinstance(policy, Retry) else policy
                     if action == "stop" or not events:
-                        for e in events:
-                            e.abandon()
                         log.error("agent %s lane %d failed on %s: %s; stopping", self.name,
                                   lane.index, desc, reason)
                         raise AgentError(
@@ -140,7 +151,6 @@ class Agent:
                               self.name, lane.index, desc, reason)
                     for e in events:
                         await stream.dead_letter(e, f"agent {self.name} raised {reason}")
-                        e.release()
         finally:
             stream.close()
 
@@ -151,7 +161,21 @@ class Agent:
             return
         sinks = self.sinks
         async for out in self.fn(stream):
-            ev = stream.current
-            key = ev.key if ev is not None else None
+            key = stream.output_key
             for s in sinks:
                 await s.send(key, out)
+
+
+def _no_key() -> Any:
+    from asyncflow.stream import _NO_KEY
+
+    return _NO_KEY
+
+
+def _result_event(stream: Stream[Any]) -> Event[Any]:
+    """The window result being handled when the body raised, as an event for the error policy."""
+    key = stream._window_key
+    stream._window_key = _no_key()
+    ev = stream.current
+    return Event(key, {"window_result_of_key": key}, None, (),
+                 ev.partition if ev is not None else None, -1)

@@ -12,7 +12,18 @@ argument                          environment variable            default
 ``commit_interval`` (s)           ``ASYNCFLOW_COMMIT_INTERVAL``   1.0
 ``idle_timeout`` (s)              ``ASYNCFLOW_IDLE_TIMEOUT``      10.0
 ``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         2000
+``state_dir``                     ``ASYNCFLOW_STATE_DIR``         see below
+``state_store``                   ``ASYNCFLOW_STATE_STORE``       ``rocksdb``
+``max_time_ahead`` (s)            ``ASYNCFLOW_MAX_TIME_AHEAD``    86400 (1 day)
 ================================  ==============================  ==============
+
+State (tables and window state) lives in a local store per (app, table,
+partition) under ``state_dir`` (default ``$XDG_STATE_HOME/asyncflow``, i.e.
+``~/.local/state/asyncflow``; on the memory broker, whose offsets end with the
+process, a temporary directory of the run's own), ``state_store`` is
+``rocksdb``, ``lmdb``, ``sqlite`` or ``memory``. ``max_time_ahead`` bounds how
+far one event's time may be ahead of its partition's event time and of the
+wall clock (``none`` turns the guard off); an event beyond it is a dead letter.
 
 Example:
     >>> import asyncflow as af
@@ -40,13 +51,33 @@ from asyncflow.codecs import Codec
 from asyncflow.errors import ConfigError
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import Broker, Sink, Source
+from asyncflow.state.table import Table
 from asyncflow.stream import Stream
 
 if TYPE_CHECKING:
     from asyncflow.runtime import Runtime
 
 T = TypeVar("T")
+V = TypeVar("V")
+
+DEFAULT_STATE_STORE = "rocksdb"
+"""The local store used unless ``state_store`` / ``ASYNCFLOW_STATE_STORE`` names another."""
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env_seconds_or_none(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds (or 'none')") from None
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds (or 'none')")
+    return value
 
 
 def _env_float(name: str, default: float) -> float:
@@ -93,6 +124,9 @@ class App:
         drain_timeout: float = 10.0,
         shutdown_timeout: float = 30.0,
         watermark_interval: float = 0.2,
+        state_dir: str | None = None,
+        state_store: str | None = None,
+        max_time_ahead: timedelta | None | str = "default",
     ) -> None:
         if not id or not all(c.isalnum() or c in "-_." for c in id):
             raise ConfigError(f"app id {id!r} must be non-empty letters, digits, '-', '_' or '.'")
@@ -114,6 +148,27 @@ class App:
         self.drain_timeout = drain_timeout
         self.shutdown_timeout = shutdown_timeout
         self.watermark_interval = watermark_interval
+        self.state_dir = state_dir or os.environ.get("ASYNCFLOW_STATE_DIR") or None
+        from asyncflow.state.store import STORE_KINDS
+
+        store = state_store or os.environ.get("ASYNCFLOW_STATE_STORE") or DEFAULT_STATE_STORE
+        if store not in STORE_KINDS:
+            raise ConfigError(
+                f"state store {store!r} (state_store / ASYNCFLOW_STATE_STORE) is not known; "
+                f"use one of: {', '.join(STORE_KINDS)}"
+            )
+        self.state_store = store
+        ahead: float | None
+        if isinstance(max_time_ahead, str):
+            ahead = _env_seconds_or_none("ASYNCFLOW_MAX_TIME_AHEAD", 86_400.0)
+        elif max_time_ahead is None:
+            ahead = None
+        else:
+            ahead = max_time_ahead.total_seconds()
+            if ahead <= 0:
+                raise ConfigError(f"max_time_ahead must be positive or None, got {max_time_ahead}")
+        self.max_time_ahead_ms: int | None = None if ahead is None else int(ahead * 1000)
+        self.tables: dict[str, Table[Any]] = {}
         self.channels: dict[str, Channel[Any]] = {}
         self.sinks: dict[str, SinkOutput] = {}
         self.agents: dict[str, Agent] = {}
@@ -204,6 +259,32 @@ class App:
         )
         self.channels[name] = ch
         return ch
+
+    def table(
+        self,
+        name: str,
+        *,
+        default: V | None = None,
+        value_type: type[V] | None = None,
+        codec: str | Codec[Any] | None = None,
+        ttl: timedelta | None = None,
+    ) -> Table[V]:
+        """Declare a table: keyed state agents read and write with ``stream.state(table)``.
+
+        Its values are checkpointed with the source offsets into a local store
+        and the changelog topic ``<app>-<name>-changelog``, and restored with
+        their partition on whichever worker reads it next (``asyncflow.state``).
+
+        Example:
+            >>> from datetime import timedelta
+            >>> App("a").table("last-seen", ttl=timedelta(days=1)).ttl_ms
+            86400000
+        """
+        if name in self.tables:
+            raise ConfigError(f"a table named {name!r} is already declared")
+        table: Table[V] = Table(name, default=default, value_type=value_type, codec=codec, ttl=ttl)
+        self.tables[name] = table
+        return table
 
     def sink(self, sink: Sink) -> SinkOutput:
         """Register an external sink; agents ``await out.send(key, value)`` to it.

@@ -3,8 +3,8 @@
 A ``Channel`` says how to read one input: its codec, how to get an event's key
 and event time. A ``Topic`` is a channel on the app's broker that can also be
 sent to. A ``SinkOutput`` wraps an external sink (DynamoDB, Kinesis, ...).
-Sending inside an agent keeps the event being handled uncommitted until the
-output is durable.
+What agents send is flushed before the offsets of the events it came from are
+committed (``asyncflow.checkpoint``).
 
 Example:
     >>> import asyncflow as af
@@ -20,12 +20,10 @@ from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from asyncflow.acks import NO_ACK
 from asyncflow.codecs import Codec, StrCodec, codec_for
 from asyncflow.errors import ConfigError
 from asyncflow.protocols import Sink, SinkRecord, Source, TopicSpec
 from asyncflow.records import Record, datetime_to_ms, event_time_ms
-from asyncflow.stream import current_lane
 from asyncflow.writer import SinkWriter
 
 if TYPE_CHECKING:
@@ -68,6 +66,17 @@ def _time_getter(time: str | Callable[[Any], Any] | None, value_type: Any) -> Ca
     return to_ms
 
 
+def _time_field(time: Any, value_type: Any, getter: Any) -> str:
+    """What the event time is read from, for messages about it."""
+    if isinstance(time, str):
+        return time
+    if callable(time):
+        return getattr(time, "__name__", "time function")
+    if getter is not None and isinstance(value_type, type) and issubclass(value_type, Record):
+        return str(value_type._time_field)
+    return "record timestamp"
+
+
 class Channel(Generic[T]):
     """An input stream definition: name, codec, key and event time.
 
@@ -96,6 +105,7 @@ class Channel(Generic[T]):
         self.key_fn = key
         self.key_codec: Codec[Any] = key_codec or StrCodec()
         self.time_ms = _time_getter(time, value_type)
+        self.time_field = _time_field(time, value_type, self.time_ms)
         self.source = source
         self.spec = TopicSpec(name, partitions=partitions, create=create)
         self._app = app
@@ -139,10 +149,11 @@ class Output:
     def send(
         self, key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()
     ) -> Awaitable[Any]:
-        """Send one record; inside an agent, the event being handled waits for its flush.
+        """Send one record: buffered at once, durable by the next checkpoint.
 
-        The record is buffered at once; awaiting the result waits only while the
-        sink's buffer is full (backpressure), so a fast path costs no coroutine.
+        Awaiting the result waits only while the sink's buffer is full
+        (backpressure), so a fast path costs no coroutine. Offsets are committed
+        only after every sink has written what was sent before the checkpoint.
 
         Example:
             >>> import asyncflow as af, asyncio
@@ -154,8 +165,7 @@ class Output:
             asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
         """
         writer = self._bound or self._writer()
-        lane = current_lane.get()
-        writer.add(self._record(key, value, headers), NO_ACK if lane is None else lane.current)
+        writer.add(self._record(key, value, headers))
         room = writer._room
         if room.is_set():
             return _READY

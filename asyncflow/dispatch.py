@@ -2,9 +2,15 @@
 
 For each raw batch from a source partition the dispatcher decodes every record
 with its channel's codec (a record that fails goes to the dead-letter output
-with its raw bytes, position and reason), opens ack tracking for the batch
-(one reference per consuming agent), hashes each key to a lane of every agent
-and appends the events to those lanes' queues: one list per lane, no await.
+with its raw bytes, position and reason), hashes each key to a lane of every
+agent and appends the events to those lanes' queues: one list per lane, no
+await. An event time further ahead than ``max_time_ahead`` of both the
+partition's event time and the wall clock is a dead letter too: one bad clock
+must not stall a partition's windows for good.
+
+For checkpoints it keeps, per partition, the *cut*: the offset up to which
+every record read is in a lane queue (``cut``). Records the restored state
+already reflects (a replay after a crash) are dropped before decoding.
 
 A lane without room gets nothing more from that partition: the part is parked,
 the partition is paused at the source, and both resume when the lane drains.
@@ -20,11 +26,12 @@ Example (the dispatcher's routing rule):
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from asyncflow.acks import AckBatch, AckTracker
 from asyncflow.channels import Channel
 from asyncflow.clock import Clock
 from asyncflow.errors import DecodeError
@@ -36,7 +43,7 @@ from asyncflow.watermarks import PartitionWatermarks
 
 log = logging.getLogger("asyncflow.dispatch")
 
-DeadLetterRaw = Callable[[str, Hashable, RawRecord, str, AckBatch, int], None]
+DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 
 
 def lane_of(key: Hashable, lanes: int) -> int:
@@ -60,28 +67,33 @@ class Route:
 
 
 class Dispatcher:
-    """Feeds one source's batches into lanes, with backpressure and watermarks."""
+    """Feeds one source's batches into lanes, with backpressure, watermarks and cuts."""
 
     def __init__(
         self,
         source: Source,
         routes: dict[str, Route],
-        tracker: AckTracker,
         watermarks: PartitionWatermarks,
         clock: Clock,
         metrics: Metrics,
         dead_letter: DeadLetterRaw,
+        *,
+        max_time_ahead_ms: int | None = None,
     ) -> None:
         self.source = source
         self.routes = routes
-        self.tracker = tracker
         self.watermarks = watermarks
         self.clock = clock
         self.metrics = metrics
+        self.max_time_ahead_ms = max_time_ahead_ms
         self._dead_letter = dead_letter
         self._parked: dict[LaneQueue, deque[tuple[Hashable, list[Event[Any]]]]] = {}
         self._blocked: dict[Hashable, set[LaneQueue]] = {}
         self._pending_time: dict[Hashable, int] = {}
+        self._read_to: dict[Hashable, int] = {}
+        self._dropped_from: dict[Hashable, int] = {}
+        self._skip_to: dict[Hashable, int] = {}
+        self._closed: set[Hashable] = set()
         self._all_lanes = [q for r in routes.values() for c in r.consumers for q in c]
         for q in self._all_lanes:
             q.on_room = self._on_room
@@ -101,24 +113,31 @@ class Dispatcher:
         records = batch.records
         if not records:
             return
+        partition = batch.partition
+        if partition in self._closed:
+            return  # read just before a revoke: the partition's next owner replays it
         route = self.routes.get(batch.topic)
         if route is None:
             raise KeyError(f"no agent reads {batch.topic!r}; the source returned it anyway")
+        self._read_to[partition] = records[-1].offset
+        skip = self._skip_to.get(partition)
+        if skip is not None:
+            if records[-1].offset <= skip:
+                return
+            records = [r for r in records if r.offset > skip]
+            del self._skip_to[partition]
         ch = route.channel
-        partition = batch.partition
         consumers = route.consumers
-        acks = self.tracker.partition(partition).open(
-            [r.offset for r in records], refs=len(consumers)
-        )
         decode = ch.codec.decode
         key_fn = ch.key_fn
         key_decode = ch.key_codec.decode
         time_fn = ch.time_ms
+        limit = self._time_limit(partition)
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
         single = parts[0] if len(consumers) == 1 else None
         n_single = len(consumers[0])
         max_time: int | None = None
-        for i, rec in enumerate(records):
+        for rec in records:
             try:
                 raw = rec.value
                 if raw is None:
@@ -132,11 +151,13 @@ class Dispatcher:
                 t = time_fn(value) if time_fn is not None else rec.timestamp
                 h = hash(key)  # an unhashable key is this record's problem too
             except Exception as exc:  # noqa: BLE001 - any failure is this record's, not ours
-                self._dead_letter(ch.name, partition, rec, _reason(exc), acks, i)
-                for _ in consumers:
-                    acks.release(i)
+                self._dead_letter(ch.name, partition, rec, _reason(exc))
                 continue
-            ev = Event(key, value, t, rec.headers, partition, rec.offset, acks, i)
+            if t is not None and limit is not None and t > limit:
+                self.metrics.incr("future_events")
+                self._dead_letter(ch.name, partition, rec, self._future_reason(ch, t, limit))
+                continue
+            ev = Event(key, value, t, rec.headers, partition, rec.offset)
             if t is not None and (max_time is None or t > max_time):
                 max_time = t
             if single is not None:
@@ -166,6 +187,25 @@ class Dispatcher:
             else:
                 self.watermarks.observe(partition, max_time, self.clock.wall_ms())
 
+    def _time_limit(self, partition: Hashable) -> int | None:
+        ahead = self.max_time_ahead_ms
+        if ahead is None:
+            return None
+        base = max(self.clock.wall_ms(), time.time_ns() // 1_000_000)  # a test clock may lag
+        frontier = self.watermarks.frontier(partition)
+        if frontier is not None and frontier > base:
+            base = frontier
+        return base + ahead
+
+    def _future_reason(self, ch: Channel[Any], t: int, limit: int) -> str:
+        ahead = self.max_time_ahead_ms or 0
+        return (
+            f"event time {_iso(t)} in field {ch.time_field!r} is more than "
+            f"{timedelta(milliseconds=ahead)} ahead of the partition's event time and the "
+            f"wall clock (limit {_iso(limit)}); raise max_time_ahead "
+            "(ASYNCFLOW_MAX_TIME_AHEAD) if such times are real"
+        )
+
     def _on_room(self, q: LaneQueue) -> None:
         parked = self._parked.get(q)
         if not parked:
@@ -194,52 +234,94 @@ class Dispatcher:
         """Whether events wait for room in a full lane."""
         return bool(self._parked)
 
-    def broadcast_watermark(self, final: bool = False) -> None:
-        """Send the current watermark (with the wall time) into every lane.
+    def broadcast_watermark(self, final: bool = False) -> dict[Hashable, int | None]:
+        """Send the current watermark (with the wall time) into every lane; returns its marks.
 
         ``final`` marks the end of a bounded input; send it only once nothing is parked.
         """
         wall = self.clock.wall_ms()
+        watermarks = self.watermarks
         for p in self._blocked:  # paused for backpressure is not idle: keep holding the mark
-            self.watermarks.observe(p, None, wall)
-        mark = Watermark(self.watermarks.current(wall), wall, final=final)
+            watermarks.observe(p, None, wall)
+        marks = watermarks.marks(wall)
+        mark = Watermark(watermarks.current(wall), wall, final=final, marks=marks)
         for q in self._all_lanes:
             q.put_watermark(mark)
+        return marks
 
-    def revoke(self, partitions: Sequence[Hashable]) -> None:
-        """Forget parked events and watermark state of partitions given up."""
-        gone = set(partitions)
-        for q, parked in list(self._parked.items()):
+    def cut(self) -> dict[Hashable, int]:
+        """Per partition, the offset up to which every record read is in a lane queue.
+
+        Records parked for a full lane, or taken back from the lanes
+        (``take_back``), and everything after them, are beyond the cut.
+        """
+        cut = dict(self._read_to)
+        for parked in self._parked.values():
             for p, part in parked:
-                if p in gone:
-                    for ev in part:  # never delivered: uncommitted, but no longer in flight
-                        ev.abandon()
-            keep = deque((p, part) for p, part in parked if p not in gone)
+                first = part[0].offset - 1
+                if first < cut.get(p, first + 1):
+                    cut[p] = first
+        for p, first in self._dropped_from.items():
+            if p in cut and first - 1 < cut[p]:
+                cut[p] = first - 1
+        return {p: o for p, o in cut.items() if o >= 0}
+
+    def take_back(self, partitions: Collection[Hashable] | None = None) -> int:
+        """Take the events no lane has started out of the queues and the parked parts.
+
+        For a revoke (``partitions``) or a stop (all): they are beyond the cut
+        from now on, so they are replayed by whoever reads the partition next.
+        Returns how many there were.
+        """
+        def gone(p: Hashable) -> bool:
+            return partitions is None or p in partitions
+
+        dropped: list[Event[Any]] = []
+        for q in self._all_lanes:
+            dropped.extend(q.drop_where(lambda e: gone(e.partition)))
+        for q, parked in list(self._parked.items()):
+            keep: deque[tuple[Hashable, list[Event[Any]]]] = deque()
+            for p, part in parked:
+                if gone(p):
+                    dropped.extend(part)
+                else:
+                    keep.append((p, part))
             if keep:
                 self._parked[q] = keep
             else:
                 del self._parked[q]
-        for p in gone:
+        for p in list(self._blocked):
+            if gone(p):
+                del self._blocked[p]
+                self._pending_time.pop(p, None)
+        for ev in dropped:
+            first = self._dropped_from.get(ev.partition)
+            if first is None or ev.offset < first:
+                self._dropped_from[ev.partition] = ev.offset
+        if partitions is not None:
+            self._closed.update(partitions)
+        return len(dropped)
+
+    def assign(
+        self, partition: Hashable, *, skip_to: int | None = None, frontier: int | None = None
+    ) -> None:
+        """Start reading a partition whose state is restored (``skip_to``: offsets it reflects)."""
+        self._closed.discard(partition)
+        self._dropped_from.pop(partition, None)
+        self.watermarks.restore(partition, frontier)
+        if skip_to is not None:
+            self._skip_to[partition] = skip_to
+
+    def forget(self, partitions: Collection[Hashable]) -> None:
+        """Partitions given up after their last checkpoint: no more reads, cuts or watermarks."""
+        for p in partitions:
+            self._closed.add(p)
+            self._read_to.pop(p, None)
+            self._dropped_from.pop(p, None)
+            self._skip_to.pop(p, None)
             self._blocked.pop(p, None)
             self._pending_time.pop(p, None)
             self.watermarks.revoke(p)
-
-    def abandon_parked(self) -> int:
-        """Stopping: parked parts stay undelivered and uncommitted; returns their events."""
-        n = 0
-        for parked in self._parked.values():
-            for _, part in parked:
-                for ev in part:
-                    ev.abandon()
-                n += len(part)
-        self._parked.clear()
-        self._blocked.clear()
-        self._pending_time.clear()
-        return n
-
-    def assign(self, partitions: Sequence[Hashable]) -> None:
-        for p in partitions:
-            self.watermarks.assign(p)
 
     def close_lanes(self) -> None:
         """End of input: lanes finish once they have drained."""
@@ -247,8 +329,14 @@ class Dispatcher:
             q.close()
 
 
+def _iso(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms since the epoch"
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, DecodeError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
-

@@ -1,12 +1,14 @@
 """The envelope of one record on its way through the worker.
 
 An ``Event`` carries the decoded value with its key, event time (epoch
-milliseconds), headers and source position, and the reference that tells the
-ack tracker when its processing is done.
+milliseconds), headers and source position. What is committed when is not
+the event's business: checkpoints decide it (``asyncflow.checkpoint``).
 
-A ``Watermark`` travels through the lane queues in order with the events: it
-says that event time has reached ``time`` (every source partition has seen
-events up to it), and carries the wall-clock time it was sent at.
+A ``Watermark`` travels through the lane queues in order with the events: per
+source partition, the event time that partition has reached (``marks``), and
+the wall-clock time it was sent at. Windows of a key follow the watermark of
+the partition the key's events come from, so a replay or a takeover sees the
+same event time as the first run did.
 
 Example:
     >>> ev = Event("sensor-1", {"t": 20.5}, time=1_700_000_000_000)
@@ -19,22 +21,19 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
-from asyncflow.acks import AckBatch
 
 T = TypeVar("T")
 
 
 class Event(Generic[T]):
-    """One decoded record: key, value, event time (ms), headers and position.
-
-    ``retain``/``release`` and ``hold``/``unhold`` adjust the record's ack
-    references (see ``asyncflow.acks``); an event built by hand tracks nothing.
+    """One decoded record: key, value, event time (ms), headers and source position.
 
     Example:
-        >>> Event("k", 1).release()  # untracked: a no-op
+        >>> Event("k", 1, time=5, partition="p0", offset=3).offset
+        3
     """
 
-    __slots__ = ("key", "value", "time", "headers", "partition", "offset", "_batch", "_index")
+    __slots__ = ("headers", "key", "offset", "partition", "time", "value")
 
     def __init__(
         self,
@@ -44,8 +43,6 @@ class Event(Generic[T]):
         headers: Sequence[tuple[str, bytes]] = (),
         partition: Hashable = None,
         offset: int = -1,
-        batch: AckBatch | None = None,
-        index: int = 0,
     ) -> None:
         self.key = key
         self.value = value
@@ -53,30 +50,6 @@ class Event(Generic[T]):
         self.headers = headers
         self.partition = partition
         self.offset = offset
-        self._batch = batch
-        self._index = index
-
-    def retain(self) -> None:
-        """Add a processing reference (the event is not done until it is released)."""
-        if self._batch is not None:
-            self._batch.retain(self._index)
-
-    def release(self) -> None:
-        """Drop a processing reference."""
-        if self._batch is not None:
-            self._batch.release(self._index)
-
-    def abandon(self) -> None:
-        """Drop a processing reference without finishing: the event stays uncommitted."""
-        if self._batch is not None:
-            self._batch.abandon(self._index)
-
-    def hold(self) -> tuple[AckBatch, int] | None:
-        """Keep the event uncommitted while a window holds it; returns the handle to unhold."""
-        if self._batch is None:
-            return None
-        self._batch.hold(self._index)
-        return (self._batch, self._index)
 
     def __repr__(self) -> str:
         return (
@@ -86,24 +59,41 @@ class Event(Generic[T]):
 
 
 class Watermark:
-    """In-band progress marker: every event with ``time`` below this has been read.
+    """In-band progress marker: per partition, the event time reached (``marks``).
 
-    ``time`` is ``None`` while no partition has produced an event time yet.
+    ``time`` is the smallest mark (``None`` while no partition has an event
+    time yet): what a window over events of no particular partition uses.
     ``wall`` is the wall-clock time (epoch ms) when the marker was sent, so
     system-time waits work even when a source is quiet. ``final`` marks the end
     of a bounded input: open windows flush.
 
     Example:
-        >>> Watermark(10_000, wall=0).time
-        10000
+        >>> w = Watermark(10_000, wall=0, marks={"p0": 10_000, "p1": 12_000})
+        >>> w.time, w.of("p1"), w.of("p9")
+        (10000, 12000, 10000)
     """
 
-    __slots__ = ("time", "wall", "final")
+    __slots__ = ("final", "marks", "time", "wall")
 
-    def __init__(self, time: int | None, wall: int, final: bool = False) -> None:
+    def __init__(
+        self,
+        time: int | None,
+        wall: int,
+        final: bool = False,
+        marks: dict[Hashable, int | None] | None = None,
+    ) -> None:
         self.time = time
         self.wall = wall
         self.final = final
+        self.marks = marks
+
+    def of(self, partition: Hashable) -> int | None:
+        """The event time partition ``partition`` has reached (``time`` if it has no mark)."""
+        marks = self.marks
+        if marks is None:
+            return self.time
+        t = marks.get(partition, self.time)
+        return self.time if t is None else t
 
     def __repr__(self) -> str:
-        return f"Watermark(time={self.time}, wall={self.wall}, final={self.final})"
+        return f"Watermark(time={self.time}, wall={self.wall}, final={self.final}, marks={self.marks})"

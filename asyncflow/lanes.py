@@ -1,6 +1,7 @@
 """Bounded lane queues: batches of events and watermarks, in order, for one lane.
 
-A lane queue is measured in events, not batches. The dispatcher never blocks
+A lane queue is measured in events, not batches; watermarks and checkpoint
+barriers travel in it too, in order with the events, and take no room. The dispatcher never blocks
 on it: it asks ``has_room`` first, and when a lane is full it pauses the source
 partition instead of buffering without bound. When the lane's consumer takes
 the queue below its low-water mark, ``on_room`` tells the dispatcher to resume.
@@ -41,7 +42,7 @@ class LaneQueue:
     def __init__(self, maxsize: int, on_room: Callable[[LaneQueue], None] | None = None) -> None:
         if maxsize < 1:
             raise ValueError("a lane queue needs room for at least one event")
-        self._items: deque[list[Any] | Watermark] = deque()
+        self._items: deque[Any] = deque()
         self.size = 0
         self.maxsize = maxsize
         self.low = maxsize // 2
@@ -72,6 +73,16 @@ class LaneQueue:
             items.append(mark)
         self._wake()
 
+    def put_barrier(self, barrier: Any) -> None:
+        """Append a checkpoint barrier (``asyncflow.checkpoint.Barrier``); it never takes room."""
+        self._items.append(barrier)
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the input ended (``close`` was called)."""
+        return self._closed
+
     def close(self) -> None:
         """No more input: ``get`` raises ``LaneClosed`` once the queue is empty."""
         self._closed = True
@@ -82,8 +93,8 @@ class LaneQueue:
         if getter is not None and not getter.done():
             getter.set_result(None)
 
-    async def get(self) -> list[Any] | Watermark:
-        """The next batch or watermark, waiting while the queue is empty."""
+    async def get(self) -> Any:
+        """The next batch, watermark or barrier, waiting while the queue is empty."""
         items = self._items
         while not items:
             if self._closed:
@@ -101,7 +112,7 @@ class LaneQueue:
                 self.on_room(self)
         return item
 
-    async def get_within(self, timeout: float) -> list[Any] | Watermark | None:
+    async def get_within(self, timeout: float) -> Any:
         """Like ``get``, but ``None`` when nothing arrived within ``timeout`` seconds."""
         if not self._items and not self._closed:
             loop = asyncio.get_running_loop()

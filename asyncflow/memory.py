@@ -67,6 +67,7 @@ class _Group:
     def __init__(self) -> None:
         self.committed: dict[TopicPartition, int] = {}
         self.members: list[MemorySource] = []
+        self.leaving: list[MemorySource] = []
         self.generation = 0
 
 
@@ -176,6 +177,35 @@ class MemoryBroker:
     async def list_topics(self) -> dict[str, int]:
         return {name: len(t.partitions) for name, t in self.topics.items()}
 
+    # -- changelogs (the ChangelogBroker protocol) ---------------------------------------
+    async def ensure_changelogs(self, topics: Sequence[TopicSpec]) -> None:
+        """Create missing changelog topics (a memory topic keeps every record: no compaction)."""
+        for spec in topics:
+            self.create_topic(spec.name, spec.partitions)
+
+    async def append(self, topic: str, partition: int, records: Sequence[SinkRecord]) -> int:
+        """Append records to one partition in order; returns the offset of the last.
+
+        Example:
+            >>> import asyncio
+            >>> b = MemoryBroker(); b.create_topic("log", 2)
+            >>> asyncio.run(b.append("log", 1, [SinkRecord(b"k", b"v"), SinkRecord(b"k", None)]))
+            1
+        """
+        last = -1
+        for r in records:
+            _, last = self.produce(topic, r.value, r.key, r.headers, r.timestamp, partition)
+        return last
+
+    async def read_changelog(
+        self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000
+    ) -> Sequence[MemoryRecord]:
+        """Records of one partition from offset ``start`` on (``[]`` after ``timeout`` if none)."""
+        log = self.topic(topic).partitions[partition]
+        if start >= len(log) and timeout > 0:
+            await self._wait_data(timeout)
+        return log[start : start + max_records]
+
     async def close(self) -> None:
         pass
 
@@ -202,6 +232,9 @@ class MemorySource:
         self._paused: set[Partition] = set()
         self._generation = -1
         self._stopped = False
+        self._revoking = False
+        self._waiting = False
+        self._assigning = False
         self._seen = time.monotonic()
 
     def _assignment(self) -> list[TopicPartition]:
@@ -237,15 +270,54 @@ class MemorySource:
         added = [tp for tp in new if tp not in self._assigned]
         assert self._listener is not None
         if revoked:
-            await self._listener.on_revoked(revoked)
+            self._revoking = True
+            try:
+                await self._listener.on_revoked(revoked)
+            finally:
+                self._revoking = False
             for tp in revoked:
                 self._positions.pop(tp, None)
                 self._paused.discard(tp)
         self._assigned = new
+        if added:
+            self._waiting = True
+            try:
+                await self._wait_released(group, added)
+            finally:
+                self._waiting = False
         for tp in added:
             self._positions[tp] = group.committed.get(tp, 0)
         if added:
-            await self._listener.on_assigned(added)
+            self._assigning = True  # restoring state may take a while: not a dead member
+            try:
+                await self._listener.on_assigned(added)
+            finally:
+                self._assigning = False
+                self._seen = time.monotonic()
+
+    async def _wait_released(self, group: _Group, added: list[TopicPartition]) -> None:
+        """Like Kafka's rebalance: take partitions only once their last owner let them go.
+
+        Their owner gives them up at its next fetch (after its revoke handler
+        checkpointed them); one that stopped fetching for a session timeout is
+        evicted, as a crashed Kafka member would be.
+        """
+        wanted = set(added)
+        while True:
+            holders = [
+                m for m in (*group.members, *group.leaving)
+                if m is not self and wanted & set(m._assigned)
+            ]
+            if not holders:
+                return
+            now = time.monotonic()
+            for m in holders:
+                alive = m._revoking or m._waiting or m._assigning
+                if now - m._seen > max(self.broker.session_timeout, 0.5) and not alive:
+                    if m in group.members:
+                        group.members.remove(m)
+                    m._assigned = []
+            await asyncio.sleep(0.005)
 
     async def fetch(self, timeout: float) -> list[RawBatch]:
         self._seen = time.monotonic()
@@ -255,6 +327,9 @@ class MemorySource:
         batches = self._read()
         if not batches and timeout > 0 and not self.exhausted:
             await self.broker._wait_data(timeout)
+            self._seen = time.monotonic()
+            if self._generation != group.generation:
+                return []  # rebalance at the next fetch, before reading anything more
             batches = self._read()
         return batches
 
@@ -289,6 +364,15 @@ class MemorySource:
         self._paused.difference_update(partitions)
         self.broker._notify()
 
+    async def committed(self, partitions: Collection[Partition]) -> dict[Partition, int | None]:
+        """Per partition, the last offset the group's commit covers (``None``: none yet)."""
+        committed = self.broker._group(self.group_id).committed
+        out: dict[Partition, int | None] = {}
+        for p in partitions:
+            c = committed.get(p) if isinstance(p, TopicPartition) else None
+            out[p] = None if c is None else c - 1
+        return out
+
     async def commit(self, positions: Mapping[Partition, int]) -> None:
         committed = self.broker._group(self.group_id).committed
         for p, offset in positions.items():
@@ -303,9 +387,15 @@ class MemorySource:
         if self in group.members:
             group.members.remove(self)
             group.generation += 1
-        if self._listener is not None and self._assigned:
-            await self._listener.on_revoked(list(self._assigned))
-        self._assigned = []
+        group.leaving.append(self)  # others wait for its partitions until its revoke is done
+        try:
+            if self._listener is not None and self._assigned:
+                self._revoking = True
+                await self._listener.on_revoked(list(self._assigned))
+        finally:
+            self._revoking = False
+            self._assigned = []
+            group.leaving.remove(self)
 
     @property
     def assigned(self) -> Collection[TopicPartition]:

@@ -122,6 +122,18 @@ class Source(Protocol):
     async def stop(self) -> None: ...
 
 
+@runtime_checkable
+class CommittedPositions(Protocol):
+    """A source that can say what its group last committed (durable state uses it on assignment).
+
+    ``committed`` returns, per partition, the offset of the last record covered
+    by the group's last commit (what ``Source.commit`` was given), or ``None``
+    when nothing was ever committed for it.
+    """
+
+    async def committed(self, partitions: Collection[Partition]) -> dict[Partition, int | None]: ...
+
+
 @dataclass(slots=True)
 class SinkRecord:
     """One output record handed to a sink.
@@ -198,6 +210,29 @@ class Broker(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChangelogBroker(Protocol):
+    """What durable state needs from a broker: changelog topics to append to and read back.
+
+    A changelog topic holds one table's writes per source partition (its
+    partition number is the source partition's). ``append`` writes records in
+    order to one partition and returns only once they are durable, with the
+    offset of the last one; ``read_changelog`` returns the records from offset
+    ``start`` on, at most ``max_records``, or ``[]`` when none arrived within
+    ``timeout`` seconds. Readers never join a consumer group and never commit.
+    ``ensure_changelogs`` creates missing changelog topics (compacted where the
+    broker supports it) with the given partition counts.
+    """
+
+    async def ensure_changelogs(self, topics: Sequence[TopicSpec]) -> None: ...
+
+    async def append(self, topic: str, partition: int, records: Sequence[SinkRecord]) -> int: ...
+
+    async def read_changelog(
+        self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000
+    ) -> Sequence[RawRecord]: ...
 
 
 class BrokerFactory(Protocol):

@@ -1,11 +1,14 @@
 """The runtime: one ``asyncio.TaskGroup`` owning readers, lanes, sinks, timers, commits.
 
-Start: open the broker, make sure topics exist, start the sink writers, join
-the sources (partitions get assigned), start one task per lane. Run: each
-source's reader fetches batches and dispatches them; a ticker sends
-watermarks; a committer commits what the ack tracker says is done. Stop
-(SIGINT/SIGTERM, ``app.stop()``, or every bounded input ended): stop reading,
-let lanes drain, flush the sinks, commit, leave the groups.
+Start: open the broker, make sure topics exist, start the sink writers, start
+one task per lane (agent bodies declare their windows), join the sources
+(partitions get assigned and their state restored before they are read). Run:
+each source's reader fetches batches and dispatches them; a ticker sends
+watermarks; a checkpointer takes a checkpoint every commit interval
+(``asyncflow.checkpoint``: outputs flushed, changelogs flushed, local stores
+written, offsets committed). Stop (SIGINT/SIGTERM, ``app.stop()``, or every
+bounded input ended): stop reading, take back what no lane has started, let
+the lanes finish, take a last checkpoint, leave the groups.
 
 Example:
     >>> import asyncio, asyncflow as af
@@ -17,17 +20,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
-from asyncflow.acks import AckBatch, AckTracker
 from asyncflow.brokers import open_broker
+from asyncflow.checkpoint import Checkpointer
 from asyncflow.channels import Channel, Topic
 from asyncflow.dispatch import Dispatcher, Route
 from asyncflow.event import Event
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
-from asyncflow.protocols import Broker, RawRecord, SinkRecord, Source, TopicSpec
+from asyncflow.protocols import (
+    Broker,
+    ChangelogBroker,
+    CommittedPositions,
+    RawRecord,
+    SinkRecord,
+    Source,
+    TopicSpec,
+)
+from asyncflow.state.manager import StateManager
 from asyncflow.stream import LaneContext, Stream
 from asyncflow.watermarks import PartitionWatermarks
 from asyncflow.writer import SinkWriter
@@ -39,22 +54,6 @@ log = logging.getLogger("asyncflow.worker")
 
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young-generation collections while a worker runs."""
-
-
-class _Ref:
-    """The ack reference of one raw record (for dead letters decoded before an event existed)."""
-
-    __slots__ = ("batch", "index")
-
-    def __init__(self, batch: AckBatch, index: int) -> None:
-        self.batch = batch
-        self.index = index
-
-    def retain(self) -> None:
-        self.batch.retain(self.index)
-
-    def release(self) -> None:
-        self.batch.release(self.index)
 
 
 class DeadLetters:
@@ -81,9 +80,7 @@ class DeadLetters:
             ("asyncflow.offset", str(offset).encode()),
         ]
 
-    def raw(
-        self, topic: str, partition: Hashable, rec: RawRecord, reason: str, batch: AckBatch, i: int
-    ) -> None:
+    def raw(self, topic: str, partition: Hashable, rec: RawRecord, reason: str) -> None:
         """A record that could not be decoded (called by the dispatcher)."""
         self.count += 1
         self.metrics.incr("dead_letters")
@@ -92,7 +89,7 @@ class DeadLetters:
                 "dead letter #%d from %s %s@%s: %s", self.count, topic, partition, rec.offset, reason
             )
         headers = self._headers(reason, topic, partition, rec.offset)
-        self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers), _Ref(batch, i))
+        self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers))
 
     async def event(self, event: Event[Any], reason: str, channel: str) -> None:
         """An event an agent failed on, or a late one."""
@@ -104,81 +101,69 @@ class DeadLetters:
             value = repr(event.value).encode()
         key = event.key if isinstance(event.key, bytes) or event.key is None else str(event.key).encode()
         headers = self._headers(reason, channel, event.partition, event.offset)
-        await self.writer.send(SinkRecord(key, value, topic=self.topic, headers=headers), event)
+        await self.writer.send(SinkRecord(key, value, topic=self.topic, headers=headers))
 
 
 class SourceRunner:
-    """One source: its dispatcher, ack tracker, reader loop, committer and rebalance handling."""
+    """One source: its dispatcher, reader loop, checkpoints and rebalance handling."""
 
-    def __init__(self, runtime: Runtime, source: Source, routes: dict[str, Route]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        source: Source,
+        routes: dict[str, Route],
+        lanes: dict[Hashable, LaneQueue],
+    ) -> None:
         self.runtime = runtime
         self.source = source
         self.routes = routes
         app = runtime.app
-        self.tracker = AckTracker()
         self.dispatcher = Dispatcher(
             source,
             routes,
-            self.tracker,
             PartitionWatermarks(app.idle_timeout if app.idle_timeout > 0 else None),
             app.clock,
             app.metrics,
             runtime.dead_letters.raw,
+            max_time_ahead_ms=app.max_time_ahead_ms,
+        )
+        self.checkpointer = Checkpointer(
+            dispatcher=self.dispatcher,
+            lanes=lanes,
+            flush=runtime.flush_writers,
+            state=runtime.state,
+            source=source,
+            metrics=app.metrics,
         )
         self.ended = asyncio.Event()
         self._reading = True
 
     async def on_assigned(self, partitions: Collection[Hashable]) -> None:
+        """Restore the partitions' state, then let the dispatcher read them."""
         log.info("assigned %s", _fmt(partitions))
-        self.dispatcher.assign(list(partitions))
+        parts = list(partitions)
+        committed: dict[Hashable, int | None] = {}
+        if isinstance(self.source, CommittedPositions) and self.runtime.state.has_state:
+            committed = await self.source.committed(parts)
+        states = await self.runtime.state.assign(parts, committed)
+        for p in parts:
+            ps = states[p]
+            self.dispatcher.assign(p, skip_to=ps.skip_to, frontier=ps.frontier)
 
     async def on_revoked(self, partitions: Collection[Hashable]) -> None:
-        """Drain the partitions, commit what is done, drop their queued events and window state."""
+        """Take back their queued events, checkpoint, then give up their state."""
         gone = set(partitions)
-        log.info("revoking %s: draining", _fmt(partitions))
-        self.dispatcher.revoke(list(gone))
-        self.abandon_queued(lambda e: e.partition in gone)
-        await self.runtime.flush_writers()
-        for p in gone:
-            acks = self.tracker.get(p)
-            if acks is not None and not await acks.drained(self.runtime.app.drain_timeout):
-                log.warning("partition %s did not drain in time; its tail will be replayed", p)
-        await self.commit(only=gone)
-        self.tracker.forget(gone)
-        for lane in self.runtime.lanes:
-            for ws in lane.windows:
-                drop = getattr(ws, "drop_partitions", None)
-                if drop is not None:
-                    drop(gone)
-
-    def abandon_queued(self, predicate: Callable[[Event[Any]], bool]) -> int:
-        """Take queued events that no lane has started out of the lanes, uncommitted.
-
-        They are replayed from the committed offset by whoever reads the
-        partition next; returns how many there were.
-        """
-        n = 0
-        for r in self.routes.values():
-            for lanes in r.consumers:
-                for q in lanes:
-                    for ev in q.drop_where(predicate):
-                        n += 1
-                        if ev._batch is not None:
-                            ev._batch.abandon(ev._index)
-        return n
-
-    async def commit(self, only: set[Hashable] | None = None) -> None:
-        positions = self.tracker.positions_to_commit()
-        if only is not None:
-            positions = {p: o for p, o in positions.items() if p in only}
-        if not positions:
-            return
-        try:
-            await self.source.commit(positions)
-        except Exception as exc:  # noqa: BLE001 - a failed commit is retried next time
-            log.warning("commit failed (%s); will retry", exc)
-            return
-        self.tracker.mark_committed(positions)
+        log.info("revoking %s: checkpointing", _fmt(partitions))
+        self.dispatcher.take_back(gone)
+        done = await self.checkpointer.checkpoint(
+            timeout=self.runtime.app.drain_timeout, only=gone
+        )
+        if not done:
+            log.warning("revoked %s without a last checkpoint; the new owner replays from the "
+                        "last committed offsets", _fmt(partitions))
+        self.runtime.state.release(gone)
+        self.dispatcher.forget(gone)
+        self.checkpointer.forget(gone)
 
     async def read_loop(self) -> None:
         source, dispatcher = self.source, self.dispatcher
@@ -205,7 +190,7 @@ class SourceRunner:
         interval = self.runtime.app.commit_interval
         while True:
             await asyncio.sleep(interval)
-            await self.commit()
+            await self.checkpointer.checkpoint()
 
     async def ticker(self) -> None:
         interval = self.runtime.app.watermark_interval
@@ -216,13 +201,12 @@ class SourceRunner:
             self.report_gauges()
 
     def report_gauges(self) -> None:
-        """Lane queue sizes, paused partitions and records in flight, as metrics gauges."""
+        """Lane queue sizes and paused partitions, as metrics gauges."""
         metrics = self.runtime.app.metrics
         lanes = self.dispatcher.lanes
         metrics.gauge("lanes.queued", sum(q.size for q in lanes))
         metrics.gauge("lanes.peak", max((q.peak for q in lanes), default=0))
         metrics.gauge("partitions.paused", len(self.dispatcher.paused))
-        metrics.gauge("in_flight", self.tracker.in_flight)
 
 
 class Runtime:
@@ -250,10 +234,40 @@ class Runtime:
             return arg
         return open_broker(app.broker_url, app.broker_options)
 
+    def _state_directory(self) -> tuple[str | None, bool]:
+        """Where local stores go, and whether the directory is this run's own (deleted after).
+
+        The memory broker forgets its topics and offsets when the process
+        ends, so state kept on disk past that would claim offsets of records
+        that no longer exist: without ``ASYNCFLOW_STATE_DIR`` it gets a
+        temporary directory of its own.
+        """
+        app = self.app
+        if app.state_store == "memory":
+            return None, False
+        if app.state_dir is not None:
+            return app.state_dir, False
+        if self.app.broker_url.startswith("memory://"):
+            return tempfile.mkdtemp(prefix=f"asyncflow-{app.id}-"), True
+        return default_state_dir(), False
+
     async def run(self, *, stop_when_idle: bool = False) -> None:
         app = self.app
         self.broker = broker = self._open_broker()
         app._runtime = self
+        directory, temporary = self._state_directory()
+        topics = [c.spec.partitions for c in app.channels.values() if isinstance(c, Topic)]
+        self.state = StateManager(
+            app.id,
+            directory=directory,
+            store=app.state_store,
+            broker=broker if isinstance(broker, ChangelogBroker) else None,
+            clock=app.clock,
+            changelog_partitions=max(topics, default=1),
+            metrics=app.metrics,
+        )
+        for table in app.tables.values():
+            self.state.declare_table(table)
         gc_before = gc.get_threshold()
         if gc_before[0] < GC_YOUNG_THRESHOLD:
             # the per-event path allocates short-lived objects; collecting the young
@@ -269,7 +283,10 @@ class Runtime:
                     ch._bound = None
             for out in app.sinks.values():
                 out._bound = None
+            self.state.close()
             await broker.close()
+            if temporary and directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def _run(self, broker: Broker, stop_when_idle: bool) -> None:
         app = self.app
@@ -298,12 +315,14 @@ class Runtime:
         runners, lane_jobs = self._build(broker)
         async with asyncio.TaskGroup() as tg:
             writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}") for n, w in self.writers.items()]
+            lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
+            for _ in range(3):  # agent bodies run to their first await: their windows are declared
+                await asyncio.sleep(0)
             for r in runners:
                 await r.source.start(r)
                 r.dispatcher.broadcast_watermark()  # lanes learn the wall clock before any event
-            lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
             reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
-            aux = [tg.create_task(r.commit_loop(), name="committer") for r in runners]
+            aux = [tg.create_task(r.commit_loop(), name="checkpoints") for r in runners]
             aux += [tg.create_task(r.ticker(), name="ticker") for r in runners]
             aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name) for t in app.timers]
             user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
@@ -316,26 +335,32 @@ class Runtime:
             for r in runners:
                 r.stop_reading()
             await asyncio.gather(*reader_tasks, return_exceptions=True)
+            for t in aux:
+                t.cancel()
+            await asyncio.gather(*aux, return_exceptions=True)
             for r in runners:
                 if not r.ended.is_set():
                     # a stop, not the end of the input: what no lane has started waits
                     # for the replay instead of holding up the shutdown
-                    left = r.abandon_queued(lambda e: True) + r.dispatcher.abandon_parked()
+                    left = r.dispatcher.take_back()
                     if left:
                         log.info("stopping: %d queued events left for the replay", left)
                     r.dispatcher.close_lanes()
             if lane_tasks:
                 _, pending = await asyncio.wait(lane_tasks, timeout=app.shutdown_timeout)
                 for t in pending:
+                    log.warning("lane %s did not finish within shutdown_timeout=%.0fs; what it "
+                                "holds is replayed", t.get_name(), app.shutdown_timeout)
                     t.cancel()
-            for t in aux + user:
+            for t in user:
                 t.cancel()
+            for r in runners:
+                await r.checkpointer.checkpoint(timeout=app.shutdown_timeout)
+                r.report_gauges()
             for w in self.writers.values():
                 w.close()
             await asyncio.gather(*writer_tasks)
             for r in runners:
-                await r.commit()
-                r.report_gauges()
                 await r.source.stop()
             for w in self.writers.values():
                 await w.stop()
@@ -382,31 +407,40 @@ class Runtime:
         by_channel: dict[str, list[list[LaneQueue]]] = {}
         jobs: list[Any] = []
         pending_lanes: list[tuple[Any, LaneQueue, LaneContext, str]] = []
+        lanes_of: dict[str, dict[Hashable, LaneQueue]] = {}
         for agent in app.agents.values():
             queues = []
             for i in range(agent.concurrency):
                 q = LaneQueue(app.lane_capacity)
-                ctx = LaneContext(agent.name, i)
+                ctx = LaneContext(agent.name, i, lanes=agent.concurrency, state=self.state)
                 self.lanes.append(ctx)
                 queues.append(q)
                 pending_lanes.append((agent, q, ctx, agent.channel.name))
+                lanes_of.setdefault(agent.channel.name, {})[ctx.id] = q
             by_channel.setdefault(agent.channel.name, []).append(queues)
         broker_routes: dict[str, Route] = {}
         runners: list[SourceRunner] = []
+        runner_of: dict[str, SourceRunner] = {}
         for name, consumers in by_channel.items():
             ch = app.channels[name]
             route = Route(ch, consumers)
             if ch.source is None:
                 broker_routes[name] = route
             else:
-                runners.append(SourceRunner(self, ch.source, {name: route}))
+                runner = SourceRunner(self, ch.source, {name: route}, lanes_of[name])
+                runners.append(runner)
+                runner_of[name] = runner
         if broker_routes:
             specs = [app.channels[n].spec for n in broker_routes]
             src = broker.source(specs, app.id)
             if hasattr(src, "fetch_max"):
                 src.fetch_max = app.fetch_max
-            runners.append(SourceRunner(self, src, broker_routes))
+            lanes = {lane: q for n in broker_routes for lane, q in lanes_of[n].items()}
+            runner = SourceRunner(self, src, broker_routes, lanes)
+            runners.append(runner)
+            runner_of.update(dict.fromkeys(broker_routes, runner))
         for agent, q, ctx, ch_name in pending_lanes:
+            ctx.finished = runner_of[ch_name].checkpointer.lane_finished
             dead = self._dead_letter_fn(ch_name)
             stream: Stream[Any] = Stream(q, ctx, metrics=app.metrics, dead_letter=dead)
             jobs.append(agent.run_lane(stream, ctx))
@@ -425,6 +459,17 @@ class Runtime:
                 await fn()
             except Exception:
                 log.exception("timer %s failed", getattr(fn, "__name__", fn))
+
+
+def default_state_dir() -> str:
+    """Where local stores go without ``ASYNCFLOW_STATE_DIR``: ``$XDG_STATE_HOME/asyncflow``.
+
+    Example:
+        >>> default_state_dir().endswith("asyncflow")
+        True
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "asyncflow")
 
 
 def _fmt(partitions: Collection[Hashable]) -> str:

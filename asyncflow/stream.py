@@ -2,13 +2,14 @@
 
 ``async for value in stream`` yields decoded values in order; the event behind
 the current value (key, event time, headers, position) is ``stream.current``.
-An event is done for this lane when the loop moves on to the next one; output
-sent while handling it (``await topic.send(...)``) keeps it uncommitted until
-the output is flushed. ``map``, ``filter`` and ``key_by`` apply in the lane
-without extra tasks; ``batch`` groups values for efficient sinks; ``window``
-aggregates over event-time windows.
+An event is handled once the loop asks for the next one. ``map``, ``filter``
+and ``key_by`` apply in the lane without extra tasks; ``batch`` groups values
+for efficient sinks; ``window`` aggregates over event-time windows;
+``state(table)`` and ``stateful_map`` keep state per key.
 
 The loop awaits only when its local batch is empty: the queue carries batches.
+A checkpoint barrier in the queue makes the loop wait, between two events,
+until the checkpoint has taken the lane's state (``asyncflow.checkpoint``).
 
 Example:
     >>> from asyncflow.testing import stream_of
@@ -22,68 +23,76 @@ Example:
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from asyncflow.acks import NO_ACK, Ack
+from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneClosed, LaneQueue
 from asyncflow.metrics import Metrics
 
 if TYPE_CHECKING:
+    from asyncflow.state.keyed import KeyedState
+    from asyncflow.state.manager import StateManager
+    from asyncflow.state.table import Table
     from asyncflow.windows.windowed import WindowedStream
 
 T = TypeVar("T")
 U = TypeVar("U")
+V = TypeVar("V")
 
 DeadLetterFn = Callable[[Event[Any], str], Awaitable[None]]
 
 
 class LaneContext:
-    """What output sent from a lane needs to know: the ack of the item being handled.
+    """One lane of an agent: its name and index, the state it reads and writes, its windows.
+
+    ``finished`` (given by the runtime) is called once the lane's body returned.
 
     Example:
-        >>> LaneContext("agent", 0).current is NO_ACK
-        True
+        >>> LaneContext("agent", 0).id
+        ('agent', 0)
     """
 
-    __slots__ = ("agent", "index", "current", "windows")
+    __slots__ = ("agent", "finished", "id", "index", "lanes", "state", "windows")
 
-    def __init__(self, agent: str, index: int) -> None:
+    def __init__(
+        self,
+        agent: str,
+        index: int,
+        *,
+        lanes: int = 1,
+        state: StateManager | None = None,
+        finished: Callable[[Hashable, bool], None] | None = None,
+    ) -> None:
         self.agent = agent
         self.index = index
-        self.current: Ack = NO_ACK
+        self.lanes = lanes
+        self.id: Hashable = (agent, index)
+        if state is None:
+            from asyncflow.clock import SystemClock
+            from asyncflow.state.manager import StateManager
+
+            state = StateManager(
+                agent, directory=None, store="memory", broker=None, clock=SystemClock()
+            )
+        self.state = state
+        self.finished = finished
         self.windows: list[Any] = []
-
-
-current_lane: ContextVar[LaneContext | None] = ContextVar("asyncflow_lane", default=None)
-"""The lane the running task belongs to (set once per lane task)."""
 
 
 async def _no_dead_letter(event: Event[Any], reason: str) -> None:
     raise RuntimeError(f"no dead-letter output configured; dropped {event!r}: {reason}")
 
 
-class _EventsAck:
-    """The ack of a batch of events handed to user code at once."""
+_NO_KEY: Any = object()
+_BARRIER: Any = object()
+"""What ``_next_raw(stop_at_barrier=True)`` returns when a barrier is next."""
 
-    __slots__ = ("events",)
-
-    def __init__(self, events: list[Event[Any]]) -> None:
-        self.events = events
-
-    def retain(self) -> None:
-        for e in self.events:
-            e.retain()
-
-    def release(self) -> None:
-        for e in self.events:
-            e.release()
-
-
-_MAP, _AMAP, _FILTER, _AFILTER, _KEY = range(5)
+_MAP, _AMAP, _FILTER, _AFILTER, _KEY, _STATEFUL = range(6)
+_SYNC = (_MAP, _FILTER, _KEY, _STATEFUL)
 
 
 class Stream(Generic[T]):
@@ -112,19 +121,21 @@ class Stream(Generic[T]):
         self._dead_letter = dead_letter
         self._buf: list[Event[Any]] = []
         self._pos = 0
-        self._ops: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
+        self._ops: tuple[tuple[int, Callable[..., Any]], ...] = ()
         self._sync_ops = True
         self._held: Event[Any] | None = None
         self._batch_events: list[Event[Any]] | None = None
         self._pushed_back: list[Event[Any]] = []
+        self._barrier: Barrier | None = None
+        self._window_key: Any = _NO_KEY
         self._windows: dict[int, WindowedStream] = {}
         self._window_calls = 0
         self.current: Event[Any] | None = None
 
     # -- building -----------------------------------------------------------------
-    def _with(self, kind: int, fn: Callable[[Any], Any]) -> Stream[Any]:
+    def _with(self, kind: int, fn: Callable[..., Any]) -> Stream[Any]:
         self._ops = (*self._ops, (kind, fn))
-        self._sync_ops = all(k in (_MAP, _FILTER, _KEY) for k, _ in self._ops)
+        self._sync_ops = all(k in _SYNC for k, _ in self._ops)
         return self
 
     def map(self, fn: Callable[[T], U] | Callable[[T], Awaitable[U]]) -> Stream[U]:
@@ -164,6 +175,61 @@ class Stream(Generic[T]):
         """
         return self._with(_KEY, fn)
 
+    def state(self, table: Table[V]) -> KeyedState[V]:
+        """The table seen through the event being handled: get/set/delete/update its key.
+
+        Call it once, before the loop; every call on the result acts on the
+        key and partition of ``stream.current``. State is checkpointed with
+        the source offsets and restored with its partition on any worker (see
+        ``asyncflow.state``).
+
+        Example:
+            >>> import asyncflow as af
+            >>> from asyncflow.testing import stream_of
+            >>> counts = af.Table("counts", default=0)
+            >>> s = stream_of(["a", "b", "a"], keys=["a", "b", "a"])
+            >>> async def count():
+            ...     n = s.state(counts)
+            ...     return [n.update(lambda c: c + 1) async for _ in s]
+            >>> import asyncio; asyncio.run(count())
+            [1, 1, 2]
+        """
+        from asyncflow.state.keyed import KeyedState
+
+        manager = self._lane.state
+        return KeyedState(self, table, lambda p: manager.table_partition(table, p))
+
+    def stateful_map(
+        self, table: Table[V], fn: Callable[[Any, T], tuple[Any, U | None]]
+    ) -> Stream[U]:
+        """Map each value with its key's state: ``fn(state, value) -> (new_state, output)``.
+
+        ``state`` is the key's value in ``table`` (the table's default when it
+        has none); a ``new_state`` of ``None`` deletes it; an ``output`` of
+        ``None`` is dropped (so ``fn`` can filter too). The stream yields the
+        outputs.
+
+        Example: a running count per key.
+            >>> import asyncflow as af
+            >>> from asyncflow.testing import stream_of
+            >>> counts = af.Table("counts", default=0)
+            >>> s = stream_of(["x", "y", "x"], keys=["x", "y", "x"])
+            >>> counted = s.stateful_map(counts, lambda n, v: (n + 1, (v, n + 1)))
+            >>> import asyncio; asyncio.run(counted.collect())
+            [('x', 1), ('y', 1), ('x', 2)]
+        """
+        keyed = self.state(table)
+
+        def step(value: Any) -> Any:
+            new_state, out = fn(keyed.get(), value)
+            if new_state is None:
+                keyed.delete()
+            else:
+                keyed.set(new_state)
+            return out
+
+        return self._with(_STATEFUL, step)
+
     def window(
         self,
         assigner: Any,
@@ -174,11 +240,19 @@ class Stream(Generic[T]):
         emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
         late: Any = None,
+        name: str | None = None,
     ) -> WindowedStream:
         """Aggregate per key over event-time windows (see ``asyncflow.windows``).
 
-        The operator survives a restart of the agent body after an error: the
-        same call site gets the same window state back.
+        ``wait`` is how far events may arrive out of order before the watermark
+        passes them (Flink's bounded out-of-orderness); ``lateness`` keeps a
+        fired window open that much longer for late updates (Flink's allowed
+        lateness); what comes later still goes to ``late`` (default: the dead
+        letters). Window state is checkpointed with the offsets and restored
+        with its partition, as the table ``name`` (default ``<agent>-window<n>``
+        for the agent body's n-th window; name it to keep state across changes
+        to the body). The same call site gets the same windows back when the
+        agent body restarts after an error.
 
         Example:
             >>> from datetime import timedelta
@@ -206,6 +280,7 @@ class Stream(Generic[T]):
                 emit=emit,
                 system_wait=system_wait,
                 late=late,
+                name=name or f"{self._lane.agent}-window{slot}",
             )
             self._windows[slot] = ws
             self._lane.windows.append(ws)
@@ -225,8 +300,6 @@ class Stream(Generic[T]):
         return self._batches(size, timeout)
 
     async def _batches(self, size: int, timeout: float) -> AsyncIterator[list[T]]:
-        import time
-
         while True:
             events: list[Event[Any]] = []
             values: list[T] = []
@@ -236,9 +309,9 @@ class Stream(Generic[T]):
             try:
                 while len(values) < size:
                     left = deadline - time.monotonic()
-                    item = await self._next_item(left if values else None)
-                    if item is None:
-                        break
+                    item = await self._next_item(left if values else None, bool(values))
+                    if item is None or item is _BARRIER:
+                        break  # the time is up, or a checkpoint waits for this batch first
                     if isinstance(item, Watermark):
                         continue
                     events.append(item)
@@ -252,11 +325,12 @@ class Stream(Generic[T]):
                 failed = (exc, self._held)
                 self._held = None
             if values:
-                self._yield_batch(events)
+                self._batch_events = events
+                self.current = events[-1]
                 try:
                     yield values
                 finally:
-                    self._release_batch(events)
+                    self._batch_events = None
             if failed is not None:
                 error, event = failed
                 self._held = event
@@ -265,25 +339,11 @@ class Stream(Generic[T]):
             if ended:
                 return
 
-    def _yield_batch(self, events: list[Event[Any]]) -> None:
-        self._batch_events = events
-        self.current = events[-1]
-        self._lane.current = _EventsAck(events)
-
-    def _release_batch(self, events: list[Event[Any]]) -> None:
-        if self._batch_events is not events:
-            return  # an agent error took them over (re-delivered or dead-lettered)
-        self._batch_events = None
-        for e in events:
-            e.release()
-        self._lane.current = NO_ACK
-
     def _take_in_flight(self) -> list[Event[Any]]:
-        """The events being handled when the agent body raised; the caller now owns their refs."""
+        """The events being handled when the agent body raised (the error policy's to handle)."""
         batch = self._batch_events
         if batch is not None:
             self._batch_events = None
-            self._lane.current = NO_ACK
             return batch
         held = self._held
         if held is not None:
@@ -296,12 +356,8 @@ class Stream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        held = self._held
-        if held is not None:
-            self._held = None
-            batch = held._batch
-            if batch is not None:
-                batch.release(held._index)
+        self._held = None
+        self._window_key = _NO_KEY
         ops = self._ops
         while True:
             buf = self._buf
@@ -325,6 +381,7 @@ class Stream(Generic[T]):
                 else:
                     key = ev.key
                     keep = True
+                    self.current = ev
                     try:
                         for kind, fn in ops:
                             if kind == _MAP:
@@ -333,21 +390,26 @@ class Stream(Generic[T]):
                                 if not fn(value):
                                     keep = False
                                     break
-                            else:
+                            elif kind == _KEY:
                                 key = fn(value)
+                                if key is not ev.key:
+                                    ev = self.current = Event(key, value, ev.time, ev.headers,
+                                                              ev.partition, ev.offset)
+                            else:  # _STATEFUL: reads and writes the state of the event's key
+                                value = fn(value)
+                                if value is None:
+                                    keep = False
+                                    break
                     except Exception:
                         self.current = ev  # the agent's error policy handles this event
                         self._held = ev
                         raise
                     if not keep:
-                        ev.release()
                         continue
-                    if key is not ev.key:
-                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset,
-                                   ev._batch, ev._index)
+                    if key is not ev.key or value is not ev.value:
+                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)
             self._held = ev
             self.current = ev
-            self._lane.current = ev
             result: T = value
             return result
 
@@ -396,8 +458,16 @@ class Stream(Generic[T]):
             self._held = None
         self._pushed_back.append(event)
 
-    async def _next_raw(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
-        """The next event as read (no map/filter/key_by) or watermark; see ``_next_item``."""
+    async def _next_raw(
+        self, timeout: float | None = None, stop_at_barrier: bool = False
+    ) -> Any:
+        """The next event as read (no map/filter/key_by) or watermark; see ``_next_item``.
+
+        A checkpoint barrier is handled here: the lane waits at it until the
+        checkpoint has taken the state. With ``stop_at_barrier`` (a caller that
+        holds events it has not handled yet) ``_BARRIER`` comes back first, and
+        the barrier is handled at the next call.
+        """
         while True:
             if self._pushed_back:
                 return self._pushed_back.pop()
@@ -406,7 +476,13 @@ class Stream(Generic[T]):
             if pos < len(buf):
                 self._pos = pos + 1
                 return buf[pos]
-            got: list[Any] | Watermark | None
+            barrier = self._barrier
+            if barrier is not None:
+                if stop_at_barrier:
+                    return _BARRIER
+                self._barrier = None
+                await barrier.arrive(self._lane.id)
+                continue
             try:
                 if timeout is None:
                     got = await self._queue.get()
@@ -414,25 +490,28 @@ class Stream(Generic[T]):
                     got = await self._queue.get_within(max(timeout, 0.0))
             except LaneClosed:
                 raise StopAsyncIteration from None
-            if got is None or isinstance(got, Watermark):
+            if got is None or type(got) is Watermark:
                 return got
+            if type(got) is Barrier:
+                self._barrier = got
+                continue
             self._buf = got
             self._pos = 0
 
-    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
-        """The next event (after map/filter/key_by) or watermark, carrying one lane reference.
+    async def _next_item(
+        self, timeout: float | None = None, stop_at_barrier: bool = False
+    ) -> Any:
+        """The next event (after map/filter/key_by) or watermark.
 
         Raises ``StopAsyncIteration`` at the end of input; returns ``None`` when
-        ``timeout`` passed with nothing new. An event changed by map or key_by is
-        a new ``Event`` sharing the original's ack.
+        ``timeout`` passed with nothing new, and ``_BARRIER`` (with
+        ``stop_at_barrier``) when a checkpoint waits. An event changed by map
+        or key_by is a new ``Event`` with the same position.
         """
-        held = self._held
-        if held is not None:  # an event whose map/filter raised: done once handled
-            self._held = None
-            held.release()
+        self._held = None
         while True:
-            item = await self._next_raw(timeout)
-            if item is None or isinstance(item, Watermark) or not self._ops:
+            item = await self._next_raw(timeout, stop_at_barrier)
+            if item is None or item is _BARRIER or type(item) is Watermark or not self._ops:
                 return item
             out = await self._apply(item)
             if out is not None:
@@ -449,23 +528,29 @@ class Stream(Generic[T]):
     async def _apply_ops(self, ev: Event[Any]) -> Event[Any] | None:
         key = ev.key
         value = ev.value
+        self.current = ev
         for kind, fn in self._ops:
             if kind == _MAP:
                 value = fn(value)
             elif kind == _FILTER:
                 if not fn(value):
-                    ev.release()
                     return None
             elif kind == _KEY:
                 key = fn(value)
+                if key is not ev.key:
+                    ev = self.current = Event(key, value, ev.time, ev.headers, ev.partition,
+                                              ev.offset)
+            elif kind == _STATEFUL:
+                value = fn(value)
+                if value is None:
+                    return None
             elif kind == _AMAP:
                 value = await fn(value)
             elif not await fn(value):
-                ev.release()
                 return None
         if key is ev.key and value is ev.value:
             return ev
-        return Event(key, value, ev.time, ev.headers, ev.partition, ev.offset, ev._batch, ev._index)
+        return Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None:
         """Send an event to the app's dead-letter output with ``reason``."""
@@ -473,11 +558,35 @@ class Stream(Generic[T]):
         await self._dead_letter(event, reason)
 
     def close(self) -> None:
-        """Release the event still held and the windows' last results (the lane is finishing)."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            held.release()
-        for ws in self._windows.values():
-            ws.close()
-        self._lane.current = NO_ACK
+        """The lane is finishing: tell the checkpoints it takes part in no more barriers.
+
+        A lane that finishes before its input ended (cancelled at shutdown, or
+        stopped by an error) holds events nobody handled: no later checkpoint
+        may cover them.
+        """
+        self._held = None
+        barrier, self._barrier = self._barrier, None
+        if barrier is not None:
+            barrier.leave(self._lane.id)
+        finished = self._lane.finished
+        if finished is not None:
+            finished(self._lane.id, self.input_ended)
+
+    @property
+    def output_key(self) -> Any:
+        """The key of what is being handled: the window result's, else the event's.
+
+        Example:
+            >>> from asyncflow.testing import stream_of
+            >>> stream_of([]).output_key is None
+            True
+        """
+        if self._window_key is not _NO_KEY:
+            return self._window_key
+        ev = self.current
+        return None if ev is None else ev.key
+
+    @property
+    def input_ended(self) -> bool:
+        """Whether the lane's input ended and everything in it was taken."""
+        return self._queue.closed and self._queue.size == 0 and self._pos >= len(self._buf)

@@ -229,6 +229,39 @@ class TestRun:
             for r in self.broker.records(topic)
         ]
 
+    def table(self, name: str) -> dict[Any, Any]:
+        """A table's values as its changelog holds them (what a restore would rebuild).
+
+        Every partition's changelog is read up to its last checkpoint marker;
+        values are decoded with the table's codec.
+        """
+        from asyncflow.state.codec import decode_key
+        from asyncflow.state.shard import MARKER_KEY, PARTITION_HEADER, SENTINEL_KEY
+
+        table = self.app.tables[name]
+        topic = f"{self.app.id}-{name}-changelog"
+        if topic not in self.broker.topics:
+            return {}
+        out: dict[Any, Any] = {}
+        for log in self.broker.topic(topic).partitions:
+            trusted: dict[tuple[bytes, bytes], bytes | None] = {}
+            tail: dict[tuple[bytes, bytes], bytes | None] = {}
+            for rec in log:
+                label = dict(rec.headers).get(PARTITION_HEADER, b"")
+                if rec.key == SENTINEL_KEY:
+                    continue
+                if rec.key == MARKER_KEY:
+                    trusted.update(tail)
+                    tail.clear()
+                elif rec.key is not None:
+                    tail[(label, rec.key)] = rec.value
+            for (_, kb), vb in trusted.items():
+                if vb is None:
+                    out.pop(decode_key(kb), None)
+                else:
+                    out[decode_key(kb)] = table.codec.decode(vb if table.ttl_ms is None else vb[8:])
+        return out
+
     def dead_letters(self) -> list[MemoryRecord]:
         """Records in the dead-letter topic; the reason is in the ``asyncflow.reason`` header."""
         target = self.app.dead_letter_target

@@ -31,11 +31,12 @@ from collections.abc import Hashable
 
 
 class _Partition:
-    __slots__ = ("last_wall", "max_time")
+    __slots__ = ("last_wall", "mark", "max_time")
 
     def __init__(self) -> None:
         self.max_time: int | None = None
         self.last_wall: int | None = None  # wall time of the last event (or first look)
+        self.mark: int | None = None  # the last per-partition mark handed out
 
 
 class PartitionWatermarks:
@@ -66,6 +67,70 @@ class PartitionWatermarks:
         """Start tracking a partition (no effect if it is tracked already)."""
         if partition not in self._partitions:
             self._partitions[partition] = _Partition()
+
+    def restore(self, partition: Hashable, frontier: int | None) -> None:
+        """Start a partition at the frontier its restored state had reached.
+
+        Example:
+            >>> wm = PartitionWatermarks(idle_timeout=None)
+            >>> wm.assign("p"); wm.restore("p", 5_000); wm.marks(wall_ms=0)
+            {'p': 5000}
+        """
+        self.assign(partition)
+        part = self._partitions[partition]
+        if frontier is not None and (part.max_time is None or frontier > part.max_time):
+            part.max_time = frontier
+            part.mark = frontier
+
+    def frontier(self, partition: Hashable) -> int | None:
+        """The largest event time read from ``partition`` (``None``: none yet, or not assigned)."""
+        part = self._partitions.get(partition)
+        return None if part is None else part.max_time
+
+    def marks(self, wall_ms: int) -> dict[Hashable, int | None]:
+        """Per partition, the event time its windows may go by; never smaller than before.
+
+        An active partition's mark is its own frontier: a key's windows follow
+        the events of its own partition, so a replay or another worker sees the
+        same event time. An idle partition's mark is pushed up to the minimum
+        over the active ones (Flink's idleness), so its open windows still close.
+
+        Example:
+            >>> wm = PartitionWatermarks(idle_timeout=5.0)
+            >>> wm.assign("a"); wm.assign("b")
+            >>> wm.observe("a", 9_000, wall_ms=0); wm.observe("b", 4_000, wall_ms=0)
+            >>> wm.marks(wall_ms=1_000)
+            {'a': 9000, 'b': 4000}
+            >>> wm.observe("a", 20_000, wall_ms=7_000)  # b is idle after 5 s
+            >>> wm.marks(wall_ms=7_000)
+            {'a': 20000, 'b': 20000}
+        """
+        idle_ms = self._idle_ms
+        low: int | None = None
+        held_back = False
+        idle: list[_Partition] = []
+        for part in self._partitions.values():
+            if part.last_wall is None:
+                part.last_wall = wall_ms
+            if idle_ms is not None and wall_ms - part.last_wall > idle_ms:
+                idle.append(part)
+                continue
+            t = part.max_time
+            if t is None:
+                held_back = True
+            elif low is None or t < low:
+                low = t
+        out: dict[Hashable, int | None] = {}
+        for p, part in self._partitions.items():
+            mark = part.max_time
+            if not held_back and low is not None and part in idle and (mark is None or low > mark):
+                mark = low
+            prev = part.mark
+            if prev is not None and (mark is None or mark < prev):
+                mark = prev
+            part.mark = mark
+            out[p] = mark
+        return out
 
     def revoke(self, partition: Hashable) -> None:
         """Stop tracking a partition; it no longer holds the frontier back."""

@@ -1,11 +1,11 @@
-"""Batching in front of a sink: buffer, flush by size or linger, ack after durable.
+"""Batching in front of a sink: buffer, flush by size or linger or on demand.
 
-A ``SinkWriter`` takes records one at a time with the ack of whatever they
-came from, hands them to the sink in batches, and releases the acks only once
-the sink's ``write`` returned (the records are durable). When the buffer is
-over its bound, ``send`` waits: a slow sink slows its lanes, which fill their
-queues, which pause the source. A sink that fails after its retries raises out
-of ``run`` and stops the worker; nothing it held is acked.
+A ``SinkWriter`` takes records one at a time and hands them to the sink in
+batches. ``flush`` returns once everything added before it was called is
+durable: a checkpoint flushes every writer before it commits offsets. When the
+buffer is over its bound, ``send`` waits: a slow sink slows its lanes, which
+fill their queues, which pause the source. A sink that fails after its retries
+raises out of ``run`` and stops the worker; no checkpoint covers what it held.
 
 Example:
     >>> import asyncio
@@ -32,7 +32,6 @@ import asyncio
 import logging
 import time
 
-from asyncflow.acks import NO_ACK, Ack
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import Sink, SinkRecord
@@ -59,7 +58,6 @@ class SinkWriter:
         self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
         self.metrics = metrics or Metrics()
         self._records: list[SinkRecord] = []
-        self._acks: list[Ack] = []
         self._first_at = 0.0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -76,8 +74,8 @@ class SinkWriter:
         """Records waiting to be written."""
         return len(self._records)
 
-    def add(self, record: SinkRecord, ack: Ack = NO_ACK) -> None:
-        """Buffer a record; ``ack`` is retained until the record is written."""
+    def add(self, record: SinkRecord) -> None:
+        """Buffer a record (never waits; see ``send``)."""
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         records = self._records
@@ -86,19 +84,17 @@ class SinkWriter:
             self._wake.set()
         records.append(record)
         self._added += 1
-        ack.retain()
-        self._acks.append(ack)
         n = len(records)
         if n >= self.max_batch:
             self._wake.set()
         if n >= self.max_buffer:
             self._room.clear()
 
-    async def send(self, record: SinkRecord, ack: Ack = NO_ACK) -> None:
+    async def send(self, record: SinkRecord) -> None:
         """Buffer a record, waiting first while the buffer is full."""
         if not self._room.is_set():
             await self._room.wait()
-        self.add(record, ack)
+        self.add(record)
 
     async def flush(self) -> None:
         """Write everything buffered now and wait until it is durable.
@@ -142,8 +138,8 @@ class SinkWriter:
             self._progress.set()
 
     async def _write_buffered(self) -> None:
-        records, acks = self._records, self._acks
-        self._records, self._acks = [], []
+        records = self._records
+        self._records = []
         self._flush_now = False
         self._room.set()
         step = self.max_batch
@@ -151,8 +147,6 @@ class SinkWriter:
             for i in range(0, len(records), step):
                 chunk = records[i : i + step]
                 await self.sink.write(chunk)
-                for ack in acks[i : i + step]:
-                    ack.release()
                 self._written += len(chunk)
                 self._progress.set()
                 self.metrics.incr(f"sink.{self.name}.written", len(chunk))

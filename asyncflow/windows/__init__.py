@@ -32,7 +32,7 @@ from asyncflow.windows.assigners import (
     WindowAssigner,
     to_epoch_ms,
 )
-from asyncflow.windows.operator import LateEvent, PurgedWindow, WindowOperator, WindowResult
+from asyncflow.windows.operator import LateEvent, WindowOperator, WindowResult
 from asyncflow.windows.windowed import WindowedStream
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "Min",
     "ProcessingHopping",
     "ProcessingTumbling",
-    "PurgedWindow",
     "Session",
     "Sum",
     "Tumbling",

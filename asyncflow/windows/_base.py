@@ -7,32 +7,26 @@ module and ``operator`` imports both, so the imports have no cycle.
 
 Example:
     >>> r = WindowResult("k", 0, 5_000, 3)
-    >>> (r.key, r.end_ms, r.final, r.holds)
-    ('k', 5000, True, None)
+    >>> (r.key, r.end_ms, r.final)
+    ('k', 5000, True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 from asyncflow.windows.aggregates import Aggregate, as_aggregate
 from asyncflow.windows.assigners import MIN_TIME, WindowAssigner, _duration_ms, from_epoch_ms
 
-HoldFn = Callable[[], object]
-"""Called once per window an event is added to; returns the handle to release at purge."""
-
-
 @dataclass(slots=True)
 class WindowResult:
     """One window's value for one key.
 
     ``final`` is ``True`` once the watermark has passed the window's end (it is
-    ``False`` only for early results in ``emit="updates"`` mode). ``holds`` is
-    ``None`` while the window stays open; on the result emitted when the window
-    is purged it is the list of the window's hold handles.
+    ``False`` only for early results in ``emit="updates"`` mode).
 
     Example:
         >>> r = WindowResult("k", 0, 5_000, 3)
@@ -45,7 +39,6 @@ class WindowResult:
     end_ms: int
     value: Any
     final: bool = True
-    holds: list[object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def start(self) -> datetime:
@@ -56,20 +49,6 @@ class WindowResult:
     def end(self) -> datetime:
         """The window's end (exclusive) as a UTC ``datetime``."""
         return from_epoch_ms(self.end_ms)
-
-
-class PurgedWindow(NamedTuple):
-    """A window purged without a result at that moment (its last result went out earlier).
-
-    Example:
-        >>> PurgedWindow("k", 0, 5_000, []).end_ms
-        5000
-    """
-
-    key: Any
-    start_ms: int
-    end_ms: int
-    holds: list[object]
 
 
 class LateEvent(NamedTuple):
@@ -111,6 +90,7 @@ class _OperatorBase:
     __slots__ = (
         "_add",
         "_create",
+        "dirty",
         "_frontier",
         "_frontier_wall",
         "_lateness",
@@ -124,7 +104,6 @@ class _OperatorBase:
         "assigner",
         "emit",
         "late",
-        "released",
         "results",
     )
 
@@ -162,7 +141,8 @@ class _OperatorBase:
         self.emit = emit
         self.results: list[WindowResult] = []
         self.late: list[LateEvent] = []
-        self.released: list[PurgedWindow] = []
+        self.dirty: set[Any] = set()
+        """Keys whose windows changed since the last ``export`` (state to checkpoint)."""
         self._wm = MIN_TIME
         self._frontier: int | None = None
         self._frontier_wall = MIN_TIME

@@ -74,6 +74,15 @@ class Aggregate(Generic[A, R]):
         """The window's value."""
         raise NotImplementedError
 
+    def loaded(self, acc: Any) -> A:
+        """An accumulator as JSON brought it back from state (a restore): make it usable again.
+
+        The default keeps it as it is (numbers, lists and dicts come back the
+        same); override it when ``add`` needs another shape back.
+        """
+        result: A = acc
+        return result
+
 
 def _fast_getter(field: Field) -> Callable[[Any], Any] | None:
     if field is None:
@@ -254,6 +263,12 @@ class Max(_FieldAggregate[Any, Any]):
 
 # First/Last keep (event time, arrival number, value); the arrival number breaks
 # ties in event time by arrival order, also across merged session windows.
+
+
+def _bump(agg: Any, seen: int) -> None:
+    """After a restore, new arrivals get numbers after every restored one."""
+    ahead = next(agg._arrivals)
+    agg._arrivals = itertools.count(max(ahead, seen + 1))
 _Stamped = tuple[int, int, Any] | None
 
 
@@ -294,6 +309,13 @@ class First(_FieldAggregate[_Stamped, Any]):
     def result(self, acc: _Stamped) -> Any:
         return None if acc is None else acc[2]
 
+    def loaded(self, acc: Any) -> _Stamped:
+        if acc is None:
+            return None
+        stamped = (int(acc[0]), int(acc[1]), acc[2])
+        _bump(self, stamped[1])
+        return stamped
+
 
 class Last(_FieldAggregate[_Stamped, Any]):
     """``field`` of the event with the latest event time; on a tie, the one that arrived last.
@@ -331,6 +353,13 @@ class Last(_FieldAggregate[_Stamped, Any]):
 
     def result(self, acc: _Stamped) -> Any:
         return None if acc is None else acc[2]
+
+    def loaded(self, acc: Any) -> _Stamped:
+        if acc is None:
+            return None
+        stamped = (int(acc[0]), int(acc[1]), acc[2])
+        _bump(self, stamped[1])
+        return stamped
 
 
 class Collect(_FieldAggregate[list[Any], list[Any]]):
@@ -484,6 +513,9 @@ class Composite(Aggregate[list[Any], dict[str, Any]]):
 
     def result(self, acc: list[Any]) -> dict[str, Any]:
         return {n: p.result(x) for n, p, x in zip(self._names, self._parts, acc, strict=True)}
+
+    def loaded(self, acc: Any) -> list[Any]:
+        return [p.loaded(x) for p, x in zip(self._parts, acc, strict=True)]
 
 
 def as_aggregate(spec: Aggregate[Any, Any] | Mapping[str, Any]) -> Aggregate[Any, Any]:

@@ -33,17 +33,15 @@ The semantics are Flink's ``WindowOperator`` with its ``EventTimeTrigger``:
   earlier than the last wall time seen) and a window fires, and is purged, once
   the wall clock of ``on_watermark`` reaches its end.
 
-**Holds (acks).** ``on_event`` takes ``hold``, a callable it calls once for
-each window it adds the event to (a hopping event in 6 windows: 6 calls); each
-call returns a handle (``None`` handles are not kept). A window keeps its
-handles until it is purged, and then hands them out exactly once: in the
-``holds`` of the result emitted at purge (``lateness == 0``, or a window
-flushed at the end), or, when nothing is emitted at purge because its last
-result went out earlier, in a ``PurgedWindow`` in ``released``. Results
-emitted before purge have ``holds=None``: their events must stay uncommitted.
+**State.** ``dirty`` collects the keys whose windows changed (an event added,
+a window purged); ``export`` returns each such key's open windows (or ``None``
+when it has none left) and ``load`` puts them back into a new operator, after
+``on_watermark`` with the restored frontier: a window the watermark has passed
+is known to have fired and is not fired again. That is how window state is
+checkpointed and restored (``asyncflow.windows.windowed``).
 
-The caller drains ``results``, ``late`` and ``released`` (reads and clears
-them) after each call.
+The caller drains ``results`` and ``late`` (reads and clears them) after each
+call.
 
 Example:
     >>> from datetime import timedelta
@@ -61,15 +59,13 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from heapq import heappop, heappush
 from typing import Any, Literal, Self, cast
 
 from asyncflow.windows._base import (
-    HoldFn,
     LateEvent,
-    PurgedWindow,
     WindowResult,
     _OperatorBase,
     check_assigner,
@@ -78,15 +74,15 @@ from asyncflow.windows.aggregates import Aggregate
 from asyncflow.windows.assigners import MAX_TIME, MIN_TIME, WindowAssigner
 from asyncflow.windows.sessions import _SessionEngine
 
-__all__ = ["HoldFn", "LateEvent", "PurgedWindow", "WindowOperator", "WindowResult"]
+__all__ = ["LateEvent", "WindowOperator", "WindowResult"]
 
 
 class WindowOperator(_OperatorBase):
-    """Window state of one lane: events and watermarks in; results, late events and holds out.
+    """Window state of one lane and partition: events and watermarks in; results and late events out.
 
     ``WindowOperator(assigner, ...)`` builds the variant for the assigner
     (aligned, processing-time or session windows). See the module docstring
-    for the semantics, and ``on_event`` for the holds contract.
+    for the semantics.
 
     Example:
         >>> from datetime import timedelta
@@ -148,13 +144,12 @@ class WindowOperator(_OperatorBase):
         """How many (key, window) states are held (fired or not, until purged)."""
         raise NotImplementedError
 
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+    def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
         """Add one event to its windows; ``False`` (and an entry in ``late``) if it is late.
 
         ``time_ms`` is the event time in epoch ms (for processing-time windows:
-        the wall time it arrived at). ``hold`` is called once per window the
-        event is added to; see the module docstring for when handles come back.
-        Results may be emitted at once (late firing, ``emit="updates"``).
+        the wall time it arrived at). Results may be emitted at once (late
+        firing, ``emit="updates"``).
 
         Example:
             >>> from datetime import timedelta
@@ -199,38 +194,37 @@ class WindowOperator(_OperatorBase):
         self._wm = MAX_TIME
         self._advance(MAX_TIME)
 
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
-        """Forget the windows of the keys ``predicate`` selects (their partition was revoked).
+    def export(self) -> list[tuple[Any, list[list[Any]] | None]]:
+        """Each key changed since the last export, with its open windows (``None``: none left).
 
-        Returns the dropped windows' hold handles; nothing is emitted for them.
+        A window is ``[end, accumulator]`` for aligned windows and ``[start,
+        end, accumulator]`` for sessions. Clears ``dirty``.
 
         Example:
             >>> from datetime import timedelta
             >>> from asyncflow.windows import Tumbling, Count
-            >>> op = WindowOperator(Tumbling(timedelta(seconds=1)), Count())
-            >>> _ = op.on_event("a", 1, None, hold=lambda: "h"); _ = op.on_event("b", 1, None)
-            >>> op.drop_keys(lambda k: k == "a"), op.open_windows
-            (['h'], 1)
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=5)), Count())
+            >>> _ = op.on_event("a", 1_000, None)
+            >>> op.export()
+            [('a', [[5000, 1]])]
+            >>> op.on_watermark(4_999, wall_ms=0); op.export()
+            [('a', None)]
         """
         raise NotImplementedError
 
-    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
-        """Forget the windows whose holds are all handles ``predicate`` selects.
+    def load(self, key: Any, windows: list[list[Any]]) -> None:
+        """Put a key's windows back (from ``export``), after ``on_watermark`` of the restored frontier.
 
-        For a revoked partition: windows of its events only are dropped (the
-        next owner replays those events); a window that also holds events of
-        other partitions stays and emits as usual, so nothing is lost. Windows
-        without holds stay. Returns the dropped windows' handles.
+        Windows the watermark has passed count as fired: they are purged in
+        time but not fired again.
 
         Example:
             >>> from datetime import timedelta
-            >>> from asyncflow.windows import Session, Count
-            >>> op = WindowOperator(Session(timedelta(seconds=1)), Count())
-            >>> _ = op.on_event("a", 0, None, hold=lambda: "p0")
-            >>> _ = op.on_event("b", 0, None, hold=lambda: "p0")
-            >>> _ = op.on_event("b", 500, None, hold=lambda: "p1")
-            >>> op.drop_windows(lambda h: h == "p0"), op.open_windows
-            (['p0'], 1)
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=5)), Count())
+            >>> op.load("a", [[5000, 2]]); _ = op.on_event("a", 4_000, None)
+            >>> op.flush_all(); [(r.key, r.value) for r in op.results]
+            [('a', 3)]
         """
         raise NotImplementedError
 
@@ -241,7 +235,7 @@ class WindowOperator(_OperatorBase):
 class _AlignedOperator(WindowOperator):
     """Tumbling and hopping windows: state is ``{end: {key: accumulator}}``."""
 
-    __slots__ = ("_fire", "_holds", "_panes", "_purge", "_shape", "_size")
+    __slots__ = ("_fire", "_panes", "_purge", "_shape", "_size")
 
     def __init__(self, assigner: WindowAssigner, *args: Any, **kwargs: Any) -> None:
         super().__init__(assigner, *args, **kwargs)
@@ -256,8 +250,8 @@ class _AlignedOperator(WindowOperator):
             self._panes,
             self._add,
             self._updates,
+            self.dirty,
         )
-        self._holds: dict[int, dict[Any, list[object]]] = {}
         self._fire: list[int] = []  # ends of windows that have not fired
         self._purge: list[int] = []  # ends of windows that fired and wait for purge
 
@@ -265,8 +259,8 @@ class _AlignedOperator(WindowOperator):
     def open_windows(self) -> int:
         return sum(len(bucket) for bucket in self._panes.values())
 
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
-        size, step, offset, lateness, panes, add, updates = self._shape
+    def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
+        size, step, offset, lateness, panes, add, updates, dirty = self._shape
         wm = self._wm
         start = time_ms - (time_ms - offset) % step  # the latest window's start
         # Windows starting at or before `stop` are late or do not hold the event.
@@ -277,14 +271,13 @@ class _AlignedOperator(WindowOperator):
         if start <= stop:
             return self._not_added(key, time_ms, value, start <= lowest)
         fired = wm + 1  # windows ending at or before this have fired
+        dirty.add(key)
         while True:  # once for tumbling windows; from the latest window back for hopping ones
             end = start + size
             bucket = panes.get(end)
             if bucket is None:
                 bucket = self._open(end)
             bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
-            if hold is not None:
-                self._keep(key, end, hold)
             if end <= fired or updates:
                 self.results.append(WindowResult(key, start, end, self._result(acc), end <= fired))
             start -= step
@@ -305,62 +298,54 @@ class _AlignedOperator(WindowOperator):
         heappush(self._fire if end - 1 > self._wm else self._purge, end)
         return bucket
 
-    def _keep(self, key: Any, end: int, hold: HoldFn) -> None:
-        handle = hold()
-        if handle is not None:
-            by_key = self._holds.get(end)
-            if by_key is None:
-                by_key = self._holds[end] = {}
-            kept = by_key.get(key)
-            if kept is None:
-                by_key[key] = [handle]
-            else:
-                kept.append(handle)
-
     def _advance(self, wm: int) -> None:
         fire, purge, panes = self._fire, self._purge, self._panes
         lateness, size, result, results = self._lateness, self._size, self._result, self.results
+        dirty = self.dirty
         while fire and fire[0] - 1 <= wm:
             end = heappop(fire)
             bucket = panes[end]
             start = end - size
+            for key, acc in bucket.items():
+                results.append(WindowResult(key, start, end, result(acc), True))
             if end - 1 + lateness <= wm:  # fire and purge together
                 del panes[end]
-                holds = self._holds.pop(end, {})
-                for key, acc in bucket.items():
-                    results.append(
-                        WindowResult(key, start, end, result(acc), True, holds.get(key, []))
-                    )
+                dirty.update(bucket)
             else:
-                for key, acc in bucket.items():
-                    results.append(WindowResult(key, start, end, result(acc), True, None))
                 heappush(purge, end)
         while purge and purge[0] - 1 + lateness <= wm:
             end = heappop(purge)
-            bucket = panes.pop(end)
-            holds = self._holds.pop(end, {})
-            self.released.extend(
-                PurgedWindow(key, end - size, end, holds.get(key, [])) for key in bucket
-            )
+            dirty.update(panes.pop(end))
 
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
-        dropped: list[object] = []
-        for end, bucket in self._panes.items():
-            holds = self._holds.get(end, {})
-            for key in [k for k in bucket if predicate(k)]:
-                del bucket[key]
-                dropped.extend(holds.pop(key, ()))
-        return dropped
+    def export(self) -> list[tuple[Any, list[list[Any]] | None]]:
+        dirty = self.dirty
+        if not dirty:
+            return []
+        panes = self._panes
+        out: list[tuple[Any, list[list[Any]] | None]] = []
+        if len(panes) == 1:
+            (end, bucket), = panes.items()
+            for key in dirty:
+                acc = bucket.get(key, _NONE)
+                out.append((key, None if acc is _NONE else [[end, acc]]))
+        else:
+            for key in dirty:
+                windows = [[end, bucket[key]] for end, bucket in panes.items() if key in bucket]
+                out.append((key, windows or None))
+        dirty.clear()
+        return out
 
-    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
-        dropped: list[object] = []
-        for end, by_key in self._holds.items():
-            for key, handles in list(by_key.items()):
-                if handles and all(predicate(h) for h in handles):
-                    del by_key[key]
-                    del self._panes[end][key]
-                    dropped.extend(handles)
-        return dropped
+    def load(self, key: Any, windows: list[list[Any]]) -> None:
+        loaded = self.aggregate.loaded
+        for end, acc in windows:
+            end = int(end)
+            bucket = self._panes.get(end)
+            if bucket is None:
+                bucket = self._open(end)
+            bucket[key] = loaded(acc)
+
+
+_NONE: Any = object()
 
 
 class _TumblingOperator(_AlignedOperator):
@@ -371,8 +356,8 @@ class _TumblingOperator(_AlignedOperator):
 
     __slots__ = ()
 
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
-        size, _, offset, lateness, panes, add, updates = self._shape
+    def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
+        size, _, offset, lateness, panes, add, updates, dirty = self._shape
         wm = self._wm
         end = time_ms - (time_ms - offset) % size + size
         if end - 1 + lateness <= wm:
@@ -381,8 +366,7 @@ class _TumblingOperator(_AlignedOperator):
         if bucket is None:
             bucket = self._open(end)
         bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
-        if hold is not None:
-            self._keep(key, end, hold)
+        dirty.add(key)
         if end <= wm + 1 or updates:
             self.results.append(
                 WindowResult(key, end - size, end, self._result(acc), end <= wm + 1)
@@ -395,9 +379,9 @@ class _ProcessingOperator(_AlignedOperator):
 
     __slots__ = ()
 
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+    def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
         # Never assign to a wall time the clock has already left: that window may have fired.
-        return super().on_event(key, max(time_ms, self._wall), value, hold)
+        return super().on_event(key, max(time_ms, self._wall), value)
 
 
 class _SessionOperator(_SessionEngine, WindowOperator):

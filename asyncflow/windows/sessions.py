@@ -3,9 +3,9 @@
 Sessions merge like Flink's ``MergingWindowSet``: an event at ``t`` opens the
 window ``[t, t + gap)``, which merges with every open session of its key that
 it overlaps or touches (their accumulators with the aggregate's ``merge``,
-their holds with each other's). A merged window that is already past its max
-timestamp fires at once. Watermarks, lateness, late firing and holds work as
-for the other windows (see ``asyncflow.windows.operator``, whose
+). A merged window that is already past its max timestamp fires at once.
+Watermarks, lateness, late firing and state export work as for the other
+windows (see ``asyncflow.windows.operator``, whose
 ``WindowOperator`` is the entry point: it builds this engine for merging
 assigners).
 
@@ -24,14 +24,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import Any
 
 from asyncflow.windows._base import (
-    HoldFn,
     LateEvent,
-    PurgedWindow,
     WindowResult,
     _OperatorBase,
 )
@@ -39,13 +36,12 @@ from asyncflow.windows.assigners import WindowAssigner
 
 
 class _Session:
-    __slots__ = ("acc", "alive", "end", "holds", "start")
+    __slots__ = ("acc", "alive", "end", "start")
 
     def __init__(self, start: int, end: int, acc: Any) -> None:
         self.start = start
         self.end = end
         self.acc = acc
-        self.holds: list[object] | None = None
         self.alive = True
 
 
@@ -79,7 +75,7 @@ class _SessionEngine(_OperatorBase):
         timer = (session.end, self._seq, key, session)
         heappush(self._fire if session.end - 1 > wm else self._purge, timer)
 
-    def on_event(self, key: Any, time_ms: int, value: Any, hold: HoldFn | None = None) -> bool:
+    def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
         wm = self._wm
         lo, hi = time_ms, time_ms + self._gap
         open_ = self._sessions.get(key)
@@ -103,10 +99,6 @@ class _SessionEngine(_OperatorBase):
             old_end = session.end
             for other in hits[1:]:
                 session.acc = self._merge(session.acc, other.acc)
-                if other.holds:
-                    if session.holds is None:
-                        session.holds = []
-                    session.holds.extend(other.holds)
                 session.end = max(session.end, other.end)
                 other.alive = False
                 open_.remove(other)
@@ -115,13 +107,7 @@ class _SessionEngine(_OperatorBase):
             if session.end != old_end:
                 self._schedule(key, session, wm)
         session.acc = self._add(session.acc, value, time_ms)
-        if hold is not None:
-            handle = hold()
-            if handle is not None:
-                if session.holds is None:
-                    session.holds = [handle]
-                else:
-                    session.holds.append(handle)
+        self.dirty.add(key)
         end = session.end
         if self._updates or end - 1 <= wm:
             self.results.append(
@@ -130,6 +116,7 @@ class _SessionEngine(_OperatorBase):
         return True
 
     def _close(self, key: Any, session: _Session) -> None:
+        self.dirty.add(key)
         session.alive = False
         open_ = self._sessions[key]
         open_.remove(session)
@@ -143,37 +130,30 @@ class _SessionEngine(_OperatorBase):
             end, _, key, session = timer
             if not session.alive or session.end != end:
                 continue  # superseded by a merge
+            self.results.append(WindowResult(key, session.start, end, result(session.acc), True))
             if end - 1 + lateness <= wm:
-                holds = session.holds or []
-                self.results.append(
-                    WindowResult(key, session.start, end, result(session.acc), True, holds)
-                )
                 self._close(key, session)
             else:
-                self.results.append(
-                    WindowResult(key, session.start, end, result(session.acc), True, None)
-                )
                 heappush(purge, timer)
         while purge and purge[0][0] - 1 + lateness <= wm:
             end, _, key, session = heappop(purge)
             if not session.alive or session.end != end:
                 continue
-            self.released.append(PurgedWindow(key, session.start, end, session.holds or []))
             self._close(key, session)
 
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> list[object]:
-        dropped: list[object] = []
-        for key in [k for k in self._sessions if predicate(k)]:
-            for session in self._sessions.pop(key):
-                session.alive = False
-                dropped.extend(session.holds or ())
-        return dropped
+    def export(self) -> list[tuple[Any, list[list[Any]] | None]]:
+        out: list[tuple[Any, list[list[Any]] | None]] = []
+        sessions = self._sessions
+        for key in self.dirty:
+            open_ = sessions.get(key)
+            out.append((key, [[x.start, x.end, x.acc] for x in open_] if open_ else None))
+        self.dirty.clear()
+        return out
 
-    def drop_windows(self, predicate: Callable[[object], bool]) -> list[object]:
-        dropped: list[object] = []
-        for key, open_ in list(self._sessions.items()):
-            for session in list(open_):
-                if session.holds and all(predicate(h) for h in session.holds):
-                    dropped.extend(session.holds)
-                    self._close(key, session)
-        return dropped
+    def load(self, key: Any, windows: list[list[Any]]) -> None:
+        loaded = self.aggregate.loaded
+        open_ = self._sessions.setdefault(key, [])
+        for start, end, acc in windows:
+            session = _Session(int(start), int(end), loaded(acc))
+            open_.append(session)
+            self._schedule(key, session, self._wm)

@@ -1,34 +1,36 @@
 """``stream.window(...)``: an agent's stream turned into an async iterator of window results.
 
-The windowed stream pulls the lane's raw items (events and in-band watermarks)
-through a ``WindowOperator`` and yields results one at a time.
+The windowed stream pulls the lane's items (events and in-band watermarks)
+through one ``WindowOperator`` per source partition and yields results one at
+a time. A key's windows follow the watermark of its own partition (its events
+all come from there), so a replay after a restart, or another worker taking
+the partition over, sees the same event time the first run saw: nothing it
+replays is late.
+
+Window state is state like any table's (``asyncflow.state``): at each
+checkpoint the keys whose windows changed are exported, encoded, as the table
+``name`` (``[lane, key]`` to its open windows, or a tombstone when none are
+left); when a partition is assigned its operator is rebuilt from the restored
+entries and the restored event-time frontier, so open windows resume with what
+they had and a window that already fired is not fired again. Memory grows
+with keys times open windows, never with events.
 
 Contract with the stream (``asyncflow.stream.Stream`` provides it):
 
 - ``await stream._next_item()`` returns an ``Event`` or a ``Watermark`` and
-  raises ``StopAsyncIteration`` at the end of a bounded input. Each event carries
-  one processing reference for this lane; the windowed stream calls
-  ``event.hold()`` once per window the event is added to, then ``event.release()``.
-- Before yielding a result it sets ``stream._lane.current`` to the result's ack,
-  which sinks retain while they buffer it; on the next ``__anext__`` it releases it.
-  A result emitted when its window is purged carries the window's holds
-  (``AckGroup``). A result emitted while its window stays open for allowed
-  lateness gets an ack of its own: the holds of windows purged later, without a
-  new result, are released only once every such earlier result is done, so
-  events are committed only after the last result they fed is durable.
+  raises ``StopAsyncIteration`` at the end of a bounded input. It handles
+  checkpoint barriers itself, and only while this windowed stream has no
+  result left to hand out: every result is sent before a checkpoint takes
+  the state that says its window fired.
 - Late events: ``stream.metrics.incr("late_events")``, then ``late.send(key,
-  value)`` when a late sink is given (``stream._lane.current`` is the event
-  meanwhile, so a sink retaining it keeps it uncommitted until written), else
-  ``await stream.dead_letter(event, "late event: ...")``. An event without an
-  event time goes to ``stream.dead_letter(event, "no event time")``.
-- ``close()`` releases the result being handled (call it when the lane
-  finishes or the loop was left); ``drop_partitions(partitions)`` forgets the
-  windows of revoked partitions without releasing their holds.
+  value)`` when a late sink is given, else ``await stream.dead_letter(event,
+  "late event: ...")``. An event without an event time goes to
+  ``stream.dead_letter(event, "no event time")``.
 - Processing-time windows take an event's arrival time from the wall time of
   the last watermark (the system clock before the first one).
-- If an aggregate (or the late sink) raises on an event, the error comes out of
-  ``__anext__`` and the event keeps its lane reference: it is not committed,
-  so it is replayed after a restart (at-least-once).
+- If an aggregate (or the late sink) raises on an event, the error comes out
+  of ``__anext__`` with the event as ``stream.current`` for the agent's error
+  policy.
 
 Example:
     >>> import asyncio
@@ -46,24 +48,19 @@ Example:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from datetime import timedelta
 from typing import Any, Literal, Protocol, cast
 
-from asyncflow.acks import NO_ACK, Ack, AckBatch, AckGroup
+import orjson
+
 from asyncflow.clock import SystemClock
 from asyncflow.event import Event, Watermark
 from asyncflow.metrics import Metrics
+from asyncflow.state.codec import JSON_VALUES, decode_key, encode_key
 from asyncflow.windows.aggregates import Aggregate
 from asyncflow.windows.assigners import WindowAssigner, from_epoch_ms
 from asyncflow.windows.operator import WindowOperator, WindowResult
-
-_Handle = tuple[AckBatch, int]
-_Handles = list[_Handle]
-
-
-class _Lane(Protocol):
-    current: Ack
 
 
 class WindowSource(Protocol):
@@ -78,15 +75,18 @@ class WindowSource(Protocol):
     """The event being handled (the agent's error policy reads it)."""
 
     _held: Event[Any] | None
-    """An event whose processing reference the agent's error policy takes over."""
+    """An event the agent's error policy takes over."""
+
+    _window_key: Any
+    """The key of the window result being handled (a generator agent's output key)."""
 
     @property
-    def _lane(self) -> _Lane: ...
+    def _lane(self) -> Any: ...
 
     @property
     def metrics(self) -> Metrics: ...
 
-    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
+    async def _next_item(self, timeout: float | None = None) -> Any:
         """The next event or watermark; ``None`` only when a ``timeout`` is given and passes."""
         ...
 
@@ -106,62 +106,20 @@ class LateSink(Protocol):
     async def send(self, key: Any, value: Any) -> None: ...
 
 
-class _Gate:
-    """Holds of windows purged without a result, waiting for the results emitted before them.
-
-    ``pending`` counts: one while the gate is the current one, one per result ack
-    issued through it that is not done, and one while the previous gate is not done.
-    """
-
-    __slots__ = ("holds", "next", "pending")
-
-    def __init__(self) -> None:
-        self.pending = 1
-        self.holds: _Handles = []
-        self.next: _Gate | None = None
-
-    def done(self) -> None:
-        gate: _Gate | None = self
-        while gate is not None:
-            gate.pending -= 1
-            if gate.pending:
-                return
-            if gate.holds:
-                AckGroup(gate.holds).release()
-                gate.holds = []
-            successor = gate.next
-            gate.next = None
-            gate = successor
-
-
-class _ResultAck:
-    """The ack of a result whose window stays open: done when every holder released it."""
-
-    __slots__ = ("count", "gate")
-
-    def __init__(self, gate: _Gate) -> None:
-        self.count = 1
-        self.gate = gate
-        gate.pending += 1
-
-    def retain(self) -> None:
-        self.count += 1
-
-    def release(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self.gate.done()
+def _lane_of(key: Hashable, lanes: int) -> int:
+    return hash(key) % lanes
 
 
 class WindowedStream:
     """Window results of a stream, as an async iterator (what ``Stream.window`` returns).
 
     ``aggregate`` is an aggregate or a dict of them; ``wait`` is how far events
-    may be out of order (the watermark is the event-time frontier minus
-    ``wait``); ``lateness`` keeps fired windows open for late updates;
+    may be out of order (the watermark is the partition's event-time frontier
+    minus ``wait``); ``lateness`` keeps fired windows open for late updates;
     ``emit`` is ``"final"`` or ``"updates"``; ``system_wait`` lets a quiet
     source still close its windows (see ``asyncflow.windows.operator``);
-    ``late`` receives late events (default: the dead-letter output).
+    ``late`` receives late events (default: the dead-letter output); ``name``
+    is the table the window state is checkpointed as.
 
     Example:
         >>> import asyncio
@@ -178,16 +136,16 @@ class WindowedStream:
 
     __slots__ = (
         "_clock",
-        "_current",
+        "_config",
         "_ended",
-        "_gate",
-        "_gated",
         "_late",
         "_lateness",
-        "_op",
+        "_ops",
         "_ready",
+        "_skip",
         "_stream",
         "_wall",
+        "table",
     )
 
     def __init__(
@@ -201,53 +159,112 @@ class WindowedStream:
         emit: Literal["final", "updates"] = "final",
         system_wait: timedelta | None = None,
         late: LateSink | None = None,
+        name: str = "window",
     ) -> None:
         self._stream = stream
-        self._op = WindowOperator(
-            assigner, aggregate, wait=wait, lateness=lateness, emit=emit, system_wait=system_wait
-        )
+        self._config: dict[str, Any] = {
+            "wait": wait, "lateness": lateness, "emit": emit, "system_wait": system_wait,
+        }
+        first = WindowOperator(assigner, aggregate, **self._config)  # checks the arguments now
+        self._config["aggregate"] = first.aggregate
+        self._config["assigner"] = assigner
+        self._ops: dict[Hashable, WindowOperator] = {}
+        self._ops[_UNOPENED] = first
+        self._skip: dict[Hashable, int] = {}
         self._late = late
         self._lateness = lateness
         self._ready: deque[WindowResult] = deque()
-        self._current: Ack | None = None
-        self._gate = _Gate()
-        # Only with allowed lateness can a window be purged after its last result went out.
-        self._gated = lateness > timedelta(0)
         self._wall: int | None = None
         self._clock = SystemClock()
         self._ended = False
+        self.table = name
+        state = getattr(stream._lane, "state", None)
+        if state is not None:
+            state.register_window(self)
 
     @property
     def operator(self) -> WindowOperator:
-        """The window state behind this stream (for inspection and tests)."""
-        return self._op
+        """The window state of the first partition seen (for inspection and tests)."""
+        for op in self._ops.values():
+            return op
+        raise AssertionError("a windowed stream always has an operator")
 
-    def drop_partitions(self, partitions: Collection[Hashable]) -> None:
-        """Forget the windows holding only events of revoked ``partitions``, without emitting.
+    def _new_operator(self) -> WindowOperator:
+        unopened = self._ops.pop(_UNOPENED, None)
+        if unopened is not None:
+            return unopened
+        c = self._config
+        return WindowOperator(
+            c["assigner"], c["aggregate"], wait=c["wait"], lateness=c["lateness"],
+            emit=c["emit"], system_wait=c["system_wait"],
+        )
 
-        Their holds are not released: those events stay uncommitted here, and the
-        partitions' next owner replays them. A window that also holds events of
-        partitions kept here stays and emits (a possible duplicate, never a loss).
+    async def _open(self, partition: Hashable) -> WindowOperator:
+        """The operator of ``partition``, rebuilt from its restored state."""
+        op = self._new_operator()
+        self._ops[partition] = op
+        lane = self._stream._lane
+        state = getattr(lane, "state", None)
+        if state is None:
+            return op
+        shard = await state.window_shard(self.table, partition)
+        if shard.frontier is not None:
+            op.on_watermark(shard.frontier, self._arrival_wall())
+            op.results.clear()
+        for kb, vb in shard.lane_items(lane.index, lane.lanes, _lane_of):
+            _, key = decode_key(kb)
+            op.load(key, orjson.loads(vb))
+        if shard.applied is not None:
+            self._skip[partition] = shard.applied
+        return op
+
+    # -- state --------------------------------------------------------------------
+    def export(self) -> dict[Hashable, list[tuple[bytes, bytes | None]]]:
+        """Per partition, the windows changed since the last export, encoded (a checkpoint).
 
         Example:
             >>> from datetime import timedelta
-            >>> from asyncflow.acks import PartitionAcks
-            >>> from asyncflow.event import Event
             >>> from asyncflow.testing import stream_of
             >>> from asyncflow.windows import Count, Tumbling
             >>> ws = stream_of([]).window(Tumbling(timedelta(seconds=5)), aggregate=Count())
-            >>> event = Event("k", None, time=0, batch=PartitionAcks("p0").open([0], refs=1))
-            >>> _ = ws.operator.on_event(event.key, event.time, event.value, event.hold)
-            >>> ws.drop_partitions({"p0"}); ws.operator.open_windows
-            0
+            >>> _ = ws.operator.on_event("k", 0, None)
+            >>> ws.export()
+            {None: [(b'[0,"k"]', b'[[5000,1]]')]}
         """
-        gone = set(partitions)
-        self._op.drop_windows(lambda h: cast(_Handle, h)[0].owner.partition in gone)
+        lane = self._stream._lane.index
+        encode = JSON_VALUES.encode
+        out: dict[Hashable, list[tuple[bytes, bytes | None]]] = {}
+        for p, op in self._ops.items():
+            if not op.dirty:
+                continue
+            part = None if p is _UNOPENED else p
+            out[part] = [
+                (encode_key((lane, key)), None if windows is None else encode(windows))
+                for key, windows in op.export()
+            ]
+        return out
+
+    @property
+    def dirty(self) -> bool:
+        """Whether any window changed since the last export."""
+        return any(op.dirty for op in self._ops.values())
+
+    def drop_partitions(self, partitions: Collection[Hashable]) -> None:
+        """Forget the windows of revoked ``partitions`` (their state went with the checkpoint).
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.testing import stream_of
+            >>> from asyncflow.windows import Count, Tumbling
+            >>> ws = stream_of([]).window(Tumbling(timedelta(seconds=5)), aggregate=Count())
+            >>> ws.drop_partitions({"p0"})
+        """
+        for p in partitions:
+            self._ops.pop(p, None)
+            self._skip.pop(p, None)
 
     def close(self) -> None:
-        """Let go of the result being handled: the loop was left or the lane is finishing.
-
-        Its events commit once the sinks that kept the result have written it.
+        """The loop was left or the lane is finishing (nothing to release any more).
 
         Example:
             >>> from datetime import timedelta
@@ -255,106 +272,110 @@ class WindowedStream:
             >>> from asyncflow.windows import Count, Tumbling
             >>> stream_of([]).window(Tumbling(timedelta(seconds=1)), aggregate=Count()).close()
         """
-        if self._current is not None:
-            self._current.release()
-            self._current = None
+        self._ready.clear()
 
-    def drop_keys(self, predicate: Callable[[Any], bool]) -> None:
-        """Forget the windows of the keys ``predicate`` selects, without releasing their holds."""
-        self._op.drop_keys(predicate)
-
+    # -- iterating ----------------------------------------------------------------
     def __aiter__(self) -> WindowedStream:
         return self
 
     async def __anext__(self) -> WindowResult:
-        if self._current is not None:
-            self._current.release()
-            self._current = None
         ready = self._ready
-        op = self._op
+        ops = self._ops
         stream = self._stream
-        event_time = op.assigner.is_event_time
+        event_time = self._config["assigner"].is_event_time
         while not ready:
             if self._ended:
                 raise StopAsyncIteration
             try:
                 item = await stream._next_item()
             except StopAsyncIteration:
-                # the lane closed: after a final watermark the windows are flushed already;
-                # on a stop (SIGTERM, rebalance) open windows keep their holds, uncommitted,
-                # and are rebuilt from the replay after a restart
+                # the lane closed: after a final watermark the windows are flushed already; on
+                # a stop (SIGTERM, rebalance) open windows stay in state and resume after it
                 self._ended = True
                 continue
             if item is None:  # only with a timeout, which is not given: defensive
                 continue
             if type(item) is Watermark:
-                if self._wall is None or item.wall > self._wall:
-                    self._wall = item.wall
-                if item.final:
-                    op.flush_all()
-                else:
-                    op.on_watermark(item.time, item.wall)
-                self._collect()
+                await self._on_watermark(item)
                 continue
-            item = cast(Event[Any], item)  # type() is cheaper than isinstance() per event
-            time_ms = item.time if event_time else self._arrival_wall()
+            ev = cast(Event[Any], item)  # type() is cheaper than isinstance() per event
+            p = ev.partition
+            op = ops.get(p)
+            if op is None:
+                op = await self._open(p)
+            if self._skip:
+                skip = self._skip.get(p)
+                if skip is not None:
+                    if ev.offset <= skip:
+                        continue  # the restored state has this event already
+                    del self._skip[p]
+            time_ms = ev.time if event_time else self._arrival_wall()
             if time_ms is None:
-                await stream.dead_letter(item, "no event time")
-            else:
-                try:
-                    added = op.on_event(item.key, time_ms, item.value, item.hold)
-                except Exception:
-                    # an aggregate raised: the agent's error policy takes this event over
-                    stream.current = item
-                    stream._held = item
-                    raise
-                if not added:
-                    op.late.clear()
-                    await self._late_event(item, time_ms)
-            item.release()
+                await stream.dead_letter(ev, "no event time")
+                continue
+            try:
+                added = op.on_event(ev.key, time_ms, ev.value)
+            except Exception:
+                # an aggregate raised: the agent's error policy takes this event over
+                stream.current = ev
+                stream._held = ev
+                raise
+            if not added:
+                op.late.clear()
+                await self._late_event(ev, time_ms, op)
             if op.results:
-                self._collect()
+                ready.extend(op.results)
+                op.results.clear()
         result = ready.popleft()
-        ack: Ack
-        if result.holds is not None:
-            ack = AckGroup(cast(_Handles, result.holds)) if result.holds else NO_ACK
-        elif self._gated:
-            ack = _ResultAck(self._gate)
-        else:
-            ack = NO_ACK
-        self._current = ack
-        stream._lane.current = ack
+        stream._window_key = result.key
         return result
+
+    async def _on_watermark(self, mark: Watermark) -> None:
+        if self._wall is None or mark.wall > self._wall:
+            self._wall = mark.wall
+        marks = mark.marks
+        if marks:
+            state = getattr(self._stream._lane, "state", None)
+            for p in marks:
+                if p not in self._ops and state is not None:
+                    ps = state.partition(p)
+                    if ps is not None and ps.assigned:
+                        await self._open(p)  # restored windows fire without new events too
+        ready = self._ready
+        for p, op in self._ops.items():
+            if mark.final:
+                op.flush_all()
+            else:
+                op.on_watermark(mark.of(p), mark.wall)
+            if op.results:
+                ready.extend(op.results)
+                op.results.clear()
 
     def _arrival_wall(self) -> int:
         return self._clock.wall_ms() if self._wall is None else self._wall
 
-    def _collect(self) -> None:
-        op = self._op
-        self._ready.extend(op.results)
-        op.results.clear()
-        if op.released:
-            gate = self._gate
-            for purged in op.released:
-                gate.holds.extend(cast(_Handles, purged.holds))
-            op.released.clear()
-            # Later purges wait for this gate, which waits for the results issued through it.
-            successor = self._gate = _Gate()
-            successor.pending += 1
-            gate.next = successor
-            gate.done()
-
-    async def _late_event(self, event: Event[Any], time_ms: int) -> None:
+    async def _late_event(self, event: Event[Any], time_ms: int, op: WindowOperator) -> None:
         stream = self._stream
         stream.metrics.incr("late_events")
         if self._late is not None:
-            stream._lane.current = event
+            stream.current = event
             await self._late.send(event.key, event.value)
             return
-        wm = self._op.watermark
+        wm = op.watermark
         await stream.dead_letter(
             event,
             f"late event: every window of event time {from_epoch_ms(time_ms).isoformat()} "
             f"has closed (watermark {from_epoch_ms(wm).isoformat() if wm is not None else None}, "
             f"allowed lateness {self._lateness})",
         )
+
+
+class _Unopened:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no partition yet>"
+
+
+_UNOPENED: Any = _Unopened()
+"""The key of the operator built in ``__init__`` before any partition was seen."""

@@ -1,9 +1,11 @@
-"""Streams and lanes: operations in the lane, acks of dropped events, bounded queues."""
+"""Streams and lanes: operations in the lane, checkpoint barriers, bounded queues."""
 
 import pytest
 
 import asyncflow as af
-from asyncflow.acks import PartitionAcks
+import asyncio
+
+from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneClosed, LaneQueue
 from asyncflow.stream import LaneContext, Stream
@@ -26,20 +28,38 @@ async def test_async_map_and_filter_functions_are_awaited() -> None:
     assert await stream_of([1, 2, 3]).map(double).filter(small).collect() == [2, 4]
 
 
-async def test_filtered_out_events_are_done_at_once() -> None:
-    acks = PartitionAcks("p")
-    batch = acks.open([0, 1, 2], refs=1)
+async def test_a_lane_waits_at_a_barrier_only_after_the_events_before_it() -> None:
     q = LaneQueue(10)
-    q.put([Event(None, v, batch=batch, index=i) for i, v in enumerate([1, 2, 3])])
+    q.put([Event(None, 1), Event(None, 2)])
+    barrier = Barrier(lanes=1)
+    q.put_barrier(barrier)
+    q.put([Event(None, 3)])
     q.close()
-    s: Stream[int] = Stream(q, LaneContext("a", 0)).filter(lambda v: v != 2)
-    assert await s.__anext__() == 1
-    assert acks.done_position() is None  # event 0 is being handled
-    assert await s.__anext__() == 3  # event 0 done, event 1 dropped
-    assert acks.done_position() == 1
-    with pytest.raises(StopAsyncIteration):
-        await s.__anext__()
-    assert acks.done_position() == 2
+    s: Stream[int] = Stream(q, LaneContext("a", 0))
+    assert [await s.__anext__(), await s.__anext__()] == [1, 2]
+    assert not barrier.aligned.is_set()  # event 2 is being handled
+    nxt = asyncio.ensure_future(s.__anext__())
+    await asyncio.wait_for(barrier.aligned.wait(), 1)
+    assert not nxt.done()  # the lane waits until the checkpoint took the state
+    barrier.release()
+    assert await nxt == 3
+
+
+async def test_a_batch_ends_early_at_a_barrier() -> None:
+    q = LaneQueue(10)
+    q.put([Event(None, 1)])
+    barrier = Barrier(lanes=1)
+    q.put_barrier(barrier)
+    q.put([Event(None, 2)])
+    q.close()
+    s: Stream[int] = Stream(q, LaneContext("a", 0))
+    batches = s.batch(100, timeout=5)
+    assert await batches.__anext__() == [1]  # not held back for the barrier
+    assert not barrier.aligned.is_set()
+    nxt = asyncio.ensure_future(batches.__anext__())
+    await asyncio.wait_for(barrier.aligned.wait(), 1)
+    barrier.release()
+    assert await nxt == [2]
 
 
 async def test_batch_groups_values_and_flushes_the_rest_at_the_end() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from asyncflow.windows import (
     Count,
+    First,
     Hopping,
+    Last,
     ProcessingHopping,
     ProcessingTumbling,
     Session,
@@ -63,21 +66,21 @@ def test_with_allowed_lateness_a_late_event_refires_an_updated_result() -> None:
     op.on_event("k", 1_000, 1)
     op.on_watermark(5_000, wall_ms=0)
     [first] = op.results
-    assert (first.value, first.final, first.holds) == (1, True, None)  # fired, still open
+    assert (first.value, first.final) == (1, True) and op.open_windows == 1  # fired, still open
     op.results.clear()
     assert op.on_event("k", 2_000, 10) is True  # late, but within the allowed lateness
     [update] = op.results
-    assert (update.start_ms, update.end_ms, update.value, update.holds) == (0, 5_000, 11, None)
+    assert (update.start_ms, update.end_ms, update.value, update.final) == (0, 5_000, 11, True)
 
 
 def test_an_event_beyond_allowed_lateness_goes_to_late_output() -> None:
     op = WindowOperator(Tumbling(5 * S), Sum(), lateness=10 * S)
-    op.on_event("k", 1_000, 1, hold=lambda: "h1")
+    op.on_event("k", 1_000, 1)
     op.on_watermark(5_000, wall_ms=0)  # fires; stays open for 10 s of lateness
+    op.on_watermark(14_998, wall_ms=0)
+    assert op.open_windows == 1
     op.on_watermark(14_999, wall_ms=0)  # 4_999 + 10_000: the window is purged
-    assert [(p.key, p.start_ms, p.end_ms, p.holds) for p in op.released] == [
-        ("k", 0, 5_000, ["h1"])
-    ]
+    assert op.open_windows == 0
     assert op.on_event("k", 2_000, 5) is False
     assert [(e.key, e.time_ms, e.value) for e in op.late] == [("k", 2_000, 5)]
     assert op.results == [op.results[0]] and op.open_windows == 0
@@ -122,28 +125,15 @@ def test_session_fires_when_watermark_passes_its_end_and_keys_are_separate() -> 
 
 
 def test_hopping_one_minute_every_ten_seconds_assigns_each_event_to_six_windows() -> None:
-    calls: list[str] = []
-
-    def hold() -> object:
-        calls.append("hold")
-        return len(calls)
-
     op = WindowOperator(Hopping(60 * S, 10 * S), Count())
-    op.on_event("k", 65_000, None, hold=hold)
-    assert len(calls) == 6 and op.open_windows == 6
+    op.on_event("k", 65_000, None)
+    assert op.open_windows == 6
     op.flush_all()
     got = windows(op)
     assert [(s, e) for _, s, e, _ in got] == [
         (s, s + 60_000) for s in range(10_000, 70_000, 10_000)
     ]
     assert all(value == 1 for *_, value in got)
-
-
-def test_hopping_holds_are_handed_back_once_per_window() -> None:
-    op = WindowOperator(Hopping(60 * S, 10 * S), Count())
-    op.on_event("k", 65_000, None, hold=lambda: "h")
-    op.flush_all()
-    assert [r.holds for r in op.results] == [["h"]] * 6
 
 
 def test_a_hopping_event_joins_only_its_windows_that_are_not_late() -> None:
@@ -227,53 +217,152 @@ def test_updates_mode_emits_after_every_event_plus_the_final_result() -> None:
     op.on_event("k", 1_000, 1)
     op.on_event("k", 2_000, 2)
     op.on_watermark(5_000, wall_ms=0)
-    assert [(r.value, r.final, r.holds is not None) for r in op.results] == [
-        (1, False, False),
-        (3, False, False),
-        (3, True, True),
-    ]
+    assert [(r.value, r.final) for r in op.results] == [(1, False), (3, False), (3, True)]
 
 
-def test_holds_stay_with_an_open_window_and_come_back_once_at_purge() -> None:
+def test_a_fired_window_stays_open_for_its_lateness_and_is_purged_once() -> None:
     op = WindowOperator(Tumbling(5 * S), Count(), lateness=5 * S)
-    op.on_event("k", 1_000, None, hold=lambda: "h1")
+    op.on_event("k", 1_000, None)
     op.on_watermark(4_999, wall_ms=0)
-    assert [r.holds for r in op.results] == [None] and op.released == []
-    op.on_event("k", 2_000, None, hold=lambda: "h2")
-    assert [r.holds for r in op.results] == [None, None]
-    op.on_watermark(9_999, wall_ms=0)
-    assert [p.holds for p in op.released] == [["h1", "h2"]]
-    assert op.open_windows == 0
-
-
-def test_none_handles_are_not_kept() -> None:
-    op = WindowOperator(Tumbling(5 * S), Count())
-    op.on_event("k", 1_000, None, hold=lambda: None)
+    assert windows(op) == [("k", 0, 5_000, 1)] and op.open_windows == 1
+    op.on_event("k", 2_000, None)  # a late firing
+    assert windows(op) == [("k", 0, 5_000, 2)]
+    op.on_watermark(9_998, wall_ms=0)
+    assert op.open_windows == 1
+    op.on_watermark(9_999, wall_ms=0)  # purged without another result
+    assert windows(op) == [] and op.open_windows == 0
     op.flush_all()
-    assert op.results[0].holds == []
+    assert windows(op) == []
 
 
 def test_flush_all_fires_and_purges_every_open_window() -> None:
     op = WindowOperator(Session(1 * S), Count(), lateness=60 * S)
-    op.on_event("a", 0, None, hold=lambda: 1)
+    op.on_event("a", 0, None)
     op.on_watermark(5_000, wall_ms=0)  # a fired, stays open for lateness
-    op.on_event("b", 4_500, None, hold=lambda: 2)
+    op.on_event("b", 4_500, None)
     op.results.clear()
+    op.export()
     op.flush_all()
-    assert [(r.key, r.holds) for r in op.results] == [("b", [2])]
-    assert [(p.key, p.holds) for p in op.released] == [("a", [1])]
+    assert [r.key for r in op.results] == ["b"]  # a fired already: purged without a result
+    assert sorted(op.export()) == [("a", None), ("b", None)]
     assert op.open_windows == 0
     assert op.on_event("a", 10**12, None) is False  # the input has ended
 
 
-def test_drop_keys_forgets_windows_without_emitting() -> None:
+# -- state: export and load ---------------------------------------------------------
+
+
+def test_export_lists_each_changed_key_once_with_its_open_windows() -> None:
+    op = WindowOperator(Hopping(10 * S, 5 * S), Sum())
+    op.on_event("a", 7_000, 1)  # in [0, 10 s) and [5 s, 15 s)
+    op.on_event("a", 8_000, 2)
+    op.on_event("b", 12_000, 10)  # in [5 s, 15 s) and [10 s, 20 s)
+    exported = op.export()
+    assert sorted(key for key, _ in exported) == ["a", "b"]  # each key once
+    assert {key: sorted(ws) for key, ws in exported if ws is not None} == {
+        "a": [[10_000, 3], [15_000, 3]],
+        "b": [[15_000, 10], [20_000, 10]],
+    }
+    assert op.dirty == set() and op.export() == []  # nothing changed since
+    op.on_event("b", 13_000, 5)
+    assert [(key, sorted(ws or [])) for key, ws in op.export()] == [
+        ("b", [[15_000, 15], [20_000, 15]])
+    ]
+
+
+def test_export_of_sessions_gives_start_end_and_accumulator() -> None:
+    op = WindowOperator(Session(2 * S), Sum())
+    op.on_event("u", 0, 1)
+    op.on_event("u", 10_000, 2)
+    op.on_event("v", 500, 4)
+    assert sorted((key, sorted(ws or [])) for key, ws in op.export()) == [
+        ("u", [[0, 2_000, 1], [10_000, 12_000, 2]]),
+        ("v", [[500, 2_500, 4]]),
+    ]
+    op.on_event("u", 1_500, 8)  # extends the first session of u
+    assert [(key, sorted(ws or [])) for key, ws in op.export()] == [
+        ("u", [[0, 3_500, 9], [10_000, 12_000, 2]])
+    ]
+
+
+def test_a_purged_window_exports_a_tombstone() -> None:
     for assigner in (Tumbling(5 * S), Session(5 * S)):
-        op = WindowOperator(assigner, Count())
-        op.on_event("a", 1_000, None, hold=lambda: "ha")
-        op.on_event("b", 1_000, None, hold=lambda: "hb")
-        assert op.drop_keys(lambda key: key == "a") == ["ha"]
+        op = WindowOperator(assigner, Count(), lateness=5 * S)
+        op.on_event("a", 1_000, None)
+        op.on_event("b", 8_000, None)
+        op.export()
+        op.on_watermark(7_000, wall_ms=0)  # a's window fired but stays open: no change
+        assert op.export() == []
+        op.on_watermark(12_000, wall_ms=0)  # a's window is purged, b's still open
+        assert op.export() == [("a", None)], assigner
         op.flush_all()
-        assert [r.key for r in op.results] == ["b"]
+        assert op.export() == [("b", None)], assigner
+        assert op.export() == []
+
+
+def test_a_key_with_one_window_purged_and_one_open_exports_the_open_one() -> None:
+    op = WindowOperator(Tumbling(5 * S), Count())
+    op.on_event("k", 1_000, None)
+    op.on_event("k", 6_000, None)
+    op.export()
+    op.on_watermark(5_000, wall_ms=0)
+    assert op.export() == [("k", [[10_000, 1]])]
+
+
+def test_load_puts_windows_back_to_go_on_where_they_were() -> None:
+    for assigner in (Tumbling(5 * S), Session(5 * S)):
+        old = WindowOperator(assigner, Sum())
+        old.on_event("k", 1_000, 1)
+        old.on_event("k", 2_000, 2)
+        new = WindowOperator(assigner, Sum())
+        for key, ws in orjson.loads(orjson.dumps(old.export())):
+            new.load(key, ws)
+        assert new.open_windows == old.open_windows == 1
+        for op in (old, new):
+            op.on_event("k", 3_000, 4)
+            op.flush_all()
+        assert windows(new) == windows(old), assigner
+        assert new.results == [] and new.open_windows == 0
+
+
+def test_load_after_the_restored_watermark_does_not_fire_a_window_again() -> None:
+    for assigner in (Tumbling(5 * S), Session(4 * S)):
+        old = WindowOperator(assigner, Sum(), lateness=10 * S)
+        old.on_event("k", 1_000, 1)  # [0, 5 s) or the session [1 s, 5 s)
+        old.on_event("k", 6_000, 10)  # [5 s, 10 s) or [6 s, 10 s)
+        old.on_watermark(5_000, wall_ms=0)  # the first window fires; stays open for lateness
+        assert [r.value for r in old.results] == [1]
+        state = orjson.loads(orjson.dumps(old.export()))
+        new = WindowOperator(assigner, Sum(), lateness=10 * S)
+        new.on_watermark(5_000, wall_ms=0)  # the restored frontier first
+        for key, ws in state:
+            new.load(key, ws)
+        assert new.open_windows == 2
+        new.on_watermark(5_000, wall_ms=0)
+        new.on_watermark(9_998, wall_ms=0)
+        assert windows(new) == []  # the fired window does not fire again
+        new.on_watermark(9_999, wall_ms=0)  # the one that had not fired does
+        assert [r.value for r in new.results] == [10]
+        new.results.clear()
+        assert new.on_event("k", 1_500, 100) is True  # late, within lateness: fires again
+        assert [(r.value, r.final) for r in new.results] == [(101, True)], assigner
+        new.results.clear()
+        new.on_watermark(16_000, wall_ms=0)  # the first window is purged, without a result
+        assert windows(new) == [] and new.open_windows == 1
+        new.flush_all()
+        assert windows(new) == [] and new.open_windows == 0
+
+
+def test_a_restored_first_or_last_breaks_ties_by_arrival_across_the_restore() -> None:
+    agg = {"first": First(), "last": Last()}
+    old = WindowOperator(Tumbling(5 * S), agg)
+    old.on_event("k", 1_000, "before")
+    new = WindowOperator(Tumbling(5 * S), {"first": First(), "last": Last()})
+    for key, ws in orjson.loads(orjson.dumps(old.export())):
+        new.load(key, ws)
+    new.on_event("k", 1_000, "after")  # the same event time: arrival order decides
+    new.flush_all()
+    assert windows(new) == [("k", 0, 5_000, {"first": "before", "last": "after"})]
 
 
 def test_a_fold_without_merger_cannot_be_used_with_sessions() -> None:

@@ -156,7 +156,9 @@ async def test_sigterm_flushes_buffered_dynamodb_writes_before_the_worker_exits_
     table = await create_table(dynamodb)
     topic = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("sensor-readings"))
     settings = worker_settings(kafka_bootstrap, moto_endpoint, topic, table)
-    worker = workers.start("apps.sensor_averages:app", **settings, SENSOR_FLUSH_INTERVAL="600")
+    # no checkpoint before the SIGTERM either: a checkpoint flushes every sink first
+    worker = workers.start("apps.sensor_averages:app", **settings, SENSOR_FLUSH_INTERVAL="600",
+                           ASYNCFLOW_COMMIT_INTERVAL="600")
     await produce_readings_then_end_marks(kafka_bootstrap, topic)
 
     # Know that the worker has read the end marks: a reading of ``~end`` an hour after the

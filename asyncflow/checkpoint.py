@@ -1,0 +1,219 @@
+"""Checkpoints: when source offsets are committed, and what has to be durable first.
+
+A checkpoint covers, per source partition, a *cut*: the offset up to which
+every record has been handed to the lanes (records parked for a full lane, or
+taken back from the lanes on a revoke or stop, are after the cut). The commit
+sequence, every commit interval, on revoke and on stop:
+
+1. **Barrier.** The current watermark, then a ``Barrier``, go into every lane
+   queue behind the records of the cut. A lane that reaches it has handled
+   everything before it (its outputs are in the sink buffers, its state
+   changes in memory) and waits. Once every lane waits, the state manager
+   takes every change made since the last checkpoint, encoded, and the lanes
+   go on. Nothing is copied per event and no lane waits for I/O.
+2. **Outputs flushed.** Every sink writer writes what it buffered, including
+   dead letters, and returns once the sink says it is durable.
+3. **Changelogs flushed.** Each changed table partition's changes go to its
+   changelog topic, followed by a marker naming the checkpoint, the cut's
+   offset and the partition's event-time frontier.
+4. **Local stores.** The same changes and that metadata go into each local
+   store, atomically.
+5. **Offsets committed.** The cut's offsets go to the source.
+
+A crash between any two steps leaves state that claims no event whose outputs
+were not flushed (state is written only after step 2) and lacks no event whose
+offset was committed (step 5 comes last); a replay re-delivers what the
+committed offsets do not cover, and state skips what it already reflects. A
+lane that never reaches the barrier (stuck, or cancelled at shutdown) means no
+checkpoint: its records are replayed (at-least-once, never lost).
+
+Example (the barrier on its own):
+    >>> import asyncio
+    >>> async def demo():
+    ...     barrier = Barrier(lanes=2)
+    ...     lanes = [asyncio.create_task(barrier.arrive(i)) for i in range(2)]
+    ...     await barrier.aligned.wait()
+    ...     barrier.release()
+    ...     await asyncio.gather(*lanes)
+    ...     return barrier.arrived
+    >>> asyncio.run(demo())
+    2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Hashable
+from typing import TYPE_CHECKING
+
+from asyncflow.metrics import Metrics
+from asyncflow.protocols import Source
+
+if TYPE_CHECKING:
+    from asyncflow.dispatch import Dispatcher
+    from asyncflow.lanes import LaneQueue
+    from asyncflow.state.manager import StateManager
+
+log = logging.getLogger("asyncflow.checkpoint")
+
+
+class Barrier:
+    """One checkpoint's marker in the lane queues: lanes wait at it until the state is taken.
+
+    ``aligned`` is set once every expected lane has arrived (or left: its
+    input ended); ``release`` lets them go on.
+
+    Example:
+        >>> Barrier(lanes=0).aligned.is_set()
+        True
+    """
+
+    __slots__ = ("_expected", "_released", "aligned", "arrived", "_seen")
+
+    def __init__(self, lanes: int) -> None:
+        self._expected = lanes
+        self.arrived = 0
+        self._seen: set[Hashable] = set()
+        self.aligned = asyncio.Event()
+        self._released = asyncio.Event()
+        if lanes <= 0:
+            self.aligned.set()
+
+    async def arrive(self, lane: Hashable) -> None:
+        """A lane reached the barrier: wait until the checkpoint has taken the state."""
+        if self._released.is_set() or lane in self._seen:
+            return
+        self._seen.add(lane)
+        self.arrived += 1
+        self._count_down()
+        await self._released.wait()
+
+    def leave(self, lane: Hashable) -> None:
+        """A lane whose input ended before it reached the barrier."""
+        if lane not in self._seen:
+            self._seen.add(lane)
+            self._count_down()
+
+    def _count_down(self) -> None:
+        self._expected -= 1
+        if self._expected <= 0:
+            self.aligned.set()
+
+    def release(self) -> None:
+        """Let the waiting lanes go on (the state is taken, or the checkpoint gave up)."""
+        self._released.set()
+
+
+class Checkpointer:
+    """Takes the checkpoints of one source's partitions (the sequence in the module docstring).
+
+    ``lanes`` maps each lane's id to its queue; ``finished`` holds the ids of
+    lanes whose input ended and whose agent body returned.
+    """
+
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        lanes: dict[Hashable, LaneQueue],
+        flush: Callable[[], Awaitable[None]],
+        state: StateManager,
+        source: Source,
+        metrics: Metrics,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.lanes = lanes
+        self.flush = flush
+        self.state = state
+        self.source = source
+        self.metrics = metrics
+        self.finished: set[Hashable] = set()
+        self.broken: set[Hashable] = set()
+        self.committed: dict[Hashable, int] = {}
+        self._last_cut: dict[Hashable, int] = {}
+        self._lock = asyncio.Lock()
+        self._barrier: Barrier | None = None
+
+    def lane_finished(self, lane: Hashable, clean: bool = True) -> None:
+        """A lane's body returned: it takes part in no more barriers.
+
+        ``clean`` is false when the lane stopped before its input ended
+        (cancelled at shutdown, stopped by an error): it may have been in the
+        middle of an event, so no checkpoint is taken from now on and
+        everything since the last one is replayed.
+        """
+        if not clean:
+            self.broken.add(lane)
+            return
+        self.finished.add(lane)
+        if self._barrier is not None:
+            self._barrier.leave(lane)
+
+    async def checkpoint(
+        self, *, timeout: float | None = None, only: Collection[Hashable] | None = None
+    ) -> bool:
+        """Take a checkpoint now; ``False`` if the lanes did not all reach it within ``timeout``.
+
+        ``only`` limits the offsets committed to those partitions (a revoke).
+        """
+        began = time.monotonic()
+        async with self._lock:
+            dispatcher, state = self.dispatcher, self.state
+            marks = dispatcher.broadcast_watermark()
+            cut = dispatcher.cut()
+            if cut == self._last_cut and not state.dirty:
+                return True
+            if self.broken:
+                log.warning(
+                    "no checkpoint: lane %s stopped before its input ended and may have left an "
+                    "event half done; everything since the last checkpoint is replayed",
+                    ", ".join(sorted(str(x) for x in self.broken)),
+                )
+                return False
+            active = [lane for lane in self.lanes if lane not in self.finished]
+            barrier = self._barrier = Barrier(len(active))
+            for lane in active:
+                self.lanes[lane].put_barrier(barrier)
+            try:
+                if timeout is None:
+                    await barrier.aligned.wait()
+                else:
+                    await asyncio.wait_for(barrier.aligned.wait(), timeout)
+            except TimeoutError:
+                waiting = len(active) - barrier.arrived
+                log.warning(
+                    "checkpoint abandoned: %d of %d lanes did not reach it within %.1fs; what "
+                    "they hold is replayed from the last committed offsets", waiting, len(active),
+                    timeout,
+                )
+                self.metrics.incr("checkpoints_abandoned")
+                return False
+            finally:
+                self._barrier = None
+                if not barrier.aligned.is_set():
+                    barrier.release()
+            try:
+                staged = state.snapshot(cut, marks, state.next_checkpoint_id())
+            finally:
+                barrier.release()
+            await self.flush()
+            await state.persist(staged)
+            self._last_cut = cut
+        positions = {
+            p: o for p, o in cut.items()
+            if o > self.committed.get(p, -1) and (only is None or p in only)
+        }
+        if positions:
+            await self.source.commit(positions)
+            self.committed.update(positions)
+        self.metrics.incr("checkpoints")
+        self.metrics.gauge("checkpoint_seconds", round(time.monotonic() - began, 4))
+        return True
+
+    def forget(self, partitions: Collection[Hashable]) -> None:
+        """Partitions given up: their committed positions are no longer ours to track."""
+        for p in partitions:
+            self.committed.pop(p, None)
+            self._last_cut.pop(p, None)
