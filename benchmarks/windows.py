@@ -77,7 +77,7 @@ def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
             for r in results:
                 out[r.key, r.start_ms, r.end_ms] = r.value
             results.clear()
-            op.released.clear()
+            op.dirty.clear()  # state changes a checkpoint would export
     op.flush_all()
     for r in results:
         out[r.key, r.start_ms, r.end_ms] = r.value

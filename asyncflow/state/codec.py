@@ -2,9 +2,11 @@
 
 Keys are JSON through orjson (strings, numbers, booleans, ``None`` and tuples of
 these; a tuple comes back as a tuple, so it stays hashable); ``bytes`` keys are
-stored as they are behind a zero byte. Values are JSON too: records and
-dataclasses become dicts (``to_builtins``), datetimes ISO-8601 strings, sets
-lists. A table declared with a ``value_type`` or ``codec`` uses that codec
+stored as they are behind a zero byte. Values are JSON too, with two tagged
+forms so that what goes in comes back the same: a datetime is
+``{"__af_dt__": iso}`` and a record ``{"__af_record__": name, "fields": {...}}``
+(decoded again through its class, if that class is defined in the process;
+else left a dict). Sets become lists. A table declared with a ``value_type`` or ``codec`` uses that codec
 instead, so typed values come back typed. State is never pickled: a changelog
 topic is readable by whoever can read the broker, and unpickling what it holds
 would run whatever code was written to it.
@@ -20,19 +22,29 @@ Example:
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from asyncflow.codecs import Codec
-from asyncflow.records import Record, to_builtins
+from asyncflow.records import Record
 
 _BYTES = b"\x00"
 
 
+_DT = "__af_dt__"
+_REC = "__af_record__"
+_TAGGED = b'"__af_'
+
+
 def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {_DT: value.isoformat()}
     if isinstance(value, Record):
-        return to_builtins(value)
+        cls = type(value)
+        fields = {f: getattr(value, f) for f in value._fields}
+        return {_REC: f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
     if isinstance(value, set | frozenset):
         return sorted(value, key=repr)
     raise TypeError(
@@ -71,19 +83,52 @@ def decode_key(data: bytes) -> Any:
     return _tuples(orjson.loads(data))
 
 
+def _record_classes() -> dict[str, type[Record]]:
+    out: dict[str, type[Record]] = {}
+    todo = list(Record.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _untag(value: Any, classes: dict[str, type[Record]] | None) -> Any:
+    if type(value) is dict:
+        if len(value) == 1 and _DT in value:
+            return datetime.fromisoformat(value[_DT])
+        if _REC in value and len(value) == 2:
+            if classes is None:
+                classes = _record_classes()
+            cls = classes.get(value[_REC])
+            fields = {k: _untag(v, classes) for k, v in value["fields"].items()}
+            return cls(**fields) if cls is not None else fields
+        return {k: _untag(v, classes) for k, v in value.items()}
+    if type(value) is list:
+        return [_untag(v, classes) for v in value]
+    return value
+
+
 class JsonValues(Codec[Any]):
-    """The default value codec of state: orjson, records as dicts.
+    """The default value codec of state: orjson; datetimes and records come back as they went in.
 
     Example:
-        >>> JsonValues().encode([1, 2.5, None])
+        >>> from datetime import UTC, datetime
+        >>> codec = JsonValues()
+        >>> codec.encode([1, 2.5, None])
         b'[1,2.5,null]'
+        >>> codec.decode(codec.encode({"at": datetime(2024, 1, 2, tzinfo=UTC)}))
+        {'at': datetime.datetime(2024, 1, 2, 0, 0, tzinfo=datetime.timezone.utc)}
     """
 
     def encode(self, value: Any) -> bytes:
-        return orjson.dumps(value, default=_default)
+        return orjson.dumps(value, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
 
     def decode(self, data: bytes) -> Any:
-        return orjson.loads(data)
+        value = orjson.loads(data)
+        if _TAGGED in data:
+            return _untag(value, None)
+        return value
 
 
 JSON_VALUES = JsonValues()

@@ -52,8 +52,6 @@ from collections.abc import Collection, Hashable, Mapping
 from datetime import timedelta
 from typing import Any, Literal, Protocol, cast
 
-import orjson
-
 from asyncflow.clock import SystemClock
 from asyncflow.event import Event, Watermark
 from asyncflow.metrics import Metrics
@@ -213,7 +211,7 @@ class WindowedStream:
             op.results.clear()
         for kb, vb in shard.lane_items(lane.index, lane.lanes, _lane_of):
             _, key = decode_key(kb)
-            op.load(key, orjson.loads(vb))
+            op.load(key, JSON_VALUES.decode(vb))
         if shard.applied is not None:
             self._skip[partition] = shard.applied
         return op

@@ -117,6 +117,35 @@ async def test_a_reading_more_than_10s_behind_the_newest_is_dead_lettered() -> N
     assert b'"temperature":99.0' in (dead.value or b"")
 
 
+async def test_a_restart_in_the_middle_of_the_replay_gives_the_same_windows_once() -> None:
+    from asyncflow.memory import MemoryBroker
+
+    rows = list(sensor_averages.replay_readings(86_400, 6000))
+    broker = MemoryBroker()
+    first, second = CaptureSink("averages"), CaptureSink("averages")
+    app = make_app(sink=first, load=False)
+    async with TestRun(app, broker=broker) as run:
+        for r in rows[:3500]:
+            await run.send(TOPIC, r, key=r["sensor_id"])
+        await wait_for(lambda: app.metrics.get("events_in") >= 3500)
+        await run.stop()
+    async with TestRun(make_app(sink=second, load=False), broker=broker) as run:
+        for r in rows[3500:]:
+            await run.send(TOPIC, r, key=r["sensor_id"])
+        await run.finish()
+    values = first.values + second.values
+    got = {(v["sensor_id"], ms(v["window_start"])): v for v in values}
+    assert len(values) == len(got)  # no window emitted twice
+    expected = expected_windows(6000)
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        v = got[key]
+        assert v["count"] == want["count"]
+        assert v["average"] == pytest.approx(want["average"], rel=1e-9)
+        assert (ms(v["first"]), ms(v["last"])) == (want["first"], want["last"])
+        assert (v["recorded_from"], v["recorded_to"]) == (want["recorded_from"], want["recorded_to"])
+
+
 def test_results_are_upserted_into_dynamodb_keyed_by_sensor_when_SENSOR_TABLE_is_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -354,8 +354,7 @@ def test_load_after_the_restored_watermark_does_not_fire_a_window_again() -> Non
 
 
 def test_a_restored_first_or_last_breaks_ties_by_arrival_across_the_restore() -> None:
-    agg = {"first": First(), "last": Last()}
-    old = WindowOperator(Tumbling(5 * S), agg)
+    old = WindowOperator(Tumbling(5 * S), {"first": First(), "last": Last()})
     old.on_event("k", 1_000, "before")
     new = WindowOperator(Tumbling(5 * S), {"first": First(), "last": Last()})
     for key, ws in orjson.loads(orjson.dumps(old.export())):
@@ -363,6 +362,18 @@ def test_a_restored_first_or_last_breaks_ties_by_arrival_across_the_restore() ->
     new.on_event("k", 1_000, "after")  # the same event time: arrival order decides
     new.flush_all()
     assert windows(new) == [("k", 0, 5_000, {"first": "before", "last": "after"})]
+
+
+def test_a_restored_first_or_last_session_merges_with_a_new_one() -> None:
+    old = WindowOperator(Session(2 * S), {"first": First(), "last": Last()})
+    old.on_event("k", 1_000, "a")  # [1 s, 3 s)
+    new = WindowOperator(Session(2 * S), {"first": First(), "last": Last()})
+    for key, ws in orjson.loads(orjson.dumps(old.export())):
+        new.load(key, ws)
+    new.on_event("k", 5_000, "c")  # [5 s, 7 s)
+    new.on_event("k", 3_000, "b")  # bridges the restored session and the new one
+    new.flush_all()
+    assert windows(new) == [("k", 1_000, 7_000, {"first": "a", "last": "c"})]
 
 
 def test_a_fold_without_merger_cannot_be_used_with_sessions() -> None:

@@ -131,7 +131,7 @@ async def test_malformed_records_go_to_the_dead_letter_topic_with_the_reason_and
     assert await committed(kafka_bootstrap, cfg.app_id, src, PARTITIONS) == expected
 
 
-async def test_stopping_a_worker_keeps_open_windows_uncommitted_instead_of_emitting_them_partially(
+async def test_a_stopped_worker_commits_its_open_windows_as_state_and_a_restart_completes_them(
     kafka_bootstrap: str, kafka_url: str
 ) -> None:
     keys = 10
@@ -149,7 +149,23 @@ async def test_stopping_a_worker_keeps_open_windows_uncommitted_instead_of_emitt
         await stop(app, task)
     results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     assert sorted(r["start"] for r in results) == [0] * keys, "a half-full window was emitted"
-    # the open window's events stay uncommitted, to be read again after a restart
+    # everything read is committed: the open window's events are in its checkpointed state
     assert await committed(kafka_bootstrap, cfg.app_id, src, PARTITIONS) == partition_counts(
-        100 * keys, keys, PARTITIONS
+        150 * keys, keys, PARTITIONS
     )
+
+    # a restart resumes the open window with what it had: [1 s, 2 s) once, all 100 events
+    await produce_events(kafka_bootstrap, src, 100 * keys, keys=keys, start=150 * keys)
+    app = build(cfg)
+    task = asyncio.create_task(app.run())
+    try:
+        await count_records(kafka_bootstrap, out, 2 * keys, timeout=30)
+    finally:
+        await stop(app, task)
+    results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    assert Counter((r["key"], r["start"]) for r in results) == Counter(
+        {(key_of(k, keys), s): 1 for k in range(keys) for s in (0, 1000)}
+    )
+    for r in results:
+        first_seq = r["start"] // 10
+        assert r["seqs"] == list(range(first_seq, first_seq + 100)), (r["key"], r["start"])

@@ -183,8 +183,9 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
 
     Per key, event time is ``seq`` * 10 ms, so 1 s windows hold 100 events each.
     The first worker reads seqs 0-199 alone: window [0 s, 1 s) closes and is written,
-    [1 s, 2 s) stays open, holding its events uncommitted. It never commits on a timer,
-    so any committed offset comes from the drain on revoke.
+    [1 s, 2 s) stays open, in its window state. It never checkpoints on a timer, so any
+    committed offset comes from the checkpoint on revoke, which commits everything it read
+    and hands the open windows over in the changelog.
     """
     keys, per_phase = 50, 10_000  # 200 seqs per key a phase
     src = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-in"))
@@ -207,10 +208,10 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
 
         second = make("second").start()
         first_parts, second_parts = await wait_split(first, second)
-        # the first worker drained and committed before releasing: exactly the events of the
-        # closed window; those of the open window, held uncommitted, are read again
+        # the first worker checkpointed before releasing: everything it read is committed,
+        # the open window's events included (they are in the window state it handed over)
         assert await committed(kafka_bootstrap, group, src, PARTITIONS) == partition_counts(
-            100 * keys, keys, PARTITIONS
+            200 * keys, keys, PARTITIONS
         )
         await produce_events(
             kafka_bootstrap,
@@ -235,8 +236,8 @@ async def test_a_joining_worker_gets_partitions_drained_and_committed_and_window
         assert await first.wait_exit(30) == 0, first.tail()
         assert await second.wait_exit(30) == 0, second.tail()
 
-    assert first.lines(r"revoking .*: draining")
-    assert not first.lines(r"did not drain in time")
+    assert first.lines(r"revoking .*: checkpointing")
+    assert not first.lines(r"without a last checkpoint")
     results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     by_window = Counter((r["key"], r["start"]) for r in results)
     assert by_window == Counter(
