@@ -149,6 +149,9 @@ class SSESource:
         self.max_line_bytes = max_line_bytes
         self.stats = SSESourceStats()
         self._checkpoint = checkpoint
+        self.offsets_survive_restarts = False
+        """Offsets count the records of this run (from 0): durable state must not compare them
+        with an earlier run's (it then may apply the events since the last commit twice)."""
         self._last_id: str | None = last_event_id
         self._committed_id: str | None = None
         self._next_offset = 0

@@ -131,6 +131,7 @@ class Checkpointer:
         self.metrics = metrics
         self.finished: set[Hashable] = set()
         self.broken: set[Hashable] = set()
+        self.failed = False
         self.committed: dict[Hashable, int] = {}
         self._last_cut: dict[Hashable, int] = {}
         self._lock = asyncio.Lock()
@@ -165,6 +166,10 @@ class Checkpointer:
             cut = dispatcher.cut()
             if cut == self._last_cut and not state.dirty:
                 return True
+            if self.failed:
+                log.warning("no checkpoint: an earlier one failed half way; everything since "
+                            "the last complete checkpoint is replayed after a restart")
+                return False
             if self.broken:
                 log.warning(
                     "no checkpoint: lane %s stopped before its input ended and may have left an "
@@ -198,8 +203,14 @@ class Checkpointer:
                 staged = state.snapshot(cut, marks, state.next_checkpoint_id())
             finally:
                 barrier.release()
-            await self.flush()
-            await state.persist(staged)
+            try:
+                await self.flush()
+                await state.persist(staged)
+            except BaseException:
+                # the changes taken by the snapshot are neither durable nor in memory any
+                # more: a later checkpoint would commit offsets their state lacks
+                self.failed = True
+                raise
             self._last_cut = cut
         positions = {
             p: o for p, o in cut.items()

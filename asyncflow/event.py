@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
-
 T = TypeVar("T")
 
 

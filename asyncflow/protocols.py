@@ -102,7 +102,10 @@ class Source(Protocol):
 
     ``commit`` receives, per partition, the offset of the last record whose
     processing is complete (everything at or before it is done); the adapter
-    translates it (Kafka commits ``offset + 1``).
+    translates it (Kafka commits ``offset + 1``). Offsets must keep their
+    meaning across runs (durable state compares them with what it applied); a
+    source that numbers records afresh each run sets the attribute
+    ``offsets_survive_restarts = False``.
     """
 
     async def start(self, listener: PartitionListener) -> None:

@@ -23,12 +23,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.brokers import open_broker
-from asyncflow.checkpoint import Checkpointer
 from asyncflow.channels import Channel, Topic
+from asyncflow.checkpoint import Checkpointer
 from asyncflow.dispatch import Dispatcher, Route
 from asyncflow.event import Event
 from asyncflow.lanes import LaneQueue
@@ -146,6 +146,11 @@ class SourceRunner:
         if isinstance(self.source, CommittedPositions) and self.runtime.state.has_state:
             committed = await self.source.committed(parts)
         states = await self.runtime.state.assign(parts, committed)
+        if not getattr(self.source, "offsets_survive_restarts", True):
+            # records are numbered afresh by each run: offsets of an earlier run say nothing
+            for ps in states.values():
+                for shard in ps.shards.values():
+                    shard.applied = None
         for p in parts:
             ps = states[p]
             self.dispatcher.assign(p, skip_to=ps.skip_to, frontier=ps.frontier)
@@ -186,11 +191,17 @@ class SourceRunner:
     def stop_reading(self) -> None:
         self._reading = False
 
-    async def commit_loop(self) -> None:
-        interval = self.runtime.app.commit_interval
-        while True:
-            await asyncio.sleep(interval)
-            await self.checkpointer.checkpoint()
+    async def commit_loop(self, stopping: asyncio.Event) -> None:
+        """A checkpoint every commit interval, until ``stopping`` (never cut one in half)."""
+        app = self.runtime.app
+        interval = app.commit_interval
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            await self.checkpointer.checkpoint(timeout=max(app.shutdown_timeout, 10 * interval))
 
     async def ticker(self) -> None:
         interval = self.runtime.app.watermark_interval
@@ -240,14 +251,16 @@ class Runtime:
         The memory broker forgets its topics and offsets when the process
         ends, so state kept on disk past that would claim offsets of records
         that no longer exist: without ``ASYNCFLOW_STATE_DIR`` it gets a
-        temporary directory of its own.
+        temporary directory of its own, unless an input comes from an external
+        source (Kinesis, SSE) whose positions outlive the process.
         """
         app = self.app
         if app.state_store == "memory":
             return None, False
         if app.state_dir is not None:
             return app.state_dir, False
-        if self.app.broker_url.startswith("memory://"):
+        external = any(ch.source is not None for ch in app.channels.values())
+        if self.app.broker_url.startswith("memory://") and not external:
             return tempfile.mkdtemp(prefix=f"asyncflow-{app.id}-"), True
         return default_state_dir(), False
 
@@ -322,8 +335,10 @@ class Runtime:
                 await r.source.start(r)
                 r.dispatcher.broadcast_watermark()  # lanes learn the wall clock before any event
             reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
-            aux = [tg.create_task(r.commit_loop(), name="checkpoints") for r in runners]
-            aux += [tg.create_task(r.ticker(), name="ticker") for r in runners]
+            stopping = asyncio.Event()
+            checkpoints = [tg.create_task(r.commit_loop(stopping), name="checkpoints")
+                           for r in runners]
+            aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
             aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name) for t in app.timers]
             user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
             log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
@@ -335,9 +350,12 @@ class Runtime:
             for r in runners:
                 r.stop_reading()
             await asyncio.gather(*reader_tasks, return_exceptions=True)
-            for t in aux:
+            stopping.set()  # a checkpoint under way finishes first
+            if checkpoints:
+                await asyncio.wait(checkpoints, timeout=app.shutdown_timeout)
+            for t in aux + checkpoints:
                 t.cancel()
-            await asyncio.gather(*aux, return_exceptions=True)
+            await asyncio.gather(*aux, *checkpoints, return_exceptions=True)
             for r in runners:
                 if not r.ended.is_set():
                     # a stop, not the end of the input: what no lane has started waits

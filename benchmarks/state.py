@@ -99,12 +99,12 @@ def rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
 
-def with_worker_gc(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` with the young-generation GC threshold the worker uses (as its agents run)."""
+def with_worker_gc(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the young-generation GC threshold the worker uses (as agents run)."""
     before = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *before[1:])
     try:
-        return fn()
+        return fn(*args)
     finally:
         gc.set_threshold(*before)
 
@@ -174,11 +174,11 @@ def run_state_api(events: Input, every: int, repeat: int) -> dict[str, Any]:
     best = best_base = best_ckpt = float("inf")
     expected: dict[str, int] = {}
     for attempt in range(repeat):
-        s, expected = with_worker_gc(lambda: baseline_dict(events))
+        s, expected = with_worker_gc(baseline_dict, events)
         best_base = min(best_base, s)
         with tempfile.TemporaryDirectory(prefix="asyncflow-state-bench-") as d:
-            broker = MemoryBroker()
-            s, ckpt, state = with_worker_gc(lambda: asyncio.run(state_api(events, every, d, broker)))
+            run = state_api(events, every, d, MemoryBroker())
+            s, ckpt, state = with_worker_gc(asyncio.run, run)
             if attempt == 0 and contents(state) != expected:
                 raise SystemExit("state_api: the table's counts differ from the dict's")
             state.close()
@@ -248,7 +248,7 @@ def run_app(events: Input, repeat: int) -> dict[str, Any]:
     del broker
     best = best_base = float("inf")
     for attempt in range(repeat):
-        s, expected = with_worker_gc(lambda: baseline_app(raw))
+        s, expected = with_worker_gc(baseline_app, raw)
         best_base = min(best_base, s)
         with tempfile.TemporaryDirectory(prefix="asyncflow-state-bench-") as d:
             s, table = asyncio.run(run_app_once(events, d))

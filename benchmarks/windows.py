@@ -12,7 +12,15 @@ per-window accumulators, closed when the watermark passes. Both run in the
 same process, alternately, ``--repeat`` times; the best time of each counts
 (only ratios compare on a shared machine). Each case runs in its own process,
 so its peak RSS (``resource.getrusage``) is its own; it includes the input
-events held in memory (``input_rss_mb``).
+events held in memory (``input_rss_mb``: the RSS once they are built).
+
+Each case also runs as a full app on the memory broker (``<case>/app``), in a
+process of its own: the events are produced to a 4-partition topic as they
+are generated (the list is never held), ``input_rss_mb`` is the RSS right
+after that, before the app starts, and ``beyond_input_mb`` is the peak RSS
+minus that: what the app itself took. The app runs once; its results are
+checked against the baseline's, which is timed afterwards in the same process
+(best of ``--repeat``).
 
 Usage:
     .venv/bin/python benchmarks/windows.py                  # a table
@@ -29,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from heapq import heappop, heappush
 from pathlib import Path
@@ -50,17 +58,19 @@ Event = tuple[str, int, dict[str, float]]
 Window = tuple[str, int, int]
 
 
-def make_events(n: int, seed: int = 7) -> list[Event]:
+def iter_events(n: int, seed: int = 7) -> Iterator[Event]:
     rng = random.Random(seed)
     keys = [f"sensor-{k}" for k in range(KEYS)]
-    return [
-        (
+    for i in range(n):
+        yield (
             keys[rng.randrange(KEYS)],
             T0 + i // EVENTS_PER_MS - rng.randrange(DISORDER_MS),
             {"value": rng.random() * 100},
         )
-        for i in range(n)
-    ]
+
+
+def make_events(n: int, seed: int = 7) -> list[Event]:
+    return list(iter_events(n, seed))
 
 
 def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
@@ -77,7 +87,7 @@ def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
             for r in results:
                 out[r.key, r.start_ms, r.end_ms] = r.value
             results.clear()
-            op.dirty.clear()  # state changes a checkpoint would export
+            op.dirty.clear()  # the keys a checkpoint would export
     op.flush_all()
     for r in results:
         out[r.key, r.start_ms, r.end_ms] = r.value
@@ -165,62 +175,89 @@ CASES: dict[
 }
 
 
-# -- the full app: wired against the lead's runtime (asyncflow.app / memory / testing) ----------
+# -- the full app on the memory broker ------------------------------------------------------
 APP_PARTITIONS = 4
 APP_LANES = 4
 
 
-def run_app(case: str, events: list[Event]) -> float | None:
-    """The same case through a full app on the memory broker; elapsed seconds.
+async def run_app(case: str, broker: Any) -> tuple[float, dict[Window, Any]]:
+    """The case through a full app on ``broker`` (input produced and ended); seconds, results.
 
-    The events are produced to a 4-partition topic first (JSON values, the broker
-    timestamp is the event time; not timed, but in the peak RSS). The timed part is the worker:
-    fetch, decode, dispatch to 4 lanes, watermarks, ``stream.window(...)``
-    and the agent's loop over results, until the input ends and it stops.
-    Returns ``None`` if the runtime is not importable.
+    The timed part is the worker: fetch, decode, dispatch to 4 lanes,
+    watermarks, ``stream.window(...)``, checkpoints of the window state, and
+    the agent's loop over results, until the input ends and it stops.
     """
-    try:
-        import asyncflow as af
-        from asyncflow.memory import MemoryBroker
-        from asyncflow.testing import TestRun
-    except ImportError:
-        return None
-    import asyncio
-    import json
+    import asyncflow as af
+    from asyncflow.testing import TestRun
 
     assigner, aggregate = {
         "tumbling_5s_mean": (Tumbling(5 * S), Mean("value")),
         "hopping_60s_10s_count": (Hopping(60 * S, 10 * S), Count()),
     }[case]
-    broker = MemoryBroker()
-    broker.create_topic("readings", APP_PARTITIONS)
-    for key, t, value in events:
-        # stdlib json, not orjson: each kept orjson.dumps() result pins ~4 KB of RSS
-        # (orjson 3.13), which would swamp the app's peak memory with the input's.
-        broker.produce("readings", json.dumps(value).encode(), key.encode(), (), t)
-
     app = af.App("windows-bench", idle_timeout=60.0)
     readings: af.Topic[Any] = app.topic("readings", partitions=APP_PARTITIONS)
-    seen = [0]
+    got: dict[Window, Any] = {}
 
     @app.agent(readings, concurrency=APP_LANES)
     async def windowed(stream: af.Stream[Any]) -> None:
-        async for _ in stream.window(assigner, aggregate=aggregate, wait=WAIT):
-            seen[0] += 1
+        async for w in stream.window(assigner, aggregate=aggregate, wait=WAIT):
+            got[w.key, w.start_ms, w.end_ms] = w.value
 
-    async def timed() -> float:
+    started = time.perf_counter()
+    async with TestRun(app, broker=broker) as run:
+        await run.finish(timeout=1800)
+    return time.perf_counter() - started, got
+
+
+def measure_app(case: str, n: int, repeat: int) -> dict[str, Any]:
+    """``<case>/app``: the input produced to a memory topic, its RSS, the app, the baseline."""
+    import asyncio
+    import json
+
+    from asyncflow.memory import MemoryBroker
+
+    _, baseline = CASES[case]
+    broker = MemoryBroker()
+    broker.create_topic("readings", APP_PARTITIONS)
+    for key, t, value in iter_events(n):  # JSON values; the broker timestamp is the event time
+        broker.produce("readings", json.dumps(value).encode(), key.encode(), (), t)
+    broker.end("readings")
+    input_rss = rss_mb()
+    seconds, got = asyncio.run(run_app(case, broker))
+    peak = peak_rss_mb()
+    del broker
+    events = make_events(n)
+    base_times = []
+    for _ in range(repeat):
         started = time.perf_counter()
-        async with TestRun(app, broker=broker) as run:
-            await run.finish(timeout=600)
-        return time.perf_counter() - started
-
-    seconds = asyncio.run(timed())
-    assert seen[0] > 0, "the app produced no window results"
-    return seconds
+        expected = baseline(events)
+        base_times.append(time.perf_counter() - started)
+    assert got.keys() == expected.keys(), "the app and the baseline disagree on windows"
+    assert all(abs(got[w] - expected[w]) <= 1e-9 * abs(expected[w]) for w in got)
+    baseline_rate = n / min(base_times)
+    return {
+        "case": f"{case}/app",
+        "events": n,
+        "seconds": round(seconds, 4),
+        "events_per_s": round(n / seconds),
+        "baseline_events_per_s": round(baseline_rate),
+        "ratio": round(n / seconds / baseline_rate, 3),
+        "peak_rss_mb": round(peak, 1),
+        "input_rss_mb": round(input_rss, 1),
+        "beyond_input_mb": round(peak - input_rss, 1),
+        "windows": len(expected),
+    }
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mb() -> float:
+    """The current RSS (the peak so far can be higher)."""
+    import psutil  # type: ignore[import-untyped]
+
+    return float(psutil.Process().memory_info().rss) / 2**20
 
 
 def measure(case: str, n: int, repeat: int) -> list[dict[str, Any]]:
@@ -239,7 +276,8 @@ def measure(case: str, n: int, repeat: int) -> list[dict[str, Any]]:
             assert got.keys() == expected.keys(), "operator and baseline disagree on windows"
             assert all(abs(got[w] - expected[w]) <= 1e-9 * abs(expected[w]) for w in got)
     baseline_rate = n / min(base_times)
-    rows = [
+    peak = peak_rss_mb()
+    return [
         {
             "case": case,
             "events": n,
@@ -247,24 +285,12 @@ def measure(case: str, n: int, repeat: int) -> list[dict[str, Any]]:
             "events_per_s": round(n / min(op_times)),
             "baseline_events_per_s": round(baseline_rate),
             "ratio": round(baseline_rate and (n / min(op_times)) / baseline_rate, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak, 1),
             "input_rss_mb": round(input_rss, 1),
+            "beyond_input_mb": round(peak - input_rss, 1),
             "windows": len(expected),
         }
     ]
-    app_seconds = run_app(case, events)
-    if app_seconds is not None:
-        rows.append(
-            {
-                **rows[0],
-                "case": f"{case}/app",
-                "seconds": round(app_seconds, 4),
-                "events_per_s": round(n / app_seconds),
-                "ratio": round(n / app_seconds / baseline_rate, 3),
-                "peak_rss_mb": round(peak_rss_mb(), 1),
-            }
-        )
-    return rows
 
 
 def main() -> None:
@@ -273,15 +299,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternate runs; best time counts")
     parser.add_argument("--json", action="store_true", help="one JSON object per case per line")
     parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process")
+    parser.add_argument("--app", action="store_true", help="with --case: its full-app run")
+    parser.add_argument("--no-app", action="store_true", help="the operator cases only")
     args = parser.parse_args()
 
     if args.case:
-        for row in measure(args.case, args.events, args.repeat):
+        rows = [measure_app(args.case, args.events, args.repeat)] if args.app else measure(
+            args.case, args.events, args.repeat
+        )
+        for row in rows:
             print(json.dumps(row), flush=True)
         return
     rows = []
-    for case in CASES:  # one process per case: its own peak RSS
-        command = [sys.executable, __file__, "--case", case]
+    runs = [(case, app) for case in CASES for app in (False, True) if not (app and args.no_app)]
+    for case, app in runs:  # one process per case and kind: its own peak RSS
+        command = [sys.executable, __file__, "--case", case] + (["--app"] if app else [])
         command += ["--events", str(args.events), "--repeat", str(args.repeat)]
         limit = 120 + args.events * args.repeat / 1_000  # seconds; generous, but never forever
         try:
@@ -298,17 +330,15 @@ def main() -> None:
             print(json.dumps(row))
         return
     print(
-        f"{'case':<24}{'events':>10}{'seconds':>9}{'events/s':>11}{'baseline/s':>12}"
-        f"{'ratio':>7}{'peak MB':>9}{'input MB':>10}"
+        f"{'case':<26}{'events':>10}{'seconds':>9}{'events/s':>11}{'baseline/s':>12}"
+        f"{'ratio':>7}{'peak MB':>9}{'input MB':>10}{'beyond MB':>11}"
     )
     for r in rows:
         print(
-            f"{r['case']:<24}{r['events']:>10}{r['seconds']:>9.3f}{r['events_per_s']:>11,}"
+            f"{r['case']:<26}{r['events']:>10}{r['seconds']:>9.3f}{r['events_per_s']:>11,}"
             f"{r['baseline_events_per_s']:>12,}{r['ratio']:>7.2f}{r['peak_rss_mb']:>9.0f}"
-            f"{r['input_rss_mb']:>10.0f}"
+            f"{r['input_rss_mb']:>10.0f}{r['beyond_input_mb']:>11.0f}"
         )
-    if not any(r["case"].endswith("/app") for r in rows):
-        print("full app on the memory broker: not wired yet (see run_app)")
 
 
 if __name__ == "__main__":

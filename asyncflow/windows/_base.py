@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 from asyncflow.windows.aggregates import Aggregate, as_aggregate
 from asyncflow.windows.assigners import MIN_TIME, WindowAssigner, _duration_ms, from_epoch_ms
 
+
 @dataclass(slots=True)
 class WindowResult:
     """One window's value for one key.

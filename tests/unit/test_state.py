@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ def totals_app(gate: asyncio.Event | None = None, **settings: Any) -> af.App:
         async for p in stream:
             if gate is not None:
                 await gate.wait()
-            new = total.update(lambda t: t + p["amount"])
+            new = total.get() + p["amount"]
+            total.set(new)
             await running.send(p["account"], new)
 
     return app
@@ -317,7 +317,3 @@ def test_a_window_entry_is_plain_json() -> None:
     from asyncflow.state.codec import JSON_VALUES
 
     assert orjson.loads(JSON_VALUES.encode([[5000, [3.5, 2]]])) == [[5000, [3.5, 2]]]
-
-
-def _unused(_: Callable[..., Any]) -> None:  # keep the Callable import used by type hints
-    pass

@@ -1,10 +1,10 @@
 """Streams and lanes: operations in the lane, checkpoint barriers, bounded queues."""
 
+import asyncio
+
 import pytest
 
 import asyncflow as af
-import asyncio
-
 from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneClosed, LaneQueue

@@ -9,9 +9,10 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
     E2E_OUTPUT       output topic (transform and window modes)
     E2E_PARTITIONS   partitions of both topics (4)
     E2E_CONCURRENCY  lanes (4)
-    E2E_MODE         transform | slow | window
+    E2E_MODE         transform | slow | window | total | dedup
     E2E_LANE_RATE    transform: events/s per lane, 0 = unthrottled; slow: sink events/s
     E2E_COMMIT_INTERVAL  seconds between periodic commits (the app's default if unset)
+    E2E_TTL          dedup: seconds a seen key is remembered (table ttl)
 
 Modes:
 
@@ -27,6 +28,15 @@ Modes:
   collecting the ``seq`` s; each result is one output record ``{"key", "start",
   "seqs", "pid"}``. A record with ``seq`` >= ``END_SEQ`` pushes the watermark past
   every window (a sentinel, so windows close on an unbounded topic).
+* ``total``: a running total per key in the table ``totals`` (``stream.state``):
+  event ``seq`` adds ``amount(seq)``; every update is one output record
+  ``{"key", "seq", "total", "pid"}``. Records with ``seq`` >= ``END_SEQ`` are ignored.
+* ``dedup``: ``stream.stateful_map`` over the table ``seen`` (``ttl`` = ``E2E_TTL``
+  seconds, refreshed by every sighting); every event becomes one output record
+  ``{"key", "seq", "fresh", "t", "pid"}``, ``fresh`` when its key was not seen
+  within the ttl (what a deduplicating app lets through).
+
+The event time of every mode is ``seq_time``: ``seq`` * 10 ms.
 
 Nothing here runs at import time: the module is also imported by pytest's doctest
 collection and by the tests themselves.
@@ -88,6 +98,7 @@ class Config:
     mode: str = "transform"
     lane_rate: float = 0.0
     commit_interval: float | None = None
+    ttl: float = 0.0
     broker: str | None = None  # None: ASYNCFLOW_BROKER or --broker
     extra: dict[str, Any] = field(default_factory=dict)  # more App(...) arguments, in-process
 
@@ -103,6 +114,7 @@ class Config:
             mode=env.get("E2E_MODE", "transform"),
             lane_rate=float(env.get("E2E_LANE_RATE", "0")),
             commit_interval=float(commit) if commit else None,
+            ttl=float(env.get("E2E_TTL", "0")),
         )
 
     def env(self) -> dict[str, str]:
@@ -118,6 +130,8 @@ class Config:
         }
         if self.commit_interval is not None:
             out["E2E_COMMIT_INTERVAL"] = str(self.commit_interval)
+        if self.ttl:
+            out["E2E_TTL"] = str(self.ttl)
         return out
 
 
@@ -142,6 +156,26 @@ class SlowSink:
         pass
 
 
+def seq_time(item: Item) -> float:
+    """The event time of an input event, in epoch seconds: ``seq`` * 10 ms.
+
+    Example:
+        >>> seq_time(Item(key="k", seq=250))
+        2.5
+    """
+    return item.seq / 100
+
+
+def amount(seq: int) -> int:
+    """What event ``seq`` adds to its key's running total in ``total`` mode (1 to 10).
+
+    Example:
+        >>> [amount(s) for s in (0, 9, 10)]
+        [1, 10, 1]
+    """
+    return seq % 10 + 1
+
+
 def build(cfg: Config) -> af.App:
     """The app ``cfg`` describes (see the module docstring)."""
     app = af.App(
@@ -156,7 +190,7 @@ def build(cfg: Config) -> af.App:
         value_type=Item,
         key=lambda v: v.key,
         partitions=cfg.partitions,
-        time=lambda v: v.seq / 100,
+        time=seq_time,
     )
     pid = os.getpid()
     if cfg.mode == "transform":
@@ -228,6 +262,39 @@ def build(cfg: Config) -> af.App:
                         w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
                     )
 
+    elif cfg.mode == "total":
+        totals = app.table("totals", default=0)
+        totals_topic: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
+
+        @app.agent(source, concurrency=cfg.concurrency)
+        async def running_total(stream: af.Stream[Item]) -> None:
+            total = stream.state(totals)
+            async for item in stream:
+                if item.seq >= END_SEQ:
+                    continue
+                add = amount(item.seq)
+                new = total.update(lambda t: (t or 0) + add)
+                await totals_topic.send(
+                    item.key, {"key": item.key, "seq": item.seq, "total": new, "pid": pid}
+                )
+
+    elif cfg.mode == "dedup":
+        from datetime import timedelta
+
+        if cfg.ttl <= 0:
+            raise ValueError("dedup mode needs E2E_TTL (seconds) > 0")
+        seen = app.table("seen", default=False, ttl=timedelta(seconds=cfg.ttl))
+        seen_topic: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
+
+        @app.agent(source, concurrency=cfg.concurrency)
+        async def dedup(stream: af.Stream[Item]) -> None:
+            marked = stream.stateful_map(seen, lambda was, item: (True, (item, not was)))
+            async for item, fresh in marked:
+                await seen_topic.send(
+                    item.key,
+                    {"key": item.key, "seq": item.seq, "fresh": fresh, "t": time.time(), "pid": pid},
+                )
+
     else:
         raise ValueError(f"unknown E2E_MODE {cfg.mode!r}")
     return app
@@ -244,6 +311,29 @@ def app() -> af.App:
 def key_of(i: int, keys: int) -> str:
     """The key of input event number ``i`` (keys cycle: event ``i`` has ``seq`` ``i // keys``)."""
     return f"k{i % keys:04d}"
+
+
+def sentinel_keys(partitions: int) -> list[bytes]:
+    """One key per partition, for records that push each partition's event time far ahead.
+
+    Example:
+        >>> len(set(sentinel_keys(4)))
+        4
+    """
+    found: dict[int, bytes] = {}
+    i = 0
+    while len(found) < partitions:
+        key = f"end-{i}".encode()
+        found.setdefault(kafka_partition(key, partitions), key)
+        i += 1
+    return [found[p] for p in range(partitions)]
+
+
+def end_marks(partitions: int) -> list[tuple[bytes, bytes]]:
+    """``raw`` records for ``produce_events``: one ``END_SEQ`` sentinel per partition."""
+    return [
+        (k, orjson.dumps({"key": k.decode(), "seq": END_SEQ})) for k in sentinel_keys(partitions)
+    ]
 
 
 def partition_counts(n: int, keys: int, partitions: int) -> dict[int, int]:
