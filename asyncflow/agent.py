@@ -100,6 +100,7 @@ class Agent:
         """Run the agent function on one lane until its input ends."""
         failed_offset: tuple[Any, int] | None = None
         attempts = 0
+        finished = False  # the body returned at the end of its input (not cancelled, not failed)
         try:
             while True:
                 try:
@@ -110,6 +111,7 @@ class Agent:
                             "ended; an agent must read its stream to the end (the events left in "
                             "its lane could never be committed)"
                         )
+                    finished = True
                     return
                 except (asyncio.CancelledError, AgentError):
                     raise
@@ -152,7 +154,7 @@ class Agent:
                     for e in events:
                         await stream.dead_letter(e, f"agent {self.name} raised {reason}")
         finally:
-            stream.close()
+            stream.close(finished)
 
     async def _body(self, stream: Stream[Any]) -> None:
         stream._restart()  # a restarted body rebuilds its operations and gets its windows back

@@ -557,20 +557,21 @@ class Stream(Generic[T]):
         self.metrics.incr("dead_letters")
         await self._dead_letter(event, reason)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         """The lane is finishing: tell the checkpoints it takes part in no more barriers.
 
-        A lane that finishes before its input ended (cancelled at shutdown, or
-        stopped by an error) holds events nobody handled: no later checkpoint
-        may cover them.
+        ``finished`` is false when the lane did not get to the end of its input
+        (cancelled at shutdown, or stopped by an error): it may have been in the
+        middle of an event, so no later checkpoint may cover what it held.
         """
         self._held = None
+        clean = finished and self.input_ended
         barrier, self._barrier = self._barrier, None
-        if barrier is not None:
+        if barrier is not None and clean:
             barrier.leave(self._lane.id)
-        finished = self._lane.finished
-        if finished is not None:
-            finished(self._lane.id, self.input_ended)
+        done = self._lane.finished
+        if done is not None:
+            done(self._lane.id, clean)
 
     @property
     def output_key(self) -> Any:

@@ -56,6 +56,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +274,7 @@ def build(cfg: Config) -> af.App:
             async for item in stream:
                 if item.seq >= END_SEQ:
                     continue
-                add = amount(item.seq)
-                new = total.update(lambda t: (t or 0) + add)
+                new = total.update(partial(add, amount(item.seq)))
                 await totals_topic.send(
                     item.key, {"key": item.key, "seq": item.seq, "total": new, "pid": pid}
                 )
