@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -166,6 +166,30 @@ class Output:
         """
         writer = self._bound or self._writer()
         writer.add(self._record(key, value, headers))
+        room = writer._room
+        if room.is_set():
+            return _READY
+        return room.wait()
+
+    def send_many(
+        self, items: Iterable[tuple[Any, Any]], *, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> Awaitable[Any]:
+        """Send many ``(key, value)`` records at once (the batch API's output side).
+
+        Like ``send``: buffered at once; awaiting the result waits only while the
+        sink's buffer is full.
+
+        Example:
+            >>> import asyncflow as af, asyncio
+            >>> app = af.App("t")
+            >>> asyncio.run(app.topic("out").send_many([("k", 1), ("k", 2)]))
+            Traceback (most recent call last):
+            ...
+            asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
+        """
+        writer = self._bound or self._writer()
+        record = self._record
+        writer.add_many([record(key, value, headers) for key, value in items])
         room = writer._room
         if room.is_set():
             return _READY

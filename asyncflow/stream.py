@@ -88,6 +88,7 @@ async def _no_dead_letter(event: Event[Any], reason: str) -> None:
 
 
 _NO_KEY: Any = object()
+_SKIP: Any = object()
 _BARRIER: Any = object()
 """What ``_next_raw(stop_at_barrier=True)`` returns when a barrier is next."""
 
@@ -299,6 +300,99 @@ class Stream(Generic[T]):
         """
         return self._batches(size, timeout)
 
+    def batches(self) -> AsyncIterator[list[T]]:
+        """Iterate whole lane slices: everything queued for this lane, as one list, at once.
+
+        The batch API: nothing waits for a batch to fill (a thin stream gives
+        small batches, a backlog large ones, up to a fetch's worth), and
+        map/filter/key_by/stateful_map apply per value as in the per-item
+        loop. ``stream.current`` is the batch's last event. If the agent body
+        raises while handling a batch, its error policy takes the whole batch.
+        Send the results with ``output.send_many(...)``.
+
+        Example:
+            >>> from asyncflow.testing import stream_of
+            >>> import asyncio
+            >>> async def demo():
+            ...     return [b async for b in stream_of(range(5)).map(lambda v: v * 2).batches()]
+            >>> asyncio.run(demo())
+            [[0, 2, 4, 6, 8]]
+        """
+        return self._slices()
+
+    async def _slices(self) -> AsyncIterator[list[T]]:
+        while True:
+            try:
+                events = await self._next_slice()
+            except StopAsyncIteration:
+                return
+            values: list[T] = []
+            done: list[Event[Any]] = []
+            failed: Exception | None = None
+            bad: Event[Any] | None = None
+            if not self._ops:
+                values = [e.value for e in events]
+                done = events
+            else:
+                sync = self._sync_ops
+                for i, ev in enumerate(events):
+                    try:
+                        if sync:
+                            self.current = ev
+                            value = self._sync_apply(ev)
+                            if value is _SKIP:
+                                continue
+                            out = self.current if self.current is not None else ev
+                        else:
+                            res = await self._apply_ops(ev)
+                            if res is None:
+                                continue
+                            out, value = res, res.value
+                    except Exception as exc:  # noqa: BLE001 - handed to the error policy below
+                        failed, bad = exc, ev
+                        rest = events[i + 1 :]
+                        self._pushed_back.extend(reversed(rest))  # delivered again next
+                        break
+                    values.append(value)
+                    done.append(out)
+            if values:
+                self._batch_events = done
+                self.current = done[-1]
+                try:
+                    yield values
+                finally:
+                    self._batch_events = None
+            if failed is not None:
+                self._held = self.current = bad
+                raise failed
+
+    async def _next_slice(self) -> list[Event[Any]]:
+        """Every event the lane holds or gets next from its queue (barriers handled between)."""
+        while True:
+            if self._pushed_back:
+                events = self._pushed_back[::-1]
+                self._pushed_back.clear()
+                return events
+            buf, pos = self._buf, self._pos
+            if pos < len(buf):
+                self._buf, self._pos = [], 0
+                return buf[pos:] if pos else buf
+            barrier = self._barrier
+            if barrier is not None:
+                self._barrier = None
+                await barrier.arrive(self._lane.id)
+                continue
+            try:
+                got = await self._queue.get()
+            except LaneClosed:
+                raise StopAsyncIteration from None
+            if type(got) is Watermark:
+                continue
+            if type(got) is Barrier:
+                self._barrier = got
+                continue
+            self._buf, self._pos = got, 0
+
     async def _batches(self, size: int, timeout: float) -> AsyncIterator[list[T]]:
         while True:
             events: list[Event[Any]] = []
@@ -352,8 +446,67 @@ class Stream(Generic[T]):
         return []
 
     # -- iterating ----------------------------------------------------------------
-    def __aiter__(self) -> Stream[T]:
-        return self
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._values()
+
+    async def _values(self) -> AsyncIterator[T]:
+        """What ``async for`` runs: a tight loop over the lane's local batch.
+
+        Equivalent to calling ``__anext__`` until the end, without a coroutine
+        per value while the batch lasts (the queue is awaited only when it is
+        empty). Position and current event live on the stream, so a body that
+        restarts after an error goes on where this loop stopped.
+        """
+        skip = _SKIP
+        while True:
+            buf = self._buf
+            pos = self._pos
+            n = len(buf)
+            if pos < n and self._sync_ops and not self._pushed_back:
+                ops = self._ops
+                self._window_key = _NO_KEY
+                while pos < n:
+                    ev = buf[pos]
+                    pos += 1
+                    self._pos = pos
+                    self._held = self.current = ev
+                    value = ev.value if not ops else self._sync_apply(ev)
+                    if value is skip:
+                        continue
+                    yield value
+                    if self._buf is not buf or self._pushed_back:
+                        break
+                continue
+            try:
+                value = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            yield value
+
+    def _sync_apply(self, ev: Event[Any]) -> Any:
+        """Run the map/filter/key_by/stateful chain on one event; ``_SKIP`` if filtered out."""
+        value = ev.value
+        key = ev.key
+        try:
+            for kind, fn in self._ops:
+                if kind == _MAP:
+                    value = fn(value)
+                elif kind == _FILTER:
+                    if not fn(value):
+                        return _SKIP
+                elif kind == _KEY:
+                    key = fn(value)
+                    if key is not ev.key:
+                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)
+                        self._held = self.current = ev
+                else:  # _STATEFUL: reads and writes the state of the event's key
+                    value = fn(value)
+                    if value is None:
+                        return _SKIP
+        except Exception:
+            self._held = self.current = ev  # the agent's error policy handles this event
+            raise
+        return value
 
     async def __anext__(self) -> T:
         self._held = None
@@ -406,8 +559,6 @@ class Stream(Generic[T]):
                         raise
                     if not keep:
                         continue
-                    if key is not ev.key or value is not ev.value:
-                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)
             self._held = ev
             self.current = ev
             result: T = value

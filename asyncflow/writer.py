@@ -90,6 +90,24 @@ class SinkWriter:
         if n >= self.max_buffer:
             self._room.clear()
 
+    def add_many(self, records: list[SinkRecord]) -> None:
+        """Buffer many records at once (never waits; see ``send``)."""
+        if self._failed is not None:
+            raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
+        if not records:
+            return
+        buffered = self._records
+        if not buffered:
+            self._first_at = time.monotonic()
+            self._wake.set()
+        buffered.extend(records)
+        self._added += len(records)
+        n = len(buffered)
+        if n >= self.max_batch:
+            self._wake.set()
+        if n >= self.max_buffer:
+            self._room.clear()
+
     async def send(self, record: SinkRecord) -> None:
         """Buffer a record, waiting first while the buffer is full."""
         if not self._room.is_set():

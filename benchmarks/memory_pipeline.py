@@ -8,6 +8,8 @@ that its peak RSS is its own:
   (Fahrenheit to Celsius), filters (drops about 10%) and sends to a sink that
   counts batches; offsets are committed as usual.
 - ``pipeline_record``: the same with a typed ``af.Record`` value type.
+- ``batches_dict`` / ``batches_record``: the same pipelines through the batch
+  API (``async for batch in stream...batches()`` and ``out.send_many(...)``).
 
 The baseline of each is the best hand-written asyncio loop over the same raw
 records: batches of 1,000 through an ``asyncio.Queue``, orjson (plus the same
@@ -92,7 +94,9 @@ class CountingSink:
     async def stop(self) -> None: ...
 
 
-async def run_framework(payloads: list[tuple[bytes, bytes]], typed: bool) -> tuple[float, int]:
+async def run_framework(
+    payloads: list[tuple[bytes, bytes]], typed: bool, batches: bool = False
+) -> tuple[float, int]:
     broker = MemoryBroker()
     broker.create_topic("readings", partitions=PARTITIONS)
     for k, v in payloads:
@@ -103,10 +107,19 @@ async def run_framework(payloads: list[tuple[bytes, bytes]], typed: bool) -> tup
     sink = CountingSink()
     out = app.sink(sink)
 
-    @app.agent(readings, concurrency=4)
-    async def pipeline(stream: af.Stream[Any]) -> None:
-        async for v in stream.map(to_celsius).filter(keep):
-            await out.send(None, v)
+    if batches:
+
+        @app.agent(readings, concurrency=4)
+        async def pipeline(stream: af.Stream[Any]) -> None:
+            async for batch in stream.map(to_celsius).filter(keep).batches():
+                await out.send_many([(None, v) for v in batch])
+
+    else:
+
+        @app.agent(readings, concurrency=4)
+        async def pipeline(stream: af.Stream[Any]) -> None:
+            async for v in stream.map(to_celsius).filter(keep):
+                await out.send(None, v)
 
     t0 = time.perf_counter()
     await app.run()
@@ -152,14 +165,15 @@ async def run_baseline(payloads: list[tuple[bytes, bytes]], typed: bool) -> tupl
 
 
 def run_case(case: str, events: int, repeat: int) -> dict[str, Any]:
-    typed = case == "pipeline_record"
+    typed = case.endswith("_record")
+    batches = case.startswith("batches")
     payloads = make_payloads(events)
     best_fw = best_base = float("inf")
     count_fw = count_base = 0
     for _ in range(repeat):
         s, count_base = asyncio.run(run_baseline(payloads, typed))
         best_base = min(best_base, s)
-        s, count_fw = asyncio.run(run_framework(payloads, typed))
+        s, count_fw = asyncio.run(run_framework(payloads, typed, batches))
         best_fw = min(best_fw, s)
     if count_fw != count_base:
         raise SystemExit(f"{case}: framework delivered {count_fw}, baseline {count_base}")
@@ -186,7 +200,7 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args.events, args.repeat)))
         return
     rows = []
-    for case in ("pipeline_dict", "pipeline_record"):
+    for case in ("pipeline_dict", "pipeline_record", "batches_dict", "batches_record"):
         cmd = [sys.executable, __file__, "--case", case, "--events", str(args.events),
                "--repeat", str(args.repeat)]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()

@@ -140,7 +140,8 @@ def cuts_of(events: Input, every: int) -> list[dict[Any, int]]:
 
 
 async def state_api(
-    events: Input, every: int, directory: str, broker: MemoryBroker
+    events: Input, every: int, directory: str, broker: MemoryBroker,
+    profiler: cProfile.Profile | None = None,
 ) -> tuple[float, float, StateManager]:
     """The running count through TablePartition.get/set, checkpointed; (total s, checkpoint s)."""
     state = new_manager(directory, broker)
@@ -150,6 +151,8 @@ async def state_api(
     parts: list[TablePartition] = [state.table_partition(table, p) for p in PARTS]
     cuts = cuts_of(events, every)
     in_checkpoints = 0.0
+    if profiler is not None:
+        profiler.enable()
     started = time.perf_counter()
     for n, start in enumerate(range(0, len(events), every)):
         for p, k in events[start : start + every]:
@@ -159,7 +162,10 @@ async def state_api(
         staged = state.snapshot(cuts[n], {}, state.next_checkpoint_id())
         await state.persist(staged)
         in_checkpoints += time.perf_counter() - began
-    return time.perf_counter() - started, in_checkpoints, state
+    seconds = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+    return seconds, in_checkpoints, state
 
 
 def contents(state: StateManager) -> dict[Any, Any]:
@@ -182,6 +188,8 @@ def run_state_api(events: Input, every: int, repeat: int) -> dict[str, Any]:
             if attempt == 0 and contents(state) != expected:
                 raise SystemExit("state_api: the table's counts differ from the dict's")
             state.close()
+            del run, state  # the next attempt starts without this one's changelog in memory
+            gc.collect()
         if s < best:
             best, best_ckpt = s, ckpt
     n = len(events)
@@ -221,14 +229,20 @@ def counting_app(directory: str) -> af.App:
     return app
 
 
-async def run_app_once(events: Input, directory: str) -> tuple[float, dict[Any, Any]]:
+async def run_app_once(
+    events: Input, directory: str, profiler: cProfile.Profile | None = None
+) -> tuple[float, dict[Any, Any]]:
     broker = MemoryBroker()
     produce(broker, events)
     app = counting_app(directory)
+    if profiler is not None:
+        profiler.enable()
     started = time.perf_counter()
     async with TestRun(app, broker=broker) as run:
         await run.finish(timeout=600)
     seconds = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
     return seconds, run.table(TABLE)
 
 
@@ -295,6 +309,8 @@ def run_restore(case: str, events: Input, every: int, repeat: int) -> dict[str, 
             if attempt == 0 and contents(state) != expected:
                 raise SystemExit(f"{case}: the restored counts differ from the dict's")
             state.close()
+            del state
+            gc.collect()
     n = len(expected)
     return {
         "case": case, "events": n, "seconds": round(best, 4), "events_per_s": round(n / best),
@@ -314,16 +330,15 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile(case: str, args: argparse.Namespace, top: int = 25) -> None:
-    """One run of the framework side of ``case`` under cProfile; the top functions by own time."""
+    """One run of the framework side of ``case`` under cProfile (its timed part), the top of it."""
     events = make_input(args.events, args.keys)
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory(prefix="asyncflow-state-bench-") as d:
         if case == "state_api":
-            profiler.enable()
-            asyncio.run(state_api(events, args.checkpoint_every, d, MemoryBroker()))
+            run = state_api(events, args.checkpoint_every, d, MemoryBroker(), profiler)
+            with_worker_gc(asyncio.run, run)
         elif case == "app":
-            profiler.enable()
-            asyncio.run(run_app_once(events, d))
+            asyncio.run(run_app_once(events, d, profiler))  # the worker sets its own GC
         else:
             broker = MemoryBroker()
             _, _, built = asyncio.run(state_api(events, args.checkpoint_every, f"{d}/b", broker))

@@ -251,6 +251,7 @@ class _AlignedOperator(WindowOperator):
             self._add,
             self._updates,
             self.dirty,
+            self._create,
         )
         self._fire: list[int] = []  # ends of windows that have not fired
         self._purge: list[int] = []  # ends of windows that fired and wait for purge
@@ -260,7 +261,7 @@ class _AlignedOperator(WindowOperator):
         return sum(len(bucket) for bucket in self._panes.values())
 
     def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
-        size, step, offset, lateness, panes, add, updates, dirty = self._shape
+        size, step, offset, lateness, panes, add, updates, dirty, create = self._shape
         wm = self._wm
         start = time_ms - (time_ms - offset) % step  # the latest window's start
         # Windows starting at or before `stop` are late or do not hold the event.
@@ -277,7 +278,8 @@ class _AlignedOperator(WindowOperator):
             bucket = panes.get(end)
             if bucket is None:
                 bucket = self._open(end)
-            bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
+            acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
+            bucket[key] = acc = add(create() if acc is _NONE else acc, value, time_ms)
             if end <= fired or updates:
                 self.results.append(WindowResult(key, start, end, self._result(acc), end <= fired))
             start -= step
@@ -357,7 +359,7 @@ class _TumblingOperator(_AlignedOperator):
     __slots__ = ()
 
     def on_event(self, key: Any, time_ms: int, value: Any) -> bool:
-        size, _, offset, lateness, panes, add, updates, dirty = self._shape
+        size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
         wm = self._wm
         end = time_ms - (time_ms - offset) % size + size
         if end - 1 + lateness <= wm:
@@ -365,8 +367,9 @@ class _TumblingOperator(_AlignedOperator):
         bucket = panes.get(end)
         if bucket is None:
             bucket = self._open(end)
-        bucket[key] = acc = add(bucket[key], value, time_ms)  # a missing key: create()
         dirty.add(key)
+        acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
+        bucket[key] = acc = add(create() if acc is _NONE else acc, value, time_ms)
         if end <= wm + 1 or updates:
             self.results.append(
                 WindowResult(key, end - size, end, self._result(acc), end <= wm + 1)

@@ -85,14 +85,19 @@ class _SessionEngine(_OperatorBase):
             if hi - 1 + self._lateness <= wm:
                 self.late.append(LateEvent(key, time_ms, value))
                 return False
-            session = _Session(lo, hi, self._create())
+            # the event is added first: nothing is stored if the aggregate raises
+            session = _Session(lo, hi, self._add(self._create(), value, time_ms))
             if open_ is None:
                 self._sessions[key] = [session]
             else:
                 open_.append(session)
             self._schedule(key, session, wm)
+            self.dirty.add(key)
+            added = True
         else:
             assert open_ is not None
+            added = False
+            self.dirty.add(key)  # merged below even if the aggregate then raises
             if len(hits) > 1:
                 hits.sort(key=lambda s: s.start)
             session = hits[0]
@@ -106,8 +111,8 @@ class _SessionEngine(_OperatorBase):
             session.end = max(session.end, hi)
             if session.end != old_end:
                 self._schedule(key, session, wm)
-        session.acc = self._add(session.acc, value, time_ms)
-        self.dirty.add(key)
+        if not added:
+            session.acc = self._add(session.acc, value, time_ms)
         end = session.end
         if self._updates or end - 1 <= wm:
             self.results.append(

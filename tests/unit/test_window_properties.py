@@ -73,7 +73,8 @@ class Run:
 
     emitted: dict[Window, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     late: list[int] = field(default_factory=list)
-    states: list[State] = field(default_factory=list)  # after each event's watermark step
+    sizes: list[int] = field(default_factory=list)  # open windows after each event's step
+    states: dict[int, State] = field(default_factory=dict)  # step -> the open windows then
 
 
 Saved = dict[Any, list[list[Any]]]  # what a checkpoint holds: key -> its open windows
@@ -106,7 +107,12 @@ def state_of(op: WindowOperator, saved: Saved) -> State:
     return out
 
 
-def run_operator(op: WindowOperator, events: list[Event], wait: int) -> Run:
+def run_operator(op: WindowOperator, events: list[Event], wait: int, every_step: bool) -> Run:
+    """Feed ``events`` with a watermark step and a checkpoint after each one.
+
+    The checkpointed windows (exports applied in turn) are recorded after each
+    step with ``every_step``, else after the last one (their count after each).
+    """
     run = Run()
     frontier: int | None = None
     saved: Saved = {}
@@ -128,8 +134,10 @@ def run_operator(op: WindowOperator, events: list[Event], wait: int) -> Run:
         assert ends == sorted(ends), "one watermark step emits in window-end order"
         collect()
         checkpoint(op, saved)
-        assert op.open_windows == sum(len(windows) for windows in saved.values())
-        run.states.append(state_of(op, saved))
+        run.sizes.append(sum(len(windows) for windows in saved.values()))
+        assert op.open_windows == run.sizes[-1], "what was exported is what is open"
+        if every_step or i == len(events) - 1:
+            run.states[i] = state_of(op, saved)
     op.flush_all()
     collect()
     assert op.open_windows == 0
@@ -172,7 +180,9 @@ def batch_aligned(
         frontier = t if frontier is None else max(frontier, t)
         wm = max(wm, frontier - wait)
         open_ = {w: ids for w, ids in open_.items() if w[2] - 1 + lateness > wm}
-        expected.states.append({w: summary(ids) for w, ids in open_.items()})
+        expected.sizes.append(len(open_))
+        if i == len(events) - 1:
+            expected.states[i] = {w: summary(ids) for w, ids in open_.items()}
     for window in order:
         ids_before, ids_after = before[window], after[window]
         values = []
@@ -204,11 +214,12 @@ def test_tumbling_matches_batch_computation(
         lateness=timedelta(milliseconds=lateness),
         emit="updates" if updates else "final",
     )
-    got = run_operator(op, events, wait)
+    got = run_operator(op, events, wait, every_step=False)
     want = batch_aligned(events, size, size, offset % size, wait, lateness, updates)
     assert got.late == want.late
     assert dict(got.emitted) == dict(want.emitted)
-    assert got.states == want.states
+    assert got.sizes == want.sizes  # after every step: the windows not purged yet
+    assert got.states == want.states  # after the last: those windows with their events
 
 
 @settings(max_examples=300, deadline=None)
@@ -230,11 +241,12 @@ def test_hopping_matches_batch_computation(
         lateness=timedelta(milliseconds=lateness),
         emit="updates" if updates else "final",
     )
-    got = run_operator(op, events, wait)
+    got = run_operator(op, events, wait, every_step=False)
     want = batch_aligned(events, size, step, 0, wait, lateness, updates)
     assert got.late == want.late
     assert dict(got.emitted) == dict(want.emitted)
-    assert got.states == want.states
+    assert got.sizes == want.sizes  # after every step: the windows not purged yet
+    assert got.states == want.states  # after the last: those windows with their events
 
 
 def sessionize(items: list[tuple[int, int]], gap: int) -> list[tuple[int, int, list[int]]]:
@@ -283,11 +295,12 @@ def batch_sessions(events: list[Event], gap: int, wait: int, lateness: int) -> S
         frontier = t if frontier is None else max(frontier, t)
         wm = max(wm, frontier - wait)
         purge(wm)
-        expected.states.append({
+        expected.states[i] = {
             (k, start, end): summary(sorted(ids))
             for k, items in open_.items()
             for start, end, ids in sessionize(items, gap)
-        })
+        }
+        expected.sizes.append(len(expected.states[i]))
     purge(2**63)
     return expected
 
@@ -310,9 +323,10 @@ def test_sessions_match_batch_computation(
         lateness=timedelta(milliseconds=lateness),
         emit="updates" if updates else "final",
     )
-    got = run_operator(op, events, wait)
+    got = run_operator(op, events, wait, every_step=True)
     want = batch_sessions(events, gap, wait, lateness)
     assert got.late == want.late
+    assert got.sizes == want.sizes
     assert got.states == want.states  # after every step: the open sessions, with their events
     for window, ids in want.closed.items():
         last = got.emitted[window][-1]

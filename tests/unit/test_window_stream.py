@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -303,7 +303,7 @@ async def test_each_partitions_windows_follow_that_partitions_watermark() -> Non
 async def test_an_event_is_late_by_the_watermark_of_its_own_partition() -> None:
     [a0, a1] = events("p0", [("a", 7_000, 1), ("a", 1_000, 2)])
     [b0, b1] = events("p1", [("b", 1_000, 3), ("b", 2_000, 4)])
-    marks = {"p0": 7_000, "p1": 1_000}
+    marks: dict[Hashable, int | None] = {"p0": 7_000, "p1": 1_000}
     stream = FakeStream([a0, b0, Watermark(1_000, 0, marks=marks), a1, b1])
     windows = WindowedStream(stream, Tumbling(5 * S), aggregate=Sum())
     assert sorted([summary(r) async for r in windows]) == [
