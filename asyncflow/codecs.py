@@ -52,7 +52,7 @@ class JsonCodec(Generic[T]):
         [1, 2]
     """
 
-    __slots__ = ("value_type", "decode")
+    __slots__ = ("decode", "decode_many", "value_type")
 
     def __init__(self, value_type: type[T] | None = None) -> None:
         self.value_type = value_type
@@ -67,6 +67,12 @@ class JsonCodec(Generic[T]):
                 return build(obj)
 
             self.decode: Callable[[bytes], T] = decode_record
+
+            def decode_records(datas: list[bytes]) -> list[Any]:
+                loads = orjson.loads
+                return [build(loads(d)) for d in datas]
+
+            self.decode_many: Callable[[list[bytes]], list[T]] = decode_records
         else:
 
             def decode_plain(data: bytes) -> Any:
@@ -76,6 +82,12 @@ class JsonCodec(Generic[T]):
                     raise DecodeError(f"malformed JSON: {exc}") from None
 
             self.decode = decode_plain
+
+            def decode_plain_many(datas: list[bytes]) -> list[Any]:
+                loads = orjson.loads
+                return [loads(d) for d in datas]
+
+            self.decode_many = decode_plain_many
 
     def encode(self, value: T) -> bytes:
         # a right-sized copy: orjson's result keeps a ~4 KB allocation alive behind it,

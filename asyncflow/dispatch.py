@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -128,14 +128,95 @@ class Dispatcher:
             del self._skip_to[partition]
         ch = route.channel
         consumers = route.consumers
-        decode = ch.codec.decode
-        key_fn = ch.key_fn
-        key_decode = ch.key_codec.decode
-        time_fn = ch.time_ms
         limit = self._time_limit(partition)
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
         single = parts[0] if len(consumers) == 1 else None
         n_single = len(consumers[0])
+        max_time: int | None = None
+        fast = self._decode_all(ch, records)
+        if fast is not None:  # the whole batch decoded at once: no record of it is poison
+            values, keys, times, hashes = fast
+            for rec, value, key, t, h in zip(records, values, keys, times, hashes, strict=True):
+                if t is not None:
+                    if limit is not None and t > limit:
+                        self.metrics.incr("future_events")
+                        self._dead_letter(ch.name, partition, rec, self._future_reason(ch, t, limit))
+                        continue
+                    if max_time is None or t > max_time:
+                        max_time = t
+                ev = Event(key, value, t, rec.headers, partition, rec.offset)
+                if single is not None:
+                    single[h % n_single].append(ev)
+                else:
+                    for parts_c, lanes in zip(parts, consumers, strict=True):
+                        parts_c[h % len(lanes)].append(ev)
+        else:
+            max_time = self._decode_each(ch, partition, records, limit, parts, consumers)
+        self.metrics.incr("events_in", len(records))
+        blocked = self._blocked.get(partition)
+        for parts_c, lanes in zip(parts, consumers, strict=True):
+            for part, q in zip(parts_c, lanes, strict=True):
+                if not part:
+                    continue
+                if q in self._parked or not q.has_room(len(part)):
+                    self._parked.setdefault(q, deque()).append((partition, part))
+                    if blocked is None:
+                        blocked = self._blocked[partition] = set()
+                        self.source.pause([partition])
+                        self.metrics.incr("partition_pauses")
+                    blocked.add(q)
+                else:
+                    q.put(part)
+        if max_time is not None:
+            if blocked:
+                prev = self._pending_time.get(partition)
+                self._pending_time[partition] = max_time if prev is None else max(prev, max_time)
+            else:
+                self.watermarks.observe(partition, max_time, self.clock.wall_ms())
+
+    def _decode_all(
+        self, ch: Channel[Any], records: Sequence[RawRecord]
+    ) -> tuple[list[Any], list[Any], list[int | None], list[int]] | None:
+        """Decode a batch in one pass per step (value, key, time, hash); ``None`` if any fails.
+
+        The common case (no poison in the batch) costs one list comprehension
+        per step; a batch with a bad record goes through ``_decode_each``.
+        """
+        decode_many = getattr(ch.codec, "decode_many", None)
+        if decode_many is None:
+            return None
+        try:
+            values = decode_many([r.value for r in records])
+            key_fn = ch.key_fn
+            if key_fn is not None:
+                keys = [key_fn(v) for v in values]
+            else:
+                key_decode = ch.key_codec.decode
+                keys = [None if (kb := r.key) is None else key_decode(kb) for r in records]
+            time_fn = ch.time_ms
+            if time_fn is not None:
+                times: list[int | None] = [time_fn(v) for v in values]
+            else:
+                times = [r.timestamp for r in records]
+            hashes = [hash(k) for k in keys]
+        except Exception:  # noqa: BLE001 - some record is poison: find it record by record
+            return None
+        return values, keys, times, hashes
+
+    def _decode_each(
+        self,
+        ch: Channel[Any],
+        partition: Hashable,
+        records: Sequence[RawRecord],
+        limit: int | None,
+        parts: list[list[list[Event[Any]]]],
+        consumers: list[list[LaneQueue]],
+    ) -> int | None:
+        """Decode record by record, each failure a dead letter with its reason; the max time."""
+        decode = ch.codec.decode
+        key_fn = ch.key_fn
+        key_decode = ch.key_codec.decode
+        time_fn = ch.time_ms
         max_time: int | None = None
         for rec in records:
             try:
@@ -160,32 +241,9 @@ class Dispatcher:
             ev = Event(key, value, t, rec.headers, partition, rec.offset)
             if t is not None and (max_time is None or t > max_time):
                 max_time = t
-            if single is not None:
-                single[h % n_single if n_single > 1 else 0].append(ev)
-            else:
-                for parts_c, lanes in zip(parts, consumers, strict=True):
-                    parts_c[h % len(lanes)].append(ev)
-        self.metrics.incr("events_in", len(records))
-        blocked = self._blocked.get(partition)
-        for parts_c, lanes in zip(parts, consumers, strict=True):
-            for part, q in zip(parts_c, lanes, strict=True):
-                if not part:
-                    continue
-                if q in self._parked or not q.has_room(len(part)):
-                    self._parked.setdefault(q, deque()).append((partition, part))
-                    if blocked is None:
-                        blocked = self._blocked[partition] = set()
-                        self.source.pause([partition])
-                        self.metrics.incr("partition_pauses")
-                    blocked.add(q)
-                else:
-                    q.put(part)
-        if max_time is not None:
-            if blocked:
-                prev = self._pending_time.get(partition)
-                self._pending_time[partition] = max_time if prev is None else max(prev, max_time)
-            else:
-                self.watermarks.observe(partition, max_time, self.clock.wall_ms())
+            for parts_c, lanes in zip(parts, consumers, strict=True):
+                parts_c[h % len(lanes)].append(ev)
+        return max_time
 
     def _time_limit(self, partition: Hashable) -> int | None:
         ahead = self.max_time_ahead_ms

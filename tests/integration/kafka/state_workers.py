@@ -110,7 +110,7 @@ async def wait_committed(
     began = time.monotonic()
     got: dict[int, int | None] = {}
     while True:
-        got = await committed(bootstrap, group, topic, PARTITIONS)
+        got = await committed(bootstrap, group, topic, len(expected))
         if got == expected:
             return time.monotonic() - began
         alive(*workers)
