@@ -129,6 +129,8 @@ class MemoryBroker:
         if type(value) is bytes:
             # a right-sized copy: orjson's output keeps a large allocation behind small bytes
             value = bytes(memoryview(value))
+        if type(key) is bytes:
+            key = bytes(memoryview(key))
         log.append(MemoryRecord(len(log), key, value, ts, tuple(headers)))
         self._notify()
         return p, len(log) - 1
@@ -192,10 +194,21 @@ class MemoryBroker:
             >>> asyncio.run(b.append("log", 1, [SinkRecord(b"k", b"v"), SinkRecord(b"k", None)]))
             1
         """
-        last = -1
-        for r in records:
-            _, last = self.produce(topic, r.value, r.key, r.headers, r.timestamp, partition)
-        return last
+        t = self.topics.get(topic)
+        if t is None:
+            self.create_topic(topic)
+            t = self.topics[topic]
+        log = t.partitions[partition]
+        now = time.time_ns() // 1_000_000
+        offset = len(log)
+        append = log.append
+        for r in records:  # changelog records come right-sized from the state codec
+            headers = r.headers
+            append(MemoryRecord(offset, r.key, r.value, now,
+                                headers if type(headers) is tuple else tuple(headers)))
+            offset += 1
+        self._notify()
+        return len(log) - 1
 
     async def read_changelog(
         self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000

@@ -73,7 +73,7 @@ class TablePartition:
         [(b'"a"', b'5')]
     """
 
-    __slots__ = ("_cache", "_clock", "_codec", "_dirty", "_limit", "_ttl", "shard", "table")
+    __slots__ = ("_cache", "_clock", "_codec", "_dirty", "_kb", "_limit", "_ttl", "shard", "table")
 
     def __init__(
         self, table: Table[Any], shard: TableShard, clock: Clock, cache_limit: int = DEFAULT_CACHE
@@ -85,6 +85,7 @@ class TablePartition:
         self._ttl = table.ttl_ms
         self._cache: dict[Any, Any] = {}
         self._dirty: dict[Any, Any] = {}
+        self._kb: dict[Any, bytes] = {}  # encoded keys of cached values (reused each checkpoint)
         self._limit = cache_limit
 
     @property
@@ -107,8 +108,14 @@ class TablePartition:
             return default
         return value
 
+    def _key_bytes(self, key: Hashable) -> bytes:
+        kb = self._kb.get(key)
+        if kb is None:
+            kb = self._kb[key] = encode_key(key)
+        return kb
+
     def _load(self, key: Hashable) -> Any:
-        raw = self.shard.store.get(encode_key(key))
+        raw = self.shard.store.get(self._key_bytes(key))
         if raw is None:
             value: Any = _DELETED
         elif self._ttl is None:
@@ -143,14 +150,19 @@ class TablePartition:
                     self._dirty[key] = _DELETED
         encode = self._codec.encode
         out: list[tuple[bytes, bytes | None]] = []
+        append = out.append
         ttl = self._ttl is not None
+        kbs = self._kb
         for key, value in self._dirty.items():
+            kb = kbs.get(key)
+            if kb is None:
+                kb = kbs[key] = encode_key(key)
             if value is _DELETED:
-                out.append((encode_key(key), None))
+                append((kb, None))
             elif ttl:
-                out.append((encode_key(key), _EXPIRY.pack(value[1]) + encode(value[0])))
+                append((kb, _EXPIRY.pack(value[1]) + encode(value[0])))
             else:
-                out.append((encode_key(key), encode(value)))
+                append((kb, encode(value)))
         if ttl:
             for key, value in self._dirty.items():
                 if value is _DELETED:
@@ -162,6 +174,7 @@ class TablePartition:
         """After a checkpoint is in the store: let the cache go when it outgrew its bound."""
         if len(self._cache) > self._limit:
             self._cache = dict(self._dirty)
+            self._kb = {}
 
     def items(self) -> dict[Any, Any]:
         """Every live key and value (store and cache; for tests and inspection)."""

@@ -62,13 +62,14 @@ class ChangelogTarget:
     topic: str
     partition: int
     label: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.headers = ((PARTITION_HEADER, self.label),)
 
     def record(self, key: bytes, value: bytes | None) -> SinkRecord:
         """A changelog record for this partition."""
-        return SinkRecord(
-            key, value, topic=self.topic, headers=((PARTITION_HEADER, self.label),),
-            partition=self.partition,
-        )
+        return SinkRecord(key, value, self.topic, self.headers, None, self.partition)
 
 
 @dataclass(slots=True)

@@ -296,7 +296,7 @@ class WindowedStream:
             if type(item) is Watermark:
                 await self._on_watermark(item)
                 continue
-            ev = cast(Event[Any], item)  # type() is cheaper than isinstance() per event
+            ev = cast("Event[Any]", item)  # type() is cheaper than isinstance() per event
             p = ev.partition
             op = ops.get(p)
             if op is None:
