@@ -152,6 +152,9 @@ class SSESource:
         self.offsets_survive_restarts = False
         """Offsets count the records of this run (from 0): durable state must not compare them
         with an earlier run's (it then may apply the events since the last commit twice)."""
+        self.positions_survive_restarts = checkpoint is not None
+        """Only with a checkpoint does a restart resume where the last run stopped (and so
+        may its state); without one it starts from the live stream, and so does state."""
         self._last_id: str | None = last_event_id
         self._committed_id: str | None = None
         self._next_offset = 0

@@ -1,7 +1,7 @@
 """The in-process memory broker: the embedded default, and what tests run on.
 
 Topics have partitions and offsets; consumer groups have members, an
-assignment of partitions and committed offsets, so the whole ack and commit
+assignment of partitions and committed offsets, so the whole checkpoint and commit
 path runs as it does on Kafka, without a network. A topic can be ended
 (``end``): a bounded input whose readers then report themselves exhausted.
 

@@ -105,7 +105,9 @@ class Source(Protocol):
     translates it (Kafka commits ``offset + 1``). Offsets must keep their
     meaning across runs (durable state compares them with what it applied); a
     source that numbers records afresh each run sets the attribute
-    ``offsets_survive_restarts = False``.
+    ``offsets_survive_restarts = False``, and one that does not resume where
+    the last run stopped (nothing committed survives it) sets
+    ``positions_survive_restarts = False``.
     """
 
     async def start(self, listener: PartitionListener) -> None:

@@ -252,15 +252,20 @@ class Runtime:
         ends, so state kept on disk past that would claim offsets of records
         that no longer exist: without ``ASYNCFLOW_STATE_DIR`` it gets a
         temporary directory of its own, unless an input comes from an external
-        source (Kinesis, SSE) whose positions outlive the process.
+        source whose positions outlive the process (Kinesis, SSE with a
+        checkpoint): a source says otherwise with ``positions_survive_restarts``.
         """
         app = self.app
         if app.state_store == "memory":
             return None, False
         if app.state_dir is not None:
             return app.state_dir, False
-        external = any(ch.source is not None for ch in app.channels.values())
-        if self.app.broker_url.startswith("memory://") and not external:
+        resumable = any(
+            getattr(ch.source, "positions_survive_restarts", True)
+            for ch in app.channels.values()
+            if ch.source is not None
+        )
+        if self.app.broker_url.startswith("memory://") and not resumable:
             return tempfile.mkdtemp(prefix=f"asyncflow-{app.id}-"), True
         return default_state_dir(), False
 
