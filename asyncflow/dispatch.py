@@ -36,6 +36,7 @@ from asyncflow.channels import Channel
 from asyncflow.clock import Clock
 from asyncflow.errors import DecodeError
 from asyncflow.event import Event, Watermark
+from asyncflow.keys import hashes_of, key_hash, lane_of  # noqa: F401 - lane_of: the routing rule, re-exported
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import RawBatch, RawRecord, Source
@@ -44,16 +45,6 @@ from asyncflow.watermarks import PartitionWatermarks
 log = logging.getLogger("asyncflow.dispatch")
 
 DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
-
-
-def lane_of(key: Hashable, lanes: int) -> int:
-    """The lane a key goes to: the same key always to the same lane.
-
-    Example:
-        >>> 0 <= lane_of(("a", 1), 16) < 16
-        True
-    """
-    return hash(key) % lanes
 
 
 class Route:
@@ -198,7 +189,7 @@ class Dispatcher:
                 times: list[int | None] = [time_fn(v) for v in values]
             else:
                 times = [r.timestamp for r in records]
-            hashes = [hash(k) for k in keys]
+            hashes = hashes_of(keys)
         except Exception:  # noqa: BLE001 - some record is poison: find it record by record
             return None
         return values, keys, times, hashes
@@ -230,7 +221,7 @@ class Dispatcher:
                     kb = rec.key
                     key = None if kb is None else key_decode(kb)
                 t = time_fn(value) if time_fn is not None else rec.timestamp
-                h = hash(key)  # an unhashable key is this record's problem too
+                h = key_hash(key)  # an unhashable key is this record's problem too
             except Exception as exc:  # noqa: BLE001 - any failure is this record's, not ours
                 self._dead_letter(ch.name, partition, rec, _reason(exc))
                 continue

@@ -242,7 +242,7 @@ class KeyedState(Generic[V]):
                 "stream.state(...) inside the loop over the stream"
             )
         last = self._last
-        if last is not None and last[0] == ev.partition:
+        if last is not None and last[0] == ev.partition and not last[1].shard.closed:
             part = last[1]
         else:
             part = self._lookup(ev.partition)

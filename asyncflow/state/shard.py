@@ -108,6 +108,7 @@ class TableShard:
         "store",
         "table",
         "_lanes",
+        "closed",
     )
 
     def __init__(
@@ -128,6 +129,7 @@ class TableShard:
         self.marker_pos: int | None = None
         self.compensation: dict[bytes, bytes | None] = {}
         self._lanes: dict[int, list[tuple[bytes, bytes]]] | None = None
+        self.closed = False
 
     def load_meta(self) -> None:
         """Read the checkpoint metadata the local store holds."""
@@ -202,7 +204,8 @@ class TableShard:
         return self._lanes.pop(lane, [])
 
     def close(self) -> None:
-        """Release the local store."""
+        """Release the local store (the partition was given up)."""
+        self.closed = True
         self.store.close()
 
 

@@ -54,6 +54,7 @@ from typing import Any, Literal, Protocol, cast
 
 from asyncflow.clock import SystemClock
 from asyncflow.event import Event, Watermark
+from asyncflow.keys import lane_of
 from asyncflow.metrics import Metrics
 from asyncflow.state.codec import JSON_VALUES, decode_key, encode_key
 from asyncflow.windows.aggregates import Aggregate
@@ -102,10 +103,6 @@ class LateSink(Protocol):
     """
 
     async def send(self, key: Any, value: Any) -> None: ...
-
-
-def _lane_of(key: Hashable, lanes: int) -> int:
-    return hash(key) % lanes
 
 
 class WindowedStream:
@@ -209,7 +206,7 @@ class WindowedStream:
         if shard.frontier is not None:
             op.on_watermark(shard.frontier, self._arrival_wall())
             op.results.clear()
-        for kb, vb in shard.lane_items(lane.index, lane.lanes, _lane_of):
+        for kb, vb in shard.lane_items(lane.index, lane.lanes, lane_of):
             _, key = decode_key(kb)
             op.load(key, JSON_VALUES.decode(vb))
         if shard.applied is not None:

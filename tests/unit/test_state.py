@@ -317,3 +317,35 @@ def test_a_window_entry_is_plain_json() -> None:
     from asyncflow.state.codec import JSON_VALUES
 
     assert orjson.loads(JSON_VALUES.encode([[5000, [3.5, 2]]])) == [[5000, [3.5, 2]]]
+
+
+async def test_a_partition_given_back_to_its_worker_keeps_every_total_exact() -> None:
+    broker = MemoryBroker()
+    rows = payments(n=3_000, accounts=40)
+    a = totals_app()
+    async with TestRun(a, broker=broker) as run_a:
+        await send_payments(run_a, rows[:1_000])
+        await wait_for(lambda: a.metrics.get("events_in") >= 1_000)
+        b = totals_app()
+        async with TestRun(b, broker=broker) as run_b:  # takes half of A's partitions...
+            await wait_for(lambda: b.metrics.get("state.restored_shards") >= 2)
+            await send_payments(run_b, rows[1_000:2_000])
+            await wait_for(lambda: a.metrics.get("events_in") + b.metrics.get("events_in") >= 2_000)
+            await run_b.stop()  # ...and gives them back
+        await wait_for(lambda: a.metrics.get("state.restored_shards") >= 6)
+        await send_payments(run_a, rows[2_000:])
+        await run_a.finish()
+        assert run_a.table("totals") == totals_of(rows)
+
+
+def test_keys_go_to_the_same_lane_in_every_process() -> None:
+    import subprocess
+    import sys
+
+    code = "from asyncflow.keys import lane_of; print([lane_of(f'k{i}', 8) for i in range(50)])"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(runs) == 1
