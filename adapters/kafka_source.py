@@ -34,10 +34,13 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
 )
+from aiokafka.protocol.group import JoinGroupRequest
 
 from adapters.kafka_config import KafkaSettings, describe, start_client
 from asyncflow.errors import AsyncflowError, BrokerUnavailable
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, TopicPartition
+
+UNKNOWN_MEMBER_ID = JoinGroupRequest.UNKNOWN_MEMBER_ID
 
 log = logging.getLogger("asyncflow.kafka")
 
@@ -307,12 +310,25 @@ class KafkaSource:
         parts = [self._owned.get(tp) or _from_kafka(tp) for tp in revoked]
         try:
             if parts and self._listener is not None:
-                await self._listener.on_revoked(parts)
+                on_lost = getattr(self._listener, "on_lost", None)
+                if on_lost is not None and self._membership_lost():
+                    # the group went on without this member (a session timeout): another
+                    # member may own these partitions already, so nothing may be written
+                    log.warning("this worker was dropped from group %s; giving up %d partitions "
+                                "without a checkpoint", self.group_id, len(parts))
+                    await on_lost(parts)
+                else:
+                    await self._listener.on_revoked(parts)
         except Exception as exc:  # noqa: BLE001 - handed to the core by the next fetch()
             self._listener_error = exc
             log.error("the partition listener failed on revoke: %s", exc)
         finally:
             self._owned = {}
+
+    def _membership_lost(self) -> bool:
+        """Whether the coordinator forgot this member (it must rejoin as a new one)."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return coordinator is not None and coordinator.member_id == UNKNOWN_MEMBER_ID
 
     async def _assigned_now(self, assigned: Collection[KafkaTP]) -> None:
         self._owned = {tp: _from_kafka(tp) for tp in assigned}

@@ -132,6 +132,7 @@ class Checkpointer:
         self.finished: set[Hashable] = set()
         self.broken: set[Hashable] = set()
         self.failed = False
+        self.lost: set[Hashable] = set()
         self.committed: dict[Hashable, int] = {}
         self._last_cut: dict[Hashable, int] = {}
         self._lock = asyncio.Lock()
@@ -214,7 +215,7 @@ class Checkpointer:
             self._last_cut = cut
         positions = {
             p: o for p, o in cut.items()
-            if o > self.committed.get(p, -1) and (only is None or p in only)
+            if o > self.committed.get(p, -1) and (only is None or p in only) and p not in self.lost
         }
         if positions:
             await self.source.commit(positions)
@@ -222,6 +223,15 @@ class Checkpointer:
         self.metrics.incr("checkpoints")
         self.metrics.gauge("checkpoint_seconds", round(time.monotonic() - began, 4))
         return True
+
+    def lose(self, partitions: Collection[Hashable]) -> None:
+        """Partitions lost without a checkpoint: no later checkpoint may write their state.
+
+        Changes lanes made to them since the last checkpoint stay out of every
+        later snapshot (their shards are released before the next one), and
+        their offsets are never committed from here again.
+        """
+        self.lost.update(partitions)
 
     def forget(self, partitions: Collection[Hashable]) -> None:
         """Partitions given up: their committed positions are no longer ours to track."""

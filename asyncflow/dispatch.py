@@ -356,6 +356,7 @@ class Dispatcher:
     ) -> None:
         """Start reading a partition whose state is restored (``skip_to``: offsets it reflects)."""
         self._closed.discard(partition)
+        self._read_to.pop(partition, None)
         self._dropped_from.pop(partition, None)
         self.watermarks.restore(partition, frontier)
         if skip_to is not None:

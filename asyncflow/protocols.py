@@ -88,7 +88,10 @@ class PartitionListener(Protocol):
     """What the core does when a source's partitions change owner.
 
     ``on_revoked`` returns only after the core has drained the partitions and
-    committed what it finished: the source may release them afterwards.
+    committed what it finished: the source may release them afterwards. A
+    source that learns it lost partitions without a rebalance (its member was
+    dropped from the group) calls ``on_lost`` instead, if the listener has it:
+    the core then writes and commits nothing more for them.
     """
 
     async def on_assigned(self, partitions: Collection[Partition]) -> None: ...

@@ -142,6 +142,7 @@ class SourceRunner:
         """Restore the partitions' state, then let the dispatcher read them."""
         log.info("assigned %s", _fmt(partitions))
         parts = list(partitions)
+        self.checkpointer.lost.difference_update(parts)
         committed: dict[Hashable, int | None] = {}
         if isinstance(self.source, CommittedPositions) and self.runtime.state.has_state:
             committed = await self.source.committed(parts)
@@ -166,6 +167,23 @@ class SourceRunner:
         if not done:
             log.warning("revoked %s without a last checkpoint; the new owner replays from the "
                         "last committed offsets", _fmt(partitions))
+        self.runtime.state.release(gone)
+        self.dispatcher.forget(gone)
+        self.checkpointer.forget(gone)
+
+    async def on_lost(self, partitions: Collection[Hashable]) -> None:
+        """Partitions taken away without a rebalance (this member was dropped from the group).
+
+        Their new owner may be restoring or writing their state already: no
+        checkpoint is taken (it would write into their changelogs), what no lane
+        has started is taken back, and their state is let go; everything since
+        the last checkpoint is replayed by the new owner.
+        """
+        gone = set(partitions)
+        log.warning("lost %s (no longer a member of the group): dropping their state without "
+                    "a checkpoint", _fmt(partitions))
+        self.dispatcher.take_back(gone)
+        self.checkpointer.lose(gone)
         self.runtime.state.release(gone)
         self.dispatcher.forget(gone)
         self.checkpointer.forget(gone)
