@@ -295,7 +295,9 @@ class KafkaSettings:
         """Keyword arguments for a changelog reader: no group, no commits, no offset reset.
 
         ``auto_offset_reset="none"``: a read from an offset the broker does not
-        have raises instead of silently jumping to the start or the end.
+        have raises instead of silently jumping to the start or the end. A
+        restore reads up to the end of the log: its fetches wait at most 20 ms
+        for more (a partition is not processed until its restore is done).
 
         Example:
             >>> args = KafkaSettings.parse("kafka://k").reader_args()
@@ -308,7 +310,7 @@ class KafkaSettings:
             enable_auto_commit=False,
             auto_offset_reset="none",
             isolation_level="read_uncommitted",
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            fetch_max_wait_ms=min(self.fetch_max_wait_ms, 20),
             fetch_min_bytes=self.fetch_min_bytes,
             fetch_max_bytes=self.fetch_max_bytes,
             max_partition_fetch_bytes=self.max_partition_fetch_bytes,

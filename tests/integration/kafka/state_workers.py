@@ -144,6 +144,7 @@ class SoakReport:
     """What a kill soak did."""
 
     kills: int = 0
+    chunks: int = 0
     early: int = 0
     """Kills at a random moment right after the start (import, join or restore)."""
     seconds: float = 0.0
@@ -166,32 +167,44 @@ async def kill_soak(
     *,
     kills: int,
     rng: random.Random,
-    feed: Callable[[int], Awaitable[None]],
+    produce_chunk: Callable[[int], Awaitable[None]],
+    pace: float = 0.5,
     early_share: float = 0.25,
     spread: float = 2.0,
 ) -> SoakReport:
     """Start a worker per name, then kill -9 them in turn ``kills`` times, restarting each at once.
 
-    Before kill ``k``, ``feed(k)`` starts producing the input's ``k``-th chunk in the
-    background (``feed(kills)`` comes after the last kill). Each kill comes at a
-    random moment: with probability ``early_share`` 0.3-1.5 s after the victim's start
-    or its previous kill (while a worker joins, restores or takes over), else up to
-    ``spread`` s after the victim was last assigned partitions following the previous
-    kill (so the survivor of each kill went through the rebalances it caused and
-    worked on its new partitions). The victim restarts with its own state directory:
-    sometimes its local store is current, sometimes a takeover rebuilds from the
-    changelog.
+    Meanwhile a producer writes the input: ``produce_chunk(c)`` for c = 0, 1, 2, ...
+    every ``pace`` seconds until the last kill is done (``report.chunks`` says how
+    many), so the workers always have fresh events in flight when a kill comes.
+    Each kill comes at a random moment: with probability ``early_share`` 0.3-1.5 s
+    after the previous kill (while the victim joins, restores or takes partitions
+    over), else up to ``spread`` s after the victim was assigned partitions again
+    following the previous kill (so the survivor of each kill went through the
+    rebalances it caused and worked on its new partitions). The victim restarts with
+    its own state directory: sometimes its local store is current, sometimes a
+    takeover rebuilds from the changelog.
     """
     report = SoakReport()
     began = time.monotonic()
+    done = asyncio.Event()
+
+    async def producer() -> None:
+        while not done.is_set():
+            await produce_chunk(report.chunks)
+            report.chunks += 1
+            try:
+                await asyncio.wait_for(done.wait(), pace)
+            except TimeoutError:
+                pass
+
     for name in names:
         pool.start(name)
     assigned = r"asyncflow\.worker: assigned"
-    seen = {n: 0 for n in names}  # each name's assignments logged up to its last kill
-    feeding: list[asyncio.Task[None]] = []
+    seen = {n: 0 for n in names}  # each name's assignments logged up to the previous kill
+    feeding = asyncio.create_task(producer())
     try:
         for k in range(kills):
-            feeding.append(asyncio.create_task(feed(k)))
             name = names[k % len(names)]
             victim = pool.current[name]
             others = [w for w in pool.current.values() if w is not victim]
@@ -203,9 +216,8 @@ async def kill_soak(
                 await victim.wait_log(assigned, timeout=60, count=seen[name] + 1)
                 await asyncio.sleep(rng.uniform(0.0, spread))
             alive(victim, *others)
-            for f in feeding:
-                if f.done():
-                    f.result()  # a failing producer fails the soak now
+            if feeding.done():
+                feeding.result()  # a failing producer fails the soak now
             seen = {n: len(w.lines(assigned)) for n, w in pool.current.items()}
             victim.signal(signal.SIGKILL)
             assert await victim.wait_exit(15) == -signal.SIGKILL
@@ -213,13 +225,48 @@ async def kill_soak(
             report.kills += 1
             pool.start(name)
             seen[name] = 0
-        feeding.append(asyncio.create_task(feed(kills)))
-        await asyncio.gather(*feeding)
+        done.set()
+        await feeding
     finally:
-        for f in feeding:
-            f.cancel()
+        feeding.cancel()
     report.seconds = time.monotonic() - began
     return report
+
+
+async def restored_table(
+    url: str, app_id: str, table: str, source_topic: str, committed: dict[int, int | None]
+) -> tuple[dict[Any, Any], dict[int, int | None]]:
+    """What a new owner of every partition would restore of ``table``: values, and offsets.
+
+    Runs the core's own restore (``restore_shard``) in this process, from the changelog
+    topic into memory stores, with the group's ``committed`` offsets (Kafka's: the next
+    offset to read) as a worker would see them. Returns every key's value and, per
+    partition, the source offset the restored state reflects. No consumer group is
+    joined (a group that saw many kills can keep a newcomer waiting on Tansu).
+    """
+    from adapters.kafka import KafkaBroker
+    from asyncflow.protocols import TopicPartition
+    from asyncflow.state.codec import JSON_VALUES, decode_key
+    from asyncflow.state.restore import restore_shard
+    from asyncflow.state.shard import ChangelogTarget, TableShard
+    from asyncflow.state.store import MemoryStore
+    from tests.integration.kafka.broker import TEST_OPTIONS
+
+    broker = KafkaBroker(url, TEST_OPTIONS)
+    values: dict[Any, Any] = {}
+    applied: dict[int, int | None] = {}
+    try:
+        for p, next_offset in committed.items():
+            tp = TopicPartition(source_topic, p)
+            target = ChangelogTarget(broker, f"{app_id}-{table}-changelog", p, str(tp).encode())
+            shard = TableShard(table, tp, MemoryStore(), target)
+            await restore_shard(shard, committed=None if next_offset is None else next_offset - 1)
+            applied[p] = shard.applied
+            for kb, vb in shard.store.items():
+                values[decode_key(kb)] = JSON_VALUES.decode(vb)
+    finally:
+        await broker.close()
+    return values, applied
 
 
 def restore_lines(worker: Worker) -> list[re.Match[str]]:

@@ -16,6 +16,7 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 from adapters.kafka_sink import kafka_partition
 from tests.integration.kafka.apps_for_tests import (
     Config,
+    Item,
     Tail,
     amount,
     assigned_partitions,
@@ -47,6 +49,7 @@ from tests.integration.kafka.state_workers import (
     final_metrics,
     kill_soak,
     restore_lines,
+    restored_table,
     wait_committed,
 )
 
@@ -110,7 +113,7 @@ def check_totals(outputs: list[dict[str, Any]], keys: int, seqs: int) -> dict[st
 async def test_a_running_total_app_killed_20_times_across_2_workers_ends_with_every_total_equal_to_a_batch_sum(
     kafka_bootstrap: str, kafka_url: str, tmp_path: Path
 ) -> None:
-    n, keys = 63_000, 500  # 3,000 events a chunk, one chunk before each kill and after the last
+    keys = 500  # a chunk is one event for every key; 2 chunks a second
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -118,40 +121,46 @@ async def test_a_running_total_app_killed_20_times_across_2_workers_ends_with_ev
     group = unique_name("e2e-soak-total")
     cfg = Config(app_id=group, input=src, output=out, mode="total", commit_interval=FAST)
 
-    async def feed(chunk: int) -> None:
-        per = n // (KILLS + 1)
-        await produce_events(kafka_bootstrap, src, per, keys=keys, start=chunk * per)
+    async def chunk(c: int) -> None:
+        await produce_events(kafka_bootstrap, src, keys, keys=keys, start=c * keys)
 
     began = time.monotonic()
     async with Pool(kafka_url, cfg, tmp_path) as pool:
-        report = await kill_soak(pool, ["w0", "w1"], kills=KILLS, rng=rng, feed=feed)
+        report = await kill_soak(
+            pool, ["w0", "w1"], kills=KILLS, rng=rng, produce_chunk=chunk, pace=0.5
+        )
+        n = report.chunks * keys
         drain = await wait_committed(
             kafka_bootstrap, group, src, partition_counts(n, keys, PARTITIONS),
             timeout=120, workers=pool.running(),
         )
         await pool.stop_all()
         survivors = list(pool.current.values())
-        # what the soak left in the changelogs: a worker on a fresh state directory restores
-        # every partition from them and adds one more event to every key
-        check = pool.start("check")
-        await produce_events(kafka_bootstrap, src, keys, keys=keys, start=n)
-        await wait_committed(
-            kafka_bootstrap, group, src, partition_counts(n + keys, keys, PARTITIONS),
-            timeout=60, workers=[check],
-        )
-        await pool.stop_all()
     outputs = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
-    failed = [m.string for w in pool.all for m in w.lines(r"failed on key")]
-    figures = check_totals(outputs, keys, n // keys + 1)
-    assert not failed, failed[:5]
-    for w in survivors:
-        assert final_metrics(w).get("dead_letters", 0) == 0
+    duplicates = len(outputs) - len({(o["key"], o["seq"]) for o in outputs})
     print(
         f"total soak: {n} events, {keys} keys, {report.kills} kills ({report.early} early) in "
         f"{report.seconds:.0f}s, drained {drain:.1f}s after, {time.monotonic() - began:.0f}s in "
-        f"all; {figures['outputs']} outputs, {figures['duplicates']} duplicates; restores "
+        f"all; {len(outputs)} outputs, {duplicates} duplicates; restores "
         f"{report.restores(pool)}; kill moments {report.moments}"
     )
+    failed = [m.string for w in pool.all for m in w.lines(r"failed on key")]
+    check_totals(outputs, keys, n // keys)
+    assert not failed, failed[:5]
+    # what the soak left in the changelogs: what the next owner of each partition restores
+    counts = partition_counts(n, keys, PARTITIONS)
+    state, applied = await restored_table(
+        kafka_url, group, "totals", src, await committed(kafka_bootstrap, group, src, PARTITIONS)
+    )
+    assert applied == {p: c - 1 for p, c in counts.items()}
+    expected = {key_of(k, keys): prefix_totals(n // keys)[-1] for k in range(keys)}
+    assert state == expected, (
+        f"{sum(state.get(k) != v for k, v in expected.items())} of {keys} totals in the "
+        f"changelogs are not the batch sum, e.g. "
+        f"{[(k, state.get(k), v) for k, v in expected.items() if state.get(k) != v][:5]}"
+    )
+    for w in survivors:
+        assert final_metrics(w).get("dead_letters", 0) == 0
 
 
 # -- windows ---------------------------------------------------------------------------
@@ -211,7 +220,7 @@ def all_windows_out(keys: int, seqs: int) -> Any:
 async def test_a_windowed_app_killed_20_times_across_2_workers_emits_every_window_with_its_full_count(
     kafka_bootstrap: str, kafka_url: str, tmp_path: Path
 ) -> None:
-    n, keys = 63_000, 100  # 630 seqs a key: 6 full windows of 100 events each, 1 open
+    keys = 100  # a chunk is 2 events for every key (20 ms of event time); 5 chunks a second
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -219,16 +228,18 @@ async def test_a_windowed_app_killed_20_times_across_2_workers_emits_every_windo
     group = unique_name("e2e-soak-window")
     cfg = Config(app_id=group, input=src, output=out, mode="window", commit_interval=FAST)
 
-    async def feed(chunk: int) -> None:
-        per = n // (KILLS + 1)
-        await produce_events(kafka_bootstrap, src, per, keys=keys, start=chunk * per)
+    async def chunk(c: int) -> None:
+        await produce_events(kafka_bootstrap, src, 2 * keys, keys=keys, start=c * 2 * keys)
 
     began = time.monotonic()
     async with (
         Pool(kafka_url, cfg, tmp_path) as pool,
         Tail(kafka_bootstrap, out, PARTITIONS) as tail,
     ):
-        report = await kill_soak(pool, ["w0", "w1"], kills=KILLS, rng=rng, feed=feed)
+        report = await kill_soak(
+            pool, ["w0", "w1"], kills=KILLS, rng=rng, produce_chunk=chunk, pace=0.2
+        )
+        n = report.chunks * 2 * keys
         await produce_events(kafka_bootstrap, src, 0, raw=end_marks(PARTITIONS))
         await tail.wait(
             all_windows_out(keys, n // keys), timeout=120, what="every window",
@@ -242,17 +253,18 @@ async def test_a_windowed_app_killed_20_times_across_2_workers_emits_every_windo
         await pool.stop_all()
         survivors = list(pool.current.values())
     results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
-    figures = check_windows(results, keys, n // keys, exactly_once=False)
-    assert await no_late_events(kafka_bootstrap, group) == []
-    for w in survivors:
-        assert final_metrics(w).get("late_events", 0) == 0
+    duplicates = len(results) - len({(r["key"], r["start"]) for r in results})
     print(
         f"window soak: {n} events, {keys} keys, {len(expected_windows(keys, n // keys))} windows, "
         f"{report.kills} kills ({report.early} early) in {report.seconds:.0f}s, drained "
-        f"{drain:.1f}s after, {time.monotonic() - began:.0f}s in all; {figures['results']} "
-        f"results, {figures['duplicates']} duplicates; restores {report.restores(pool)}; "
+        f"{drain:.1f}s after, {time.monotonic() - began:.0f}s in all; {len(results)} "
+        f"results, {duplicates} duplicates; restores {report.restores(pool)}; "
         f"kill moments {report.moments}"
     )
+    check_windows(results, keys, n // keys, exactly_once=False)
+    assert await no_late_events(kafka_bootstrap, group) == []
+    for w in survivors:
+        assert final_metrics(w).get("late_events", 0) == 0
 
 
 async def test_a_restart_in_the_middle_of_windows_emits_every_window_exactly_once_with_its_full_count(
@@ -372,7 +384,7 @@ async def test_a_takeover_between_two_workers_gives_complete_windows_and_no_late
 async def test_a_rebalance_during_a_restore_neither_hangs_nor_skips_data(
     kafka_bootstrap: str, kafka_url: str, tmp_path: Path
 ) -> None:
-    keys, rounds, more = 100_000, 2, 2  # a changelog of ~200,000 records
+    keys, rounds, more = 100_000, 3, 1  # a changelog of ~300,000 records
     src, out = await topics(kafka_bootstrap)
     group = unique_name("e2e-restore")
     cfg = Config(app_id=group, input=src, output=out, mode="total", commit_interval=FAST)
@@ -399,25 +411,28 @@ async def test_a_rebalance_during_a_restore_neither_hangs_nor_skips_data(
         began = time.monotonic()
         await pool.stop_all(timeout=60)
         stop_seconds = time.monotonic() - began
-    # b's join came while a was still reading the changelog back
-    a_restored = [log_time(m) for m in restore_lines(a)]
+    # b's join came while a was still reading its first assignment's changelogs back
+    a_assigned = log_time(a.lines(r"asyncflow\.worker: assigned")[0])
+    first_restores = [m for m in restore_lines(a) if log_time(m) >= a_assigned][:PARTITIONS]
     b_running = log_time(b.wait_log_now(r"asyncflow\.worker: worker \S+ running"))
-    assert a_restored and b_running < max(a_restored), (
+    restored_at = max(log_time(m) for m in first_restores)
+    assert b_running < restored_at, (
         "b joined only after a had restored: the test did not rebalance during a restore",
-        [m.string for m in restore_lines(a)],
+        [m.string for m in first_restores],
     )
     outputs = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
-    phase2 = [o for o in outputs if o["seq"] >= rounds]
-    figures = check_totals(outputs, keys, rounds + more)
-    assert len({(o["key"], o["seq"]) for o in phase2}) == more * keys
+    print(
+        f"restore: a read {sum(int(m.group(4)) for m in first_restores)} changelog records "
+        f"back in {restored_at - a_assigned:.1f}s, b joined {b_running - a_assigned:.1f}s "
+        f"into it; the stop took {stop_seconds:.1f}s; {len(outputs)} outputs"
+    )
     for w in (a, b):
         assert not w.lines(r"RestoreStalled|Traceback"), w.tail()
-    print(
-        f"restore: a restored {len(a_restored)} shards "
-        f"({sum(int(m.group(4)) for m in restore_lines(a))} records), b joined at "
-        f"{b_running - log_time(a.wait_log_now('assigned')):.2f}s into it; stop took "
-        f"{stop_seconds:.1f}s; {figures}"
+    check_totals(outputs, keys, rounds + more)
+    state, _ = await restored_table(
+        kafka_url, group, "totals", src, await committed(kafka_bootstrap, group, src, PARTITIONS)
     )
+    assert state == {key_of(k, keys): prefix_totals(rounds + more)[-1] for k in range(keys)}
 
 
 async def test_a_worker_given_back_a_partition_it_had_keeps_every_running_total_exact(
@@ -518,7 +533,8 @@ async def test_a_far_future_event_is_a_dead_letter_on_kafka_and_does_not_stall_i
     cfg = Config(app_id=group, input=src, output=out, mode="window", commit_interval=FAST)
     future_key = key_of(3, keys)
     future_seq = 410_244_480_000  # seq * 10 ms = 2100-01-01T00:00:00Z
-    assert seq_time_iso(future_seq) == "2100-01-01T00:00:00+00:00"
+    when = datetime.fromtimestamp(seq_time(Item(key=future_key, seq=future_seq)), UTC)
+    assert when.isoformat() == "2100-01-01T00:00:00+00:00"
     future = (future_key.encode(), orjson.dumps({"key": future_key, "seq": future_seq}))
     await produce_events(kafka_bootstrap, src, half, keys=keys, raw=[future])
     await produce_events(kafka_bootstrap, src, half, keys=keys, start=half,
@@ -552,10 +568,3 @@ async def test_a_far_future_event_is_a_dead_letter_on_kafka_and_does_not_stall_i
     assert {r["key"] for r in results if r["start"] == 4000} == {key_of(k, keys) for k in range(keys)}
     assert await committed(kafka_bootstrap, group, src, PARTITIONS) == counts
 
-
-def seq_time_iso(seq: int) -> str:
-    from datetime import UTC, datetime
-
-    from tests.integration.kafka.apps_for_tests import Item
-
-    return datetime.fromtimestamp(seq_time(Item(key="k", seq=seq)), UTC).isoformat()
