@@ -123,6 +123,14 @@ class KafkaBroker:
             >>> async def main():  # doctest: +SKIP
             ...     await broker.ensure_topics([TopicSpec("rides", partitions=4)])
         """
+        await self._ensure(
+            topics,
+            "Kafka topic %r has %d partitions, fewer than the %d declared; "
+            "only %d lanes can read it in parallel across workers",
+        )
+
+    async def _ensure(self, topics: Sequence[TopicSpec], fewer: str) -> None:
+        """Create the missing topics, or none if one may not be; warn (``fewer``) of short ones."""
         existing = await self.list_topics()
         missing: dict[str, TopicSpec] = {}
         for spec in topics:
@@ -130,14 +138,7 @@ class KafkaBroker:
             if count is None:
                 missing.setdefault(spec.name, spec)
             elif count < spec.partitions:
-                log.warning(
-                    "Kafka topic %r has %d partitions, fewer than the %d declared; "
-                    "only %d lanes can read it in parallel across workers",
-                    spec.name,
-                    count,
-                    spec.partitions,
-                    count,
-                )
+                log.warning(fewer, spec.name, count, spec.partitions, count)
         for spec in missing.values():
             if not (spec.create and self.settings.create_topics):
                 raise TopicMissing(spec.name, self.url)
@@ -161,27 +162,11 @@ class KafkaBroker:
             >>> async def main():  # doctest: +SKIP
             ...     await broker.ensure_changelogs([TopicSpec("app-c-changelog", partitions=4)])
         """
-        specs = [_compacted(spec) for spec in topics]
-        existing = await self.list_topics()
-        missing: dict[str, TopicSpec] = {}
-        for spec in specs:
-            count = existing.get(spec.name)
-            if count is None:
-                missing.setdefault(spec.name, spec)
-            elif count < spec.partitions:
-                log.warning(
-                    "changelog topic %r has %d partitions, fewer than the %d asked; "
-                    "state of source partitions %d and above cannot be written to it",
-                    spec.name,
-                    count,
-                    spec.partitions,
-                    count,
-                )
-        for spec in missing.values():
-            if not (spec.create and self.settings.create_topics):
-                raise TopicMissing(spec.name, self.url)
-        if missing:
-            await self._create(list(missing.values()))
+        await self._ensure(
+            [_compacted(spec) for spec in topics],
+            "changelog topic %r has %d partitions, fewer than the %d asked; "
+            "state of source partitions %d and above cannot be written to it",
+        )
 
     async def append(self, topic: str, partition: int, records: Sequence[SinkRecord]) -> int:
         """Write ``records`` in order to one changelog partition; the offset of the last one.

@@ -265,10 +265,14 @@ class Max(_FieldAggregate[Any, Any]):
 # ties in event time by arrival order, also across merged session windows.
 
 
-def _bump(agg: Any, seen: int) -> None:
-    """After a restore, new arrivals get numbers after every restored one."""
+def _load_stamped(agg: Any, acc: Any) -> _Stamped:
+    """A First/Last accumulator back from state: a tuple again, and new arrivals after it."""
+    if acc is None:
+        return None
+    stamped = (int(acc[0]), int(acc[1]), acc[2])
     ahead = next(agg._arrivals)
-    agg._arrivals = itertools.count(max(ahead, seen + 1))
+    agg._arrivals = itertools.count(max(ahead, stamped[1] + 1))
+    return stamped
 _Stamped = tuple[int, int, Any] | None
 
 
@@ -310,11 +314,7 @@ class First(_FieldAggregate[_Stamped, Any]):
         return None if acc is None else acc[2]
 
     def loaded(self, acc: Any) -> _Stamped:
-        if acc is None:
-            return None
-        stamped = (int(acc[0]), int(acc[1]), acc[2])
-        _bump(self, stamped[1])
-        return stamped
+        return _load_stamped(self, acc)
 
 
 class Last(_FieldAggregate[_Stamped, Any]):
@@ -355,11 +355,7 @@ class Last(_FieldAggregate[_Stamped, Any]):
         return None if acc is None else acc[2]
 
     def loaded(self, acc: Any) -> _Stamped:
-        if acc is None:
-            return None
-        stamped = (int(acc[0]), int(acc[1]), acc[2])
-        _bump(self, stamped[1])
-        return stamped
+        return _load_stamped(self, acc)
 
 
 class Collect(_FieldAggregate[list[Any], list[Any]]):
