@@ -165,8 +165,10 @@ class Checkpointer:
             dispatcher, state = self.dispatcher, self.state
             marks = dispatcher.broadcast_watermark()
             cut = dispatcher.cut()
-            if cut == self._last_cut and not state.dirty:
-                return True
+            if cut == self._last_cut and not state.dirty and all(
+                self.committed.get(p) == o for p, o in cut.items() if p not in self.lost
+            ):
+                return True  # nothing new, and everything persisted is committed
             if self.failed:
                 log.warning("no checkpoint: an earlier one failed half way; everything since "
                             "the last complete checkpoint is replayed after a restart")
