@@ -92,6 +92,9 @@ _SKIP: Any = object()
 _BARRIER: Any = object()
 """What ``_next_raw(stop_at_barrier=True)`` returns when a barrier is next."""
 
+_FILLED: Any = object()
+"""What ``_refill`` returns once the lane's local batch holds new events."""
+
 _MAP, _AMAP, _FILTER, _AFILTER, _KEY, _STATEFUL = range(6)
 _SYNC = (_MAP, _FILTER, _KEY, _STATEFUL)
 
@@ -377,21 +380,7 @@ class Stream(Generic[T]):
             if pos < len(buf):
                 self._buf, self._pos = [], 0
                 return buf[pos:] if pos else buf
-            barrier = self._barrier
-            if barrier is not None:
-                self._barrier = None
-                await barrier.arrive(self._lane.id)
-                continue
-            try:
-                got = await self._queue.get()
-            except LaneClosed:
-                raise StopAsyncIteration from None
-            if type(got) is Watermark:
-                continue
-            if type(got) is Barrier:
-                self._barrier = got
-                continue
-            self._buf, self._pos = got, 0
+            await self._refill()  # a batch, or a watermark (which a slice does not carry)
 
     async def _batches(self, size: int, timeout: float) -> AsyncIterator[list[T]]:
         while True:
@@ -532,33 +521,11 @@ class Stream(Generic[T]):
                     ev = out
                     value = ev.value
                 else:
-                    key = ev.key
-                    keep = True
                     self.current = ev
-                    try:
-                        for kind, fn in ops:
-                            if kind == _MAP:
-                                value = fn(value)
-                            elif kind == _FILTER:
-                                if not fn(value):
-                                    keep = False
-                                    break
-                            elif kind == _KEY:
-                                key = fn(value)
-                                if key is not ev.key:
-                                    ev = self.current = Event(key, value, ev.time, ev.headers,
-                                                              ev.partition, ev.offset)
-                            else:  # _STATEFUL: reads and writes the state of the event's key
-                                value = fn(value)
-                                if value is None:
-                                    keep = False
-                                    break
-                    except Exception:
-                        self.current = ev  # the agent's error policy handles this event
-                        self._held = ev
-                        raise
-                    if not keep:
+                    value = self._sync_apply(ev)
+                    if value is _SKIP:
                         continue
+                    ev = self.current  # a new event if key_by changed the key
             self._held = ev
             self.current = ev
             result: T = value
@@ -627,6 +594,19 @@ class Stream(Generic[T]):
             if pos < len(buf):
                 self._pos = pos + 1
                 return buf[pos]
+            got = await self._refill(timeout, stop_at_barrier)
+            if got is not _FILLED:
+                return got
+
+    async def _refill(self, timeout: float | None = None, stop_at_barrier: bool = False) -> Any:
+        """Wait for the lane's next batch of events (then ``_FILLED``), or a watermark.
+
+        ``None`` when ``timeout`` passed with nothing; ``_BARRIER`` with
+        ``stop_at_barrier`` when a checkpoint barrier is next. Any other
+        barrier is handled here: the lane waits at it until the checkpoint has
+        taken the state.
+        """
+        while True:
             barrier = self._barrier
             if barrier is not None:
                 if stop_at_barrier:
@@ -641,13 +621,13 @@ class Stream(Generic[T]):
                     got = await self._queue.get_within(max(timeout, 0.0))
             except LaneClosed:
                 raise StopAsyncIteration from None
-            if got is None or type(got) is Watermark:
-                return got
             if type(got) is Barrier:
                 self._barrier = got
                 continue
-            self._buf = got
-            self._pos = 0
+            if got is None or type(got) is Watermark:
+                return got
+            self._buf, self._pos = got, 0
+            return _FILLED
 
     async def _next_item(
         self, timeout: float | None = None, stop_at_barrier: bool = False
