@@ -36,7 +36,7 @@ from asyncflow.channels import Channel
 from asyncflow.clock import Clock
 from asyncflow.errors import DecodeError
 from asyncflow.event import Event, Watermark
-from asyncflow.keys import hashes_of, key_hash, lane_of  # noqa: F401 - lane_of: the routing rule, re-exported
+from asyncflow.keys import HashCache, RawKeyCache, key_hash, lane_of  # noqa: F401 - lane_of: the routing rule, re-exported
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import RawBatch, RawRecord, Source
@@ -50,11 +50,13 @@ DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 class Route:
     """One channel and the lane queues of every agent that consumes it."""
 
-    __slots__ = ("channel", "consumers")
+    __slots__ = ("channel", "consumers", "hashes", "raw_keys")
 
     def __init__(self, channel: Channel[Any], consumers: list[list[LaneQueue]]) -> None:
         self.channel = channel
         self.consumers = consumers
+        self.raw_keys = RawKeyCache(channel.key_codec.decode)  # record keys: decoded once
+        self.hashes = HashCache()  # keys from the channel's key function: hashed once
 
 
 class Dispatcher:
@@ -121,28 +123,32 @@ class Dispatcher:
         consumers = route.consumers
         limit = self._time_limit(partition)
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
-        single = parts[0] if len(consumers) == 1 else None
-        n_single = len(consumers[0])
         max_time: int | None = None
-        fast = self._decode_all(ch, records)
-        if fast is not None:  # the whole batch decoded at once: no record of it is poison
-            values, keys, times, hashes = fast
-            for rec, value, key, t, h in zip(records, values, keys, times, hashes, strict=True):
-                if t is not None:
-                    if limit is not None and t > limit:
-                        self.metrics.incr("future_events")
-                        self._dead_letter(ch.name, partition, rec, self._future_reason(ch, t, limit))
-                        continue
-                    if max_time is None or t > max_time:
-                        max_time = t
-                ev = Event(key, value, t, rec.headers, partition, rec.offset)
-                if single is not None:
-                    single[h % n_single].append(ev)
-                else:
-                    for parts_c, lanes in zip(parts, consumers, strict=True):
-                        parts_c[h % len(lanes)].append(ev)
-        else:
+        fast = self._decode_all(route, records)
+        if fast is not None:
+            values, pairs, times = fast
+            known = [t for t in times if t is not None]
+            max_time = max(known) if known else None
+        if fast is None or (limit is not None and max_time is not None and max_time > limit):
+            # poison in the batch, or an event time too far ahead: record by record
             max_time = self._decode_each(ch, partition, records, limit, parts, consumers)
+        elif len(consumers) == 1:  # the common case: one agent reads the topic
+            lane_parts = parts[0]
+            n = len(lane_parts)
+            if n == 1:
+                lane_parts[0] = [
+                    Event(key, value, t, rec.headers, partition, rec.offset)
+                    for rec, value, (key, _), t in zip(records, values, pairs, times, strict=True)
+                ]
+            else:
+                appends = [part.append for part in lane_parts]
+                for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
+                    appends[h % n](Event(key, value, t, rec.headers, partition, rec.offset))
+        else:
+            for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
+                ev = Event(key, value, t, rec.headers, partition, rec.offset)
+                for parts_c in parts:
+                    parts_c[h % len(parts_c)].append(ev)
         self.metrics.incr("events_in", len(records))
         blocked = self._blocked.get(partition)
         for parts_c, lanes in zip(parts, consumers, strict=True):
@@ -166,13 +172,15 @@ class Dispatcher:
                 self.watermarks.observe(partition, max_time, self.clock.wall_ms())
 
     def _decode_all(
-        self, ch: Channel[Any], records: Sequence[RawRecord]
-    ) -> tuple[list[Any], list[Any], list[int | None], list[int]] | None:
-        """Decode a batch in one pass per step (value, key, time, hash); ``None`` if any fails.
+        self, route: Route, records: Sequence[RawRecord]
+    ) -> tuple[list[Any], list[tuple[Any, int]], list[int | None]] | None:
+        """Decode a batch one step at a time: values, ``(key, hash)`` pairs, times.
 
-        The common case (no poison in the batch) costs one list comprehension
-        per step; a batch with a bad record goes through ``_decode_each``.
+        ``None`` if any record fails: the batch then goes through
+        ``_decode_each``, which finds the poison. Keys repeat in a stream, so
+        they are decoded and hashed once (``RawKeyCache``, ``HashCache``).
         """
+        ch = route.channel
         decode_many = getattr(ch.codec, "decode_many", None)
         if decode_many is None:
             return None
@@ -181,19 +189,19 @@ class Dispatcher:
             key_fn = ch.key_fn
             if key_fn is not None:
                 keys = [key_fn(v) for v in values]
+                hashes = route.hashes
+                pairs = [(k, hashes[k]) for k in keys]
             else:
-                key_decode = ch.key_codec.decode
-                keys = [None if (kb := r.key) is None else key_decode(kb) for r in records]
+                raw_keys = route.raw_keys
+                pairs = [raw_keys[r.key] for r in records]
             time_fn = ch.time_ms
             if time_fn is not None:
                 times: list[int | None] = [time_fn(v) for v in values]
             else:
                 times = [r.timestamp for r in records]
-            hashes = hashes_of(keys)
         except Exception:  # noqa: BLE001 - some record is poison: find it record by record
             return None
-        return values, keys, times, hashes
-
+        return values, pairs, times
     def _decode_each(
         self,
         ch: Channel[Any],

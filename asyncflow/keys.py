@@ -3,8 +3,8 @@
 Window state is checkpointed per lane, and a restart or another worker must
 route a key's events to the lane its restored windows went to. Python's
 ``hash`` of a ``str`` differs between processes (``PYTHONHASHSEED``), so keys
-hash with CRC-32 of their UTF-8 bytes instead; ints, floats, booleans and
-``None`` use ``hash`` (the same everywhere), tuples combine their items'.
+hash with CRC-32 of their UTF-8 bytes instead; ``None`` is 0; ints, floats and
+booleans use ``hash`` (the same everywhere), tuples combine their items'.
 Other hashable types fall back to ``hash`` (stable only if theirs is).
 
 Example:
@@ -16,8 +16,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 from zlib import crc32
+
+CACHE_LIMIT = 100_000
+"""How many distinct keys a key cache holds before it starts over (memory stays bounded)."""
 
 
 def key_hash(key: Hashable) -> int:
@@ -29,6 +33,8 @@ def key_hash(key: Hashable) -> int:
     """
     if isinstance(key, str):
         return crc32(key.encode("utf-8", "surrogatepass"))
+    if key is None:
+        return 0  # hash(None) depends on None's address before Python 3.12
     if isinstance(key, bytes):
         return crc32(key)
     if isinstance(key, tuple):
@@ -60,3 +66,58 @@ def lane_of(key: Hashable, lanes: int) -> int:
         True
     """
     return key_hash(key) % lanes
+
+
+class HashCache(dict[Any, int]):
+    """``key_hash`` of keys seen before, looked up instead of computed: ``cache[key]``.
+
+    Streams repeat their keys, so a lookup (a dict hit, in C) replaces an
+    encode and a CRC per event. Holds at most ``CACHE_LIMIT`` keys, then
+    starts over. Equal keys hash equal under ``key_hash`` (``1``, ``1.0`` and
+    ``True`` alike), so sharing one entry between them is exact. An
+    unhashable key raises ``TypeError``, as ``key_hash`` does.
+
+    Example:
+        >>> cache = HashCache()
+        >>> [cache[k] for k in ["sensor-7", "sensor-7", 3]] == [key_hash("sensor-7")] * 2 + [3]
+        True
+    """
+
+    def __missing__(self, key: Any) -> int:
+        h = key_hash(key)
+        if len(self) >= CACHE_LIMIT:
+            self.clear()
+        self[key] = h
+        return h
+
+
+class RawKeyCache(dict[bytes | None, tuple[Any, int]]):
+    """Raw key bytes to ``(decoded key, key_hash)``: ``cache[raw]`` decodes a key once.
+
+    Only immutable decoded keys (``str``, ``bytes``, ``int``) are kept; any
+    other result is decoded again each time, so no two events share a mutable
+    key. A key that does not decode raises the codec's error.
+
+    Example:
+        >>> cache = RawKeyCache(bytes.decode)
+        >>> cache[b"sensor-7"] == ("sensor-7", key_hash("sensor-7")), cache[None]
+        (True, (None, 0))
+    """
+
+    def __init__(self, decode: Callable[[bytes], Any]) -> None:
+        super().__init__()
+        self._decode = decode
+        self[None] = (None, key_hash(None))
+
+    def __missing__(self, raw: bytes | None) -> tuple[Any, int]:
+        key = self._decode(raw)  # type: ignore[arg-type]  # None is always present
+        pair = (key, key_hash(key))
+        if type(key) in _IMMUTABLE:
+            if len(self) >= CACHE_LIMIT:
+                self.clear()
+                self[None] = (None, key_hash(None))
+            self[raw] = pair
+        return pair
+
+
+_IMMUTABLE = (str, bytes, int)

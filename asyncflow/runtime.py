@@ -309,9 +309,14 @@ class Runtime:
             # the per-event path allocates short-lived objects; collecting the young
             # generation every 700 allocations costs more than the events themselves
             gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_before[1:])
+        # what exists before the worker starts (modules, the app, loaded data) lives as
+        # long as the worker: keep it out of the full collections that events in queues
+        # and buffers trigger, each of which would otherwise walk the whole heap
+        gc.freeze()
         try:
             await self._run(broker, stop_when_idle)
         finally:
+            gc.unfreeze()
             gc.set_threshold(*gc_before)
             app._runtime = None
             for ch in app.channels.values():

@@ -26,8 +26,21 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
+from asyncflow.chain import (
+    AFILTER,
+    AMAP,
+    FILTER,
+    KEY,
+    MAP,
+    NO_STEPS,
+    SKIP,
+    STATEFUL,
+    SYNC_KINDS,
+    Chain,
+    compile_chain,
+)
 from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneClosed, LaneQueue
@@ -88,15 +101,11 @@ async def _no_dead_letter(event: Event[Any], reason: str) -> None:
 
 
 _NO_KEY: Any = object()
-_SKIP: Any = object()
 _BARRIER: Any = object()
 """What ``_next_raw(stop_at_barrier=True)`` returns when a barrier is next."""
 
 _FILLED: Any = object()
 """What ``_refill`` returns once the lane's local batch holds new events."""
-
-_MAP, _AMAP, _FILTER, _AFILTER, _KEY, _STATEFUL = range(6)
-_SYNC = (_MAP, _FILTER, _KEY, _STATEFUL)
 
 
 class Stream(Generic[T]):
@@ -127,6 +136,9 @@ class Stream(Generic[T]):
         self._pos = 0
         self._ops: tuple[tuple[int, Callable[..., Any]], ...] = ()
         self._sync_ops = True
+        self._chain: Chain = NO_STEPS
+        self._failed_src: Event[Any] | None = None
+        self._failed: tuple[Exception, Event[Any] | None] | None = None
         self._held: Event[Any] | None = None
         self._batch_events: list[Event[Any]] | None = None
         self._pushed_back: list[Event[Any]] = []
@@ -139,7 +151,8 @@ class Stream(Generic[T]):
     # -- building -----------------------------------------------------------------
     def _with(self, kind: int, fn: Callable[..., Any]) -> Stream[Any]:
         self._ops = (*self._ops, (kind, fn))
-        self._sync_ops = all(k in _SYNC for k, _ in self._ops)
+        self._sync_ops = all(k in SYNC_KINDS for k, _ in self._ops)
+        self._chain = compile_chain(self._ops) if self._sync_ops else NO_STEPS
         return self
 
     def map(self, fn: Callable[[T], U] | Callable[[T], Awaitable[U]]) -> Stream[U]:
@@ -151,7 +164,7 @@ class Stream(Generic[T]):
             >>> asyncio.run(stream_of([1]).map(str).collect())
             ['1']
         """
-        return self._with(_AMAP if inspect.iscoroutinefunction(fn) else _MAP, fn)
+        return self._with(AMAP if inspect.iscoroutinefunction(fn) else MAP, fn)
 
     def filter(self, fn: Callable[[T], bool] | Callable[[T], Awaitable[bool]]) -> Stream[T]:
         """Keep the values for which ``fn`` is true; the others are done at once.
@@ -162,7 +175,7 @@ class Stream(Generic[T]):
             >>> asyncio.run(stream_of([1, 2, 3]).filter(lambda v: v != 2).collect())
             [1, 3]
         """
-        return self._with(_AFILTER if inspect.iscoroutinefunction(fn) else _FILTER, fn)
+        return self._with(AFILTER if inspect.iscoroutinefunction(fn) else FILTER, fn)
 
     def key_by(self, fn: Callable[[T], Hashable]) -> Stream[T]:
         """Re-key each event within the lane (for windows grouped by another field).
@@ -177,7 +190,7 @@ class Stream(Generic[T]):
             >>> asyncio.run(s.collect()), s.current.key
             ([{'u': 'x'}], 'x')
         """
-        return self._with(_KEY, fn)
+        return self._with(KEY, fn)
 
     def state(self, table: Table[V]) -> KeyedState[V]:
         """The table seen through the event being handled: get/set/delete/update its key.
@@ -232,7 +245,7 @@ class Stream(Generic[T]):
                 keyed.set(new_state)
             return out
 
-        return self._with(_STATEFUL, step)
+        return self._with(STATEFUL, step)
 
     def window(
         self,
@@ -336,28 +349,27 @@ class Stream(Generic[T]):
             if not self._ops:
                 values = [e.value for e in events]
                 done = events
+            elif self._sync_ops:
+                try:
+                    self._chain.many(self, events, values, done)
+                except Exception as exc:  # noqa: BLE001 - handed to the error policy below
+                    failed, bad = exc, self._held
+                    src, self._failed_src = self._failed_src, None
+                    rest = events[_index_of(events, src) + 1 :]
+                    self._pushed_back.extend(reversed(rest))  # delivered again next
             else:
-                sync = self._sync_ops
                 for i, ev in enumerate(events):
                     try:
-                        if sync:
-                            self.current = ev
-                            value = self._sync_apply(ev)
-                            if value is _SKIP:
-                                continue
-                            out = self.current if self.current is not None else ev
-                        else:
-                            res = await self._apply_ops(ev)
-                            if res is None:
-                                continue
-                            out, value = res, res.value
+                        res = await self._apply_ops(ev)
                     except Exception as exc:  # noqa: BLE001 - handed to the error policy below
                         failed, bad = exc, ev
                         rest = events[i + 1 :]
                         self._pushed_back.extend(reversed(rest))  # delivered again next
                         break
-                    values.append(value)
-                    done.append(out)
+                    if res is None:
+                        continue
+                    values.append(res.value)
+                    done.append(res)
             if values:
                 self._batch_events = done
                 self.current = done[-1]
@@ -446,20 +458,21 @@ class Stream(Generic[T]):
         empty). Position and current event live on the stream, so a body that
         restarts after an error goes on where this loop stopped.
         """
-        skip = _SKIP
+        skip = SKIP
         while True:
             buf = self._buf
             pos = self._pos
             n = len(buf)
             if pos < n and self._sync_ops and not self._pushed_back:
                 ops = self._ops
+                apply = self._chain.one
                 self._window_key = _NO_KEY
                 while pos < n:
                     ev = buf[pos]
                     pos += 1
                     self._pos = pos
                     self._held = self.current = ev
-                    value = ev.value if not ops else self._sync_apply(ev)
+                    value = ev.value if not ops else apply(self, ev)
                     if value is skip:
                         continue
                     yield value
@@ -471,31 +484,6 @@ class Stream(Generic[T]):
             except StopAsyncIteration:
                 return
             yield value
-
-    def _sync_apply(self, ev: Event[Any]) -> Any:
-        """Run the map/filter/key_by/stateful chain on one event; ``_SKIP`` if filtered out."""
-        value = ev.value
-        key = ev.key
-        try:
-            for kind, fn in self._ops:
-                if kind == _MAP:
-                    value = fn(value)
-                elif kind == _FILTER:
-                    if not fn(value):
-                        return _SKIP
-                elif kind == _KEY:
-                    key = fn(value)
-                    if key is not ev.key:
-                        ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)
-                        self._held = self.current = ev
-                else:  # _STATEFUL: reads and writes the state of the event's key
-                    value = fn(value)
-                    if value is None:
-                        return _SKIP
-        except Exception:
-            self._held = self.current = ev  # the agent's error policy handles this event
-            raise
-        return value
 
     async def __anext__(self) -> T:
         self._held = None
@@ -522,8 +510,8 @@ class Stream(Generic[T]):
                     value = ev.value
                 else:
                     self.current = ev
-                    value = self._sync_apply(ev)
-                    if value is _SKIP:
+                    value = self._chain.one(self, ev)
+                    if value is SKIP:
                         continue
                     ev = self.current  # a new event if key_by changed the key
             self._held = ev
@@ -568,6 +556,7 @@ class Stream(Generic[T]):
         """Forget map/filter/key_by (the agent body adds them again); keep window state."""
         self._ops = ()
         self._sync_ops = True
+        self._chain = NO_STEPS
         self._window_calls = 0
 
     def push_back(self, event: Event[Any]) -> None:
@@ -629,6 +618,68 @@ class Stream(Generic[T]):
             self._buf, self._pos = got, 0
             return _FILLED
 
+    async def _next_events(self) -> tuple[list[Event[Any]], list[Any] | None] | Watermark:
+        """The lane's next slice after map/filter/key_by, or the next watermark.
+
+        A slice is ``(events, values)``: the events that passed the chain and
+        their values after it (``values`` is ``None`` when the stream has no
+        steps: each event's own value). Barriers are handled here, as in
+        ``_refill``. If a step raises on an event, the events before it come
+        back first, the ones after it are delivered again later, and the next
+        call raises the error with the failing event as ``current``.
+        Raises ``StopAsyncIteration`` at the end of the input.
+        """
+        self._held = None
+        failed = self._failed
+        if failed is not None:
+            self._failed = None
+            error, self._held = failed
+            self.current = self._held
+            raise error
+        while True:
+            if self._pushed_back:
+                events = self._pushed_back[::-1]
+                self._pushed_back.clear()
+            else:
+                buf, pos = self._buf, self._pos
+                if pos >= len(buf):
+                    got = await self._refill()
+                    if got is _FILLED or got is None:
+                        continue
+                    return cast(Watermark, got)
+                self._buf, self._pos = [], 0
+                events = buf[pos:] if pos else buf
+            if not self._ops:
+                return events, None
+            values: list[Any] = []
+            done: list[Event[Any]] = []
+            if self._sync_ops:
+                try:
+                    self._chain.many(self, events, values, done)
+                except Exception as exc:
+                    src, self._failed_src = self._failed_src, None
+                    self._pushed_back.extend(reversed(events[_index_of(events, src) + 1 :]))
+                    if not done:
+                        raise
+                    self._failed = (exc, self._held)
+                    self._held = None
+            else:
+                for i, ev in enumerate(events):
+                    try:
+                        res = await self._apply(ev)
+                    except Exception as exc:
+                        self._pushed_back.extend(reversed(events[i + 1 :]))
+                        if not done:
+                            raise
+                        self._failed = (exc, self._held)
+                        self._held = None
+                        break
+                    if res is not None:
+                        done.append(res)
+                        values.append(res.value)
+            if done:
+                return done, values
+
     async def _next_item(
         self, timeout: float | None = None, stop_at_barrier: bool = False
     ) -> Any:
@@ -661,21 +712,21 @@ class Stream(Generic[T]):
         value = ev.value
         self.current = ev
         for kind, fn in self._ops:
-            if kind == _MAP:
+            if kind == MAP:
                 value = fn(value)
-            elif kind == _FILTER:
+            elif kind == FILTER:
                 if not fn(value):
                     return None
-            elif kind == _KEY:
+            elif kind == KEY:
                 key = fn(value)
                 if key is not ev.key:
                     ev = self.current = Event(key, value, ev.time, ev.headers, ev.partition,
                                               ev.offset)
-            elif kind == _STATEFUL:
+            elif kind == STATEFUL:
                 value = fn(value)
                 if value is None:
                     return None
-            elif kind == _AMAP:
+            elif kind == AMAP:
                 value = await fn(value)
             elif not await fn(value):
                 return None
@@ -722,3 +773,11 @@ class Stream(Generic[T]):
     def input_ended(self) -> bool:
         """Whether the lane's input ended and everything in it was taken."""
         return self._queue.closed and self._queue.size == 0 and self._pos >= len(self._buf)
+
+
+def _index_of(events: list[Event[Any]], event: Event[Any] | None) -> int:
+    """Where ``event`` is in ``events`` (by identity)."""
+    for i, ev in enumerate(events):
+        if ev is event:
+            return i
+    raise ValueError("the failing event is not in its slice")

@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
@@ -62,9 +64,10 @@ class SinkWriter:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._ready: Awaitable[Any] = _done_future()
         self._flush_now = False
         self._closed = False
-        self._added = 0
+        self._taken = 0  # records moved out of the buffer to be written
         self._written = 0
         self._progress = asyncio.Event()
         self._failed: BaseException | None = None
@@ -83,12 +86,40 @@ class SinkWriter:
             self._first_at = time.monotonic()
             self._wake.set()
         records.append(record)
-        self._added += 1
         n = len(records)
         if n >= self.max_batch:
             self._wake.set()
         if n >= self.max_buffer:
             self._room.clear()
+
+    def push(self, record: SinkRecord) -> Awaitable[Any]:
+        """Buffer a record; awaiting the result waits while the buffer is full.
+
+        What ``Output.send`` returns: while there is room, an awaitable that
+        is already done (no coroutine per record).
+        """
+        if self._failed is not None:
+            raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
+        records = self._records
+        if not records:
+            self._first_at = time.monotonic()
+            self._wake.set()
+        records.append(record)
+        n = len(records)
+        if n < self.max_batch:
+            return self._ready
+        self._wake.set()
+        if n < self.max_buffer:
+            return self._ready
+        self._room.clear()
+        return self._room.wait()
+
+    def push_many(self, records: list[SinkRecord]) -> Awaitable[Any]:
+        """Buffer many records; awaiting the result waits while the buffer is full."""
+        self.add_many(records)
+        if self._room.is_set():
+            return self._ready
+        return self._room.wait()
 
     def add_many(self, records: list[SinkRecord]) -> None:
         """Buffer many records at once (never waits; see ``send``)."""
@@ -101,7 +132,6 @@ class SinkWriter:
             self._first_at = time.monotonic()
             self._wake.set()
         buffered.extend(records)
-        self._added += len(records)
         n = len(buffered)
         if n >= self.max_batch:
             self._wake.set()
@@ -120,7 +150,7 @@ class SinkWriter:
         Records added after the call are not waited for, so a flush ends even
         while other lanes keep sending.
         """
-        target = self._added
+        target = self._taken + len(self._records)  # everything added so far
         while self._written < target and self._failed is None:
             self._flush_now = True
             self._wake.set()
@@ -158,6 +188,7 @@ class SinkWriter:
     async def _write_buffered(self) -> None:
         records = self._records
         self._records = []
+        self._taken += len(records)
         self._flush_now = False
         self._room.set()
         step = self.max_batch
@@ -186,3 +217,23 @@ class SinkWriter:
         """Stop the sink itself (after ``run`` returned)."""
         await self.sink.stop()
 
+
+
+class _Ready:
+    """An awaitable that is already done, for writers made outside an event loop."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+def _done_future() -> Awaitable[Any]:
+    """A future that is already done: awaiting it costs no coroutine and no task switch."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return _Ready()
+    fut = loop.create_future()
+    fut.set_result(None)
+    return fut

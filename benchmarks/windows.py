@@ -20,7 +20,8 @@ are generated (the list is never held), ``input_rss_mb`` is the RSS right
 after that, before the app starts, and ``beyond_input_mb`` is the peak RSS
 minus that: what the app itself took. The app runs once; its results are
 checked against the baseline's, which is timed afterwards in the same process
-(best of ``--repeat``).
+(best of ``--repeat``) over the same input as the app's: the raw records (key
+bytes, JSON value, timestamp), decoded with orjson inside the loop.
 
 Usage:
     .venv/bin/python benchmarks/windows.py                  # a table
@@ -37,11 +38,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from heapq import heappop, heappush
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -77,7 +80,7 @@ def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
     """Events through the operator, a watermark every WATERMARK_EVERY events."""
     out: dict[Window, Any] = {}
     on_event, results = op.on_event, op.results
-    frontier = events[0][1] if events else 0
+    frontier = -(2**62)  # the first event's time, once it is seen
     for i, (key, t, value) in enumerate(events):
         on_event(key, t, value)
         if t > frontier:
@@ -95,12 +98,12 @@ def run_operator(op: WindowOperator, events: list[Event]) -> dict[Window, Any]:
     return out
 
 
-def baseline_tumbling_mean(events: list[Event], size: int = 5_000) -> dict[Window, Any]:
+def baseline_tumbling_mean(events: Iterable[Event], size: int = 5_000) -> dict[Window, Any]:
     """The hand-written ceiling: {end: {key: [sum, n]}}, closed as the watermark passes."""
     out: dict[Window, Any] = {}
     buckets: dict[int, defaultdict[str, list[float]]] = {}
     ends: list[int] = []
-    frontier = events[0][1] if events else 0
+    frontier = -(2**62)  # the first event's time, once it is seen
     for i, (key, t, value) in enumerate(events):
         end = t - t % size + size
         bucket = buckets.get(end)
@@ -126,13 +129,13 @@ def baseline_tumbling_mean(events: list[Event], size: int = 5_000) -> dict[Windo
 
 
 def baseline_hopping_count(
-    events: list[Event], size: int = 60_000, step: int = 10_000
+    events: Iterable[Event], size: int = 60_000, step: int = 10_000
 ) -> dict[Window, Any]:
     """The hand-written ceiling: {end: {key: count}} over every window of each event."""
     out: dict[Window, Any] = {}
     buckets: dict[int, defaultdict[str, int]] = {}
     ends: list[int] = []
-    frontier = events[0][1] if events else 0
+    frontier = -(2**62)  # the first event's time, once it is seen
     for i, (key, t, _value) in enumerate(events):
         lowest = t - size
         start = t - t % step
@@ -162,7 +165,7 @@ def baseline_hopping_count(
 S = timedelta(seconds=1)
 WAIT = timedelta(milliseconds=WAIT_MS)
 CASES: dict[
-    str, tuple[Callable[[], WindowOperator], Callable[[list[Event]], dict[Window, Any]]]
+    str, tuple[Callable[[], WindowOperator], Callable[[Iterable[Event]], dict[Window, Any]]]
 ] = {
     "tumbling_5s_mean": (
         lambda: WindowOperator(Tumbling(5 * S), Mean("value"), wait=WAIT),
@@ -226,11 +229,13 @@ def measure_app(case: str, n: int, repeat: int) -> dict[str, Any]:
     seconds, got = asyncio.run(run_app(case, broker))
     peak = peak_rss_mb()
     del broker
-    events = make_events(n)
+    # the same input as the app's: raw key bytes, JSON value bytes, timestamps; decoded in the loop
+    raw = [(key.encode(), json.dumps(value).encode(), t) for key, t, value in iter_events(n)]
+    loads = orjson.loads
     base_times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        expected = baseline(events)
+        expected = baseline((kb.decode(), t, loads(vb)) for kb, vb, t in raw)
         base_times.append(time.perf_counter() - started)
     assert got.keys() == expected.keys(), "the app and the baseline disagree on windows"
     assert all(abs(got[w] - expected[w]) <= 1e-9 * abs(expected[w]) for w in got)

@@ -92,6 +92,7 @@ class _OperatorBase:
         "_add",
         "_create",
         "dirty",
+        "failed_at",
         "_frontier",
         "_frontier_wall",
         "_lateness",

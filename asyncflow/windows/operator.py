@@ -59,7 +59,7 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from heapq import heappop, heappush
 from typing import Any, Literal, Self, cast
@@ -160,6 +160,45 @@ class WindowOperator(_OperatorBase):
             (False, [LateEvent(key='k', time_ms=4500, value=None)])
         """
         raise NotImplementedError
+
+    def on_slice(self, events: Sequence[Any], values: Sequence[Any] | None, start: int) -> int:
+        """Add ``events[start:]`` (their ``time``, ``key``, and ``values[i]`` or ``value``).
+
+        Stops before the first event it does not take, and returns its index
+        (``len(events)`` when it took them all): one of another partition than
+        ``events[start]``, one without an event time, or one that is late
+        (``on_event`` handles it one at a time). If the aggregate raises,
+        ``failed_at`` is the index of the event it raised on, and nothing of
+        that event is stored.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.event import Event
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=5)), Count())
+            >>> op.on_watermark(10_000, wall_ms=0)
+            >>> op.on_slice([Event("k", 1, 11_000), Event("k", 1, 12_000), Event("k", 1, 1_000)], None, 0)
+            2
+        """
+        n = len(events)
+        if start >= n:
+            return n
+        partition = events[start].partition
+        on_event = self.on_event
+        i = start
+        try:
+            for i in range(start, n):
+                ev = events[i]
+                t = ev.time
+                if t is None or ev.partition is not partition:
+                    return i
+                if not on_event(ev.key, t, ev.value if values is None else values[i]):
+                    self.late.pop()  # the caller handles it one at a time
+                    return i
+        except BaseException:
+            self.failed_at = i
+            raise
+        return n
 
     def on_watermark(self, time_ms: int | None, wall_ms: int) -> None:
         """Advance to the event-time frontier ``time_ms`` (``None``: not known yet) at ``wall_ms``.
@@ -375,6 +414,43 @@ class _TumblingOperator(_AlignedOperator):
                 WindowResult(key, end - size, end, self._result(acc), end <= wm + 1)
             )
         return True
+
+
+    def on_slice(self, events: Sequence[Any], values: Sequence[Any] | None, start: int) -> int:
+        size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
+        wm = self._wm
+        n = len(events)
+        if start >= n:
+            return n
+        partition = events[start].partition
+        results = self.results
+        result = self._result
+        late_end = wm + 1 - lateness  # a window ending at or before this is closed
+        fired = wm + 1  # a window ending at or before this has fired
+        i = start
+        try:
+            for i in range(start, n):
+                ev = events[i]
+                t = ev.time
+                if t is None or ev.partition is not partition:
+                    return i
+                end = t - (t - offset) % size + size
+                if end <= late_end:
+                    return i  # late: on_event says so
+                bucket = panes.get(end)
+                if bucket is None:
+                    bucket = self._open(end)
+                key = ev.key
+                acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
+                acc = add(create() if acc is _NONE else acc, ev.value if values is None else values[i], t)
+                bucket[key] = acc
+                dirty.add(key)
+                if end <= fired or updates:
+                    results.append(WindowResult(key, end - size, end, result(acc), end <= fired))
+        except BaseException:
+            self.failed_at = i
+            raise
+        return n
 
 
 class _ProcessingOperator(_AlignedOperator):

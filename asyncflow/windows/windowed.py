@@ -17,11 +17,13 @@ with keys times open windows, never with events.
 
 Contract with the stream (``asyncflow.stream.Stream`` provides it):
 
-- ``await stream._next_item()`` returns an ``Event`` or a ``Watermark`` and
-  raises ``StopAsyncIteration`` at the end of a bounded input. It handles
-  checkpoint barriers itself, and only while this windowed stream has no
-  result left to hand out: every result is sent before a checkpoint takes
-  the state that says its window fired.
+- ``await stream._next_events()`` returns a lane slice (events and their
+  values after the stream's map/filter/key_by) or a ``Watermark``, and raises
+  ``StopAsyncIteration`` at the end of a bounded input. A slice is added to
+  the windows in one pass. The stream handles checkpoint barriers itself, and
+  is asked for more only once this windowed stream has no result left to hand
+  out: every result is sent before a checkpoint takes the state that says its
+  window fired.
 - Late events: ``stream.metrics.incr("late_events")``, then ``late.send(key,
   value)`` when a late sink is given, else ``await stream.dead_letter(event,
   "late event: ...")``. An event without an event time goes to
@@ -85,8 +87,8 @@ class WindowSource(Protocol):
     @property
     def metrics(self) -> Metrics: ...
 
-    async def _next_item(self, timeout: float | None = None) -> Any:
-        """The next event or watermark; ``None`` only when a ``timeout`` is given and passes."""
+    async def _next_events(self) -> tuple[list[Event[Any]], list[Any] | None] | Watermark:
+        """The next lane slice ``(events, values after map/filter)``, or a watermark."""
         ...
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None: ...
@@ -137,6 +139,7 @@ class WindowedStream:
         "_lateness",
         "_ops",
         "_ready",
+        "_rest",
         "_skip",
         "_stream",
         "_wall",
@@ -169,6 +172,7 @@ class WindowedStream:
         self._late = late
         self._lateness = lateness
         self._ready: deque[WindowResult] = deque()
+        self._rest: tuple[list[Event[Any]], list[Any] | None, int] | None = None
         self._wall: int | None = None
         self._clock = SystemClock()
         self._ended = False
@@ -275,55 +279,100 @@ class WindowedStream:
 
     async def __anext__(self) -> WindowResult:
         ready = self._ready
-        ops = self._ops
         stream = self._stream
-        event_time = self._config["assigner"].is_event_time
         while not ready:
+            rest = self._rest
+            if rest is not None:  # what followed an event an aggregate raised on
+                self._rest = None
+                await self._add(*rest)
+                continue
             if self._ended:
                 raise StopAsyncIteration
             try:
-                item = await stream._next_item()
+                got = await stream._next_events()
             except StopAsyncIteration:
                 # the lane closed: after a final watermark the windows are flushed already; on
                 # a stop (SIGTERM, rebalance) open windows stay in state and resume after it
                 self._ended = True
                 continue
-            if item is None:  # only with a timeout, which is not given: defensive
+            if type(got) is Watermark:
+                await self._on_watermark(got)
                 continue
-            if type(item) is Watermark:
-                await self._on_watermark(item)
-                continue
-            ev = cast("Event[Any]", item)  # type() is cheaper than isinstance() per event
+            events, values = cast("tuple[list[Event[Any]], list[Any] | None]", got)
+            await self._add(events, values, 0)
+        result = ready.popleft()
+        stream._window_key = result.key
+        return result
+
+    async def _add(self, events: list[Event[Any]], values: list[Any] | None, start: int) -> None:
+        """Add a lane slice's events (from ``start``) to their partitions' windows.
+
+        Runs of events the operator takes as they are go through
+        ``WindowOperator.on_slice`` in one call; an event it stops at (late,
+        without an event time, of another partition, or already in restored
+        state) is handled alone. The results go to ``_ready``. If an
+        aggregate raises, the event is the stream's current one (for the
+        agent's error policy) and the events after it wait in ``_rest``: the
+        next ``__anext__`` adds them first.
+        """
+        ops = self._ops
+        skips = self._skip
+        ready = self._ready
+        stream = self._stream
+        event_time = self._config["assigner"].is_event_time
+        n = len(events)
+        i = start
+        while i < n:
+            ev = events[i]
             p = ev.partition
             op = ops.get(p)
             if op is None:
                 op = await self._open(p)
-            if self._skip:
-                skip = self._skip.get(p)
-                if skip is not None:
-                    if ev.offset <= skip:
-                        continue  # the restored state has this event already
-                    del self._skip[p]
+            if skips and p in skips:
+                if ev.offset <= skips[p]:
+                    i += 1
+                    continue  # the restored state has this event already
+                del skips[p]
+            if event_time:
+                try:
+                    j = op.on_slice(events, values, i)
+                except Exception:
+                    i = op.failed_at
+                    self._failed(events, values, i)
+                    raise
+                if op.results:
+                    ready.extend(op.results)
+                    op.results.clear()
+                if j == n:
+                    return
+                i = j
+                ev = events[i]
+                if ev.partition is not p:
+                    continue
             time_ms = ev.time if event_time else self._arrival_wall()
+            i += 1
             if time_ms is None:
                 await stream.dead_letter(ev, "no event time")
                 continue
+            value = ev.value if values is None else values[i - 1]
             try:
-                added = op.on_event(ev.key, time_ms, ev.value)
+                added = op.on_event(ev.key, time_ms, value)
             except Exception:
-                # an aggregate raised: the agent's error policy takes this event over
-                stream.current = ev
-                stream._held = ev
+                self._failed(events, values, i - 1)
                 raise
             if not added:
                 op.late.clear()
-                await self._late_event(ev, time_ms, op)
+                await self._late_event(ev, value, time_ms, op)
             if op.results:
                 ready.extend(op.results)
                 op.results.clear()
-        result = ready.popleft()
-        stream._window_key = result.key
-        return result
+
+    def _failed(self, events: list[Event[Any]], values: list[Any] | None, i: int) -> None:
+        """An aggregate raised on ``events[i]``: it goes to the error policy, the rest waits."""
+        stream = self._stream
+        stream.current = stream._held = events[i]
+        if i + 1 < len(events):
+            self._rest = (events, values, i + 1)
 
     async def _on_watermark(self, mark: Watermark) -> None:
         if self._wall is None or mark.wall > self._wall:
@@ -349,12 +398,14 @@ class WindowedStream:
     def _arrival_wall(self) -> int:
         return self._clock.wall_ms() if self._wall is None else self._wall
 
-    async def _late_event(self, event: Event[Any], time_ms: int, op: WindowOperator) -> None:
+    async def _late_event(
+        self, event: Event[Any], value: Any, time_ms: int, op: WindowOperator
+    ) -> None:
         stream = self._stream
         stream.metrics.incr("late_events")
         if self._late is not None:
             stream.current = event
-            await self._late.send(event.key, event.value)
+            await self._late.send(event.key, value)
             return
         wm = op.watermark
         await stream.dead_letter(

@@ -49,11 +49,14 @@ class FakeStream:
         self._window_key: Any = None
         self.ended = False  # the final watermark was handed out
 
-    async def _next_item(self, timeout: float | None = None) -> Event[Any] | Watermark | None:
+    async def _next_events(self) -> tuple[list[Event[Any]], None] | Watermark:
+        """One event a slice, so a test can act between two events."""
         while self._items:
             item = self._items.popleft()
-            if isinstance(item, Event | Watermark):
+            if isinstance(item, Watermark):
                 return item
+            if isinstance(item, Event):
+                return [item], None
             item()  # a step of the test between two items
         if self._bounded:
             self._bounded = False

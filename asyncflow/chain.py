@@ -1,0 +1,146 @@
+"""Fused operator chains: a lane's map/filter/key_by/stateful_map steps as one function.
+
+``stream.map(f).filter(g)`` adds steps to the lane's chain; before the loop
+runs, the synchronous steps are compiled into straight-line Python, the way
+``dataclasses`` and ``namedtuple`` build their methods: no loop over the
+steps, no dispatch on their kind, one call per event (``one``) or one call per
+lane slice (``many``). Both keep the chain's rules:
+
+- a ``filter`` that says no, or a ``stateful_map`` step that returns ``None``,
+  drops the event (``SKIP`` from ``one``);
+- a ``key_by`` that changes the key makes a new ``Event`` (same position), and
+  the stream's current event becomes it, so state and windows see the new key;
+- ``stateful_map`` steps read the state of the stream's current event, which
+  is set before they run;
+- if a step raises, the event it raised on becomes the stream's current (and
+  held) event, for the agent's error policy, and the error goes on up.
+
+Example:
+    >>> from asyncflow.event import Event
+    >>> from types import SimpleNamespace
+    >>> chain = compile_chain(((MAP, lambda v: v * 10), (FILTER, lambda v: v > 10)))
+    >>> stream = SimpleNamespace(current=None, _held=None, _failed_src=None)
+    >>> chain.one(stream, Event("k", 1)) is SKIP, chain.one(stream, Event("k", 2))
+    (True, 20)
+    >>> values, done = [], []
+    >>> chain.many(stream, [Event("k", n) for n in range(4)], values, done)
+    >>> values
+    [20, 30]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from asyncflow.event import Event
+
+MAP, AMAP, FILTER, AFILTER, KEY, STATEFUL = range(6)
+"""The kinds of step; the ``A`` ones are async and run outside a compiled chain."""
+
+SYNC_KINDS = frozenset((MAP, FILTER, KEY, STATEFUL))
+
+SKIP: Any = object()
+"""What ``Chain.one`` returns for an event the chain dropped."""
+
+Step = tuple[int, Callable[..., Any]]
+
+
+class Chain:
+    """The compiled form of a chain of synchronous steps.
+
+    ``one(stream, event)`` returns the event's value after every step, or
+    ``SKIP``. ``many(stream, events, values, done)`` runs the chain over a lane
+    slice, appending each surviving value to ``values`` and its event to
+    ``done``; when a step raises, ``stream._failed_src`` is the slice's event
+    it raised on (so the rest of the slice can be handed back).
+
+    Example:
+        >>> compile_chain(()).one(None, Event("k", 5))
+        5
+    """
+
+    __slots__ = ("many", "one", "steps")
+
+    def __init__(
+        self,
+        steps: tuple[Step, ...],
+        one: Callable[[Any, Event[Any]], Any],
+        many: Callable[[Any, list[Event[Any]], list[Any], list[Event[Any]]], None],
+    ) -> None:
+        self.steps = steps
+        self.one = one
+        self.many = many
+
+
+def compile_chain(steps: tuple[Step, ...]) -> Chain:
+    """Compile synchronous ``(kind, fn)`` steps into a ``Chain`` (see the module docstring).
+
+    Example:
+        >>> chain = compile_chain(((KEY, len),))
+        >>> class S: current = _held = _failed_src = None
+        >>> chain.one(S, Event(None, "abc")), S.current.key
+        ('abc', 3)
+    """
+    if any(kind not in SYNC_KINDS for kind, _ in steps):
+        raise ValueError("only synchronous steps compile; async ones run one event at a time")
+    env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
+    rekeys = any(kind == KEY for kind, _ in steps)
+    stateful = any(kind == STATEFUL for kind, _ in steps)
+
+    def body(drop: str, indent: str) -> list[str]:
+        lines = []
+        for i, (kind, fn) in enumerate(steps):
+            name = f"f{i}"
+            env[name] = fn
+            if kind == MAP:
+                lines.append(f"{indent}value = {name}(value)")
+            elif kind == FILTER:
+                lines.append(f"{indent}if not {name}(value): {drop}")
+            elif kind == KEY:
+                lines += [
+                    f"{indent}key = {name}(value)",
+                    f"{indent}if key is not ev.key:",
+                    f"{indent}    ev = Event(key, value, ev.time, ev.headers, ev.partition, ev.offset)",
+                    f"{indent}    stream._held = stream.current = ev",
+                ]
+            else:  # STATEFUL
+                lines += [f"{indent}value = {name}(value)", f"{indent}if value is None: {drop}"]
+        return lines
+
+    one = [
+        "def one(stream, ev):",
+        "    try:",
+        "        value = ev.value",
+        *body("return SKIP", "        "),
+        "    except BaseException:",
+        "        stream._held = stream.current = ev",
+        "        raise",
+        "    return value",
+    ]
+    many = [
+        "def many(stream, events, values, done):",
+        "    add_value = values.append",
+        "    add_event = done.append",
+        "    src = None",
+        "    try:",
+        "        for src in events:",
+        "            ev = src",
+        *(["            stream.current = ev"] if stateful or rekeys else []),
+        "            value = ev.value",
+        *body("continue", "            "),
+        "            add_value(value)",
+        "            add_event(ev)",
+        "    except BaseException:",
+        "        stream._held = stream.current = ev",
+        "        stream._failed_src = src",
+        "        raise",
+    ]
+    code = "\n".join(one) + "\n\n" + "\n".join(many) + "\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(code, f"<chain of {len(steps)} steps>", "exec"), env, namespace)  # noqa: S102
+    return Chain(steps, namespace["one"], namespace["many"])
+
+
+NO_STEPS = compile_chain(())
+"""The chain of a stream with no steps (values pass through)."""

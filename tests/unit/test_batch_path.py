@@ -1,0 +1,220 @@
+"""The batch path: lane slices through compiled chains, windows a slice at a time, key caches.
+
+Each lane slice (everything the dispatcher put in the lane at once) goes
+through the stream's compiled map/filter/key_by chain in one call and into the
+windows in one call. What must hold is what held event by event: the same
+values in the same order, and an error on one event of a slice hands that
+event to the error policy while the events after it are still handled, never
+dropped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncflow as af
+from asyncflow.chain import FILTER, KEY, MAP, SKIP, compile_chain
+from asyncflow.event import Event
+from asyncflow.keys import CACHE_LIMIT, HashCache, RawKeyCache, key_hash
+from asyncflow.memory import MemoryBroker
+from asyncflow.testing import CaptureSink, TestRun, reason_of, stream_of
+from asyncflow.windows import Aggregate
+
+STEPS = st.lists(
+    st.sampled_from(
+        [
+            (MAP, lambda v: v * 3 + 1),
+            (MAP, lambda v: v // 2),
+            (FILTER, lambda v: v % 3 != 0),
+            (FILTER, lambda v: v > -5),
+            (KEY, lambda v: v % 4),
+        ]
+    ),
+    max_size=6,
+)
+
+
+def by_hand(steps: list[Any], events: list[Event[Any]]) -> list[tuple[Any, Any]]:
+    """The chain's rules, one step at a time: (key, value) of what passes."""
+    out = []
+    for ev in events:
+        key, value = ev.key, ev.value
+        for kind, fn in steps:
+            if kind == MAP:
+                value = fn(value)
+            elif kind == FILTER and not fn(value):
+                break
+            elif kind == KEY:
+                key = fn(value)
+        else:
+            out.append((key, value))
+    return out
+
+
+class Holder:
+    current: Event[Any] | None = None
+    _held: Event[Any] | None = None
+    _failed_src: Event[Any] | None = None
+
+
+@settings(max_examples=200, deadline=None)
+@given(STEPS, st.lists(st.integers(-50, 50), max_size=30))
+def test_a_compiled_chain_gives_what_its_steps_give_one_at_a_time(
+    steps: list[Any], values: list[int]
+) -> None:
+    chain = compile_chain(tuple(steps))
+    events = [Event("k", v, i, (), "p0", i) for i, v in enumerate(values)]
+    expected = by_hand(steps, events)
+    holder = Holder()
+    one = []
+    for ev in events:
+        holder.current = ev
+        value = chain.one(holder, ev)
+        if value is not SKIP:
+            one.append((holder.current.key, value))
+    got_values: list[Any] = []
+    done: list[Event[Any]] = []
+    chain.many(Holder(), events, got_values, done)
+    assert one == expected
+    assert list(zip([e.key for e in done], got_values, strict=True)) == expected
+    assert all(e.offset == ev.offset for e, ev in zip(done, done, strict=True))
+
+
+def test_a_step_that_raises_names_its_event_and_where_the_slice_stopped() -> None:
+    chain = compile_chain(((MAP, lambda v: 10 // v),))
+    events = [Event("k", v, None, (), "p0", i) for i, v in enumerate([1, 2, 0, 5])]
+    holder = Holder()
+    values: list[Any] = []
+    done: list[Event[Any]] = []
+    try:
+        chain.many(holder, events, values, done)
+    except ZeroDivisionError:
+        pass
+    assert values == [10, 5]
+    assert holder._failed_src is events[2] and holder._held is events[2]
+
+
+def produce(broker: MemoryBroker, topic: str, docs: list[dict[str, Any]], key: str = "k") -> None:
+    broker.create_topic(topic, 1)
+    for d in docs:
+        broker.produce(topic, orjson.dumps(d), key.encode(), (), d.get("t"))
+    broker.end(topic)
+
+
+async def test_a_map_that_raises_mid_slice_hands_that_event_over_and_the_rest_go_on() -> None:
+    broker = MemoryBroker()
+    produce(broker, "numbers", [{"n": n} for n in (1, 2, 0, 4, 5)])  # one slice of five
+    app = af.App("midslice")
+    numbers = app.topic("numbers")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(numbers, on_error="dead_letter")
+    async def invert(stream: af.Stream[dict[str, int]]) -> None:
+        async for batch in stream.map(lambda d: 100 // d["n"]).batches():
+            await out.send_many([(None, v) for v in batch])
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert out.sink.values == [100, 50, 25, 20]
+    assert len(dead) == 1 and "ZeroDivisionError" in reason_of(dead[0])
+
+
+class Picky(Aggregate[int, int]):
+    """Counts, but refuses a value of -1."""
+
+    def create(self) -> int:
+        return 0
+
+    def add(self, acc: int, value: Any, time_ms: int) -> int:
+        if value["v"] == -1:
+            raise ValueError("refused")
+        return acc + 1
+
+    def merge(self, a: int, b: int) -> int:
+        return a + b
+
+    def result(self, acc: int) -> int:
+        return acc
+
+
+async def test_an_aggregate_that_raises_mid_slice_loses_none_of_the_events_after_it() -> None:
+    broker = MemoryBroker()
+    docs = [{"v": v, "t": t} for v, t in [(1, 0), (1, 1000), (-1, 2000), (1, 3000), (1, 6000)]]
+    produce(broker, "readings", docs)
+    app = af.App("picky")
+    readings = app.topic("readings")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(readings, on_error="dead_letter")
+    async def count(stream: af.Stream[dict[str, int]]) -> None:
+        async for w in stream.window(af.Tumbling(timedelta(seconds=5)), aggregate=Picky()):
+            await out.send(w.key, (w.start_ms, w.value))
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert sorted(out.sink.values) == [(0, 3), (5000, 1)]
+    assert len(dead) == 1 and "refused" in reason_of(dead[0])
+
+
+async def test_a_filter_before_a_window_counts_only_what_passes_it_in_one_slice() -> None:
+    broker = MemoryBroker()
+    # one slice: the watermark moves only after it, so 1000 after 9000 is not late
+    docs = [{"v": v, "t": t} for v, t in [(1, 0), (0, 1000), (1, 9000), (1, 1000)]]
+    produce(broker, "a", docs)
+    app = af.App("filtered")
+    a = app.topic("a")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(a)
+    async def count(stream: af.Stream[dict[str, int]]) -> None:
+        kept = stream.filter(lambda d: d["v"] == 1)
+        async for w in kept.window(af.Tumbling(timedelta(seconds=5)), aggregate=af.Count()):
+            await out.send(w.key, (w.start_ms, w.value))
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+    assert sorted(out.sink.values) == [(0, 2), (5000, 1)]
+
+
+def test_record_keys_are_decoded_once_and_only_str_bytes_and_int_keys_are_kept() -> None:
+    decoded: list[bytes] = []
+
+    def decode(raw: bytes) -> Any:
+        decoded.append(raw)
+        return orjson.loads(raw)
+
+    cache = RawKeyCache(decode)
+    assert cache[b'"a"'] == ("a", key_hash("a")) and cache[b'"a"'][0] == "a"
+    assert cache[b"7"] == (7, 7)
+    assert cache[b"1.5"] == cache[b"1.5"] == (1.5, key_hash(1.5))  # decoded each time
+    assert decoded == [b'"a"', b"7", b"1.5", b"1.5"]
+
+
+def test_a_key_cache_starts_over_instead_of_growing() -> None:
+    cache = HashCache()
+    for i in range(CACHE_LIMIT + 10):
+        assert cache[f"k{i}"] == key_hash(f"k{i}")
+    assert len(cache) <= CACHE_LIMIT
+
+
+def test_a_none_key_goes_to_the_same_lane_in_every_process() -> None:
+    code = "from asyncflow.keys import key_hash; print(key_hash(None))"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        for _ in range(3)
+    }
+    assert runs == {"0"}
+
+
+async def test_values_of_a_stream_with_no_steps_come_through_as_they_were() -> None:
+    assert await stream_of([{"a": 1}, 2]).collect() == [{"a": 1}, 2]
