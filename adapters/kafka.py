@@ -18,7 +18,8 @@ holds each group join for half of it, so tests use ~3 s),
 ``max_poll_interval_ms``,
 ``auto_offset_reset`` (earliest), ``max_poll_records``, ``fetch_max_wait_ms``,
 ``fetch_min_bytes``, ``fetch_max_bytes``, ``max_partition_fetch_bytes``,
-``linger_ms`` (the sink's batching wait, 50), ``max_batch`` (records per sink
+``linger_ms`` (how long the sink waits for a fuller batch; 0: it writes as soon as
+its previous write is done, so batches grow with the load), ``max_batch`` (records per sink
 write, 10,000), ``max_batch_size`` (bytes per produce batch, 64 KiB),
 ``max_request_size``, ``enable_idempotence`` (true; set false for Tansu),
 ``acks`` (all), ``compression_type``, ``create_topics`` (true),

@@ -112,7 +112,7 @@ class KafkaSettings:
     fetch_min_bytes: int = 1
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 1_048_576
-    linger_ms: int = 50
+    linger_ms: int = 0
     max_batch: int = 10_000
     max_batch_size: int = 65_536
     max_request_size: int = 1_048_576

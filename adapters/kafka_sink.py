@@ -56,7 +56,7 @@ class KafkaSink:
     Example:
         >>> sink = KafkaSink(KafkaSettings.parse("kafka://localhost?max_batch=5000"))
         >>> sink.max_batch, sink.linger
-        (5000, 0.05)
+        (5000, 0.0)
         >>> async def send() -> None:  # doctest: +SKIP
         ...     await sink.start()
         ...     await sink.write([SinkRecord(b"sensor-1", b'{"v": 1}', topic="readings")])

@@ -76,23 +76,39 @@ class Chain:
 def compile_chain(steps: tuple[Step, ...]) -> Chain:
     """Compile synchronous ``(kind, fn)`` steps into a ``Chain`` (see the module docstring).
 
+    The code is generated once per sequence of kinds and cached; the
+    functions are bound to it per call, so an agent body that adds its steps
+    again after an error (new lambdas each time) costs a closure, not a compile.
+
     Example:
         >>> chain = compile_chain(((KEY, len),))
         >>> class S: current = _held = _failed_src = None
         >>> chain.one(S, Event(None, "abc")), S.current.key
         ('abc', 3)
     """
-    if any(kind not in SYNC_KINDS for kind, _ in steps):
+    kinds = tuple(kind for kind, _ in steps)
+    if any(kind not in SYNC_KINDS for kind in kinds):
         raise ValueError("only synchronous steps compile; async ones run one event at a time")
-    env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
-    rekeys = any(kind == KEY for kind, _ in steps)
-    stateful = any(kind == STATEFUL for kind, _ in steps)
+    factory = _factories.get(kinds)
+    if factory is None:
+        factory = _factories[kinds] = _factory(kinds)
+    one, many = factory(*(fn for _, fn in steps))
+    return Chain(steps, one, many)
+
+
+_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any]]] = {}
+"""Generated code per sequence of step kinds (a handful per app)."""
+
+
+def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any]]:
+    """Generate ``make(f0, f1, ...) -> (one, many)`` for a sequence of step kinds."""
+    rekeys = KEY in kinds
+    stateful = STATEFUL in kinds
 
     def body(drop: str, indent: str) -> list[str]:
         lines = []
-        for i, (kind, fn) in enumerate(steps):
+        for i, kind in enumerate(kinds):
             name = f"f{i}"
-            env[name] = fn
             if kind == MAP:
                 lines.append(f"{indent}value = {name}(value)")
             elif kind == FILTER:
@@ -108,38 +124,42 @@ def compile_chain(steps: tuple[Step, ...]) -> Chain:
                 lines += [f"{indent}value = {name}(value)", f"{indent}if value is None: {drop}"]
         return lines
 
-    one = [
-        "def one(stream, ev):",
-        "    try:",
-        "        value = ev.value",
-        *body("return SKIP", "        "),
-        "    except BaseException:",
-        "        stream._held = stream.current = ev",
-        "        raise",
-        "    return value",
-    ]
-    many = [
-        "def many(stream, events, values, done):",
-        "    add_value = values.append",
-        "    add_event = done.append",
-        "    src = None",
-        "    try:",
-        "        for src in events:",
-        "            ev = src",
-        *(["            stream.current = ev"] if stateful or rekeys else []),
+    params = ", ".join(f"f{i}" for i in range(len(kinds)))
+    code = [
+        f"def make({params}):",
+        "    def one(stream, ev):",
+        "        try:",
         "            value = ev.value",
-        *body("continue", "            "),
-        "            add_value(value)",
-        "            add_event(ev)",
-        "    except BaseException:",
-        "        stream._held = stream.current = ev",
-        "        stream._failed_src = src",
-        "        raise",
+        *body("return SKIP", "            "),
+        "        except BaseException:",
+        "            stream._held = stream.current = ev",
+        "            raise",
+        "        return value",
+        "",
+        "    def many(stream, events, values, done):",
+        "        add_value = values.append",
+        "        add_event = done.append",
+        "        src = None",
+        "        try:",
+        "            for src in events:",
+        "                ev = src",
+        *(["                stream.current = ev"] if stateful or rekeys else []),
+        "                value = ev.value",
+        *body("continue", "                "),
+        "                add_value(value)",
+        "                add_event(ev)",
+        "        except BaseException:",
+        "            stream._held = stream.current = ev",
+        "            stream._failed_src = src",
+        "            raise",
+        "",
+        "    return one, many",
     ]
-    code = "\n".join(one) + "\n\n" + "\n".join(many) + "\n"
     namespace: dict[str, Any] = {}
-    exec(compile(code, f"<chain of {len(steps)} steps>", "exec"), env, namespace)  # noqa: S102
-    return Chain(steps, namespace["one"], namespace["many"])
+    env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
+    exec(compile("\n".join(code) + "\n", f"<chain {kinds}>", "exec"), env, namespace)  # noqa: S102
+    make: Callable[..., tuple[Any, Any]] = namespace["make"]
+    return make
 
 
 NO_STEPS = compile_chain(())

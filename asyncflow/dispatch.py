@@ -202,6 +202,7 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - some record is poison: find it record by record
             return None
         return values, pairs, times
+
     def _decode_each(
         self,
         ch: Channel[Any],

@@ -45,19 +45,6 @@ def key_hash(key: Hashable) -> int:
     return hash(key)
 
 
-def hashes_of(keys: list[Hashable]) -> list[int]:
-    """``key_hash`` of each key, in one pass when they are all strings (the common case).
-
-    Example:
-        >>> hashes_of(["a", 1]) == [key_hash("a"), 1]
-        True
-    """
-    try:
-        return [crc32(k.encode("utf-8", "surrogatepass")) for k in keys]  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        return [key_hash(k) for k in keys]
-
-
 def lane_of(key: Hashable, lanes: int) -> int:
     """The lane a key goes to: the same key always to the same lane, in any process.
 

@@ -170,7 +170,8 @@ class Sink(Protocol):
     what the service reports as failed and raises ``SinkError`` after bounded
     retries. Optional attributes tune the core's batching: ``max_batch`` (records
     per write, default 500) and ``linger`` (seconds to wait for a fuller batch,
-    default 0.05).
+    default 0: write as soon as the previous write is done, see
+    ``asyncflow.writer``).
     """
 
     name: str

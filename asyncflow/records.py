@@ -49,6 +49,56 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _TIME_SLOT = "_af_time_ms"
 _MISSING: Any = object()
+_LAZY: Any = object()
+"""In an event-time slot: the datetime is made from the epoch ms when first read."""
+
+
+class _LazyTime:
+    """The event-time field of a record: epoch ms inside, a ``datetime`` when read.
+
+    A numeric input time (epoch seconds) is kept as milliseconds; the
+    ``datetime`` is built only if the field is read (most pipelines only
+    window on it, which needs the milliseconds). Setting the field parses the
+    time again and updates both.
+    """
+
+    __slots__ = ("member", "name", "ms")
+
+    def __init__(self, member: Any, ms: Any, name: str) -> None:
+        self.member = member
+        self.ms = ms
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        v = self.member.__get__(obj, owner)
+        if v is _LAZY:
+            v = _EPOCH + timedelta(milliseconds=self.ms.__get__(obj, owner))
+            self.member.__set__(obj, v)
+        return v
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        dt, ms = _parse_time(value, self.name)
+        self.member.__set__(obj, dt)
+        self.ms.__set__(obj, ms)
+
+
+def _lazy_time(cls: type, field: str) -> _LazyTime:
+    """Put a ``_LazyTime`` over the slot of ``cls``'s event-time field (once)."""
+    found = None
+    for klass in cls.__mro__:
+        d = klass.__dict__.get(field)
+        if d is not None:
+            found = d
+            break
+    if isinstance(found, _LazyTime):
+        return found
+    if not isinstance(found, types.MemberDescriptorType):
+        raise TypeError(f"{cls.__name__}.{field}: an event-time field must be a plain field")
+    lazy = _LazyTime(found, Record.__dict__[_TIME_SLOT], field)
+    setattr(cls, field, lazy)
+    return lazy
 R = TypeVar("R", bound="Record")
 
 
@@ -227,6 +277,8 @@ class Record(metaclass=_RecordMeta):
             (f for f in fields if f in hints and EVENT_TIME in getattr(hints[f], "__metadata__", ())),
             None,
         )
+        if cls._time_field is not None:
+            _lazy_time(cls, cls._time_field)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         fields = self._fields
@@ -244,12 +296,6 @@ class Record(metaclass=_RecordMeta):
             object.__setattr__(self, name, value)
         if kwargs:
             raise TypeError(f"{type(self).__name__} has no field {next(iter(kwargs))!r}")
-        tf = self._time_field
-        if tf is not None:
-            t = getattr(self, tf)
-            dt, ms = _parse_time(t, tf)
-            object.__setattr__(self, tf, dt)
-            object.__setattr__(self, _TIME_SLOT, ms)
 
     @classmethod
     def decode_obj(cls: type[R], obj: Any) -> R:
@@ -290,7 +336,10 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
     cls._time_field = next(
         (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
     )
+    lazy = _lazy_time(cls, cls._time_field) if cls._time_field is not None else None
     ns: dict[str, Any] = {
+        "_LAZY": _LAZY,
+        "_time_set": None if lazy is None else lazy.member.__set__,
         "_new": object.__new__,
         "_cls": cls,
         "_set": object.__setattr__,
@@ -325,8 +374,14 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
             ind = "    "
         err = f"raise DecodeError(_e{i} + type(v).__name__)"
         if f == cls._time_field:
-            lines.append(f"{ind}v, ms = _parse_time(v, _n{i})")
+            lines.append(f"{ind}if type(v) is float or type(v) is int:")  # epoch seconds
+            lines.append(f"{ind}    try: ms = round(v * 1000)")
+            lines.append(f"{ind}    except (OverflowError, ValueError): v, ms = _parse_time(v, _n{i})")
+            lines.append(f"{ind}    else: v = _LAZY")
+            lines.append(f"{ind}else: v, ms = _parse_time(v, _n{i})")
             lines.append(f"{ind}_set(self, _TIME_SLOT, ms)")
+            lines.append(f"    _time_set(self, v)")
+            continue
         elif base is str:
             lines.append(f"{ind}if type(v) is not str: {err}")
         elif base is float:

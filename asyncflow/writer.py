@@ -1,7 +1,12 @@
-"""Batching in front of a sink: buffer, flush by size or linger or on demand.
+"""Batching in front of a sink: buffer, write as soon as the sink is free, flush on demand.
 
 A ``SinkWriter`` takes records one at a time and hands them to the sink in
-batches. ``flush`` returns once everything added before it was called is
+batches. Batches adapt to the load: the writer writes what it holds as soon
+as the previous write is done (after one turn of the event loop, so every lane
+with events adds its outputs first), so a thin stream goes out at once and a
+backlog gathers into large batches while a write is in flight, up to
+``max_batch``. A sink's ``linger`` (seconds, default 0) makes the writer wait
+that long for a fuller batch instead. ``flush`` returns once everything added before it was called is
 durable: a checkpoint flushes every writer before it commits offsets. When the
 buffer is over its bound, ``send`` waits: a slow sink slows its lanes, which
 fill their queues, which pause the source. A sink that fails after its retries
@@ -56,7 +61,7 @@ class SinkWriter:
         self.sink = sink
         self.name: str = getattr(sink, "name", type(sink).__name__)
         self.max_batch: int = max_batch or int(getattr(sink, "max_batch", 500))
-        self.linger: float = float(linger if linger is not None else getattr(sink, "linger", 0.05))
+        self.linger: float = float(linger if linger is not None else getattr(sink, "linger", 0.0))
         self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
         self.metrics = metrics or Metrics()
         self._records: list[SinkRecord] = []
@@ -162,6 +167,7 @@ class SinkWriter:
     async def run(self) -> None:
         """The flush loop; runs until ``close`` and an empty buffer."""
         await self.sink.start()
+        turned = False  # whether the lanes had a turn since the first record came in
         try:
             while True:
                 if not self._records:
@@ -180,6 +186,13 @@ class SinkWriter:
                         except TimeoutError:
                             pass
                         continue
+                    if not turned:
+                        # one turn of the loop: every lane that has events now adds its outputs
+                        # to this batch; then nothing waits for a batch that may never fill
+                        turned = True
+                        await asyncio.sleep(0)
+                        continue
+                turned = False
                 await self._write_buffered()
         finally:
             self._room.set()

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 async def test_sink_satisfies_the_sink_protocol(broker: KafkaBroker) -> None:
     sink = broker.sink()
     assert isinstance(sink, Sink)
-    assert sink.max_batch >= 500 and 0 < sink.linger < 1
+    assert sink.max_batch >= 500 and 0 <= sink.linger < 1  # 0: batches adapt to the load
 
 
 async def started(broker: KafkaBroker) -> KafkaSink:
