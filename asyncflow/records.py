@@ -380,7 +380,7 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
             lines.append(f"{ind}    else: v = _LAZY")
             lines.append(f"{ind}else: v, ms = _parse_time(v, _n{i})")
             lines.append(f"{ind}_set(self, _TIME_SLOT, ms)")
-            lines.append(f"    _time_set(self, v)")
+            lines.append("    _time_set(self, v)")
             continue
         elif base is str:
             lines.append(f"{ind}if type(v) is not str: {err}")
