@@ -218,3 +218,63 @@ def test_a_none_key_goes_to_the_same_lane_in_every_process() -> None:
 
 async def test_values_of_a_stream_with_no_steps_come_through_as_they_were() -> None:
     assert await stream_of([{"a": 1}, 2]).collect() == [{"a": 1}, 2]
+
+
+def test_an_event_time_given_in_epoch_seconds_is_kept_in_ms_and_read_as_a_datetime() -> None:
+    from datetime import UTC, datetime
+
+    from asyncflow.records import event_time_ms
+
+    class Reading(af.Record):
+        id: str
+        time: af.EventTime
+
+    r = Reading.decode_obj({"id": "a", "time": 1.5})
+    assert event_time_ms(r) == 1500
+    assert r.time == datetime(1970, 1, 1, 0, 0, 1, 500000, tzinfo=UTC)
+    r.time = "2024-01-01T00:00:00+00:00"
+    assert event_time_ms(r) == 1_704_067_200_000
+    assert Reading("b", 2) == Reading.decode_obj({"id": "b", "time": 2})
+
+
+class Gate:
+    """A sink whose writes wait until the test opens the gate."""
+
+    name = "gate"
+    max_batch = 100
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.open = asyncio.Event()
+        self.batches: list[list[Any]] = []
+
+    async def start(self) -> None: ...
+
+    async def write(self, records: Any) -> None:
+        self.batches.append([r.value for r in records])
+        await self.open.wait()
+
+    async def stop(self) -> None: ...
+
+
+async def test_a_sink_gets_a_thin_stream_at_once_and_a_backlog_in_one_batch() -> None:
+    import asyncio
+
+    from asyncflow.protocols import SinkRecord
+    from asyncflow.writer import SinkWriter
+
+    sink = Gate()
+    writer = SinkWriter(sink)  # no linger: batches follow the load
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(writer.run())
+        await writer.push(SinkRecord(None, 0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert sink.batches == [[0]]  # written without waiting for more
+        for n in range(1, 6):
+            await writer.push(SinkRecord(None, n))  # while the first write is in flight
+        sink.open.set()
+        await writer.flush()
+        writer.close()
+    assert sink.batches == [[0], [1, 2, 3, 4, 5]]
