@@ -47,6 +47,10 @@ def dumps(value: Any) -> bytes:
 class JsonCodec(Generic[T]):
     """JSON through orjson; with a ``Record`` type, fields are checked on decode.
 
+    A record type with plain fields decodes through msgspec, bytes straight
+    to the record (``asyncflow.compiled_decode``); any other, and any record
+    msgspec refuses, through orjson and the record's generated decoder.
+
     Example:
         >>> JsonCodec().decode(b"[1, 2]")
         [1, 2]
@@ -66,13 +70,19 @@ class JsonCodec(Generic[T]):
                     raise DecodeError(f"malformed JSON: {exc}") from None
                 return build(obj)
 
-            self.decode: Callable[[bytes], T] = decode_record
+            record_type = value_type
 
-            def decode_records(datas: list[bytes]) -> list[Any]:
-                loads = orjson.loads
-                return [build(loads(d)) for d in datas]
+            def first_decode(data: bytes) -> Any:
+                self._compile(record_type, decode_record)
+                return self.decode(data)
 
-            self.decode_many: Callable[[list[bytes]], list[T]] = decode_records
+            def first_decode_many(datas: list[bytes]) -> list[Any]:
+                self._compile(record_type, decode_record)
+                return self.decode_many(datas)
+
+            # the decoder is built at the first record, once the record's module is complete
+            self.decode: Callable[[bytes], T] = first_decode
+            self.decode_many: Callable[[list[bytes]], list[T]] = first_decode_many
         else:
 
             def decode_plain(data: bytes) -> Any:
@@ -88,6 +98,18 @@ class JsonCodec(Generic[T]):
                 return [loads(d) for d in datas]
 
             self.decode_many = decode_plain_many
+
+    def _compile(self, record_type: type[Record], python_decode: Callable[[bytes], Any]) -> None:
+        """Pick the record decoder: msgspec's where the fields allow, else the Python one."""
+        from asyncflow.compiled_decode import compiled_decoder
+
+        decode = compiled_decoder(record_type, fallback=python_decode) or python_decode
+        self.decode = decode
+
+        def decode_many(datas: list[bytes]) -> list[Any]:
+            return [decode(d) for d in datas]
+
+        self.decode_many = decode_many
 
     def encode(self, value: T) -> bytes:
         # a right-sized copy: orjson's result keeps a ~4 KB allocation alive behind it,

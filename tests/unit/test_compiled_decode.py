@@ -1,0 +1,109 @@
+"""Records decoded through msgspec are the records the Python decoder gives, and so are errors."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncflow as af
+from asyncflow.codecs import JsonCodec
+from asyncflow.compiled_decode import compiled_decoder
+from asyncflow.errors import DecodeError
+from asyncflow.records import event_time_ms
+
+
+class Reading(af.Record):
+    id: str
+    temperature: float
+    count: int
+    ok: bool
+    status: Literal["OK", "ERROR"]
+    time: af.EventTime
+    seen: datetime | None = None
+    note: str | None = None
+    extra: Any = None
+
+
+class Nested(af.Record):
+    reading: Reading
+    tags: list[str]
+
+
+def python_decode(data: bytes) -> Any:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from None
+    return Reading.decode_obj(obj)
+
+
+def outcome(decode: Any, data: bytes) -> tuple[str, Any]:
+    try:
+        r = decode(data)
+    except DecodeError as exc:
+        return "error", str(exc)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return "error", f"{type(exc).__name__}: {exc}"
+    return "record", (r.to_dict(), event_time_ms(r))
+
+
+JSON_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.sampled_from(["OK", "ERROR", "x", "2024-03-01T12:00:00+00:00", "2024-03-01T12:00:00", ""]),
+    st.just({"a": 1}), st.just([1]),
+)
+FIELDS = ["id", "temperature", "count", "ok", "status", "time", "seen", "note", "extra", "other"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUE))
+def test_any_json_object_decodes_to_the_same_record_or_the_same_error(doc: dict[str, Any]) -> None:
+    data = orjson.dumps(doc)
+    compiled = compiled_decoder(Reading, fallback=python_decode)
+    assert compiled is not None
+    assert outcome(compiled, data) == outcome(python_decode, data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=8), st.floats(-1e6, 1e6), st.integers(-(2**40), 2**40), st.booleans(),
+    st.sampled_from(["OK", "ERROR"]), st.floats(0, 4e9),
+)
+def test_valid_readings_decode_alike(
+    id_: str, temperature: float, count: int, ok: bool, status: str, time: float
+) -> None:
+    doc = {"id": id_, "temperature": temperature, "count": count, "ok": ok, "status": status,
+           "time": time, "note": "n"}
+    data = orjson.dumps(doc)
+    compiled = compiled_decoder(Reading, fallback=python_decode)
+    assert outcome(compiled, data) == outcome(python_decode, data)
+    assert outcome(compiled, data)[0] == "record"
+
+
+@pytest.mark.parametrize("data", [b"not json", b"[1, 2]", b'{"id": "a"}', b"", b'{"time": true}'])
+def test_bad_input_gets_the_python_decoders_reason(data: bytes) -> None:
+    compiled = compiled_decoder(Reading, fallback=python_decode)
+    assert outcome(compiled, data) == outcome(python_decode, data)
+    assert outcome(compiled, data)[0] == "error"
+
+
+def test_records_with_nested_or_list_fields_keep_the_python_decoder() -> None:
+    assert compiled_decoder(Nested, fallback=None) is None
+    codec = JsonCodec(Nested)
+    doc = {"reading": {"id": "a", "temperature": 1, "count": 1, "ok": True, "status": "OK",
+                       "time": 1}, "tags": ["x"]}
+    assert codec.decode(orjson.dumps(doc)).reading.temperature == 1.0
+
+
+def test_a_json_topic_of_records_decodes_through_msgspec() -> None:
+    codec = JsonCodec(Reading)
+    doc = {"id": "s", "temperature": 1, "count": 2, "ok": False, "status": "OK", "time": 2.5}
+    [r] = codec.decode_many([orjson.dumps(doc)])
+    assert (r.temperature, event_time_ms(r)) == (1.0, 2500)
+    assert "compiled_decode" in codec.decode.__code__.co_filename
