@@ -48,6 +48,7 @@ from asyncflow.records import EventTime, Record, to_builtins
 from asyncflow.state import KeyedState, Table
 from asyncflow.stream import Stream
 from asyncflow.windows import (
+    Aggregate,
     Collect,
     Count,
     First,
@@ -71,7 +72,7 @@ from asyncflow.windows import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Agent", "AgentError", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
+    "Agent", "AgentError", "Aggregate", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
     "Channel", "Clock", "Codec", "Collect", "ConfigError", "Count", "DecodeError", "ErrorPolicy",
     "Event", "EventTime", "First", "Hopping", "JsonCodec", "Last", "ManualClock", "Max", "Mean",
     "MemoryBroker", "Min", "Output", "ProcessingHopping", "ProcessingTumbling", "RawBatch",

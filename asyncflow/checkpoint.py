@@ -188,7 +188,8 @@ class Checkpointer:
                 if timeout is None:
                     await barrier.aligned.wait()
                 else:
-                    await asyncio.wait_for(barrier.aligned.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await barrier.aligned.wait()
             except TimeoutError:
                 waiting = len(active) - barrier.arrived
                 log.warning(

@@ -90,6 +90,7 @@ class MemoryBroker:
         self.topics: dict[str, MemoryTopic] = {}
         self._groups: dict[str, _Group] = {}
         self._data: asyncio.Event | None = None
+        self._data_loop: asyncio.AbstractEventLoop | None = None
 
     # -- topics ---------------------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1) -> None:
@@ -154,11 +155,16 @@ class MemoryBroker:
             self._data.set()
 
     async def _wait_data(self, timeout: float) -> None:
-        if self._data is None:
-            self._data = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._data is None or self._data_loop is not loop:
+            # a broker outlives an event loop (a test, a benchmark, then another run)
+            self._data, self._data_loop = asyncio.Event(), loop
         self._data.clear()
         try:
-            await asyncio.wait_for(self._data.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation of a reader whose wait ends at the same moment
+            async with asyncio.timeout(timeout):
+                await self._data.wait()
         except TimeoutError:
             pass
 

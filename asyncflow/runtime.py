@@ -215,7 +215,8 @@ class SourceRunner:
         interval = app.commit_interval
         while not stopping.is_set():
             try:
-                await asyncio.wait_for(stopping.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await stopping.wait()
                 return
             except TimeoutError:
                 pass

@@ -182,7 +182,8 @@ class SinkWriter:
                     if remaining > 0:
                         self._wake.clear()
                         try:
-                            await asyncio.wait_for(self._wake.wait(), remaining)
+                            async with asyncio.timeout(remaining):
+                                await self._wake.wait()
                         except TimeoutError:
                             pass
                         continue

@@ -4,9 +4,10 @@ Keys are JSON through orjson (strings, numbers, booleans, ``None`` and tuples of
 these; a tuple comes back as a tuple, so it stays hashable); ``bytes`` keys are
 stored as they are behind a zero byte. Values are JSON too, with two tagged
 forms so that what goes in comes back the same: a datetime is
-``{"__af_dt__": iso}`` and a record ``{"__af_record__": name, "fields": {...}}``
+``{"__af_dt__": iso}``, a record ``{"__af_record__": name, "fields": {...}}``
 (decoded again through its class, if that class is defined in the process;
-else left a dict). Sets become lists. A table declared with a ``value_type`` or ``codec`` uses that codec
+else left a dict), and a dict whose keys are not all strings (an accumulator
+counting by auction id) ``{"__af_map__": [[key, value], ...]}``. Sets become lists. A table declared with a ``value_type`` or ``codec`` uses that codec
 instead, so typed values come back typed. State is never pickled: a changelog
 topic is readable by whoever can read the broker, and unpickling what it holds
 would run whatever code was written to it.
@@ -35,6 +36,7 @@ _BYTES = b"\x00"
 
 _DT = "__af_dt__"
 _REC = "__af_record__"
+_MAP = "__af_map__"
 _TAGGED = b'"__af_'
 
 
@@ -94,10 +96,23 @@ def _record_classes() -> dict[str, type[Record]]:
     return out
 
 
+def _keyed_maps(value: Any) -> Any:
+    """``value`` with every dict whose keys are not all strings as a tagged list of pairs."""
+    if type(value) is dict:
+        if all(type(k) is str for k in value):
+            return {k: _keyed_maps(v) for k, v in value.items()}
+        return {_MAP: [[k, _keyed_maps(v)] for k, v in value.items()]}
+    if type(value) is list or type(value) is tuple:
+        return [_keyed_maps(v) for v in value]
+    return value
+
+
 def _untag(value: Any, classes: dict[str, type[Record]] | None) -> Any:
     if type(value) is dict:
         if len(value) == 1 and _DT in value:
             return datetime.fromisoformat(value[_DT])
+        if len(value) == 1 and _MAP in value:
+            return {_tuples(k): _untag(v, classes) for k, v in value[_MAP]}
         if _REC in value and len(value) == 2:
             if classes is None:
                 classes = _record_classes()
@@ -120,13 +135,26 @@ class JsonValues(Codec[Any]):
         b'[1,2.5,null]'
         >>> codec.decode(codec.encode({"at": datetime(2024, 1, 2, tzinfo=UTC)}))
         {'at': datetime.datetime(2024, 1, 2, 0, 0, tzinfo=datetime.timezone.utc)}
+        >>> codec.decode(codec.encode([5000, {7: 2, ("a", 1): 1}]))
+        [5000, {7: 2, ('a', 1): 1}]
     """
 
     def encode(self, value: Any) -> bytes:
         # a right-sized copy (see encode_key): state values are kept until written
-        return bytes(memoryview(
-            orjson.dumps(value, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
-        ))
+        try:
+            try:
+                data = orjson.dumps(value, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+            except TypeError as exc:
+                if "Dict key must be str" not in str(exc):
+                    raise
+                data = orjson.dumps(
+                    _keyed_maps(value), default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME
+                )
+        except orjson.JSONEncodeError as exc:
+            if isinstance(exc.__cause__, TypeError):
+                raise exc.__cause__ from None  # _default's reason: what cannot be kept, and why
+            raise
+        return bytes(memoryview(data))
 
     def decode(self, data: bytes) -> Any:
         value = orjson.loads(data)

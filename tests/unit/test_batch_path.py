@@ -278,3 +278,113 @@ async def test_a_sink_gets_a_thin_stream_at_once_and_a_backlog_in_one_batch() ->
         await writer.flush()
         writer.close()
     assert sink.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+class CountsBy(Aggregate[dict[int, int], int]):
+    """Counts per integer id inside one window (Nexmark q5's shape): a dict with int keys."""
+
+    def create(self) -> dict[int, int]:
+        return {}
+
+    def add(self, acc: dict[int, int], value: Any, time_ms: int) -> dict[int, int]:
+        acc[value["id"]] = acc.get(value["id"], 0) + 1
+        return acc
+
+    def merge(self, a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+        return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+    def result(self, acc: dict[int, int]) -> int:
+        return max(acc, key=acc.__getitem__)
+
+
+async def test_window_state_with_integer_dict_keys_is_checkpointed_and_restored() -> None:
+    import asyncio
+
+    broker = MemoryBroker()
+    broker.create_topic("bids", 1)
+    out: list[Any] = []
+
+    def build() -> af.App:
+        app = af.App("q5", commit_interval=0.02, broker=broker)
+        bids = app.topic("bids")
+
+        @app.agent(bids)
+        async def hot(stream: af.Stream[dict[str, int]]) -> None:
+            async for w in stream.window(af.Tumbling(timedelta(seconds=10)), aggregate=CountsBy()):
+                out.append((w.start_ms, w.value))
+
+        return app
+
+    for t in (0, 1000, 2000):
+        broker.produce("bids", orjson.dumps({"id": 7}), b"k", (), t)
+    async with TestRun(build(), broker=broker) as run:
+        await asyncio.sleep(0.2)  # checkpoints of the open window [0, 10 s)
+        await run.stop()
+    for t in (3000, 4000, 20000):
+        broker.produce("bids", orjson.dumps({"id": 3}), b"k", (), t)
+    broker.end("bids")
+    async with TestRun(build(), broker=broker) as run:
+        await run.finish()
+    assert (0, 7) in out  # 7 three times before the restart beats 3 twice after it
+
+
+async def test_a_checkpoint_that_cannot_encode_state_stops_the_worker_with_the_reason() -> None:
+    import asyncio
+
+    import pytest
+
+    class Box:
+        pass
+
+    class Boxed(Aggregate[Box, int]):
+        def create(self) -> Box:
+            return Box()
+
+        def add(self, acc: Box, value: Any, time_ms: int) -> Box:
+            return acc
+
+        def merge(self, a: Box, b: Box) -> Box:
+            return a
+
+        def result(self, acc: Box) -> int:
+            return 1
+
+    broker = MemoryBroker()
+    broker.create_topic("a", 1)
+    for t in (0, 1000):  # the input does not end: the window is open at the next checkpoint
+        broker.produce("a", orjson.dumps({"t": t}), b"k", (), t)
+    app = af.App("boxed", commit_interval=0.02, broker=broker)
+    a = app.topic("a")
+
+    @app.agent(a)
+    async def w(stream: af.Stream[Any]) -> None:
+        async for _ in stream.window(af.Tumbling(timedelta(seconds=60)), aggregate=Boxed()):
+            pass
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        await asyncio.wait_for(app.run(), 60)  # a bound on a hang, not a timing claim
+    assert "a Box cannot be kept in state" in repr(caught.value.exceptions)
+
+
+async def test_a_memory_broker_serves_one_event_loop_after_another() -> None:
+    import asyncio
+
+    broker = MemoryBroker()
+    produce(broker, "n", [{"n": 1}])
+
+    async def count_once() -> int:
+        seen: list[Any] = []
+        app = af.App("twice", broker=broker)
+        n = app.topic("n")
+
+        @app.agent(n)
+        async def count(stream: af.Stream[Any]) -> None:
+            async for v in stream:
+                seen.append(v)
+
+        await app.run(stop_when_idle=True)
+        return len(seen)
+
+    first = await count_once()
+    second = await asyncio.get_running_loop().run_in_executor(None, asyncio.run, count_once())
+    assert (first, second) == (1, 0)  # the group committed what the first run read
