@@ -92,7 +92,7 @@ class SinkWriter:
             self._wake.set()
         records.append(record)
         n = len(records)
-        if n >= self.max_batch:
+        if n == self.max_batch:
             self._wake.set()
         if n >= self.max_buffer:
             self._room.clear()
@@ -113,7 +113,8 @@ class SinkWriter:
         n = len(records)
         if n < self.max_batch:
             return self._ready
-        self._wake.set()
+        if n == self.max_batch:
+            self._wake.set()  # once: a full batch is ready (the writer takes all there is)
         if n < self.max_buffer:
             return self._ready
         self._room.clear()
