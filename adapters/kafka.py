@@ -16,11 +16,13 @@ holds each group join for half of it, so tests use ~3 s),
 ``heartbeat_interval_ms``, ``rebalance_timeout_ms`` (60 s: how long the core's
 ``on_revoked`` may drain before the group evicts this member),
 ``max_poll_interval_ms``,
-``auto_offset_reset`` (earliest), ``max_poll_records``, ``fetch_max_wait_ms``,
-``fetch_min_bytes``, ``fetch_max_bytes``, ``max_partition_fetch_bytes``,
+``auto_offset_reset`` (earliest), ``max_poll_records``, ``fetch_max_wait_ms`` (100: how
+long the broker may hold a fetch; some brokers hold it about half of that even with data
+waiting), ``fetch_min_bytes``, ``fetch_max_bytes``, ``max_partition_fetch_bytes``,
 ``linger_ms`` (how long the sink waits for a fuller batch; 0: it writes as soon as
 its previous write is done, so batches grow with the load), ``max_batch`` (records per sink
-write, 10,000), ``max_batch_size`` (bytes per produce batch, 64 KiB),
+write, 10,000), ``max_batch_size`` (bytes per produce batch, 512 KiB: with one request in
+flight per partition, smaller batches cap the output rate),
 ``max_request_size``, ``enable_idempotence`` (true; set false for Tansu),
 ``acks`` (all), ``compression_type``, ``create_topics`` (true),
 ``replication_factor`` (default: min(3, brokers)).

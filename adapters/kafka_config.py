@@ -108,13 +108,13 @@ class KafkaSettings:
     max_poll_interval_ms: int = 300_000
     auto_offset_reset: str = "earliest"
     max_poll_records: int = 10_000
-    fetch_max_wait_ms: int = 500
+    fetch_max_wait_ms: int = 100
     fetch_min_bytes: int = 1
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 1_048_576
     linger_ms: int = 0
     max_batch: int = 10_000
-    max_batch_size: int = 65_536
+    max_batch_size: int = 524_288
     max_request_size: int = 1_048_576
     enable_idempotence: bool = True
     acks: int = -1

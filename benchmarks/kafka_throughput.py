@@ -14,20 +14,49 @@ input:
   a JSON topic, ``stream.filter(...).map(...)`` in 4 lanes (``ASYNCFLOW_BENCH_LANES``),
   ``await topic.send(key, value)`` per output.
 
+A windowed pair runs on a second input topic of N readings whose event time
+(``time``, epoch ms) advances 1 ms per reading, each up to 2 s out of order
+(the windows' wait), so 200,000 readings span 200 s of event time: 40 windows
+of 5 s (41 with the early readings), about 5 readings of each of the 1,000
+keys in each (40,776 (key, window) results). After the readings, each
+partition gets one end-of-input marker (``"end": true``) whose event time lies
+60 s past the last reading: a Kafka topic has no end, so the marker stands in
+for the final watermark and fires every window.
+
+* ``windowed-baseline``: a hand-written aiokafka loop with a dict of windows
+  per partition (``{end: {key: [sum, count]}}``): a window fires when its
+  partition's largest event time minus the 2 s wait reaches its end (Flink's
+  and asyncflow's rule, per partition as asyncflow's watermarks); an event
+  whose windows fired already is late and dropped; at the end of input every
+  open window flushes. Results go out and offsets are committed as in the
+  stateless baseline (window state lives in memory only: no recovery).
+* ``windowed-asyncflow``: ``stream.filter(...).window(af.Tumbling(5 s),
+  wait=2 s, aggregate=af.Mean("value"))`` in 4 lanes on the JSON readings with
+  their event time, each result sent to an output topic as ``{"id", "mean",
+  "start", "end"}``; window state is checkpointed (local RocksDB store in a
+  temporary directory, changelog topic) every commit interval, as in production.
+
+Both windowed cases must produce exactly the results of a plain batch
+computation over the same readings (same windows, same means); each run's
+output topic is read back and compared. The windowed rows have their own
+ratio (``windowed-asyncflow`` against ``windowed-baseline``).
+
 Timing starts at the first record a case receives (the group join, ~1.5 s on
-Tansu, is excluded) and ends when all N input records are consumed and their
-outputs acknowledged (the baseline also commits its last batch; asyncflow commits
-when it stops, right after). The cases alternate ``--repeat`` times, each run in a
-fresh process with a fresh consumer group and output topic; the best time of each
-case counts and its peak RSS is the largest of its runs. On a shared 2-core
-machine only the ratio compares. Completion counts records, never end offsets
-(inexact on Tansu). The broker helpers come from
-``tests/integration/kafka/broker.py`` (the repository root is put on
-``sys.path``), so tests and benchmark start Tansu the same way.
+Tansu, is excluded) and ends when all N input records (and the markers) are
+consumed and their outputs acknowledged (the baselines also commit their last
+batch; asyncflow commits when it stops, right after). The cases alternate
+``--repeat`` times, each run in a fresh process with a fresh consumer group and
+output topic; the best time of each case counts and its peak RSS (the
+process's ``VmHWM``) is the largest of its runs. On a shared 2-core machine
+only the ratio compares. Completion counts records, never end offsets (inexact
+on Tansu). The broker helpers come from ``tests/integration/kafka/broker.py``
+(the repository root is put on ``sys.path``), so tests and benchmark start
+Tansu the same way.
 
 Usage:
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000 --json --repeat 5
+    .venv/bin/python benchmarks/kafka_throughput.py --cases windowed-baseline,windowed-asyncflow
 """
 
 from __future__ import annotations
@@ -38,10 +67,14 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
+from heapq import heappop, heappush
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +90,7 @@ from adapters.kafka import KafkaBroker, kafka_partition  # noqa: E402
 from asyncflow.protocols import SinkRecord  # noqa: E402
 from tests.integration.kafka.broker import (  # noqa: E402
     ENV_BROKER,
+    consume,
     create_topic,
     start_tansu,
     unique_name,
@@ -65,6 +99,11 @@ from tests.integration.kafka.broker import (  # noqa: E402
 KEYS = 1000
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 3000  # Tansu holds a group join for half of it
+T0 = 1_700_000_000_000  # event time of the first reading (epoch ms)
+WINDOW_MS = 5_000  # tumbling windows of 5 s
+WAIT_MS = 2_000  # the windows' out-of-orderness; windowed readings are up to WAIT_MS - 1 early
+EVENT_MS_PER_READING = 1  # windowed readings: 1,000 per second of event time
+END_AFTER_MS = 60_000  # the end-of-input markers' event time, past the last reading
 
 
 @dataclass
@@ -75,6 +114,9 @@ class Workload:
     input_topic: str
     events: int
     kept: int  # readings passing the filter
+    windowed_topic: str = ""  # the windowed readings, then one end marker per partition
+    windowed_records: int = 0  # readings + markers
+    windows: int = 0  # (key, window) results a correct windowed run produces
 
 
 @dataclass
@@ -88,6 +130,7 @@ class CaseResult:
     baseline_events_per_s: float | None = None
     ratio: float | None = None
     peak_rss_mb: float | None = None
+    results: int | None = None  # windowed cases: the results produced (and checked)
 
 
 def reading(i: int, rng: random.Random) -> tuple[bytes, bytes, float]:
@@ -106,9 +149,48 @@ def transform(value: bytes) -> bytes | None:
     return orjson.dumps({"id": r["id"], "fahrenheit": v * 1.8 + 32.0, "time": r["time"]})
 
 
+def windowed_reading(i: int, rng: random.Random) -> tuple[bytes, dict[str, Any]]:
+    """Reading ``i`` of the windowed input: event time ``T0 + i`` ms, up to 2 s early."""
+    sensor = f"sensor-{i % KEYS:04d}"
+    t = T0 + i * EVENT_MS_PER_READING - rng.randrange(WAIT_MS)
+    return sensor.encode(), {"id": sensor, "value": round(rng.uniform(-50.0, 50.0), 3), "time": t}
+
+
+def end_markers(events: int) -> list[tuple[bytes, dict[str, Any]]]:
+    """One end-of-input record per partition, its event time past every window (+ wait)."""
+    t = T0 + events * EVENT_MS_PER_READING + END_AFTER_MS
+    markers: dict[int, bytes] = {}
+    j = 0
+    while len(markers) < PARTITIONS:
+        key = f"end-{j}".encode()
+        markers.setdefault(kafka_partition(key, PARTITIONS), key)
+        j += 1
+    return [
+        (key, {"id": key.decode(), "value": 0.0, "time": t, "end": True})
+        for _, key in sorted(markers.items())
+    ]
+
+
+Window = tuple[str, int]  # (key, window start in epoch ms)
+
+
+def expected_windows(events: int) -> dict[Window, float]:
+    """The plain batch computation: mean per (key, 5 s window), summed in input order."""
+    rng = random.Random(43)
+    acc: dict[Window, list[float]] = {}
+    for i in range(events):
+        _, r = windowed_reading(i, rng)
+        t = r["time"]
+        w = acc.setdefault((r["id"], t - t % WINDOW_MS), [0.0, 0])
+        w[0] += r["value"]
+        w[1] += 1
+    return {w: total / n for w, (total, n) in acc.items()}
+
+
 async def load(bootstrap: str, events: int) -> Workload:
-    """Create the input topic and write ``events`` readings with the asyncflow Kafka sink."""
+    """Create the input topics and write the readings with the asyncflow Kafka sink."""
     topic = await create_topic(bootstrap, partitions=PARTITIONS, name=unique_name("readings"))
+    windowed = await create_topic(bootstrap, partitions=PARTITIONS, name=unique_name("windowed"))
     broker = KafkaBroker(f"kafka://{bootstrap}", {"enable_idempotence": "false"})
     sink = broker.sink()
     await sink.start()
@@ -122,14 +204,24 @@ async def load(bootstrap: str, events: int) -> Workload:
                 kept += v >= 0
                 chunk.append(SinkRecord(key, value, topic=topic))
             await sink.write(chunk)
+        rng = random.Random(43)
+        for start in range(0, events, sink.max_batch):
+            chunk = []
+            for i in range(start, min(events, start + sink.max_batch)):
+                key, r = windowed_reading(i, rng)
+                chunk.append(SinkRecord(key, orjson.dumps(r), topic=windowed))
+            await sink.write(chunk)
+        markers = end_markers(events)
+        await sink.write([SinkRecord(k, orjson.dumps(r), topic=windowed) for k, r in markers])
     finally:
         await sink.stop()
         await broker.close()
-    return Workload(bootstrap, topic, events, kept)
+    windows = len(expected_windows(events))
+    return Workload(bootstrap, topic, events, kept, windowed, events + len(markers), windows)
 
 
-async def run_baseline(w: Workload) -> tuple[float, int]:
-    """The hand-written aiokafka loop; returns (seconds, records produced)."""
+async def run_baseline(w: Workload) -> tuple[float, int, str]:
+    """The hand-written aiokafka loop; returns (seconds, records produced, output topic)."""
     out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
     consumer = AIOKafkaConsumer(
         w.input_topic,
@@ -183,7 +275,7 @@ async def run_baseline(w: Workload) -> tuple[float, int]:
             await asyncio.gather(*previous[0])
             await consumer.commit(previous[1])
         assert started is not None
-        return time.perf_counter() - started, produced
+        return time.perf_counter() - started, produced, out_topic
     finally:
         await consumer.stop()
         await producer.stop()
@@ -208,8 +300,8 @@ async def send(
 LANES = int(os.environ.get("ASYNCFLOW_BENCH_LANES", "4"))
 
 
-async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
-    """The same pipeline as an asyncflow app; returns (seconds, records produced).
+async def run_asyncflow_case(w: Workload) -> tuple[float, int, str]:
+    """The same pipeline as an asyncflow app; returns (seconds, records produced, output topic).
 
     Reads ``w.input_topic`` as a fresh group, keeps ``value >= 0``, writes
     ``{"id", "fahrenheit", "time"}`` keyed by id to a fresh 4-partition topic. The
@@ -260,19 +352,259 @@ async def run_asyncflow_case(w: Workload) -> tuple[float, int]:
     finally:
         app.stop()
         await worker
-    return finished - started[0], int(metrics.get("sink.kafka.written"))
+    return finished - started[0], int(metrics.get("sink.kafka.written")), out_topic
 
 
-CASES = {"aiokafka-baseline": run_baseline, "asyncflow": run_asyncflow_case}
+async def run_windowed_baseline(w: Workload) -> tuple[float, int, str]:
+    """The hand-written windowed loop; returns (seconds, results produced, output topic).
+
+    Per partition: ``{end: {key: [sum, count]}}``, a heap of open window ends
+    and the largest event time seen. After each ``getmany``, a partition's
+    windows with ``end - 1 <= largest - WAIT_MS`` fire (an event whose window
+    fired already is late: dropped, as asyncflow sends it to its dead letters).
+    Once every input record is read, every open window flushes.
+    """
+    out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
+    consumer = AIOKafkaConsumer(
+        w.windowed_topic,
+        bootstrap_servers=w.bootstrap,
+        group_id=unique_name("windowed-baseline"),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=500,
+        max_poll_records=20_000,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=w.bootstrap, enable_idempotence=False, max_batch_size=65_536
+    )
+    await consumer.start()
+    await producer.start()
+    loads, dumps = orjson.loads, orjson.dumps
+    panes: dict[int, dict[int, dict[bytes, list[Any]]]] = {p: {} for p in range(PARTITIONS)}
+    ends: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}
+    largest: dict[int, int] = {}
+    partition_of: dict[bytes, int] = {}
+    consumed = produced = late = 0
+    started: float | None = None
+    previous: tuple[list[Any], dict[TopicPartition, int]] | None = None
+
+    def fire(bucket: dict[bytes, list[Any]], end: int, outputs: dict[int, list[Any]]) -> None:
+        start = end - WINDOW_MS
+        for key, (total, n) in bucket.items():
+            p = partition_of.get(key)
+            if p is None:
+                p = partition_of[key] = kafka_partition(key, PARTITIONS)
+            value = dumps({"id": key.decode(), "mean": total / n, "start": start, "end": end})
+            outputs.setdefault(p, []).append((key, value))
+
+    try:
+        while consumed < w.windowed_records:
+            data = await consumer.getmany(timeout_ms=200, max_records=20_000)
+            if not data:
+                continue
+            if started is None:
+                started = time.perf_counter()
+            outputs: dict[int, list[tuple[bytes, bytes]]] = {}
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in data.items():
+                consumed += len(records)
+                offsets[tp] = records[-1].offset + 1
+                p = tp.partition
+                part, heap = panes[p], ends[p]
+                seen = largest.get(p)
+                closed = -(2**62) if seen is None else seen - WAIT_MS  # the watermark
+                for rec in records:
+                    r = loads(rec.value)
+                    t = r["time"]
+                    if seen is None or t > seen:
+                        seen = t
+                    if "end" in r:
+                        continue
+                    end = t - t % WINDOW_MS + WINDOW_MS
+                    if end - 1 <= closed:
+                        late += 1
+                        continue
+                    bucket = part.get(end)
+                    if bucket is None:
+                        bucket = part[end] = {}
+                        heappush(heap, end)
+                    acc = bucket.get(rec.key)
+                    if acc is None:
+                        bucket[rec.key] = [r["value"], 1]
+                    else:
+                        acc[0] += r["value"]
+                        acc[1] += 1
+                if seen is not None:
+                    largest[p] = seen
+                    mark = seen - WAIT_MS
+                    while heap and heap[0] - 1 <= mark:
+                        end = heappop(heap)
+                        fire(part.pop(end), end, outputs)
+            if consumed >= w.windowed_records:  # end of input: every open window flushes
+                for p, heap in ends.items():
+                    while heap:
+                        end = heappop(heap)
+                        fire(panes[p].pop(end), end, outputs)
+            sends = await asyncio.gather(
+                *(send(producer, out_topic, p, recs) for p, recs in outputs.items())
+            )
+            produced += sum(len(recs) for recs in outputs.values())
+            if previous is not None:  # the previous batch's outputs, then its commit
+                await asyncio.gather(*previous[0])
+                await consumer.commit(previous[1])
+            previous = ([f for group in sends for f in group], offsets)
+        if previous is not None:
+            await asyncio.gather(*previous[0])
+            await consumer.commit(previous[1])
+        if late:
+            print(f"windowed-baseline: {late} late readings dropped", file=sys.stderr)
+        assert started is not None
+        return time.perf_counter() - started, produced, out_topic
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def run_windowed_asyncflow(w: Workload) -> tuple[float, int, str]:
+    """The windowed pipeline as an asyncflow app; returns (seconds, results, output topic).
+
+    ``key`` is the reading's id and the event time its ``time`` (epoch ms, given
+    to asyncflow in seconds). The filter drops the end markers (their event time
+    still moves the partition's watermark) and starts the clock at the first
+    record; the clock stops once every input record was read and every result
+    acknowledged (``sink.kafka.written``); the worker then stops, which commits.
+    """
+    import asyncflow as af
+
+    out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
+    state_dir = tempfile.mkdtemp(prefix="asyncflow-bench-")
+    app = af.App(
+        unique_name("asyncflow-windowed"),
+        broker=f"kafka://{w.bootstrap}",
+        broker_options={
+            "enable_idempotence": "false",
+            "session_timeout_ms": str(SESSION_TIMEOUT_MS),
+            "heartbeat_interval_ms": "500",
+        },
+        state_dir=state_dir,
+    )
+    readings: af.Topic[dict[str, Any]] = app.topic(
+        w.windowed_topic,
+        partitions=PARTITIONS,
+        create=False,
+        key=lambda r: r["id"],
+        time=lambda r: r["time"] / 1000,
+    )
+    means: af.Topic[dict[str, Any]] = app.topic(out_topic, partitions=PARTITIONS, create=False)
+    started: list[float] = []
+
+    def is_reading(r: dict[str, Any]) -> bool:
+        if not started:
+            started.append(time.perf_counter())
+        return "end" not in r
+
+    @app.agent(readings, concurrency=LANES)
+    async def mean(stream: af.Stream[dict[str, Any]]) -> None:
+        windows = stream.filter(is_reading).window(
+            af.Tumbling(timedelta(milliseconds=WINDOW_MS)),
+            wait=timedelta(milliseconds=WAIT_MS),
+            aggregate=af.Mean("value"),
+        )
+        async for r in windows:
+            value = {"id": r.key, "mean": r.value, "start": r.start_ms, "end": r.end_ms}
+            await means.send(r.key, value)
+
+    metrics = app.metrics
+    worker = asyncio.create_task(app.run())
+    try:
+        while not (
+            metrics.get("sink.kafka.written") >= w.windows
+            and metrics.get("events_in") >= w.windowed_records
+        ):
+            if worker.done():
+                worker.result()
+                raise RuntimeError("the asyncflow worker stopped before the end of the input")
+            await asyncio.sleep(0.002)
+        finished = time.perf_counter()
+    finally:
+        app.stop()
+        await worker
+        shutil.rmtree(state_dir, ignore_errors=True)
+    late = int(metrics.get("late_events"))
+    if late:
+        print(f"windowed-asyncflow: {late} late readings", file=sys.stderr)
+    return finished - started[0], int(metrics.get("sink.kafka.written")), out_topic
+
+
+CASES = {
+    "aiokafka-baseline": run_baseline,
+    "asyncflow": run_asyncflow_case,
+    "windowed-baseline": run_windowed_baseline,
+    "windowed-asyncflow": run_windowed_asyncflow,
+}
+BASELINE_OF = {
+    "aiokafka-baseline": "aiokafka-baseline",
+    "asyncflow": "aiokafka-baseline",
+    "windowed-baseline": "windowed-baseline",
+    "windowed-asyncflow": "windowed-baseline",
+}
+WINDOWED = frozenset({"windowed-baseline", "windowed-asyncflow"})
+
+
+def expected_outputs(case: str, w: Workload) -> int:
+    return w.windows if case in WINDOWED else w.kept
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM``, which starts afresh at exec.
+
+    ``ru_maxrss`` does not: a child started by a large parent reports at least
+    the parent's RSS at the fork (Linux keeps it across exec).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case_here(case: str, w: Workload) -> dict[str, Any]:
     """Run one case in this process; report its time and this process's peak RSS."""
-    seconds, produced = asyncio.run(CASES[case](w))
-    if produced != w.kept:
-        raise SystemExit(f"{case}: produced {produced} records, expected {w.kept}")
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    seconds, produced, out_topic = asyncio.run(CASES[case](w))
+    expected = expected_outputs(case, w)
+    if produced != expected:
+        raise SystemExit(f"{case}: produced {produced} records, expected {expected}")
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "produced": produced,
+        "output_topic": out_topic,
+    }
+
+
+def check_windows(case: str, w: Workload, out_topic: str, expected: dict[Window, float]) -> None:
+    """Read a windowed case's output back: exactly the batch computation's windows and means."""
+    records = asyncio.run(consume(w.bootstrap, out_topic, w.windows, timeout=120))
+    got: dict[Window, float] = {}
+    for rec in records:
+        r = orjson.loads(rec.value)
+        if r["end"] - r["start"] != WINDOW_MS or rec.key != r["id"].encode():
+            raise SystemExit(f"{case}: malformed result {r} (key {rec.key!r})")
+        got[(r["id"], r["start"])] = r["mean"]
+    if len(records) != len(expected) or got.keys() != expected.keys():
+        missing, extra = len(expected.keys() - got.keys()), len(got.keys() - expected.keys())
+        raise SystemExit(
+            f"{case}: {len(records)} results, expected {len(expected)} "
+            f"({missing} windows missing, {extra} unexpected)"
+        )
+    wrong = [k for k, v in got.items() if abs(v - expected[k]) > 1e-9 * max(1.0, abs(v))]
+    if wrong:
+        raise SystemExit(f"{case}: {len(wrong)} means differ from the batch computation")
 
 
 def run_case_child(case: str, w: Workload) -> dict[str, Any] | None:
@@ -290,7 +622,10 @@ def run_case_child(case: str, w: Workload) -> dict[str, Any] | None:
 def report(results: list[CaseResult], as_json: bool) -> None:
     if as_json:
         for r in results:
-            print(json.dumps(asdict(r)), flush=True)
+            row = asdict(r)
+            if row["results"] is None:  # the stateless rows keep their fields
+                del row["results"]
+            print(json.dumps(row), flush=True)
         return
     print(
         f"{'case':<20} {'events':>9} {'seconds':>8} {'events/s':>10} {'ratio':>6} {'peak RSS':>9}"
@@ -302,12 +637,24 @@ def report(results: list[CaseResult], as_json: bool) -> None:
             f"{r.case:<20} {r.events:>9,} {r.seconds:>8.2f} {r.events_per_s:>10,.0f} "
             f"{ratio:>6} {rss:>9}"
         )
+    windowed = [r for r in results if r.results is not None]
+    if windowed:
+        print(
+            f"windowed: {windowed[0].results:,} results (5 s tumbling mean per key), "
+            "the same windows and means from both cases as a plain batch computation"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="input records (200,000)")
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: text.split(","),
+        default=list(CASES),
+        help="comma-separated subset of: " + ", ".join(CASES) + " (all)",
+    )
     parser.add_argument(
         "--repeat", type=int, default=3, help="alternate runs of the cases; best time counts (3)"
     )
@@ -326,32 +673,42 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     tansu = None if args.bootstrap else start_tansu()
     try:
         bootstrap = args.bootstrap or tansu.bootstrap  # type: ignore[union-attr]
         workload = asyncio.run(load(bootstrap, args.events))
+        windows = expected_windows(args.events)
         best: dict[str, float] = {}
         peak: dict[str, float] = {}
+        produced: dict[str, int] = {}
         for _ in range(args.repeat):  # alternate the cases; the best time of each counts
-            for case in CASES:
+            for case in (c for c in CASES if c in args.cases):
                 measured = run_case_child(case, workload)
                 if measured is None:
                     continue
+                if case in WINDOWED:
+                    check_windows(case, workload, measured["output_topic"], windows)
                 best[case] = min(best.get(case, float("inf")), measured["seconds"])
                 peak[case] = max(peak.get(case, 0.0), measured["peak_rss_mb"])
+                produced[case] = measured["produced"]
         results: list[CaseResult] = []
-        baseline = args.events / best["aiokafka-baseline"]
         for case, seconds in best.items():
             rate = args.events / seconds
+            base = best.get(BASELINE_OF[case])
+            baseline = None if base is None else args.events / base
             results.append(
                 CaseResult(
                     case=case,
                     events=args.events,
                     seconds=round(seconds, 3),
                     events_per_s=round(rate),
-                    baseline_events_per_s=round(baseline),
-                    ratio=round(rate / baseline, 3),
+                    baseline_events_per_s=None if baseline is None else round(baseline),
+                    ratio=None if baseline is None else round(rate / baseline, 3),
                     peak_rss_mb=round(peak[case], 1),
+                    results=produced[case] if case in WINDOWED else None,
                 )
             )
         report(results, args.json)
