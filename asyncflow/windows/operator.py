@@ -427,6 +427,8 @@ class _TumblingOperator(_AlignedOperator):
         result = self._result
         late_end = wm + 1 - lateness  # a window ending at or before this is closed
         fired = wm + 1  # a window ending at or before this has fired
+        last_end = None
+        bucket: Any = None
         i = start
         try:
             for i in range(start, n):
@@ -435,11 +437,13 @@ class _TumblingOperator(_AlignedOperator):
                 if t is None or ev.partition is not partition:
                     return i
                 end = t - (t - offset) % size + size
-                if end <= late_end:
-                    return i  # late: on_event says so
-                bucket = panes.get(end)
-                if bucket is None:
-                    bucket = self._open(end)
+                if end != last_end:  # events in time order mostly share their window
+                    if end <= late_end:
+                        return i  # late: on_event says so
+                    bucket = panes.get(end)
+                    if bucket is None:
+                        bucket = self._open(end)
+                    last_end = end
                 key = ev.key
                 acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
                 acc = add(create() if acc is _NONE else acc, ev.value if values is None else values[i], t)
