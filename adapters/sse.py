@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -48,7 +49,7 @@ from asyncflow.protocols import Partition, PartitionListener, RawBatch, Record, 
 log = logging.getLogger("adapters.sse")
 
 Checkpoint = str | os.PathLike[str] | Callable[[str], Awaitable[None] | None]
-"""Where committed event ids go: a file (rewritten atomically) or a callable."""
+"""Where committed event ids go: a file (replaced atomically and fsynced) or a callable."""
 
 FATAL_STATUSES = frozenset({400, 401, 403, 404, 405, 406, 410, 414, 415, 451})
 """HTTP answers that retrying will not fix: the source stops with a ``ConfigError``."""
@@ -186,10 +187,8 @@ class SSESource:
         ``ConfigError`` if it refuses the request (wrong URL, 401...).
         """
         if isinstance(self._checkpoint, str | os.PathLike):
-            path = Path(self._checkpoint)
-            if path.exists():
-                stored = (await asyncio.to_thread(path.read_text)).strip()
-                self._last_id = stored or self._last_id
+            stored = await asyncio.to_thread(read_checkpoint, Path(self._checkpoint), self._last_id)
+            self._last_id = stored or self._last_id
         self._committed_id = self._last_id
         connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(connected), name=f"sse:{self.topic}")
@@ -256,7 +255,7 @@ class SSESource:
         if target is None:
             return
         if isinstance(target, str | os.PathLike):
-            await asyncio.to_thread(_write_atomically, Path(target), committed)
+            await asyncio.to_thread(write_checkpoint, Path(target), committed)
             return
         result = target(committed)
         if inspect.isawaitable(result):
@@ -413,7 +412,87 @@ class SSESource:
         self._data_ready.set()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+def read_checkpoint(path: Path, fallback: str | None = None) -> str | None:
+    """The event id stored in a checkpoint file, or ``None`` (with one log line) if there is none.
+
+    A missing file, an empty one, or one without its final newline (a write cut
+    short by a crash, from before writes were atomic) is no checkpoint: the
+    source then starts from ``fallback`` (its ``last_event_id``), else the live
+    stream. A temporary file left by an interrupted write is ignored. A file that
+    cannot be read at all is a ``ConfigError``.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> write_checkpoint(d / "wiki.id", "42")
+        >>> read_checkpoint(d / "wiki.id"), read_checkpoint(d / "missing.id")
+        ('42', None)
+    """
+    start = f"last_event_id {fallback!r}" if fallback else "the live stream"
+    leftover = _temporary(path)
+    if leftover.exists():
+        log.warning("SSE checkpoint %s: ignoring %s left by an interrupted write", path, leftover)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        log.info("SSE checkpoint %s does not exist yet: starting from %s", path, start)
+        return None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the SSE checkpoint {path}: {exc.strerror or exc}; fix its permissions "
+            "or remove it to start from last_event_id"
+        ) from None
+    text = raw.decode("utf-8", errors="replace")
+    stored = text.strip()
+    if not stored or not text.endswith("\n") or "\ufffd" in text:
+        what = "is empty" if not stored else "is torn (no final newline or not UTF-8)"
+        log.warning("SSE checkpoint %s %s, from a write cut short: starting from %s",
+                    path, what, start)
+        return None
+    return stored
+
+
+def write_checkpoint(path: Path, event_id: str) -> None:
+    """Replace the checkpoint file so that a crash leaves the old id or the new one, never a torn file.
+
+    The id goes to a temporary file in the same directory, which is flushed and
+    fsynced, renamed over the old file (``os.replace`` is atomic), and then the
+    directory is fsynced so the rename itself survives a power cut.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "wiki.id"
+        >>> write_checkpoint(p, "a"); write_checkpoint(p, "b")
+        >>> p.read_text() == "b\\n"
+        True
+    """
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(event_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename still happened
+        pass
+    finally:
+        os.close(fd)

@@ -10,6 +10,11 @@ agent, lane, key and source position.
 An agent written as an async generator sends what it yields to its ``sink``
 outputs, keyed by the key of the event (or window result) being handled.
 
+The topics an agent writes to (``Agent.writes``) are its ``sink`` outputs and
+every topic its function refers to, directly or through the functions it
+calls (``referenced_topics``): on a bounded input, a topic one agent writes and
+another reads ends once its writers have finished (``asyncflow.runtime``).
+
 An agent body must read its stream until the stream ends: one that returns
 earlier stops the worker with an ``AgentError``, since the events left in its
 lane could never be checkpointed.
@@ -24,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from asyncflow.channels import Topic
 from asyncflow.errors import AgentError
 from asyncflow.event import Event
 from asyncflow.stream import LaneContext, Stream
@@ -95,6 +102,27 @@ class Agent:
         self.on_error = on_error
         self.name = name or fn.__name__
         self._is_generator = inspect.isasyncgenfunction(fn)
+
+    @property
+    def writes(self) -> list[Topic[Any]]:
+        """The topics this agent may send to: its ``sink`` topics and those its function uses.
+
+        Example:
+            >>> import asyncflow as af
+            >>> app = af.App("a")
+            >>> numbers, doubled = app.topic("numbers"), app.topic("doubled")
+            >>> @app.agent(numbers)
+            ... async def double(stream):
+            ...     async for n in stream:
+            ...         await doubled.send(None, 2 * n)
+            >>> [t.name for t in app.agents["double"].writes]
+            ['doubled']
+        """
+        found = [s for s in self.sinks if isinstance(s, Topic)]
+        for t in referenced_topics(self.fn):
+            if not any(t is f for f in found):
+                found.append(t)
+        return found
 
     async def run_lane(self, stream: Stream[Any], lane: LaneContext) -> None:
         """Run the agent function on one lane until its input ends."""
@@ -181,3 +209,57 @@ def _result_event(stream: Stream[Any]) -> Event[Any]:
     ev = stream.current
     return Event(key, {"window_result_of_key": key}, None, (),
                  ev.partition if ev is not None else None, -1)
+
+
+def referenced_topics(fn: Callable[..., Any]) -> list[Topic[Any]]:
+    """The topics a function refers to: by global name, by closure, or in the functions it calls.
+
+    What an agent (or a task) may send to, found without running it: the names
+    its code (and the code nested in it) uses, looked up in its globals and
+    closure; functions of the same module found that way are followed too. A topic reached
+    only through an attribute of some other object is not found: name it in the
+    agent's ``sink=`` instead.
+
+    Example:
+        >>> import asyncflow as af
+        >>> app = af.App("a")
+        >>> out = app.topic("out")
+        >>> async def forward(v):
+        ...     await out.send(None, v)
+        >>> async def body(stream):
+        ...     async for v in stream:
+        ...         await forward(v)
+        >>> [t.name for t in referenced_topics(body)]
+        ['out']
+    """
+    found: list[Topic[Any]] = []
+    seen: set[int] = set()
+    todo: list[Any] = [fn]
+    home = getattr(inspect.unwrap(fn), "__globals__", None)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Topic):
+            found.append(obj)
+            continue
+        if isinstance(obj, types.MethodType):
+            todo.append(obj.__func__)
+            continue
+        if not isinstance(obj, types.FunctionType) or (obj is not fn and obj.__globals__ is not home):
+            continue  # helpers of the same module are followed; libraries are not
+        namespace = obj.__globals__
+        for cell in obj.__closure__ or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                pass
+        codes = [obj.__code__]
+        while codes:
+            code = codes.pop()
+            for name in code.co_names:
+                if name in namespace:
+                    todo.append(namespace[name])
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return found

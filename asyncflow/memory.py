@@ -4,6 +4,9 @@ Topics have partitions and offsets; consumer groups have members, an
 assignment of partitions and committed offsets, so the whole checkpoint and commit
 path runs as it does on Kafka, without a network. A topic can be ended
 (``end``): a bounded input whose readers then report themselves exhausted.
+A topic the app writes to itself has *writers* (``add_writer``): it counts as
+ended only once each of them has let it go (``release_writer``), however early
+someone called ``end``.
 
 Example:
     >>> import asyncio
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -34,6 +38,8 @@ from asyncflow.protocols import (
     TopicPartition,
     TopicSpec,
 )
+
+log = logging.getLogger("asyncflow.memory")
 
 
 @dataclass(slots=True)
@@ -54,7 +60,26 @@ class MemoryTopic:
         self.name = name
         self.partitions: list[list[MemoryRecord]] = [[] for _ in range(partitions)]
         self.ended = False
+        self.writers: set[object] = set()
+        """Who still writes to the topic (``MemoryBroker.add_writer``): it is not finished before."""
+        self.read_to_end = False
+        """A reader found it finished and read it all (what is written later, it never sees)."""
+        self._late_warned = False
         self._rr = itertools.count()
+
+    @property
+    def finished(self) -> bool:
+        """Ended, and no writer still holds it: its readers can drain it and stop."""
+        return self.ended and not self.writers
+
+    def _check_open(self) -> None:
+        if self.read_to_end and self.finished and not self._late_warned:
+            self._late_warned = True
+            log.warning(
+                "records written to topic %r after its end: readers that already finished never "
+                "see them (an agent that sends to a topic must name it in sink= or in its code)",
+                self.name,
+            )
 
     def partition_for(self, key: bytes | None) -> int:
         n = len(self.partitions)
@@ -124,6 +149,8 @@ class MemoryBroker:
         if t is None:
             self.create_topic(topic)
             t = self.topics[topic]
+        if t.read_to_end:
+            t._check_open()
         p = t.partition_for(key) if partition is None else partition
         log = t.partitions[p]
         ts = timestamp if timestamp is not None else time.time_ns() // 1_000_000
@@ -159,6 +186,8 @@ class MemoryBroker:
                     self.create_topic(name)
                     t = topics[name]
                 last_name = name
+                if t.read_to_end:
+                    t._check_open()
             p = r.partition
             log = t.partitions[t.partition_for(r.key) if p is None else p]
             ts = r.timestamp
@@ -169,6 +198,32 @@ class MemoryBroker:
     def end(self, topic: str) -> None:
         """Mark ``topic`` as a bounded input that has ended."""
         self.topic(topic).ended = True
+        self._notify()
+
+    def add_writer(self, topic: str, writer: object) -> None:
+        """``writer`` (a worker) will write to ``topic``: it has not finished until released.
+
+        Example:
+            >>> b = MemoryBroker(); b.create_topic("mid")
+            >>> b.add_writer("mid", "worker-1"); b.end("mid")
+            >>> b.topic("mid").finished
+            False
+            >>> b.release_writer("mid", "worker-1", end=True)
+            >>> b.topic("mid").finished
+            True
+        """
+        self.topic(topic).writers.add(writer)
+
+    def release_writer(self, topic: str, writer: object, *, end: bool) -> None:
+        """``writer`` writes no more to ``topic``; ``end``: its part of the input is complete.
+
+        A worker that stops before the end of its input releases without
+        ``end``: the topic then finishes only if someone else ends it.
+        """
+        t = self.topic(topic)
+        t.writers.discard(writer)
+        if end:
+            t.ended = True
         self._notify()
 
     def records(self, topic: str) -> list[MemoryRecord]:
@@ -397,14 +452,31 @@ class MemorySource:
 
     @property
     def exhausted(self) -> bool:
-        """Every subscribed topic has ended and everything assigned has been read."""
-        topics = self.broker.topics
-        if not all(topics[t].ended for t in self.topics):
+        """Every subscribed topic has finished and everything assigned has been read."""
+        return all(self.topic_exhausted(t) for t in self.topics)
+
+    def topic_exhausted(self, topic: str) -> bool:
+        """``topic`` has finished (``MemoryTopic.finished``) and its assigned partitions are read.
+
+        Example:
+            >>> import asyncio
+            >>> b = MemoryBroker(); b.create_topic("a"); b.create_topic("b")
+            >>> src = b.source([TopicSpec("a"), TopicSpec("b")], "g")
+            >>> b.end("a")
+            >>> src.topic_exhausted("a"), src.topic_exhausted("b")
+            (True, False)
+        """
+        t = self.broker.topics[topic]
+        if not t.finished:
             return False
-        return all(
-            self._positions[tp] >= len(topics[tp.topic].partitions[tp.partition])
+        done = all(
+            self._positions[tp] >= len(t.partitions[tp.partition])
             for tp in self._assigned
+            if tp.topic == topic
         )
+        if done:
+            t.read_to_end = True
+        return done
 
     def pause(self, partitions: Iterable[Partition]) -> None:
         self._paused.update(partitions)

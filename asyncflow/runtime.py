@@ -8,7 +8,9 @@ watermarks; a checkpointer takes a checkpoint every commit interval
 (``asyncflow.checkpoint``: outputs flushed, changelogs flushed, local stores
 written, offsets committed). Stop (SIGINT/SIGTERM, ``app.stop()``, or every
 bounded input ended): stop reading, take back what no lane has started, let
-the lanes finish, take a last checkpoint, leave the groups.
+the lanes finish, take a last checkpoint, leave the groups. On the memory
+broker the end of a bounded input travels stage by stage through the topics
+the app writes to itself (``InputEnds``).
 
 Example:
     >>> import asyncio, asyncflow as af
@@ -21,16 +23,15 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Collection, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
+from asyncflow.agent import referenced_topics
 from asyncflow.brokers import open_broker
 from asyncflow.channels import Channel, Topic
 from asyncflow.checkpoint import Checkpointer
 from asyncflow.dispatch import Dispatcher, Route
-from asyncflow.event import Event
+from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import (
@@ -190,6 +191,8 @@ class SourceRunner:
 
     async def read_loop(self) -> None:
         source, dispatcher = self.source, self.dispatcher
+        ends = self.runtime.ends
+        by_topic = ends.active and callable(getattr(source, "topic_exhausted", None))
         fetch_timeout = min(0.2, self.runtime.app.watermark_interval)
         while self._reading:
             batches = await source.fetch(fetch_timeout)
@@ -197,14 +200,31 @@ class SourceRunner:
                 for b in batches:
                     dispatcher.dispatch(b)
                 dispatcher.broadcast_watermark()
-            elif getattr(source, "exhausted", False):
+            if by_topic:  # each input ends on its own, internal topics once their writers end
+                if await ends.advance(self):
+                    self.ended.set()
+                    return
+                if not batches and dispatcher.has_parked:  # a drained source fetches at once
+                    await asyncio.sleep(0.005)  # while lanes take the last parked parts
+            elif not batches and getattr(source, "exhausted", False):
                 if dispatcher.has_parked:  # lanes are still taking the last parked parts
                     await asyncio.sleep(0.005)
                     continue
                 dispatcher.broadcast_watermark(final=True)
                 dispatcher.close_lanes()
+                ends.closed.update(self.routes)
                 self.ended.set()
                 return
+
+    def close_input(self, name: str) -> None:
+        """The input ``name`` is over: its lanes get the final watermark and finish once drained."""
+        wall = self.runtime.app.clock.wall_ms()
+        watermarks = self.dispatcher.watermarks
+        mark = Watermark(watermarks.current(wall), wall, final=True, marks=watermarks.marks(wall))
+        for queues in self.routes[name].consumers:
+            for q in queues:
+                q.put_watermark(mark)
+                q.close()
 
     def stop_reading(self) -> None:
         self._reading = False
@@ -239,6 +259,147 @@ class SourceRunner:
         metrics.gauge("partitions.paused", len(self.dispatcher.paused))
 
 
+class InputEnds:
+    """How the end of bounded inputs reaches every agent, through the topics the app writes itself.
+
+    On a broker whose topics end (the memory broker), each input's lanes get
+    the final watermark and close as soon as that input is read to its end.
+    An *internal* topic, one that an agent of the app writes (``Agent.writes``)
+    and another reads, is over once every input of the agents writing it is
+    over, their lanes have finished (windows fired on the final watermark) and
+    what was sent is flushed; the app's user tasks that refer to it must have
+    returned too. The worker then releases it on the broker
+    (``MemoryBroker.release_writer``), and its readers drain it and finish in
+    turn: a chain of stages ends stage by stage. Until then the worker holds it
+    as a writer, so an early ``end`` (``TestRun.finish``) cannot cut it short.
+
+    Topics in a cycle (A writes ``mid``, B reads ``mid`` and writes A's input)
+    can never be over this way, since each waits for the other: one warning at
+    start names them, and the worker runs until it is stopped. Kafka topics
+    never end: with such a broker nothing here is active.
+
+    Example:
+        >>> import asyncflow as af
+        >>> app = af.App("a")
+        >>> raw, mid = app.topic("raw"), app.topic("mid")
+        >>> @app.agent(raw)
+        ... async def parse(stream):
+        ...     async for v in stream:
+        ...         await mid.send(None, v)
+        >>> @app.agent(mid)
+        ... async def use(stream):
+        ...     async for v in stream:
+        ...         pass
+        >>> ends = InputEnds(app, broker=None)
+        >>> ends.writers, ends.cyclic
+        ({'mid': ['parse']}, [])
+    """
+
+    def __init__(
+        self, app: App, broker: Any, flush: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        self.app = app
+        self.broker = broker
+        self._flush = flush
+        self.active = callable(getattr(broker, "add_writer", None))
+        """Whether the broker's topics can end (the memory broker): else nothing here runs."""
+        self.closed: set[str] = set()
+        """Inputs whose lanes got the final watermark."""
+        self.released: set[str] = set()
+        inputs = {a.channel.name for a in app.agents.values()}
+        readable = {n for n in inputs if isinstance(app.channels.get(n), Topic)
+                    and app.channels[n].source is None}
+        self.inputs_of = {a.name: a.channel.name for a in app.agents.values()}
+        self.writers: dict[str, list[str]] = {}
+        """Internal topic -> the agents that write it."""
+        for agent in app.agents.values():
+            for t in agent.writes:
+                if t.name in readable:
+                    self.writers.setdefault(t.name, []).append(agent.name)
+        self.task_writers: dict[str, list[int]] = {
+            name: [i for i, fn in enumerate(app.tasks)
+                   if any(t.name == name for t in referenced_topics(fn))]
+            for name in self.writers
+        }
+        self.cyclic = self._cycles()
+        self._lanes: dict[str, list[asyncio.Task[None]]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._held: set[str] = set()
+
+    def _cycles(self) -> list[str]:
+        """Internal topics from which following writers back to their inputs leads round again."""
+        cyclic = []
+        for start in self.writers:
+            seen: set[str] = set()
+            todo = [self.inputs_of[w] for w in self.writers[start]]
+            while todo:
+                name = todo.pop()
+                if name == start:
+                    cyclic.append(start)
+                    break
+                if name in seen:
+                    continue
+                seen.add(name)
+                todo.extend(self.inputs_of[w] for w in self.writers.get(name, ()))
+        return sorted(cyclic)
+
+    def start(self, lanes: dict[str, list[asyncio.Task[None]]]) -> None:
+        """Hold every internal topic as a writer, and say so if some can never end."""
+        self._lanes = lanes
+        if not self.active:
+            return
+        for name in self.writers:
+            self.broker.add_writer(name, self)
+            self._held.add(name)
+        if self.cyclic:
+            loop = " ; ".join(
+                f"{', '.join(self.writers[t])} -> {t} -> "
+                f"{', '.join(a for a, i in self.inputs_of.items() if i == t)}"
+                for t in self.cyclic
+            )
+            log.warning("topics %s form a cycle (%s): the end of the input cannot travel round "
+                        "it, so this worker runs until it is stopped", ", ".join(self.cyclic), loop)
+
+    def watch_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """The app's user tasks, in ``app.tasks`` order (a task that refers to a topic writes it)."""
+        self._tasks = tasks
+
+    def stop(self) -> None:
+        """Let go of what was not released: a stop, not the end of the input (idempotent)."""
+        held, self._held = self._held, set()
+        for name in sorted(held - self.released):
+            self.broker.release_writer(name, self, end=False)
+
+    async def advance(self, runner: SourceRunner) -> bool:
+        """Close the inputs of ``runner`` that are over and release the internal topics that are.
+
+        Returns whether every input of ``runner`` is closed.
+        """
+        source: Any = runner.source
+        for name in runner.routes:
+            if name not in self.closed and not runner.dispatcher.has_parked \
+                    and source.topic_exhausted(name):
+                runner.close_input(name)
+                self.closed.add(name)
+        for name, agents in self.writers.items():
+            if name not in self.released and name not in self.cyclic and self._over(name, agents):
+                if self._flush is not None:
+                    await self._flush()  # what its writers sent is in the topic before it ends
+                self.released.add(name)
+                self._held.discard(name)
+                self.broker.release_writer(name, self, end=True)
+                log.info("internal topic %s ended: %s finished", name, ", ".join(agents))
+        return all(name in self.closed for name in runner.routes)
+
+    def _over(self, name: str, agents: list[str]) -> bool:
+        if not all(self.inputs_of[a] in self.closed for a in agents):
+            return False
+        if not all(t.done() for a in agents for t in self._lanes.get(a, ())):
+            return False
+        tasks = self._tasks
+        return all(i < len(tasks) and tasks[i].done() for i in self.task_writers[name])
+
+
 class Runtime:
     """Runs one app until it is stopped or its bounded inputs end."""
 
@@ -250,6 +411,9 @@ class Runtime:
         self.started = False
         """True once every source has joined and the lanes run."""
         self._stop = asyncio.Event()
+        self.ends = InputEnds(app, None)
+        """Where the end of bounded inputs has got to (the real one is made by ``run``)."""
+        self._lane_agents: list[str] = []
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -264,40 +428,41 @@ class Runtime:
             return arg
         return open_broker(app.broker_url, app.broker_options)
 
-    def _state_directory(self) -> tuple[str | None, bool]:
-        """Where local stores go, and whether the directory is this run's own (deleted after).
+    def _state_location(self) -> tuple[str | None, str]:
+        """Where local stores go (``None``: nowhere on disk) and which kind they are.
 
         The memory broker forgets its topics and offsets when the process
         ends, so state kept on disk past that would claim offsets of records
-        that no longer exist: without ``ASYNCFLOW_STATE_DIR`` it gets a
-        temporary directory of its own, unless an input comes from an external
-        source whose positions outlive the process (Kinesis, SSE with a
-        checkpoint): a source says otherwise with ``positions_survive_restarts``.
+        that no longer exist: without ``ASYNCFLOW_STATE_DIR`` its state lives
+        in memory stores (its changelogs live in the broker), unless an input
+        comes from an external source whose positions outlive the process
+        (Kinesis, SSE with a checkpoint): a source says so with
+        ``positions_survive_restarts``.
         """
         app = self.app
         if app.state_store == "memory":
-            return None, False
+            return None, "memory"
         if app.state_dir is not None:
-            return app.state_dir, False
+            return app.state_dir, app.state_store
         resumable = any(
             getattr(ch.source, "positions_survive_restarts", True)
             for ch in app.channels.values()
             if ch.source is not None
         )
         if self.app.broker_url.startswith("memory://") and not resumable:
-            return tempfile.mkdtemp(prefix=f"asyncflow-{app.id}-"), True
-        return default_state_dir(), False
+            return None, "memory"
+        return default_state_dir(), app.state_store
 
     async def run(self, *, stop_when_idle: bool = False) -> None:
         app = self.app
         self.broker = broker = self._open_broker()
         app._runtime = self
-        directory, temporary = self._state_directory()
+        directory, store = self._state_location()
         topics = [c.spec.partitions for c in app.channels.values() if isinstance(c, Topic)]
         self.state = StateManager(
             app.id,
             directory=directory,
-            store=app.state_store,
+            store=store,
             broker=broker if isinstance(broker, ChangelogBroker) else None,
             clock=app.clock,
             changelog_partitions=max(topics, default=1),
@@ -317,6 +482,7 @@ class Runtime:
         try:
             await self._run(broker, stop_when_idle)
         finally:
+            self.ends.stop()  # internal topics not ended by now are let go, not ended
             gc.unfreeze()
             gc.set_threshold(*gc_before)
             app._runtime = None
@@ -327,8 +493,6 @@ class Runtime:
                 out._bound = None
             self.state.close()
             await broker.close()
-            if temporary and directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
 
     async def _run(self, broker: Broker, stop_when_idle: bool) -> None:
         app = self.app
@@ -354,10 +518,15 @@ class Runtime:
                 ch._bound = self.producer
         for name, out in app.sinks.items():
             out._bound = self.writers[name]
+        self.ends = InputEnds(app, broker, self.producer.flush)
         runners, lane_jobs = self._build(broker)
         async with asyncio.TaskGroup() as tg:
             writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}") for n, w in self.writers.items()]
             lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
+            lanes_of: dict[str, list[asyncio.Task[None]]] = {}
+            for agent_name, task in zip(self._lane_agents, lane_tasks, strict=True):
+                lanes_of.setdefault(agent_name, []).append(task)
+            self.ends.start(lanes_of)
             for _ in range(3):  # agent bodies run to their first await: their windows are declared
                 await asyncio.sleep(0)
             for r in runners:
@@ -370,6 +539,7 @@ class Runtime:
             aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
             aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name) for t in app.timers]
             user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
+            self.ends.watch_tasks(user)
             log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
                      len(app.agents), len(lane_tasks))
             self.started = True
@@ -486,6 +656,7 @@ class Runtime:
             runner = SourceRunner(self, src, broker_routes, lanes)
             runners.append(runner)
             runner_of.update(dict.fromkeys(broker_routes, runner))
+        self._lane_agents = [agent.name for agent, _, _, _ in pending_lanes]
         for agent, q, ctx, ch_name in pending_lanes:
             ctx.finished = runner_of[ch_name].checkpointer.lane_finished
             dead = self._dead_letter_fn(ch_name)
