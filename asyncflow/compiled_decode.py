@@ -65,6 +65,10 @@ def compiled_decoder(
         )
     except (NameError, AttributeError, KeyError):
         return None  # unresolvable annotations: the Python decoder says what is wrong
+    # as the Python decoder does: annotations unresolved when the class was made are now
+    cls._time_field = next(
+        (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
+    )
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     kinds: list[str] = []  # per field: "value", "time" (the event time) or "datetime"
     for f in cls._fields:

@@ -107,3 +107,18 @@ def test_a_json_topic_of_records_decodes_through_msgspec() -> None:
     [r] = codec.decode_many([orjson.dumps(doc)])
     assert (r.temperature, event_time_ms(r)) == (1.0, 2500)
     assert "compiled_decode" in codec.decode.__code__.co_filename
+
+
+class Ahead(af.Record):
+    id: DefinedLater  # resolved only once the module is complete
+    time: af.EventTime
+
+
+DefinedLater = str
+
+
+def test_a_record_whose_annotations_resolve_after_the_class_still_has_its_event_time() -> None:
+    codec = JsonCodec(Ahead)
+    r = codec.decode(b'{"id": "a", "time": 2}')
+    assert (r.id, event_time_ms(r)) == ("a", 2000)
+    assert "compiled_decode" in codec.decode.__code__.co_filename
