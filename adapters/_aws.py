@@ -24,7 +24,7 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
@@ -41,7 +41,13 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from asyncflow.errors import AsyncflowError, BrokerUnavailable, ConfigError
+from asyncflow.errors import (
+    AsyncflowError,
+    BrokerUnavailable,
+    ConfigError,
+    is_secret_name,
+    redact_url,
+)
 
 log = logging.getLogger("adapters.aws")
 
@@ -117,7 +123,7 @@ class AwsCredentialsError(ConfigError):
     """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class AwsOptions:
     """Where and as whom an adapter talks to AWS; ``None`` means "from the environment".
 
@@ -126,9 +132,13 @@ class AwsOptions:
     ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the
     shared config files.
 
+    ``repr`` shows ``'***'`` for the secret key and the session token.
+
     Example:
         >>> AwsOptions(endpoint_url="http://127.0.0.1:5000", region="us-east-1").endpoint_url
         'http://127.0.0.1:5000'
+        >>> "s3cret" in repr(AwsOptions(aws_access_key_id="AK", aws_secret_access_key="s3cret"))
+        False
     """
 
     endpoint_url: str | None = None
@@ -140,6 +150,17 @@ class AwsOptions:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_pool_connections: int = 16
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and is_secret_name(f.name):
+                value = "***"
+            elif f.name == "endpoint_url" and value is not None:
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"AwsOptions({', '.join(shown)})"
 
 
 def resolve_region(options: AwsOptions, session: AioSession) -> str:
@@ -191,7 +212,7 @@ async def open_client(stack: contextlib.AsyncExitStack, service: str, options: A
 
 
 def endpoint_of(client: Any) -> str:
-    """The URL a client sends its requests to (for messages).
+    """The URL a client sends its requests to (for messages; a password in it is masked).
 
     Example:
         >>> class C:
@@ -199,7 +220,7 @@ def endpoint_of(client: Any) -> str:
         >>> endpoint_of(C())
         'http://127.0.0.1:5000'
     """
-    return str(getattr(getattr(client, "meta", None), "endpoint_url", "?"))
+    return redact_url(str(getattr(getattr(client, "meta", None), "endpoint_url", "?")))
 
 
 class Backoff:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from asyncflow.errors import AsyncflowError, ConfigError, SinkError
+from asyncflow.errors import AsyncflowError, ConfigError, SinkError, redact_url
 from asyncflow.protocols import SinkRecord
 
 from ._aws import (
@@ -179,7 +179,7 @@ class DynamoDBSink:
         self._wrap_client = _wrap_client
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
-        self._endpoint = endpoint_url or "?"
+        self._endpoint = redact_url(endpoint_url) if endpoint_url else "?"
         self._region = region or "?"
         self._convert: Callable[[Any], Any] = plain_converter()
         self._key_attrs = (key,) if sort_key is None else (key, sort_key)

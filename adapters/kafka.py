@@ -6,7 +6,8 @@ Found through the ``asyncflow.brokers`` entry point ``kafka`` (URL scheme
 (durable state's changelog topics); this module holds the broker and topic
 management.
 
-URL: ``kafka://host:port[,host:port][?option=value&...]``. Options, from the
+URL: ``kafka://[user:password@]host:port[,host:port][?option=value&...]`` (``user:password``
+are the SASL username and password, percent-encoded; never printed). Options, from the
 query string or the ``options`` mapping (which wins): ``client_id``,
 ``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``,
 ``sasl_plain_password``, ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``,
@@ -82,7 +83,7 @@ class KafkaBroker:
         >>> KafkaBroker("http://k1:9092", {})
         Traceback (most recent call last):
         ...
-        asyncflow.errors.ConfigError: bad Kafka URL 'http://k1:9092'; expected kafka://host:port[,host:port...][?option=value&...]
+        asyncflow.errors.ConfigError: bad Kafka URL 'http://k1:9092'; expected kafka://[user:password@]host:port[,host:port...][?option=value&...]
     """
 
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:

@@ -18,17 +18,18 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from asyncflow.errors import BrokerUnavailable, ConfigError
+from asyncflow.errors import BrokerUnavailable, ConfigError, is_secret_name, redact_url
+
+__all__ = ["URL_FORM", "KafkaSettings", "describe", "redact_url", "start_client"]
 
 log = logging.getLogger("asyncflow.kafka")
 
-URL_FORM = "kafka://host:port[,host:port...][?option=value&...]"
+URL_FORM = "kafka://[user:password@]host:port[,host:port...][?option=value&...]"
 DEFAULT_PORT = 9092
-_SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -42,13 +43,21 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"Kafka option {name}={raw!r} is not a boolean; use true or false")
 
 
+_MAY_BE_ZERO = frozenset({"linger_ms"})
+"""Integer options for which 0 means something; every other one must be at least 1 (a 0
+``retry_backoff_ms`` or ``fetch_max_wait_ms`` would poll the broker in a busy loop)."""
+
+
 def _int(name: str, raw: str) -> int:
+    low = 0 if name in _MAY_BE_ZERO else 1
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"Kafka option {name}={raw!r} is not an integer") from None
-    if value < 0:
-        raise ConfigError(f"Kafka option {name}={raw!r} must not be negative")
+        raise ConfigError(
+            f"Kafka option {name}={raw!r} is not an integer; use an integer >= {low}"
+        ) from None
+    if value < low:
+        raise ConfigError(f"Kafka option {name}={raw!r} is too small; use an integer >= {low}")
     return value
 
 
@@ -76,16 +85,21 @@ def _acks(name: str, raw: str) -> int:
     raise ConfigError(f"Kafka option {name}={raw!r} is not one of: 0, 1, all")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class KafkaSettings:
     """Everything the Kafka adapter needs to build its clients.
 
     Build it with ``KafkaSettings.parse(url, options)``; the fields below are
     also the accepted option names (except ``bootstrap_servers``, from the URL).
+    A URL's ``user:password@`` is the SASL username and password. ``repr``
+    shows ``'***'`` for the password fields.
 
     Example:
         >>> KafkaSettings.parse("kafka://localhost").bootstrap_servers
         ['localhost:9092']
+        >>> s = KafkaSettings.parse("kafka://alice:pw@k?security_protocol=SASL_SSL")
+        >>> s.sasl_plain_username, "pw" in repr(s), "sasl_plain_password='***'" in repr(s)
+        ('alice', False, True)
     """
 
     bootstrap_servers: list[str]
@@ -132,8 +146,9 @@ class KafkaSettings:
             >>> KafkaSettings.parse("kafka://b:1?enable_idempotence=false").enable_idempotence
             False
         """
-        servers, query = _split_url(url)
-        merged: dict[str, str] = dict(query)
+        servers, query, credentials = _split_url(url)
+        merged: dict[str, str] = dict(credentials)
+        merged.update(query)
         merged.update(options or {})
         values: dict[str, Any] = {"bootstrap_servers": servers}
         for name, raw in merged.items():
@@ -148,6 +163,15 @@ class KafkaSettings:
         settings._check()
         return settings
 
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and is_secret_name(f.name):
+                value = "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"KafkaSettings({', '.join(shown)})"
+
     def _check(self) -> None:
         if self.enable_idempotence and self.acks != -1:
             raise ConfigError(
@@ -156,7 +180,10 @@ class KafkaSettings:
             )
         uses_sasl = self.sasl_mechanism != "PLAIN" or self.sasl_plain_username is not None
         if uses_sasl and not self.security_protocol.startswith("SASL"):
-            raise ConfigError("SASL options need security_protocol=SASL_PLAINTEXT or SASL_SSL")
+            raise ConfigError(
+                "SASL options (sasl_* or user:password@ in the URL) need "
+                "security_protocol=SASL_PLAINTEXT or SASL_SSL (e.g. ?security_protocol=SASL_SSL)"
+            )
         if self.security_protocol.startswith("SASL") and (
             self.sasl_plain_username is None or self.sasl_plain_password is None
         ):
@@ -340,7 +367,7 @@ for _f in fields(KafkaSettings):
         _PARSERS[_f.name] = _int
 
 
-def _split_url(url: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _split_url(url: str) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
     bad = f"bad Kafka URL {redact_url(url)!r}; expected {URL_FORM}"
     try:
         parts = urlsplit(url)
@@ -348,8 +375,18 @@ def _split_url(url: str) -> tuple[list[str], list[tuple[str, str]]]:
         raise ConfigError(bad) from None
     if parts.scheme != "kafka" or not parts.netloc or parts.path not in ("", "/"):
         raise ConfigError(bad)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    credentials: list[tuple[str, str]] = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if not user or not colon:
+            raise ConfigError(f"{bad} (userinfo must be user:password)")
+        credentials = [
+            ("sasl_plain_username", unquote(user)),
+            ("sasl_plain_password", unquote(password)),
+        ]
     servers = []
-    for item in parts.netloc.split(","):
+    for item in hosts.split(","):
         host, port = _host_port(item.strip())
         if not host or port is None:
             raise ConfigError(bad)
@@ -358,7 +395,7 @@ def _split_url(url: str) -> tuple[list[str], list[tuple[str, str]]]:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ConfigError(bad) from None
-    return servers, query
+    return servers, query, credentials
 
 
 def _host_port(item: str) -> tuple[str, int | None]:
@@ -376,27 +413,6 @@ def _host_port(item: str) -> tuple[str, int | None]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         return host, None
     return host, int(port_text)
-
-
-def redact_url(url: str) -> str:
-    """The URL with secret option values replaced by ``***``, for messages and logs.
-
-    Example:
-        >>> redact_url("kafka://k:9092?sasl_plain_password=hunter2&client_id=a")
-        'kafka://k:9092?sasl_plain_password=***&client_id=a'
-    """
-    head, sep, query = url.partition("?")
-    if not sep:
-        return url
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True)
-    except ValueError:
-        return head + "?***"
-    shown = [
-        f"{quote(k, safe='')}={'***' if k in _SECRET_OPTIONS else quote(v, safe='')}"
-        for k, v in pairs
-    ]
-    return head + "?" + "&".join(shown)
 
 
 async def start_client(client: Any, url: str, settings: KafkaSettings) -> None:

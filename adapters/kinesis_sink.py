@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from asyncflow.errors import AsyncflowError, SinkError
+from asyncflow.errors import AsyncflowError, SinkError, redact_url
 from asyncflow.protocols import SinkRecord
 
 from ._aws import AwsOptions, Backoff, call_with_retry, endpoint_of, open_client, plain_converter
@@ -124,7 +124,7 @@ class KinesisSink:
         self._wrap_client = _wrap_client
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
-        self._endpoint = endpoint_url or "?"
+        self._endpoint = redact_url(endpoint_url) if endpoint_url else "?"
         self._convert = plain_converter()
         self._spread = itertools.cycle([str(i) for i in range(16)])
 

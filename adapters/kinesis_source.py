@@ -30,7 +30,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from asyncflow.errors import AsyncflowError, ConfigError
+from asyncflow.errors import AsyncflowError, ConfigError, redact_url
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, Record
 
 from ._aws import (
@@ -177,7 +177,7 @@ class KinesisSource:
         self._listener: PartitionListener | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._endpoint = endpoint_url or "?"
+        self._endpoint = redact_url(endpoint_url) if endpoint_url else "?"
 
     @property
     def assigned(self) -> list[Shard]:

@@ -4,18 +4,26 @@ Declaring things is all an app module does; ``asyncflow worker module:app``
 (or ``await app.run()``) starts the runtime. Settings come from arguments,
 then ``ASYNCFLOW_*`` environment variables, then defaults:
 
-================================  ==============================  ==============
-argument                          environment variable            default
-================================  ==============================  ==============
-``broker``                        ``ASYNCFLOW_BROKER``            ``memory://``
-``lane_capacity`` (events)        ``ASYNCFLOW_LANE_CAPACITY``     2000
-``commit_interval`` (s)           ``ASYNCFLOW_COMMIT_INTERVAL``   1.0
-``idle_timeout`` (s)              ``ASYNCFLOW_IDLE_TIMEOUT``      10.0
-``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         2000
-``state_dir``                     ``ASYNCFLOW_STATE_DIR``         see below
-``state_store``                   ``ASYNCFLOW_STATE_STORE``       ``rocksdb``
-``max_time_ahead`` (s)            ``ASYNCFLOW_MAX_TIME_AHEAD``    86400 (1 day)
-================================  ==============================  ==============
+================================  ==============================  ==============  ==================
+argument                          environment variable            default         allowed
+================================  ==============================  ==============  ==================
+``broker``                        ``ASYNCFLOW_BROKER``            ``memory://``   a broker URL
+``lane_capacity`` (events)        ``ASYNCFLOW_LANE_CAPACITY``     2000            integer >= 1
+``commit_interval`` (s)           ``ASYNCFLOW_COMMIT_INTERVAL``   1.0             finite >= 0.001
+``idle_timeout`` (s)              ``ASYNCFLOW_IDLE_TIMEOUT``      10.0            finite >= 0
+``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         2000            integer >= 1
+``state_dir``                     ``ASYNCFLOW_STATE_DIR``         see below       a directory
+``state_store``                   ``ASYNCFLOW_STATE_STORE``       ``rocksdb``     see below
+``max_time_ahead`` (s)            ``ASYNCFLOW_MAX_TIME_AHEAD``    86400 (1 day)   finite > 0, none
+``drain_timeout`` (s)                                             10.0            finite >= 0
+``shutdown_timeout`` (s)                                          30.0            finite > 0
+``watermark_interval`` (s)                                        0.2             finite >= 0.001
+================================  ==============================  ==============  ==================
+
+Every setting is checked when the ``App`` is built: a value out of range
+raises ``ConfigError`` naming the setting, its variable, the value given and
+what is allowed (so a worker never starts with a setting that would spin or
+stall, such as ``fetch_max=0`` or a negative ``commit_interval``).
 
 State (tables and window state) lives in a local store per (app, table,
 partition) under ``state_dir`` (default ``$XDG_STATE_HOME/asyncflow``, i.e.
@@ -39,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from datetime import timedelta
@@ -64,30 +73,115 @@ DEFAULT_STATE_STORE = "rocksdb"
 """The local store used unless ``state_store`` / ``ASYNCFLOW_STATE_STORE`` names another."""
 F = TypeVar("F", bound=Callable[..., Any])
 
+MIN_INTERVAL = 0.001
+"""The shortest commit, watermark or timer interval (s): anything shorter is a busy loop."""
 
-def _env_seconds_or_none(name: str, default: float | None) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+
+def _bad(name: str, env: str | None, given: object, allowed: str) -> ConfigError:
+    where = f"{env}={given!r}" if isinstance(given, str) and env else f"{name}={given!r}"
+    set_by = f"App({name}=...)" + (f" or {env}" if env else "")
+    return ConfigError(f"{where} is not a valid {name}; allowed: {allowed} (set by {set_by})")
+
+
+def _raw(name: str, env: str | None, given: object) -> object:
+    """The argument if given, else the environment variable (a string), else ``None``."""
+    if given is not None:
+        return given
+    raw = os.environ.get(env) if env else None
+    return None if raw is None or raw.strip() == "" else raw
+
+
+def int_setting(name: str, env: str | None, given: int | None, default: int, low: int = 1) -> int:
+    """A whole-number setting: the argument, else ``env``, else ``default``; at least ``low``.
+
+    Raises ``ConfigError`` naming the setting, the variable, the value and what is allowed.
+
+    Example:
+        >>> int_setting("fetch_max", "ASYNCFLOW_FETCH_MAX", 500, 2000)
+        500
+        >>> int_setting("fetch_max", None, 0, 2000)
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: fetch_max=0 is not a valid fetch_max; allowed: an integer >= 1 (set by App(fetch_max=...))
+    """
+    raw = _raw(name, env, given)
+    if raw is None:
         return default
+    allowed = f"an integer >= {low}"
+    value: object = raw
+    if isinstance(raw, str):
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _bad(name, env, raw, allowed) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(name, env, raw, allowed)
+    return value
+
+
+def seconds_setting(
+    name: str,
+    env: str | None,
+    given: float | None,
+    default: float,
+    *,
+    zero_ok: bool = False,
+    at_least: float = 0.0,
+) -> float:
+    """A duration in seconds: the argument, else ``env``, else ``default``; finite, > 0 (or >= 0).
+
+    ``at_least`` is a floor for the intervals of loops (a commit or watermark
+    interval of a nanosecond would be a busy loop).
+
+    Example:
+        >>> seconds_setting("commit_interval", "ASYNCFLOW_COMMIT_INTERVAL", None, 1.0)
+        1.0
+        >>> seconds_setting("idle_timeout", None, -1, 10.0, zero_ok=True)
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: idle_timeout=-1 is not a valid idle_timeout; allowed: a finite number of seconds >= 0 (set by App(idle_timeout=...))
+    """
+    raw = _raw(name, env, given)
+    if raw is None:
+        return default
+    if at_least > 0:
+        allowed = f"a finite number of seconds >= {at_least:g}"
+    else:
+        allowed = f"a finite number of seconds {'>= 0' if zero_ok else '> 0'}"
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise _bad(name, env, raw, allowed)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(name, env, raw, allowed) from None
+    if not math.isfinite(value) or value < at_least or (value == 0 and not zero_ok):
+        raise _bad(name, env, raw, allowed)
+    return value
+
+
+def _max_time_ahead(given: timedelta | None | str) -> float | None:
+    env = "ASYNCFLOW_MAX_TIME_AHEAD"
+    allowed = "a finite number of seconds > 0, or none/off (no guard)"
+    if given is None:
+        return None
+    if isinstance(given, timedelta):
+        if given <= timedelta(0):
+            raise _bad("max_time_ahead", None, given, "a positive timedelta, or None")
+        return given.total_seconds()
+    if given != "default":
+        raise _bad("max_time_ahead", None, given, "a positive timedelta, or None")
+    raw = os.environ.get(env)
+    if raw is None or raw.strip() == "":
+        return 86_400.0
     if raw.strip().lower() in ("none", "off"):
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds (or 'none')") from None
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds (or 'none')")
+        raise _bad("max_time_ahead", env, raw, allowed) from None
+    if not math.isfinite(value) or not value > 0:
+        raise _bad("max_time_ahead", env, raw, allowed)
     return value
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
 class Timer:
@@ -133,21 +227,29 @@ class App:
         self.id = id
         self._broker_arg = broker
         self.broker_options = dict(broker_options or {})
-        self.lane_capacity = int(lane_capacity or _env_float("ASYNCFLOW_LANE_CAPACITY", 2000))
-        self.commit_interval = (
-            commit_interval
-            if commit_interval is not None
-            else _env_float("ASYNCFLOW_COMMIT_INTERVAL", 1.0)
+        self.lane_capacity = int_setting(
+            "lane_capacity", "ASYNCFLOW_LANE_CAPACITY", lane_capacity, 2000
         )
-        self.idle_timeout = (
-            idle_timeout if idle_timeout is not None else _env_float("ASYNCFLOW_IDLE_TIMEOUT", 10.0)
+        self.commit_interval = seconds_setting(
+            "commit_interval",
+            "ASYNCFLOW_COMMIT_INTERVAL",
+            commit_interval,
+            1.0,
+            at_least=MIN_INTERVAL,
         )
-        self.fetch_max = int(fetch_max or _env_float("ASYNCFLOW_FETCH_MAX", 2000))
+        self.idle_timeout = seconds_setting(
+            "idle_timeout", "ASYNCFLOW_IDLE_TIMEOUT", idle_timeout, 10.0, zero_ok=True
+        )
+        self.fetch_max = int_setting("fetch_max", "ASYNCFLOW_FETCH_MAX", fetch_max, 2000)
         self.dead_letter_target: str | Sink = dead_letter or f"{id}-dead-letters"
         self.clock: Clock = clock or SystemClock()
-        self.drain_timeout = drain_timeout
-        self.shutdown_timeout = shutdown_timeout
-        self.watermark_interval = watermark_interval
+        self.drain_timeout = seconds_setting(
+            "drain_timeout", None, drain_timeout, 10.0, zero_ok=True
+        )
+        self.shutdown_timeout = seconds_setting("shutdown_timeout", None, shutdown_timeout, 30.0)
+        self.watermark_interval = seconds_setting(
+            "watermark_interval", None, watermark_interval, 0.2, at_least=MIN_INTERVAL
+        )
         self.state_dir = state_dir or os.environ.get("ASYNCFLOW_STATE_DIR") or None
         from asyncflow.state.store import STORE_KINDS
 
@@ -158,15 +260,7 @@ class App:
                 f"use one of: {', '.join(STORE_KINDS)}"
             )
         self.state_store = store
-        ahead: float | None
-        if isinstance(max_time_ahead, str):
-            ahead = _env_seconds_or_none("ASYNCFLOW_MAX_TIME_AHEAD", 86_400.0)
-        elif max_time_ahead is None:
-            ahead = None
-        else:
-            ahead = max_time_ahead.total_seconds()
-            if ahead <= 0:
-                raise ConfigError(f"max_time_ahead must be positive or None, got {max_time_ahead}")
+        ahead = _max_time_ahead(max_time_ahead)
         self.max_time_ahead_ms: int | None = None if ahead is None else int(ahead * 1000)
         self.tables: dict[str, Table[Any]] = {}
         self.channels: dict[str, Channel[Any]] = {}
@@ -347,9 +441,14 @@ class App:
             >>> app.timers[0].interval
             5.0
         """
-        seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
-        if seconds <= 0:
-            raise ConfigError("a timer interval must be positive")
+        given = interval.total_seconds() if isinstance(interval, timedelta) else interval
+        try:
+            seconds = seconds_setting("interval", None, given, 0.0, at_least=MIN_INTERVAL)
+        except ConfigError:
+            raise ConfigError(
+                f"app.timer({interval!r}): the interval must be a finite number of seconds "
+                f">= {MIN_INTERVAL:g} or a timedelta that long"
+            ) from None
 
         def register(fn: F) -> F:
             self.timers.append(Timer(fn, seconds, fn.__name__))

@@ -17,20 +17,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import inspect
 import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from asyncflow import __version__
 from asyncflow.app import App
 from asyncflow.brokers import open_broker
-from asyncflow.errors import AsyncflowError, ConfigError
+from asyncflow.errors import AsyncflowError, ConfigError, RedactingFilter
 from asyncflow.protocols import TopicSpec
 
 log = logging.getLogger("asyncflow.cli")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""The values ``--log-level`` / ``ASYNCFLOW_LOG_LEVEL`` accept (any case)."""
 
 CLIENT_LOGGERS = ("aiokafka",)
 """Client libraries whose start-up errors repeat ours: quiet until the worker runs."""
@@ -49,13 +54,21 @@ class _QuietUntilRunning(logging.Filter):
 
 
 def load_app(spec: str) -> App:
-    """Import ``module:attr`` and return the ``App`` it names.
+    """Import ``module:attr`` and return the ``App`` it names (or that a factory function returns).
+
+    Every mistake is a one-line ``ConfigError``: a module that is missing, has
+    a syntax error or raises on import (naming the file and line), an
+    attribute that is missing or is neither an ``App`` nor an app factory.
 
     Example:
         >>> load_app("no_such_module_xyz:app")
         Traceback (most recent call last):
         ...
         asyncflow.errors.ConfigError: cannot import module 'no_such_module_xyz': No module named 'no_such_module_xyz' (run from the project root or add it to PYTHONPATH)
+        >>> load_app("asyncflow.app:Timer")
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: asyncflow.app:Timer is a class, not an asyncflow App; name an App (app = af.App(...)) or a function returning one
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -64,22 +77,80 @@ def load_app(spec: str) -> App:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except AsyncflowError:
+        raise  # already one line naming the setting (e.g. App(...) at import time)
     except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"cannot import module {module_name!r}: {exc} "
-            "(run from the project root or add it to PYTHONPATH)"
-        ) from None
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise ConfigError(
+                f"cannot import module {module_name!r}: {exc} "
+                "(run from the project root or add it to PYTHONPATH)"
+            ) from None
+        raise ConfigError(_failure(f"cannot import module {module_name!r}", exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the user's module: any error is one line
+        raise ConfigError(_failure(f"cannot import module {module_name!r}", exc)) from None
     try:
         obj: Any = getattr(module, attr)
     except AttributeError:
         names = sorted(n for n, v in vars(module).items() if isinstance(v, App))
         hint = f"; apps there: {', '.join(names)}" if names else ""
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
-    if not isinstance(obj, App) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, App):
-        raise ConfigError(f"{spec} is a {type(obj).__name__}, not an asyncflow App")
-    return obj
+    if isinstance(obj, App):
+        return obj
+    wanted = "name an App (app = af.App(...)) or a function returning one"
+    if isinstance(obj, type):
+        raise ConfigError(f"{spec} is a class, not an asyncflow App; {wanted}")
+    if not callable(obj):
+        raise ConfigError(f"{spec} is a {type(obj).__name__}, not an asyncflow App; {wanted}")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        raise ConfigError(
+            f"{spec} needs arguments, so it is not an app factory; {wanted} (with no arguments)"
+        ) from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): try the call
+    try:
+        made = obj()
+    except AsyncflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's factory: any error is one line
+        raise ConfigError(_failure(f"app factory {spec} raised", exc)) from None
+    if not isinstance(made, App):
+        raise ConfigError(
+            f"{spec}() returned a {type(made).__name__}, not an asyncflow App; {wanted}"
+        )
+    return made
+
+
+_IMPORTLIB = os.path.dirname(importlib.__file__ or "<importlib>") + os.sep
+
+
+def _failure(what: str, exc: BaseException) -> str:
+    """One line: ``what``, where in the user's code it happened, and the exception.
+
+    Example:
+        >>> error = SyntaxError("invalid syntax", ("m.py", 3, 1, "x ="))
+        >>> _failure("cannot import module 'm'", error)
+        "cannot import module 'm': SyntaxError: invalid syntax (m.py, line 3); fix it and run again"
+    """
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        return f"{what}: {type(exc).__name__}: {exc.msg}{where}; fix it and run again"
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<frozen ", _IMPORTLIB)) and f.filename != __file__
+    ]
+    where = ""
+    if frames:
+        first, last = frames[0], frames[-1]
+        where = f" ({first.filename}, line {first.lineno}"
+        if last is not first:
+            where += f"; raised at {last.filename}, line {last.lineno}"
+        where += ")"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{what}: {detail}{where}; fix it and run again"
 
 
 async def _run_worker(app: App) -> None:
@@ -113,6 +184,8 @@ async def _run_worker(app: App) -> None:
 
 async def _topics(args: argparse.Namespace) -> None:
     url = args.broker or os.environ.get("ASYNCFLOW_BROKER") or "memory://"
+    if args.topics_cmd == "create" and args.partitions < 1:
+        raise ConfigError(f"--partitions {args.partitions} is not allowed; use an integer >= 1")
     broker = open_broker(url, {})
     try:
         if args.topics_cmd == "create":
@@ -139,6 +212,28 @@ def _first_user_error(exc: BaseException) -> AsyncflowError | None:
     return _first_user_error(cause) if cause is not None else None
 
 
+def _log_level(arg: str | None) -> int:
+    """The logging level from ``--log-level``, else ``ASYNCFLOW_LOG_LEVEL``, else info.
+
+    Example:
+        >>> _log_level("WARNING") == logging.WARNING
+        True
+        >>> _log_level("loud")
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: log level 'loud' (--log-level / ASYNCFLOW_LOG_LEVEL) is not allowed; use one of: debug, info, warning, error
+    """
+    raw = arg if arg is not None else os.environ.get("ASYNCFLOW_LOG_LEVEL") or "info"
+    name = raw.strip().lower()
+    if name not in LOG_LEVELS:
+        raise ConfigError(
+            f"log level {raw!r} (--log-level / ASYNCFLOW_LOG_LEVEL) is not allowed; "
+            f"use one of: {', '.join(LOG_LEVELS)}"
+        )
+    level: int = getattr(logging, name.upper())
+    return level
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncflow", description="Run asyncflow stream workers.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -146,8 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run an app: asyncflow worker module:attr")
     w.add_argument("app", help="module:attr naming an App (or a function returning one)")
     w.add_argument("--broker", help="memory:// (default) or kafka://host:port[,host:port]")
-    w.add_argument("--log-level", default=os.environ.get("ASYNCFLOW_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    w.add_argument("--log-level", help=f"one of {', '.join(LOG_LEVELS)} "
+                   "(default: ASYNCFLOW_LOG_LEVEL, else info)")
     broker_help = "kafka://host:port (default: ASYNCFLOW_BROKER)"
     t = sub.add_parser("topics", help="create or list topics on a broker")
     t.add_argument("--broker", help=broker_help)
@@ -170,10 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd is None:
         _parser().print_help()
         return 2
-    logging.basicConfig(
-        level=getattr(logging, getattr(args, "log_level", "info").upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        level = _log_level(getattr(args, "log_level", None))
+    except ConfigError as exc:
+        print(f"asyncflow: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         if args.cmd == "worker":
             app = load_app(args.app)
