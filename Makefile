@@ -39,6 +39,8 @@ bench: setup
 	$(BIN)/python benchmarks/memory_pipeline.py
 	$(BIN)/python benchmarks/windows.py
 	$(BIN)/python benchmarks/kafka_throughput.py
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/nexmark.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
