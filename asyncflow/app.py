@@ -294,6 +294,7 @@ class App:
         key: Callable[[T], Hashable] | None = None,
         key_codec: Codec[Any] | None = None,
         time: str | Callable[[T], Any] | None = None,
+        time_unit: str = "s",
         partitions: int = 1,
         create: bool = True,
     ) -> Topic[T]:
@@ -301,8 +302,11 @@ class App:
 
         ``key`` computes an event's key from its value (else the record key is
         used); ``time`` gives its event time (a field name or a function returning
-        a tz-aware datetime or epoch seconds; a ``Record`` with an ``EventTime``
-        field needs nothing; else the broker's timestamp).
+        a tz-aware datetime or a number since the epoch; a ``Record`` with an
+        ``EventTime`` field needs nothing; else the broker's timestamp).
+        ``time_unit`` is what such a number counts: ``"s"`` (default), ``"ms"``,
+        ``"us"`` or ``"ns"``; a value that cannot be a time in that unit is a
+        dead letter that names the field (and the unit that would fit).
 
         Example:
             >>> App("a").topic("t", codec="raw").codec.decode(b"x")
@@ -318,6 +322,7 @@ class App:
             key=key,
             key_codec=key_codec,
             time=time,
+            time_unit=time_unit,
             partitions=partitions,
             create=create,
             app=self,

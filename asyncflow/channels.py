@@ -21,9 +21,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from asyncflow.codecs import Codec, StrCodec, codec_for
-from asyncflow.errors import ConfigError
+from asyncflow.errors import ConfigError, DecodeError
 from asyncflow.protocols import Sink, SinkRecord, Source, TopicSpec
-from asyncflow.records import Record, datetime_to_ms, event_time_ms
+from asyncflow.records import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    TIME_UNITS,
+    Record,
+    datetime_to_ms,
+    event_time_ms,
+    numeric_time_ms,
+)
 from asyncflow.writer import SinkWriter
 
 if TYPE_CHECKING:
@@ -32,8 +40,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _time_getter(time: str | Callable[[Any], Any] | None, value_type: Any) -> Callable[[Any], int] | None:
-    """Build the event-time function (epoch ms) of a channel."""
+def _time_getter(
+    time: str | Callable[[Any], Any] | None, value_type: Any, unit: str = "s"
+) -> Callable[[Any], int] | None:
+    """Build the event-time function (epoch ms) of a channel; numbers are in ``unit``."""
     if time is None:
         if isinstance(value_type, type) and issubclass(value_type, Record):
             try:
@@ -52,18 +62,28 @@ def _time_getter(time: str | Callable[[Any], Any] | None, value_type: Any) -> Ca
         fn: Callable[[Any], Any] = by_field
     else:
         fn = time
+        name = getattr(time, "__name__", "time function")
+    per_unit = TIME_UNITS[unit]
 
     def to_ms(value: Any) -> int:
         t = fn(value)
         if type(t) is int or type(t) is float:
-            return round(t * 1000)
+            try:
+                ms = round(t * per_unit)
+            except (OverflowError, ValueError):  # infinite, NaN
+                return numeric_time_ms(t, name, unit)  # raises, naming the field
+            if MIN_TIME_MS <= ms <= MAX_TIME_MS:
+                return ms
+            return numeric_time_ms(t, name, unit)  # raises, naming the field and the unit
         if isinstance(t, datetime):
             return datetime_to_ms(t)
-        raise ValueError(
-            f"event time must be a tz-aware datetime or epoch seconds, got {type(t).__name__}"
+        raise DecodeError(
+            f"field {name!r}: event time must be a tz-aware datetime or epoch {unit} "
+            f"(time_unit={unit!r}), got {type(t).__name__}"
         )
 
     return to_ms
+
 
 
 def _time_field(time: Any, value_type: Any, getter: Any) -> str:
@@ -94,17 +114,23 @@ class Channel(Generic[T]):
         key: Callable[[T], Hashable] | None = None,
         key_codec: Codec[Any] | None = None,
         time: str | Callable[[T], Any] | None = None,
+        time_unit: str = "s",
         source: Source | None = None,
         partitions: int = 1,
         create: bool = True,
         app: App | None = None,
     ) -> None:
+        if time_unit not in TIME_UNITS:
+            raise ConfigError(
+                f"time_unit={time_unit!r} of {name!r} is not a unit; use one of "
+                f"{', '.join(repr(u) for u in TIME_UNITS)} (what a numeric time field counts)"
+            )
         self.name = name
         self.value_type = value_type
         self.codec: Codec[Any] = codec_for(codec, value_type)
         self.key_fn = key
         self.key_codec: Codec[Any] = key_codec or StrCodec()
-        self.time_ms = _time_getter(time, value_type)
+        self.time_ms = _time_getter(time, value_type, time_unit)
         self.time_field = _time_field(time, value_type, self.time_ms)
         self.source = source
         self.spec = TopicSpec(name, partitions=partitions, create=create)

@@ -38,7 +38,15 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
-from asyncflow.records import _LAZY, _TIME_SLOT, EVENT_TIME, Record, _lazy_time, _parse_time
+from asyncflow.records import (
+    _LAZY,
+    _TIME_SLOT,
+    EVENT_TIME,
+    Record,
+    _lazy_time,
+    _parse_time,
+    numeric_time_ms,
+)
 
 _TIME_INPUT = int | float | str
 """What a time field may hold in JSON: epoch seconds or an ISO-8601 string."""
@@ -141,6 +149,7 @@ def _builder(cls: type[Record], kinds: list[str]) -> Callable[[Any], Any]:
         "_cls": cls,
         "_LAZY": _LAZY,
         "_parse_time": _parse_time,
+        "_numeric_time_ms": numeric_time_ms,
         "_set_ms": Record.__dict__[_TIME_SLOT].__set__,
     }
     lines = ["def build(s):", "    self = _new(_cls)"]
@@ -154,12 +163,8 @@ def _builder(cls: type[Record], kinds: list[str]) -> Callable[[Any], Any]:
                 "    if type(v) is str:",
                 f"        v, ms = _parse_time(v, _n{i})",
                 "    else:",
-                "        try:",
-                "            ms = round(v * 1000)",
-                "        except (OverflowError, ValueError):",
-                f"            v, ms = _parse_time(v, _n{i})",
-                "        else:",
-                "            v = _LAZY",
+                f"        ms = _numeric_time_ms(v, _n{i})",
+                "        v = _LAZY",
                 "    _set_ms(self, ms)",
                 f"    _s{i}(self, v)",
             ]

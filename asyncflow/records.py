@@ -48,6 +48,44 @@ EventTime = Annotated[datetime, EVENT_TIME]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _TIME_SLOT = "_af_time_ms"
+MIN_TIME_MS = -62_135_596_800_000
+"""0001-01-01T00:00:00Z in epoch ms: the earliest event time a ``datetime`` can hold."""
+MAX_TIME_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z in epoch ms: the latest event time a ``datetime`` can hold."""
+TIME_UNITS = {"s": 1000, "ms": 1, "us": 0.001, "ns": 0.000_001}
+"""Numeric event times: the unit's name and how many milliseconds one of it is."""
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+
+
+def numeric_time_ms(value: float, field: str, unit: str = "s") -> int:
+    """Epoch ms of a numeric event time in ``unit``; ``DecodeError`` naming ``field`` if it is none.
+
+    A value that cannot be a time in that unit (before year 1 or after 9999,
+    NaN, infinite) is an error that says so, with the units that would fit.
+
+    Example:
+        >>> numeric_time_ms(1.5, "time"), numeric_time_ms(1_500, "time", "ms")
+        (1500, 1500)
+        >>> numeric_time_ms(1_700_000_000_000, "time")
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.DecodeError: field 'time': 1700000000000 is not a time in epoch seconds (it would be after the year 9999); if the field holds milliseconds, say so (time_unit='ms')
+    """
+    try:
+        ms = round(value * TIME_UNITS[unit])
+    except (OverflowError, ValueError):
+        raise DecodeError(f"field {field!r}: {value!r} is not a time") from None
+    if MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        return ms
+    fits = [u for u, per in TIME_UNITS.items() if MIN_TIME_MS <= value * per <= MAX_TIME_MS
+            and per < TIME_UNITS[unit]]
+    hint = (f"; if the field holds {_UNIT_NAMES[fits[0]]}, say so (time_unit={fits[0]!r})"
+            if fits else "")
+    when = "after the year 9999" if ms > MAX_TIME_MS else "before the year 1"
+    raise DecodeError(
+        f"field {field!r}: {value!r} is not a time in epoch {_UNIT_NAMES[unit]} "
+        f"(it would be {when}){hint}"
+    )
 _MISSING: Any = object()
 _LAZY: Any = object()
 """In an event-time slot: the datetime is made from the epoch ms when first read."""
@@ -125,7 +163,7 @@ def _parse_time(value: Any, field: str) -> tuple[datetime, int]:
         except ValueError:
             raise DecodeError(f"field {field!r}: {value!r} is not an ISO-8601 time") from None
     elif type(value) is int or type(value) is float:
-        ms = round(value * 1000)
+        ms = numeric_time_ms(value, field)
         return _EPOCH + timedelta(milliseconds=ms), ms
     elif isinstance(value, datetime):
         dt = value
@@ -339,6 +377,7 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
     lazy = _lazy_time(cls, cls._time_field) if cls._time_field is not None else None
     ns: dict[str, Any] = {
         "_LAZY": _LAZY,
+        "_numeric_time_ms": numeric_time_ms,
         "_time_set": None if lazy is None else lazy.member.__set__,
         "_new": object.__new__,
         "_cls": cls,
@@ -375,9 +414,8 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
         err = f"raise DecodeError(_e{i} + type(v).__name__)"
         if f == cls._time_field:
             lines.append(f"{ind}if type(v) is float or type(v) is int:")  # epoch seconds
-            lines.append(f"{ind}    try: ms = round(v * 1000)")
-            lines.append(f"{ind}    except (OverflowError, ValueError): v, ms = _parse_time(v, _n{i})")
-            lines.append(f"{ind}    else: v = _LAZY")
+            lines.append(f"{ind}    ms = _numeric_time_ms(v, _n{i})")
+            lines.append(f"{ind}    v = _LAZY")
             lines.append(f"{ind}else: v, ms = _parse_time(v, _n{i})")
             lines.append(f"{ind}_set(self, _TIME_SLOT, ms)")
             lines.append("    _time_set(self, v)")
