@@ -200,6 +200,12 @@ class SourceRunner:
                 for b in batches:
                     dispatcher.dispatch(b)
                 dispatcher.broadcast_watermark()
+                dead = self.runtime.dead_letters.writer
+                if dead.full:
+                    # a flood of poison: read no more until the dead letters are written, so
+                    # memory holds at most the writer's bound and one fetch more
+                    self.runtime.app.metrics.incr("dead_letter_pauses")
+                    await dead.wait_for_room()
             if by_topic:  # each input ends on its own, internal topics once their writers end
                 if await ends.advance(self):
                     self.ended.set()

@@ -144,6 +144,15 @@ class SinkWriter:
         if n >= self.max_buffer:
             self._room.clear()
 
+    @property
+    def full(self) -> bool:
+        """Whether the buffer is over its bound (``send`` would wait)."""
+        return not self._room.is_set()
+
+    async def wait_for_room(self) -> None:
+        """Wait while the buffer is over its bound (a writer that failed or stopped has room)."""
+        await self._room.wait()
+
     async def send(self, record: SinkRecord) -> None:
         """Buffer a record, waiting first while the buffer is full."""
         if not self._room.is_set():

@@ -1,4 +1,4 @@
-"""Numeric event times: the unit is stated, never guessed, and what cannot be a time says so."""
+"""Poison and event times: units stated, not guessed; what cannot be a time says so; a flood of poison is bounded."""
 
 from __future__ import annotations
 
@@ -69,3 +69,40 @@ async def test_an_event_time_field_out_of_range_is_a_dead_letter_naming_it(value
 def test_a_time_unit_that_is_not_one_is_refused_at_declaration() -> None:
     with pytest.raises(ConfigError, match="time_unit='sec'"):
         af.App("u").topic("t", time="t", time_unit="sec")
+
+
+async def test_a_flood_of_poison_waits_for_its_dead_letters_instead_of_piling_them_up() -> None:
+    import asyncio
+
+    broker = MemoryBroker()
+    broker.create_topic("in", 1)
+    for i in range(20_000):
+        broker.produce("in", b"{not json %d" % i, b"k")
+    broker.produce("in", b'{"ok": 1}', b"k")
+    broker.end("in")
+    dead = CaptureSink("dead", delay=0.001, max_batch=100)  # a slow dead-letter sink
+    app = af.App("flood", broker=broker, dead_letter=dead, fetch_max=500)
+    good = app.sink(CaptureSink("good"))
+
+    @app.agent(app.topic("in"))
+    async def keep(stream: af.Stream[Any]) -> None:
+        async for v in stream:
+            await good.send(None, v)
+
+    peak = 0
+    async with TestRun(app, broker=broker) as run:
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                runtime = app._runtime
+                if runtime is not None and "__dead_letters__" in runtime.writers:
+                    peak = max(peak, runtime.writers["__dead_letters__"].buffered)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await run.finish(timeout=120)
+        watcher.cancel()
+    assert len(dead.records) == 20_000 and good.sink.values == [{"ok": 1}]
+    assert peak <= 1_000 + 500  # the writer's bound and one fetch, not the whole flood
+    assert app.metrics.get("dead_letter_pauses") > 0
