@@ -204,7 +204,7 @@ class SourceRunner:
                 if dead.full:
                     # a flood of poison: read no more until the dead letters are written, so
                     # memory holds at most the writer's bound and one fetch more
-                    self.runtime.app.metrics.incr("dead_letter_pauses")
+                    self.runtime.app.metrics.incr("dead_letter_writer_full")  # (the producer, for a topic)
                     await dead.wait_for_room()
             if by_topic:  # each input ends on its own, internal topics once their writers end
                 if await ends.advance(self):
