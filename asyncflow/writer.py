@@ -70,6 +70,7 @@ class SinkWriter:
         self._room = asyncio.Event()
         self._room.set()
         self._ready: Awaitable[Any] = _done_future()
+        self._room_waiter = _RoomWaiter(self._room)
         self._flush_now = False
         self._closed = False
         self._taken = 0  # records moved out of the buffer to be written
@@ -84,18 +85,7 @@ class SinkWriter:
 
     def add(self, record: SinkRecord) -> None:
         """Buffer a record (never waits; see ``send``)."""
-        if self._failed is not None:
-            raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
-        records = self._records
-        if not records:
-            self._first_at = time.monotonic()
-            self._wake.set()
-        records.append(record)
-        n = len(records)
-        if n == self.max_batch:
-            self._wake.set()
-        if n >= self.max_buffer:
-            self._room.clear()
+        self.push(record)
 
     def push(self, record: SinkRecord) -> Awaitable[Any]:
         """Buffer a record; awaiting the result waits while the buffer is full.
@@ -118,14 +108,14 @@ class SinkWriter:
         if n < self.max_buffer:
             return self._ready
         self._room.clear()
-        return self._room.wait()
+        return self._room_waiter
 
     def push_many(self, records: list[SinkRecord]) -> Awaitable[Any]:
         """Buffer many records; awaiting the result waits while the buffer is full."""
         self.add_many(records)
         if self._room.is_set():
             return self._ready
-        return self._room.wait()
+        return self._room_waiter
 
     def add_many(self, records: list[SinkRecord]) -> None:
         """Buffer many records at once (never waits; see ``send``)."""
@@ -241,6 +231,18 @@ class SinkWriter:
         """Stop the sink itself (after ``run`` returned)."""
         await self.sink.stop()
 
+
+
+class _RoomWaiter:
+    """Awaiting it waits for room; nothing is made until it is awaited (``add`` drops it)."""
+
+    __slots__ = ("_room",)
+
+    def __init__(self, room: asyncio.Event) -> None:
+        self._room = room
+
+    def __await__(self) -> Any:
+        return self._room.wait().__await__()
 
 
 class _Ready:
