@@ -24,7 +24,7 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
@@ -45,8 +45,8 @@ from asyncflow.errors import (
     AsyncflowError,
     BrokerUnavailable,
     ConfigError,
-    is_secret_name,
     redact_url,
+    redacted_repr,
 )
 
 log = logging.getLogger("adapters.aws")
@@ -152,15 +152,7 @@ class AwsOptions:
     max_pool_connections: int = 16
 
     def __repr__(self) -> str:
-        shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and is_secret_name(f.name):
-                value = "***"
-            elif f.name == "endpoint_url" and value is not None:
-                value = redact_url(value)
-            shown.append(f"{f.name}={value!r}")
-        return f"AwsOptions({', '.join(shown)})"
+        return redacted_repr(self)
 
 
 def resolve_region(options: AwsOptions, session: AioSession) -> str:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from asyncflow.errors import BrokerUnavailable, ConfigError, is_secret_name, redact_url
+from asyncflow.errors import BrokerUnavailable, ConfigError, redact_url, redacted_repr
 
 __all__ = ["URL_FORM", "KafkaSettings", "describe", "redact_url", "start_client"]
 
@@ -164,13 +164,7 @@ class KafkaSettings:
         return settings
 
     def __repr__(self) -> str:
-        shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and is_secret_name(f.name):
-                value = "***"
-            shown.append(f"{f.name}={value!r}")
-        return f"KafkaSettings({', '.join(shown)})"
+        return redacted_repr(self)
 
     def _check(self) -> None:
         if self.enable_idempotence and self.acks != -1:

@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+from typing import Any
 from urllib.parse import parse_qsl
 
 SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "credential", "signature")
@@ -104,6 +106,33 @@ def redact_text(text: str) -> str:
     if "@" in text:
         text = _USERINFO.sub(lambda m: f"{m[1]}:{MASK}@", text)
     return text
+
+
+def redacted_repr(settings: Any) -> str:
+    """``repr`` of a settings dataclass with secrets masked and URLs redacted.
+
+    A field whose name holds a secret (``is_secret_name``) shows ``***``; a
+    field whose name ends in ``url`` goes through ``redact_url``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Login:
+        ...     user: str
+        ...     password: str
+        ...     endpoint_url: str
+        >>> redacted_repr(Login("bob", "hunter2", "http://bob:pw@h"))
+        "Login(user='bob', password='***', endpoint_url='http://bob:***@h')"
+    """
+    shown = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is not None and is_secret_name(f.name):
+            value = MASK
+        elif isinstance(value, str) and f.name.endswith("url"):
+            value = redact_url(value)
+        shown.append(f"{f.name}={value!r}")
+    return f"{type(settings).__name__}({', '.join(shown)})"
 
 
 class RedactingFilter(logging.Filter):
