@@ -66,7 +66,6 @@ import asyncio
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -88,6 +87,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa:
 
 from adapters.kafka import KafkaBroker, kafka_partition  # noqa: E402
 from asyncflow.protocols import SinkRecord  # noqa: E402
+from benchmarks._rss import peak_rss_mb  # noqa: E402
 from tests.integration.kafka.broker import (  # noqa: E402
     ENV_BROKER,
     consume,
@@ -220,13 +220,14 @@ async def load(bootstrap: str, events: int) -> Workload:
     return Workload(bootstrap, topic, events, kept, windowed, events + len(markers), windows)
 
 
-async def run_baseline(w: Workload) -> tuple[float, int, str]:
-    """The hand-written aiokafka loop; returns (seconds, records produced, output topic)."""
-    out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
+async def baseline_clients(
+    w: Workload, topic: str, group: str
+) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """The hand-written loops' consumer (a fresh group) and producer, started."""
     consumer = AIOKafkaConsumer(
-        w.input_topic,
+        topic,
         bootstrap_servers=w.bootstrap,
-        group_id=unique_name("baseline"),
+        group_id=unique_name(group),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=SESSION_TIMEOUT_MS,
@@ -239,6 +240,13 @@ async def run_baseline(w: Workload) -> tuple[float, int, str]:
     )
     await consumer.start()
     await producer.start()
+    return consumer, producer
+
+
+async def run_baseline(w: Workload) -> tuple[float, int, str]:
+    """The hand-written aiokafka loop; returns (seconds, records produced, output topic)."""
+    out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
+    consumer, producer = await baseline_clients(w, w.input_topic, "baseline")
     partition_of: dict[bytes, int] = {}
     consumed = produced = 0
     started: float | None = None
@@ -365,22 +373,7 @@ async def run_windowed_baseline(w: Workload) -> tuple[float, int, str]:
     Once every input record is read, every open window flushes.
     """
     out_topic = await create_topic(w.bootstrap, partitions=PARTITIONS)
-    consumer = AIOKafkaConsumer(
-        w.windowed_topic,
-        bootstrap_servers=w.bootstrap,
-        group_id=unique_name("windowed-baseline"),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=SESSION_TIMEOUT_MS,
-        heartbeat_interval_ms=500,
-        max_poll_records=20_000,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=w.bootstrap, enable_idempotence=False, max_batch_size=65_536
-    )
-    await consumer.start()
-    await producer.start()
+    consumer, producer = await baseline_clients(w, w.windowed_topic, "windowed-baseline")
     loads, dumps = orjson.loads, orjson.dumps
     panes: dict[int, dict[int, dict[bytes, list[Any]]]] = {p: {} for p in range(PARTITIONS)}
     ends: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}
@@ -555,22 +548,6 @@ WINDOWED = frozenset({"windowed-baseline", "windowed-asyncflow"})
 
 def expected_outputs(case: str, w: Workload) -> int:
     return w.windows if case in WINDOWED else w.kept
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS: ``VmHWM``, which starts afresh at exec.
-
-    ``ru_maxrss`` does not: a child started by a large parent reports at least
-    the parent's RSS at the fork (Linux keeps it across exec).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case_here(case: str, w: Workload) -> dict[str, Any]:

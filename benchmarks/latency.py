@@ -65,7 +65,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -84,6 +83,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa:
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 
 from adapters.kafka import kafka_partition  # noqa: E402
+from benchmarks._rss import peak_rss_mb  # noqa: E402
 from tests.integration.kafka.broker import (  # noqa: E402
     ENV_BROKER,
     create_topic,
@@ -248,22 +248,6 @@ async def send(
 
 
 CHILDREN = {"asyncflow": child_asyncflow, "aiokafka": child_aiokafka}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS: ``VmHWM``, which starts afresh at exec.
-
-    ``ru_maxrss`` does not: a child started by a large parent reports at least
-    the parent's RSS at the fork (Linux keeps it across exec).
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(pipeline: str, spec: dict[str, Any]) -> None:
