@@ -203,8 +203,9 @@ class SourceRunner:
                 dead = self.runtime.dead_letters.writer
                 if dead.full:
                     # a flood of poison: read no more until the dead letters are written, so
-                    # memory holds at most the writer's bound and one fetch more
-                    self.runtime.app.metrics.incr("dead_letter_writer_full")  # (the producer, for a topic)
+                    # memory holds at most the writer's bound and one fetch more (for a
+                    # dead-letter topic that writer is the producer: full outputs hold reads too)
+                    self.runtime.app.metrics.incr("reads_held_for_outputs")
                     await dead.wait_for_room()
             if by_topic:  # each input ends on its own, internal topics once their writers end
                 if await ends.advance(self):
