@@ -35,6 +35,7 @@ from asyncflow.memory import MemoryBroker
 from asyncflow.protocols import (
     Broker,
     RawBatch,
+    Rejected,
     Sink,
     SinkRecord,
     Source,
@@ -76,7 +77,7 @@ __all__ = [
     "Channel", "Clock", "Codec", "Collect", "ConfigError", "Count", "DecodeError", "ErrorPolicy",
     "Event", "EventTime", "First", "Hopping", "JsonCodec", "Last", "ManualClock", "Max", "Mean",
     "MemoryBroker", "Min", "Output", "ProcessingHopping", "ProcessingTumbling", "RawBatch",
-    "RawCodec", "RawRecordData", "Record", "Retry", "Session", "Sink", "SinkError", "SinkOutput",
+    "RawCodec", "RawRecordData", "Record", "Rejected", "Retry", "Session", "Sink", "SinkError", "SinkOutput",
     "SinkRecord", "Source", "StrCodec", "Stream", "Sum", "SystemClock", "Table", "KeyedState", "Topic", "TopicMissing",
     "TopicPartition", "TopicSpec", "Tumbling", "Watermark", "WindowResult", "WindowedStream",
     "fold", "reduce", "to_builtins", "to_epoch_ms", "__version__",

@@ -28,12 +28,14 @@ import time
 import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 from asyncflow.errors import ConfigError, TopicMissing
 from asyncflow.protocols import (
     Partition,
     PartitionListener,
     RawBatch,
+    Rejected,
     SinkRecord,
     TopicPartition,
     TopicSpec,
@@ -111,7 +113,10 @@ class MemoryBroker:
             raise ConfigError(f"not a memory broker URL: {url!r} (use memory://)")
         self.url = url
         self.options = dict(options or {})
+        self.options.update(parse_qsl(urlsplit(url).query))
         self.session_timeout = float(self.options.get("session_timeout_ms", 3000)) / 1000
+        self.max_record_bytes = _max_record_bytes(self.options.get("max_record_bytes"))
+        """Records larger than this (key plus value) are refused, as a Kafka broker would."""
         self.topics: dict[str, MemoryTopic] = {}
         self._groups: dict[str, _Group] = {}
         self._data: asyncio.Event | None = None
@@ -524,7 +529,21 @@ class MemorySource:
 
 
 class MemorySink:
-    """Writes topic records into the memory broker (satisfies ``Sink``)."""
+    """Writes topic records into the memory broker (satisfies ``Sink``).
+
+    With the broker option ``max_record_bytes`` set, a record whose key and
+    value together are larger is refused (``Rejected``), as Kafka refuses one
+    over ``message.max.bytes``; the others of the batch are written.
+
+    Example:
+        >>> import asyncio
+        >>> broker = MemoryBroker("memory://?max_record_bytes=4")
+        >>> broker.create_topic("t")
+        >>> sink = broker.sink()
+        >>> [r.reason for r in asyncio.run(sink.write([SinkRecord(None, b"ok", "t"),
+        ...                                            SinkRecord(None, b"too big", "t")]))]
+        ['a record of 7 bytes is larger than the broker allows (max_record_bytes=4)']
+    """
 
     name = "memory-producer"
     max_batch = 2000
@@ -535,11 +554,39 @@ class MemorySink:
     async def start(self) -> None:
         pass
 
-    async def write(self, records: Sequence[SinkRecord]) -> None:
-        self.broker.produce_records(records)
+    async def write(self, records: Sequence[SinkRecord]) -> list[Rejected] | None:
+        """Append ``records`` to their topics; return the ones over ``max_record_bytes``."""
+        limit = self.broker.max_record_bytes
+        if limit is None:
+            self.broker.produce_records(records)
+            return None
+        refused = []
+        kept = []
+        for r in records:
+            size = len(r.key or b"") + len(r.value or b"")
+            if size > limit:
+                refused.append(Rejected(r, f"a record of {size} bytes is larger than the broker "
+                                           f"allows (max_record_bytes={limit})"))
+            else:
+                kept.append(r)
+        self.broker.produce_records(kept)
+        return refused
 
     async def stop(self) -> None:
         pass
+
+
+def _max_record_bytes(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"memory broker option max_record_bytes={raw!r}: must be a whole number "
+                          "of bytes, at least 1 (leave it out for no limit)")
+    return value
 
 
 def memory_broker(url: str, options: Mapping[str, str]) -> MemoryBroker:

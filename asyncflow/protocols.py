@@ -162,15 +162,38 @@ class SinkRecord:
     partition: int | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """A record a sink refuses for what it is, with the sink's reason.
+
+    What a write refuses for good (too large, a value the service cannot
+    store, a key it cannot take), as opposed to what fails for a while (the
+    service is down, throttling). The core sends it to the dead-letter output
+    with ``reason`` and goes on; retrying it could never succeed.
+
+    Example:
+        >>> r = Rejected(SinkRecord("k", {"v": float("nan")}), "NaN is not a DynamoDB number")
+        >>> r.reason
+        'NaN is not a DynamoDB number'
+    """
+
+    record: SinkRecord
+    reason: str
+
+
 @runtime_checkable
 class Sink(Protocol):
     """A destination that writes batches durably.
 
-    ``write`` returns only when every record of the batch is durable; it retries
-    what the service reports as failed and raises ``SinkError`` after bounded
-    retries. Optional attributes tune the core's batching: ``max_batch`` (records
-    per write, default 500) and ``linger`` (seconds to wait for a fuller batch,
-    default 0: write as soon as the previous write is done, see
+    ``write`` returns only when every record of the batch is durable, except
+    the ones it returns as ``Rejected``: records the sink refuses for what they
+    are, which the core sends to the dead-letter output with the sink's reason
+    (returning ``None`` or ``[]`` means all were written). What fails for a
+    transient reason is retried by the sink, which raises ``SinkError`` after
+    bounded retries: the worker then stops without committing what the batch
+    covers. Optional attributes tune the core's batching: ``max_batch``
+    (records per write, default 500) and ``linger`` (seconds to wait for a
+    fuller batch, default 0: write as soon as the previous write is done, see
     ``asyncflow.writer``).
     """
 
@@ -178,7 +201,7 @@ class Sink(Protocol):
 
     async def start(self) -> None: ...
 
-    async def write(self, records: Sequence[SinkRecord]) -> None: ...
+    async def write(self, records: Sequence[SinkRecord]) -> Sequence[Rejected] | None: ...
 
     async def stop(self) -> None: ...
 

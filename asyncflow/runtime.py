@@ -28,18 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from asyncflow.agent import referenced_topics
 from asyncflow.brokers import open_broker
-from asyncflow.channels import Channel, Topic
+from asyncflow.channels import Topic
 from asyncflow.checkpoint import Checkpointer
+from asyncflow.dead_letters import DeadLetters
 from asyncflow.dispatch import Dispatcher, Route
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
-from asyncflow.metrics import Metrics
 from asyncflow.protocols import (
     Broker,
     ChangelogBroker,
     CommittedPositions,
-    RawRecord,
-    SinkRecord,
     Source,
     TopicSpec,
 )
@@ -55,54 +53,6 @@ log = logging.getLogger("asyncflow.worker")
 
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young-generation collections while a worker runs."""
-
-
-class DeadLetters:
-    """The dead-letter output: the raw record, its position and the reason, in headers."""
-
-    def __init__(
-        self,
-        writer: SinkWriter,
-        topic: str | None,
-        codecs: dict[str, Channel[Any]],
-        metrics: Metrics,
-    ) -> None:
-        self.metrics = metrics
-        self.writer = writer
-        self.topic = topic
-        self.channels = codecs
-        self.count = 0
-
-    def _headers(self, reason: str, topic: str, partition: Hashable, offset: int) -> list[tuple[str, bytes]]:
-        return [
-            ("asyncflow.reason", reason.encode()),
-            ("asyncflow.topic", topic.encode()),
-            ("asyncflow.partition", str(getattr(partition, "partition", partition)).encode()),
-            ("asyncflow.offset", str(offset).encode()),
-        ]
-
-    def raw(self, topic: str, partition: Hashable, rec: RawRecord, reason: str) -> None:
-        """A record that could not be decoded (called by the dispatcher)."""
-        self.count += 1
-        self.metrics.incr("dead_letters")
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning(
-                "dead letter #%d from %s %s@%s: %s", self.count, topic, partition, rec.offset, reason
-            )
-        headers = self._headers(reason, topic, partition, rec.offset)
-        self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers))
-
-    async def event(self, event: Event[Any], reason: str, channel: str) -> None:
-        """An event an agent failed on, or a late one."""
-        self.count += 1
-        ch = self.channels.get(channel)
-        try:
-            value = ch.codec.encode(event.value) if ch is not None else repr(event.value).encode()
-        except Exception:  # noqa: BLE001 - a dead letter must not fail on encoding
-            value = repr(event.value).encode()
-        key = event.key if isinstance(event.key, bytes) or event.key is None else str(event.key).encode()
-        headers = self._headers(reason, channel, event.partition, event.offset)
-        await self.writer.send(SinkRecord(key, value, topic=self.topic, headers=headers))
 
 
 class SourceRunner:
@@ -426,7 +376,21 @@ class Runtime:
         self._stop.set()
 
     async def flush_writers(self) -> None:
-        await asyncio.gather(*(w.flush() for w in self.writers.values()))
+        """Make every output durable, the dead letters last (sinks refuse records while writing).
+
+        What a sink refuses during its flush is in the dead-letter writer's
+        buffer once that flush returns; the dead-letter writer is flushed
+        after the others, again while its own flushes turn up refusals (a
+        dead letter it refuses goes again without its value), at most three
+        times.
+        """
+        dead = self.dead_letters.writer
+        await asyncio.gather(*(w.flush() for w in self.writers.values() if w is not dead))
+        for _ in range(3):
+            refused = self.dead_letters.refused
+            await dead.flush()
+            if self.dead_letters.refused == refused:
+                return
 
     def _open_broker(self) -> Broker:
         app = self.app
@@ -519,6 +483,8 @@ class Runtime:
         if not isinstance(dl_target, str):
             dl_writer = self.writers["__dead_letters__"] = SinkWriter(dl_target, app.metrics)
         self.dead_letters = DeadLetters(dl_writer, dl_topic, dict(app.channels), app.metrics)
+        for w in self.writers.values():
+            w.on_rejected = self.dead_letters.rejected
 
         for ch in app.channels.values():
             if isinstance(ch, Topic):

@@ -36,7 +36,7 @@ from asyncflow.errors import SinkError
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.memory import MemoryBroker, MemoryRecord
-from asyncflow.protocols import SinkRecord
+from asyncflow.protocols import Rejected, SinkRecord
 from asyncflow.stream import LaneContext, Stream
 
 
@@ -66,12 +66,17 @@ def stream_of(
 
 
 class CaptureSink:
-    """A sink that keeps what it is given; can be slowed down or made to fail.
+    """A sink that keeps what it is given; can be slowed down, made to fail or to refuse records.
+
+    ``refuse(record)`` returns a reason to refuse the record for what it is
+    (it comes back from ``write`` as ``Rejected`` and goes to the dead
+    letters), or ``None`` to keep it.
 
     Example:
         >>> import asyncio
-        >>> s = CaptureSink("out")
-        >>> asyncio.run(s.write([SinkRecord("k", 1)]))
+        >>> s = CaptureSink("out", refuse=lambda r: "negative" if r.value < 0 else None)
+        >>> asyncio.run(s.write([SinkRecord("k", 1), SinkRecord("k", -1)]))
+        [Rejected(record=SinkRecord(key='k', value=-1, topic=None, headers=(), timestamp=None, partition=None), reason='negative')]
         >>> s.values
         [1]
     """
@@ -84,8 +89,10 @@ class CaptureSink:
         fail_times: int = 0,
         max_batch: int = 500,
         linger: float = 0.01,
+        refuse: Callable[[SinkRecord], str | None] | None = None,
     ) -> None:
         self.name = name
+        self.refuse = refuse
         self.delay = delay
         self.fail_times = fail_times
         self.max_batch = max_batch
@@ -96,14 +103,25 @@ class CaptureSink:
     async def start(self) -> None:
         pass
 
-    async def write(self, records: Sequence[SinkRecord]) -> None:
+    async def write(self, records: Sequence[SinkRecord]) -> list[Rejected] | None:
+        """Keep ``records`` (after ``delay``), except the ones ``refuse`` names a reason for."""
         if self.fail_times > 0:
             self.fail_times -= 1
             raise SinkError(f"{self.name}: injected failure")
         if self.delay:
             await asyncio.sleep(self.delay)
         self.writes += 1
-        self.records.extend(records)
+        if self.refuse is None:
+            self.records.extend(records)
+            return None
+        refused = []
+        for r in records:
+            reason = self.refuse(r)
+            if reason is None:
+                self.records.append(r)
+            else:
+                refused.append(Rejected(r, reason))
+        return refused
 
     async def stop(self) -> None:
         pass

@@ -11,6 +11,10 @@ durable: a checkpoint flushes every writer before it commits offsets. When the
 buffer is over its bound, ``send`` waits: a slow sink slows its lanes, which
 fill their queues, which pause the source. A sink that fails after its retries
 raises out of ``run`` and stops the worker; no checkpoint covers what it held.
+Records a write returns as ``Rejected`` (refused for what they are) go to
+``on_rejected`` (the runtime's dead-letter output) before the write counts as
+done, so a flush that returns has them in the dead-letter writer's buffer; a
+writer without ``on_rejected`` fails as it would on an error.
 
 Example:
     >>> import asyncio
@@ -36,12 +40,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
-from asyncflow.protocols import Sink, SinkRecord
+from asyncflow.protocols import Rejected, Sink, SinkRecord
 
 log = logging.getLogger("asyncflow.sink")
 
@@ -77,6 +81,10 @@ class SinkWriter:
         self._written = 0
         self._progress = asyncio.Event()
         self._failed: BaseException | None = None
+        self.on_rejected: Callable[[SinkWriter, SinkRecord, str], None] | None = None
+        """Where records the sink refuses go (the runtime sets it to its dead-letter output)."""
+        self.rejected = 0
+        """Records the sink refused so far."""
 
     @property
     def buffered(self) -> int:
@@ -209,7 +217,9 @@ class SinkWriter:
         try:
             for i in range(0, len(records), step):
                 chunk = records[i : i + step]
-                await self.sink.write(chunk)
+                refused = await self.sink.write(chunk)
+                if refused:
+                    self._refused(refused)
                 self._written += len(chunk)
                 self._progress.set()
                 self.metrics.incr(f"sink.{self.name}.written", len(chunk))
@@ -221,6 +231,20 @@ class SinkWriter:
             self._failed = exc
             self._progress.set()
             raise SinkError(f"sink {self.name} failed to write a batch: {exc}") from exc
+
+    def _refused(self, refused: Sequence[Rejected]) -> None:
+        """Hand what the sink refused to ``on_rejected`` (it never waits), or fail without it."""
+        on_rejected = self.on_rejected
+        if on_rejected is None:
+            first = refused[0]
+            raise SinkError(
+                f"sink {self.name} refused {len(refused)} record(s), e.g. key "
+                f"{first.record.key!r}: {first.reason} (no dead-letter output to send them to)"
+            )
+        self.rejected += len(refused)
+        self.metrics.incr(f"sink.{self.name}.rejected", len(refused))
+        for r in refused:
+            on_rejected(self, r.record, r.reason)
 
     def close(self) -> None:
         """Ask ``run`` to flush what is left and return."""
