@@ -8,6 +8,17 @@ partition the Java client would pick (``murmur2(key) & 0x7fffffff % n``);
 keyless records of one write go to one partition, the next write to the next
 one (sticky, round-robin across writes).
 
+A record Kafka can never take is refused, not retried: one over the
+producer's ``max_request_size`` (checked here, as aiokafka's ``send`` does),
+and one the broker refuses for what it is (``MESSAGE_SIZE_TOO_LARGE`` over
+the topic's ``max.message.bytes``, ``CORRUPT_MESSAGE``, ``INVALID_RECORD``).
+When the broker refuses a batch of several records, each is sent again in a
+batch of its own, so only the culprits are refused and the rest are
+written. ``write`` returns the refused records (``Rejected``, with the reason)
+and the core sends them to the dead-letter output. Everything else that
+fails (the broker down, a leader gone, timeouts) is retried by the producer
+and then raised as ``SinkError``.
+
 Example:
     >>> kafka_partition(b"sensor-1", 4) == kafka_partition(b"sensor-1", 4)
     True
@@ -23,14 +34,18 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from adapters.kafka_config import KafkaSettings, describe, start_client
 from asyncflow.errors import SinkError
-from asyncflow.protocols import SinkRecord
+from asyncflow.protocols import Rejected, SinkRecord
 
 log = logging.getLogger("asyncflow.kafka")
 
 _HASH_CACHE_SIZE = 65_536
+
+REFUSED_ERRNOS = {2: "CORRUPT_MESSAGE", 10: "MESSAGE_SIZE_TOO_LARGE", 87: "INVALID_RECORD"}
+"""Broker error codes that refuse a record for what it is: sending it again cannot help."""
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -81,13 +96,15 @@ class KafkaSink:
         await start_client(producer, self.url, self.settings)
         self._producer = producer
 
-    async def write(self, records: Sequence[SinkRecord]) -> None:
-        """Send ``records`` and return once the broker acknowledged every one of them.
+    async def write(self, records: Sequence[SinkRecord]) -> list[Rejected] | None:
+        """Send ``records``; return once the broker acknowledged every one it did not refuse.
 
-        Within a partition the records keep their order.
+        Within a partition the records keep their order, except records of a
+        batch the broker refused, which are sent again one by one after the
+        others. Returns the refused records (see the module docstring).
         """
         if not records:
-            return
+            return None
         if self._producer is None:
             raise SinkError("KafkaSink.write() before start(); start the sink first")
         try:
@@ -97,23 +114,62 @@ class KafkaSink:
                 f"Kafka records need bytes keys and values ({exc}); encode them with the "
                 "topic's codec before writing"
             ) from None
+        refused: list[Rejected] = []
         sends = await asyncio.gather(
-            *(self._send(topic, p, recs) for (topic, p), recs in groups.items()),
+            *(self._send(topic, p, recs, refused) for (topic, p), recs in groups.items()),
             return_exceptions=True,
         )
-        pending: list[tuple[str, int, int, Any]] = []
+        pending: list[tuple[str, int, list[SinkRecord], Any]] = []
         failures: list[tuple[str, int, int, BaseException]] = []
         for ((topic, p), recs), sent in zip(groups.items(), sends, strict=True):
             if isinstance(sent, BaseException):
                 failures.append((topic, p, len(recs), sent))
             else:
-                pending.extend((topic, p, n, fut) for n, fut in sent)
+                pending.extend((topic, p, chunk, fut) for chunk, fut in sent)
         results = await asyncio.gather(*(fut for *_, fut in pending), return_exceptions=True)
-        for (topic, p, n, _), result in zip(pending, results, strict=True):
+        again: list[tuple[str, int, list[SinkRecord], BaseException]] = []
+        for (topic, p, chunk, _), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
-                failures.append((topic, p, n, result))
+                if _refusal(result) is not None:
+                    again.append((topic, p, chunk, result))
+                else:
+                    failures.append((topic, p, len(chunk), result))
         if failures:
             raise self._error(failures, len(records))
+        for topic, p, chunk, error in again:
+            refused.extend(await self._one_by_one(topic, p, chunk, error))
+        return refused
+
+    async def _one_by_one(
+        self, topic: str, partition: int, chunk: list[SinkRecord], exc: BaseException
+    ) -> list[Rejected]:
+        """The broker refused a batch: send each record alone, and return the ones it refuses."""
+        if len(chunk) == 1:
+            return [Rejected(chunk[0], self._refused(topic, partition, exc))]
+        producer = self._producer
+        futures = []
+        for r in chunk:
+            batch = producer.create_batch()
+            batch.append(key=r.key, value=r.value, timestamp=r.timestamp, headers=list(r.headers))
+            batch.close()
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        refused: list[Rejected] = []
+        failures: list[tuple[str, int, int, BaseException]] = []
+        for r, result in zip(chunk, results, strict=True):
+            if isinstance(result, BaseException):
+                if _refusal(result) is not None:
+                    refused.append(Rejected(r, self._refused(topic, partition, result)))
+                else:
+                    failures.append((topic, partition, 1, result))
+        if failures:
+            raise self._error(failures, len(chunk))
+        return refused
+
+    def _refused(self, topic: str, partition: int, exc: BaseException) -> str:
+        return (f"Kafka refused the record ({_refusal(exc)}: {describe(exc)}; topic {topic!r} "
+                f"partition {partition}); a record over the topic's max.message.bytes must be "
+                "made smaller, or the topic's limit raised")
 
     async def _group(
         self, records: Sequence[SinkRecord]
@@ -170,28 +226,47 @@ class KafkaSink:
         return p
 
     async def _send(
-        self, topic: str, partition: int, records: list[SinkRecord]
-    ) -> list[tuple[int, Any]]:
-        """Queue ``records`` as closed batches for one partition; return (count, future) pairs."""
+        self, topic: str, partition: int, records: list[SinkRecord], refused: list[Rejected]
+    ) -> list[tuple[list[SinkRecord], Any]]:
+        """Queue ``records`` as closed batches for one partition; return (records, future) pairs.
+
+        A record over ``max_request_size`` is not sent: it goes to ``refused``.
+        Only the first record of a batch can be over the batch size, so only
+        first records are measured (every record, if batches may be larger
+        than a request).
+        """
         producer = self._producer
-        futures: list[tuple[int, Any]] = []
+        limit = self.settings.max_request_size
+        check_all = self.settings.max_batch_size > limit
+        estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        futures: list[tuple[list[SinkRecord], Any]] = []
         batch = producer.create_batch()
-        count = 0
+        chunk: list[SinkRecord] = []
         for r in records:
             headers = r.headers
             if headers.__class__ is not list:  # aiokafka's batch builder takes only lists
                 headers = list(headers)
-            if batch.append(key=r.key, value=r.value, timestamp=r.timestamp, headers=headers):
-                count += 1
+            if chunk and (not check_all or estimate(r.key, r.value, headers) <= limit) and \
+                    batch.append(key=r.key, value=r.value, timestamp=r.timestamp, headers=headers):
+                chunk.append(r)
                 continue
-            batch.close()
-            futures.append((count, await producer.send_batch(batch, topic, partition=partition)))
-            batch = producer.create_batch()
+            if chunk:  # the batch is full: send it, and start the next one with this record
+                batch.close()
+                futures.append((chunk, await producer.send_batch(batch, topic, partition=partition)))
+                batch = producer.create_batch()
+                chunk = []
+            size = estimate(r.key, r.value, headers)
+            if size > limit:
+                refused.append(Rejected(r, (
+                    f"a record of {size} bytes (key, value and headers) is larger than "
+                    f"max_request_size={limit}; send smaller records, or raise max_request_size "
+                    "in the broker URL and the topic's max.message.bytes")))
+                continue
             batch.append(key=r.key, value=r.value, timestamp=r.timestamp, headers=headers)
-            count = 1
-        if count:
+            chunk.append(r)
+        if chunk:
             batch.close()
-            futures.append((count, await producer.send_batch(batch, topic, partition=partition)))
+            futures.append((chunk, await producer.send_batch(batch, topic, partition=partition)))
         return futures
 
     def _error(self, failures: list[tuple[str, int, int, BaseException]], total: int) -> SinkError:
@@ -209,10 +284,33 @@ class KafkaSink:
         )
 
     async def stop(self) -> None:
-        """Wait for batches still in flight, then close the producer."""
+        """Wait for batches still in flight (at most ``request_timeout_ms``), then close the producer.
+
+        With the broker unreachable the wait is cut short after
+        ``request_timeout_ms``: what was in flight was never acknowledged, so
+        no checkpoint covers it and it is replayed.
+        """
         producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
+        if producer is None:
+            return
+        timeout = self.settings.request_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
                 await producer.stop()
-            except KafkaError as exc:
-                log.warning("closing the Kafka producer for %s failed: %s", self.url, exc)
+        except TimeoutError:
+            log.warning("closing the Kafka producer for %s took over request_timeout_ms=%d; "
+                        "records still in flight were not acknowledged and are replayed",
+                        self.url, self.settings.request_timeout_ms)
+            try:
+                async with asyncio.timeout(1.0):
+                    await producer.client.close()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.debug("closing the Kafka producer's connections failed: %s", exc)
+        except KafkaError as exc:
+            log.warning("closing the Kafka producer for %s failed: %s", self.url, exc)
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The name of the broker's error if it refuses a record for what it is, else ``None``."""
+    errno = getattr(exc, "errno", None)
+    return REFUSED_ERRNOS.get(errno) if isinstance(errno, int) else None

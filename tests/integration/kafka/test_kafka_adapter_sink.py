@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any
@@ -145,3 +146,95 @@ async def test_write_raises_sink_error_when_the_broker_never_acknowledges() -> N
             assert "100 records" in str(info.value) and "\n" not in str(info.value)
         finally:
             await sink.stop()
+
+
+async def test_a_record_over_max_request_size_is_refused_with_its_size_and_the_rest_are_written(
+    kafka_url: str, kafka_bootstrap: str, topic4: str
+) -> None:
+    broker = KafkaBroker(kafka_url, dict(TEST_OPTIONS, max_request_size="10000"))
+    sink = broker.sink()
+    await sink.start()
+    big = SinkRecord(b"k", b"x" * 20_000, topic=topic4)
+    try:
+        refused = await sink.write(
+            [SinkRecord(b"k", b"before", topic=topic4), big, SinkRecord(b"k", b"after", topic=topic4)]
+        )
+    finally:
+        await sink.stop()
+        await broker.close()
+    assert refused is not None and [r.record for r in refused] == [big]
+    assert "20" in refused[0].reason and "max_request_size=10000" in refused[0].reason
+    got = sorted(await consume(kafka_bootstrap, topic4, 2), key=lambda r: r.offset)
+    assert [r.value for r in got] == [b"before", b"after"]  # in order, on the key's partition
+
+
+async def test_a_batch_the_broker_refuses_is_sent_again_record_by_record_and_only_the_culprit_is_refused(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    """Tansu enforces no ``max.message.bytes``: the broker's refusal is injected per batch.
+
+    The producer's batches are watched as they are filled; a batch holding a
+    ``POISON`` value fails as Apache Kafka fails one over the topic's limit
+    (``MESSAGE_SIZE_TOO_LARGE``), without reaching the broker.
+    """
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    sink = await started(broker)
+    producer = sink._producer
+    create_batch, send_batch = producer.create_batch, producer.send_batch
+    refused_batches = 0
+
+    def watched_batch() -> Any:
+        batch = create_batch()
+        append = batch.append
+        batch.values = []
+
+        def recording_append(**kwargs: Any) -> Any:
+            result = append(**kwargs)
+            if result is not None:
+                batch.values.append(kwargs["value"])
+            return result
+
+        batch.append = recording_append
+        return batch
+
+    async def refusing_send_batch(batch: Any, topic: str, partition: int) -> Any:
+        nonlocal refused_batches
+        if any(v.startswith(b"POISON") for v in batch.values):
+            refused_batches += 1
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(MessageSizeTooLargeError())
+            return failed
+        return await send_batch(batch, topic, partition=partition)
+
+    producer.create_batch = watched_batch
+    producer.send_batch = refusing_send_batch
+    records = [SinkRecord(b"k%d" % (i % 7), b"v%d" % i, topic=topic4) for i in range(200)]
+    records[50] = poison = SinkRecord(b"k1", b"POISON", topic=topic4)
+    try:
+        refused = await sink.write(records)
+    finally:
+        await sink.stop()
+    assert refused is not None and [r.record for r in refused] == [poison]
+    assert "MESSAGE_SIZE_TOO_LARGE" in refused[0].reason
+    assert refused_batches == 2  # the batch of k1's partition, then the poison alone
+    got = await consume(kafka_bootstrap, topic4, 199)
+    assert sorted(r.value for r in got) == sorted(r.value for r in records if r is not poison)
+
+
+async def test_stop_with_the_broker_gone_ends_within_request_timeout() -> None:
+    with start_tansu() as tansu:
+        topic = await create_topic(tansu.bootstrap, partitions=1)
+        options = dict(TEST_OPTIONS, request_timeout_ms="2000", retry_backoff_ms="50")
+        sink = KafkaBroker(tansu.url, options).sink()
+        await sink.start()
+        await sink.write([SinkRecord(b"k", b"v", topic=topic)])
+        producer = sink._producer
+        tansu.stop(kill=True)
+        batch = producer.create_batch()
+        batch.append(key=b"k", value=b"in flight", timestamp=None, headers=[])
+        batch.close()
+        await producer.send_batch(batch, topic, partition=0)  # never acknowledged
+        t0 = time.monotonic()
+        await sink.stop()
+        assert time.monotonic() - t0 < 10  # request_timeout_ms=2000 bounds it
