@@ -18,6 +18,7 @@ Example:
 
 from asyncflow.agent import Agent, ErrorPolicy, Retry
 from asyncflow.app import App
+from asyncflow.async_map import AsyncMapped, Cache, InFlight
 from asyncflow.channels import Channel, Output, SinkOutput, Topic
 from asyncflow.clock import Clock, ManualClock, SystemClock
 from asyncflow.codecs import Codec, JsonCodec, RawCodec, StrCodec
@@ -73,7 +74,7 @@ from asyncflow.windows import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Agent", "AgentError", "Aggregate", "App", "AsyncflowError", "Broker", "BrokerUnavailable",
+    "Agent", "AgentError", "Aggregate", "App", "AsyncMapped", "Cache", "InFlight", "AsyncflowError", "Broker", "BrokerUnavailable",
     "Channel", "Clock", "Codec", "Collect", "ConfigError", "Count", "DecodeError", "ErrorPolicy",
     "Event", "EventTime", "First", "Hopping", "JsonCodec", "Last", "ManualClock", "Max", "Mean",
     "MemoryBroker", "Min", "Output", "ProcessingHopping", "ProcessingTumbling", "RawBatch",

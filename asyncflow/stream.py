@@ -47,6 +47,8 @@ from asyncflow.lanes import LaneClosed, LaneQueue
 from asyncflow.metrics import Metrics
 
 if TYPE_CHECKING:
+    from asyncflow.agent import Retry
+    from asyncflow.async_map import AsyncMapped, Cache, InFlight, Order
     from asyncflow.state.keyed import KeyedState
     from asyncflow.state.manager import StateManager
     from asyncflow.state.table import Table
@@ -146,6 +148,8 @@ class Stream(Generic[T]):
         self._window_key: Any = _NO_KEY
         self._windows: dict[int, WindowedStream] = {}
         self._window_calls = 0
+        self._async_maps: dict[int, AsyncMapped[Any]] = {}
+        self._async_calls = 0
         self.current: Event[Any] | None = None
 
     # -- building -----------------------------------------------------------------
@@ -282,6 +286,23 @@ class Stream(Generic[T]):
             >>> import asyncio; asyncio.run(results())
             [(0, 2.0)]
         """
+        return self._windowed(self, assigner, aggregate=aggregate, wait=wait, lateness=lateness,
+                              emit=emit, system_wait=system_wait, late=late, name=name)
+
+    def _windowed(
+        self,
+        source: Any,
+        assigner: Any,
+        *,
+        aggregate: Any,
+        wait: timedelta = timedelta(0),
+        lateness: timedelta = timedelta(0),
+        emit: Literal["final", "updates"] = "final",
+        system_wait: timedelta | None = None,
+        late: Any = None,
+        name: str | None = None,
+    ) -> WindowedStream:
+        """The windows of this call site over ``source`` (this stream, or what it feeds)."""
         from asyncflow.windows.windowed import WindowedStream
 
         slot = self._window_calls
@@ -289,7 +310,7 @@ class Stream(Generic[T]):
         ws = self._windows.get(slot)
         if ws is None:
             ws = WindowedStream(
-                self,
+                source,
                 assigner,
                 aggregate=aggregate,
                 wait=wait,
@@ -302,6 +323,61 @@ class Stream(Generic[T]):
             self._windows[slot] = ws
             self._lane.windows.append(ws)
         return ws
+
+    def map_async(
+        self,
+        fn: Callable[[T], Awaitable[U]],
+        *,
+        capacity: int = 100,
+        limit: InFlight | None = None,
+        order: Order = "key",
+        timeout: timedelta | float | None = None,
+        retry: Retry | None = None,
+        retry_on: tuple[type[BaseException], ...] = (TimeoutError, OSError),
+        cache: Cache | None = None,
+        fallback: Callable[[T, BaseException], U] | None = None,
+        on_failure: Literal["dead_letter", "raise"] = "dead_letter",
+    ) -> AsyncMapped[U]:
+        """Look values up with ``fn`` (async), many at once, results in order per key.
+
+        Up to ``capacity`` events of this lane are looked up at once (``limit``,
+        an ``af.InFlight``, bounds them over every lane given it); ``order`` is
+        ``"key"`` (per key, as they came), ``"stream"`` (as they came) or
+        ``"none"`` (as they complete). Each call is cut after ``timeout``;
+        failures of the types ``retry_on`` are retried as ``retry``
+        (``af.Retry``: times and backoff) says; ``cache`` (``af.Cache``) keeps
+        results. A lookup that still fails takes ``fallback(value, error)``,
+        else goes to the dead letters (``on_failure="dead_letter"``) or raises
+        in the body for the agent's error policy (``"raise"``). No checkpoint
+        covers an event whose lookup is in flight (see ``asyncflow.async_map``).
+        Iterate the result, or call ``.window(...)`` / ``.batches()`` on it.
+
+        Example:
+            >>> import asyncio
+            >>> from asyncflow.testing import stream_of
+            >>> async def country(ip):
+            ...     await asyncio.sleep(0.01)
+            ...     return {"1.1.1.1": "AU"}.get(ip, "?")
+            >>> async def demo():
+            ...     s = stream_of(["1.1.1.1", "10.0.0.1"])
+            ...     return [c async for c in s.map_async(country, timeout=1.0)]
+            >>> asyncio.run(demo())
+            ['AU', '?']
+        """
+        from asyncflow.async_map import AsyncMapped
+
+        slot = self._async_calls
+        self._async_calls += 1
+        mapped = self._async_maps.get(slot)
+        if mapped is None:
+            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            mapped = AsyncMapped(
+                self, fn, capacity=capacity, limit=limit, order=order, timeout=seconds,
+                retry=retry, retry_on=retry_on, cache=cache, fallback=fallback,
+                on_failure=on_failure,
+            )
+            self._async_maps[slot] = mapped
+        return mapped
 
     def batch(self, size: int, timeout: float) -> AsyncIterator[list[T]]:
         """Group values into lists of up to ``size``, waiting at most ``timeout`` s for more.
@@ -558,6 +634,7 @@ class Stream(Generic[T]):
         self._sync_ops = True
         self._chain = NO_STEPS
         self._window_calls = 0
+        self._async_calls = 0
 
     def push_back(self, event: Event[Any]) -> None:
         """Deliver ``event`` again as the next item (retry after an error)."""
@@ -618,8 +695,15 @@ class Stream(Generic[T]):
             self._buf, self._pos = got, 0
             return _FILLED
 
-    async def _next_events(self) -> tuple[list[Event[Any]], list[Any] | None] | Watermark:
+    async def _next_events(
+        self, stop_at_barrier: bool = False, wait: bool = True
+    ) -> tuple[list[Event[Any]], list[Any] | None] | Watermark | Any:
         """The lane's next slice after map/filter/key_by, or the next watermark.
+
+        With ``stop_at_barrier``, ``_BARRIER`` comes back when a checkpoint
+        barrier is next (the caller arrives with ``_arrive_at_barrier``); with
+        ``wait=False``, ``None`` when nothing is buffered (the queue is not
+        awaited).
 
         A slice is ``(events, values)``: the events that passed the chain and
         their values after it (``values`` is ``None`` when the stream has no
@@ -643,7 +727,9 @@ class Stream(Generic[T]):
             else:
                 buf, pos = self._buf, self._pos
                 if pos >= len(buf):
-                    got = await self._refill()
+                    if not wait:
+                        return _BARRIER if stop_at_barrier and self._barrier is not None else None
+                    got = await self._refill(stop_at_barrier=stop_at_barrier)
                     if got is _FILLED or got is None:
                         continue
                     return cast(Watermark, got)
@@ -679,6 +765,12 @@ class Stream(Generic[T]):
                         values.append(res.value)
             if done:
                 return done, values
+
+    async def _arrive_at_barrier(self) -> None:
+        """Arrive at the barrier ``_BARRIER`` announced (everything before it is handled)."""
+        barrier, self._barrier = self._barrier, None
+        if barrier is not None:
+            await barrier.arrive(self._lane.id)
 
     async def _next_item(
         self, timeout: float | None = None, stop_at_barrier: bool = False
@@ -747,6 +839,8 @@ class Stream(Generic[T]):
         middle of an event, so no later checkpoint may cover what it held.
         """
         self._held = None
+        for mapped in self._async_maps.values():
+            mapped.cancel()  # lookups still in flight: their events are replayed
         clean = finished and self.input_ended
         barrier, self._barrier = self._barrier, None
         if barrier is not None and clean:
