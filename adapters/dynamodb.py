@@ -3,8 +3,23 @@
 Values become DynamoDB attributes exactly: a float is stored as the decimal of
 its shortest ``repr`` (``0.1`` is stored as ``0.1`` and reads back as the same
 float), datetimes as ISO-8601 strings, dicts and lists as maps and lists.
-NaN, infinities and numbers outside DynamoDB's range are refused with a
-``SinkError`` naming the item and the field.
+
+**Refused, not retried.** A record that can never be stored comes back from
+``write`` as ``Rejected(record, reason)`` and the core sends it to the
+dead-letter output; the other records of the batch are written. Checked here,
+before any request: a value that is not a mapping (dict, dataclass, record);
+no key field and no ``SinkRecord.key``; no sort key; NaN, infinities, numbers
+outside DynamoDB's range, empty sets and values of unknown types (the reason
+names the field); a key attribute that is not a string, number or bytes.
+Refused by the service (``ValidationException``, e.g. an item over 400 KB, an
+empty string as a key, a key of another type than the table's): DynamoDB
+refuses the whole ``BatchWriteItem`` then, so the sink writes that chunk's
+items one by one with ``PutItem`` and refuses only those the service refuses,
+with its message.
+
+**Retried, then raised.** Throttling, ``UnprocessedItems``, 5xx answers and
+dropped connections are retried with backoff; after ``max_retries`` the write
+raises ``SinkError`` (the worker stops without committing the batch).
 
 Example:
     >>> sink = DynamoDBSink("example", key="id", region="us-east-1")
@@ -12,6 +27,31 @@ Example:
     (1000, 5.0)
     >>> to_attribute({"average": 0.1, "n": 3}, "value")
     {'M': {'average': {'N': '0.1'}, 'n': {'N': '3'}}}
+
+    A batch with one value DynamoDB cannot store (``_wrap_client`` puts a
+    stand-in for the service in place of the client; nothing is sent):
+
+    >>> class Table:
+    ...     items = []
+    ...     async def describe_table(self, TableName):
+    ...         return {"Table": {"KeySchema": [{"AttributeName": "id", "KeyType": "HASH"}]}}
+    ...     async def batch_write_item(self, RequestItems):
+    ...         self.items += [r["PutRequest"]["Item"] for r in RequestItems["example"]]
+    ...         return {}
+    >>> table = Table()
+    >>> sink = DynamoDBSink("example", region="us-east-1", endpoint_url="http://127.0.0.1:9",
+    ...                     _wrap_client=lambda service, client: table)
+    >>> async def demo():
+    ...     await sink.start()
+    ...     try:
+    ...         return await sink.write([SinkRecord("a", {"mean": 1.5}),
+    ...                                  SinkRecord("b", {"mean": float("nan")})])
+    ...     finally:
+    ...         await sink.stop()
+    >>> [(r.record.key, r.reason) for r in asyncio.run(demo())]
+    [('b', "field 'mean': NaN is not a number DynamoDB can store; filter or replace NaN/inf first (id='b')")]
+    >>> table.items
+    [{'mean': {'N': '1.5'}, 'id': {'S': 'a'}}]
 """
 
 from __future__ import annotations
@@ -21,10 +61,13 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from asyncflow.errors import AsyncflowError, ConfigError, SinkError, redact_url
-from asyncflow.protocols import SinkRecord
+from asyncflow.protocols import Rejected, SinkRecord
 
 from ._aws import (
     AwsOptions,
@@ -93,8 +136,13 @@ class TableNotFound(ConfigError):
 class DynamoDBSinkStats:
     """Counters of a ``DynamoDBSink`` (for metrics and tests).
 
+    ``items_written`` counts items stored, ``items_rejected`` records refused
+    (returned as ``Rejected``), ``requests`` every ``BatchWriteItem`` and
+    ``PutItem`` sent, ``batches_split`` chunks the service refused as a whole
+    and that were written item by item to find the culprits.
+
     Example:
-        >>> DynamoDBSinkStats().items_written
+        >>> DynamoDBSinkStats().items_rejected
         0
     """
 
@@ -102,6 +150,27 @@ class DynamoDBSinkStats:
     requests: int = 0
     unprocessed_retried: int = 0
     duplicates_collapsed: int = 0
+    items_rejected: int = 0
+    batches_split: int = 0
+
+
+class _Refused(Exception):
+    """A record that cannot become an item (internal; it becomes a ``Rejected``)."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Key:
+    """The writes of one key within a batch, in order: the last one is written.
+
+    The others stand by: if the service refuses the last one, the one before
+    is written instead (as if the refused record had not been sent).
+    """
+
+    writes: list[tuple[int, SinkRecord, dict[str, Any]]]
+
+    @property
+    def item(self) -> dict[str, Any]:
+        return self.writes[-1][2]
 
 
 class DynamoDBSink:
@@ -110,9 +179,17 @@ class DynamoDBSink:
     Each record's value (a dict, a dataclass or an asyncflow record) becomes one
     item; the key attribute comes from the value or, when the value lacks it,
     from ``SinkRecord.key``. Within a batch the last write of a key wins.
-    ``write`` returns when every item is stored; throttling and
-    ``UnprocessedItems`` are retried with exponential backoff and full jitter,
-    ``max_retries`` times, then ``SinkError`` is raised.
+    ``write`` returns when every item is stored, except the records it returns
+    as ``Rejected`` (refused for what they are; see the module docstring for
+    which). Throttling and ``UnprocessedItems`` are retried with exponential
+    backoff and full jitter, ``max_retries`` times, then ``SinkError`` is raised.
+
+    A refused record is treated as if it had not been sent: when several
+    records of a batch have the same key and the last one is refused, the one
+    before it is written instead (a value refused here never takes part in
+    the collapse; one the service refuses is replaced by the previous write
+    of its key). Earlier writes of a key whose last write is stored were
+    superseded, as without refusals, and are neither written nor returned.
 
     Endpoint, region and credentials come from the options or the usual AWS
     environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``...).
@@ -208,98 +285,117 @@ class DynamoDBSink:
         if stack is not None:
             await stack.aclose()
 
-    async def write(self, records: Sequence[SinkRecord]) -> None:
-        """Store every record; return when all are durable, else raise ``SinkError``."""
+    async def write(self, records: Sequence[SinkRecord]) -> list[Rejected]:
+        """Store every record; return the ones refused for good (``Rejected``, in input order).
+
+        Everything not returned is durable when this returns; what cannot be
+        written for a transient reason raises ``SinkError`` after bounded retries.
+        """
         if self._client is None:
             raise SinkError(f"{self.name}: write() before start()")
-        items = self._collapse(records)
-        chunks = [items[i : i + BATCH_LIMIT] for i in range(0, len(items), BATCH_LIMIT)]
-        if not chunks:
-            return
-        it: Iterator[list[dict[str, Any]]] = iter(chunks)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.concurrency, len(chunks))):
-                    tg.create_task(self._write_chunks(it))
-        except BaseExceptionGroup as group:
-            exc = first_error(group)
-            if isinstance(exc, SinkError):
-                raise exc from None
-            if isinstance(exc, AsyncflowError):
-                raise SinkError(f"{self.name}: {exc}") from exc
-            raise SinkError(f"{self.name}: write failed: {describe(exc)}") from exc
+        rejected: list[tuple[int, Rejected]] = []
+        keys = self._collapse(records, rejected)
+        chunks = [keys[i : i + BATCH_LIMIT] for i in range(0, len(keys), BATCH_LIMIT)]
+        if chunks:
+            it: Iterator[list[_Key]] = iter(chunks)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(min(self.concurrency, len(chunks))):
+                        tg.create_task(self._write_chunks(it, rejected))
+            except BaseExceptionGroup as group:
+                exc = first_error(group)
+                if isinstance(exc, SinkError):
+                    raise exc from None
+                if isinstance(exc, AsyncflowError):
+                    raise SinkError(f"{self.name}: {exc}") from exc
+                raise SinkError(f"{self.name}: write failed: {describe(exc)}") from exc
+        self.stats.items_rejected += len(rejected)
+        rejected.sort(key=lambda r: r[0])
+        return [r for _, r in rejected]
 
-    def _collapse(self, records: Sequence[SinkRecord]) -> list[dict[str, Any]]:
-        by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for rec in records:
-            item = self._item(rec)
-            ident = tuple(next(iter(item[a].items())) for a in self._key_attrs)
-            by_key[ident] = item
-        self.stats.duplicates_collapsed += len(records) - len(by_key)
+    def _collapse(
+        self, records: Sequence[SinkRecord], rejected: list[tuple[int, Rejected]]
+    ) -> list[_Key]:
+        by_key: dict[tuple[Any, ...], _Key] = {}
+        converted = 0
+        for index, rec in enumerate(records):
+            try:
+                item = self._item(rec)
+            except _Refused as exc:
+                rejected.append((index, Rejected(rec, str(exc))))
+                continue
+            converted += 1
+            ident = tuple(_identity(item[a]) for a in self._key_attrs)
+            known = by_key.get(ident)
+            if known is None:
+                by_key[ident] = _Key([(index, rec, item)])
+            else:
+                known.writes.append((index, rec, item))
+        self.stats.duplicates_collapsed += converted - len(by_key)
         return list(by_key.values())
 
     def _item(self, rec: SinkRecord) -> dict[str, Any]:
+        """The item of ``rec``, or ``_Refused`` with the reason (naming the field)."""
         value = self._convert(rec.value)
         if not isinstance(value, Mapping):
-            raise SinkError(
-                f"{self.name}: values must be dicts, dataclasses or records, "
-                f"got {type(value).__name__} (key {rec.key!r})"
+            raise _Refused(
+                f"the value is a {type(value).__name__}, not a dict, dataclass or record "
+                f"(key {rec.key!r}); an item needs named fields"
             )
         fields = dict(value)
         if self.key not in fields or fields[self.key] is None:
             if rec.key is None:
-                raise SinkError(
-                    f"{self.name}: record has no {self.key!r} field and no key; "
+                raise _Refused(
+                    f"field {self.key!r}: missing, and the record has no key; "
                     f"send it with a key or add the field"
                 )
             fields[self.key] = rec.key
+        where = f"{self.key}={fields[self.key]!r}"
         if self.sort_key is not None and fields.get(self.sort_key) is None:
-            raise SinkError(f"{self.name}: record {rec.key!r} has no sort key {self.sort_key!r}")
+            raise _Refused(f"field {self.sort_key!r}: the sort key is missing ({where})")
         try:
             item = {str(k): to_attribute(v, str(k)) for k, v in fields.items()}
         except InvalidItemValue as exc:
-            raise InvalidItemValue(
-                exc.path, f"{exc.problem} ({self.name}, {self.key}={fields[self.key]!r})"
-            ) from None
+            raise _Refused(f"{exc} ({where})") from None
         for attr in self._key_attrs:
             kind = next(iter(item[attr]))
             if kind not in ("S", "N", "B"):
-                raise SinkError(
-                    f"{self.name}: key attribute {attr!r} must be a string, number or bytes, "
-                    f"got {fields[attr]!r}"
+                raise _Refused(
+                    f"field {attr!r}: a key attribute must be a string, number or bytes, "
+                    f"got {fields[attr]!r} ({where})"
                 )
         return item
 
-    async def _write_chunks(self, chunks: Iterator[list[dict[str, Any]]]) -> None:
+    async def _write_chunks(
+        self, chunks: Iterator[list[_Key]], rejected: list[tuple[int, Rejected]]
+    ) -> None:
         for chunk in chunks:
-            await self._write_chunk(chunk)
+            if not await self._write_chunk([k.item for k in chunk]):
+                self.stats.batches_split += 1
+                for key in chunk:
+                    await self._put_key(key, rejected)
 
-    async def _write_chunk(self, items: list[dict[str, Any]]) -> None:
+    async def _write_chunk(self, items: list[dict[str, Any]]) -> bool:
+        """Write ``items`` with ``BatchWriteItem``; ``False`` if the service refused the batch.
+
+        DynamoDB validates a whole batch before writing any of it, so a
+        ``ValidationException`` names no item and writes none (moto may have
+        written the items before the bad one; writing them again is harmless).
+        """
         pending: dict[str, Any] = {self.table: [{"PutRequest": {"Item": i}} for i in items]}
         attempt = 0
         while True:
             try:
-                response = await call_with_retry(
-                    self._client.batch_write_item,
-                    backoff=self._backoff,
-                    service="dynamodb",
-                    endpoint=self._endpoint,
-                    what=f"BatchWriteItem on {self.table!r}",
-                    fail=SinkError,
-                    RequestItems=pending,
+                response = await self._call(
+                    self._client.batch_write_item, "BatchWriteItem", RequestItems=pending
                 )
-            except SinkError:
-                raise
-            except AsyncflowError as exc:
-                raise SinkError(f"{self.name}: {exc}") from exc
-            except Exception as exc:
-                raise SinkError(self._explain(exc)) from exc
-            self.stats.requests += 1
+            except _ServiceRefused:
+                return False
             sent = len(pending[self.table])
             unprocessed = (response.get("UnprocessedItems") or {}).get(self.table) or []
             self.stats.items_written += sent - len(unprocessed)
             if not unprocessed:
-                return
+                return True
             self.stats.unprocessed_retried += len(unprocessed)
             if attempt >= self._backoff.max_retries:
                 raise SinkError(
@@ -312,13 +408,46 @@ class DynamoDBSink:
             attempt += 1
             pending = {self.table: unprocessed}
 
-    def _explain(self, exc: BaseException) -> str:
-        code = error_code(exc)
-        if code == "ResourceNotFoundException":
+    async def _put_key(self, key: _Key, rejected: list[tuple[int, Rejected]]) -> None:
+        """``PutItem`` the last write of ``key``; if refused, the one before, and so on."""
+        for index, rec, item in reversed(key.writes):
+            try:
+                await self._call(self._client.put_item, "PutItem", TableName=self.table, Item=item)
+            except _ServiceRefused as exc:
+                where = ", ".join(f"{a}={_shown(item[a])}" for a in self._key_attrs)
+                rejected.append((index, Rejected(rec, f"DynamoDB refused the item ({where}): {exc}")))
+                continue
+            self.stats.items_written += 1
+            return
+
+    async def _call(self, fn: Callable[..., Any], op: str, **kwargs: Any) -> Any:
+        """One request with retries; ``_ServiceRefused`` for a ``ValidationException``."""
+        try:
+            response = await call_with_retry(
+                fn,
+                backoff=self._backoff,
+                service="dynamodb",
+                endpoint=self._endpoint,
+                what=f"{op} on {self.table!r}",
+                fail=SinkError,
+                **kwargs,
+            )
+        except SinkError:
+            raise
+        except AsyncflowError as exc:
+            raise SinkError(f"{self.name}: {exc}") from exc
+        except Exception as exc:
+            if error_code(exc) == "ValidationException":
+                self.stats.requests += 1
+                raise _ServiceRefused(_message(exc)) from exc
+            raise SinkError(self._explain(exc, op)) from exc
+        self.stats.requests += 1
+        return response
+
+    def _explain(self, exc: BaseException, op: str) -> str:
+        if error_code(exc) == "ResourceNotFoundException":
             return str(self._missing())
-        if code == "ValidationException":
-            return f"{self.name}: DynamoDB refused the batch: {describe(exc)}"
-        return f"{self.name}: BatchWriteItem failed: {describe(exc)}"
+        return f"{self.name}: {op} failed: {describe(exc)}"
 
     def _missing(self) -> TableNotFound:
         return TableNotFound(
@@ -344,6 +473,32 @@ class DynamoDBSink:
             endpoint=self._endpoint,
             on_missing=self._missing,
         )
+
+
+class _ServiceRefused(Exception):
+    """DynamoDB answered ``ValidationException`` (internal): the request can never succeed."""
+
+
+def _message(exc: BaseException) -> str:
+    """The service's message of a ``ClientError`` (its first line), else ``describe``."""
+    if isinstance(exc, ClientError):
+        lines = str(exc.response.get("Error", {}).get("Message", "")).strip().splitlines()
+        if lines:
+            return lines[0]
+    return describe(exc)
+
+
+def _identity(attr: Mapping[str, Any]) -> tuple[str, Any]:
+    """What DynamoDB compares keys by: ``N`` by value (``1`` and ``1.0`` are one key)."""
+    ((kind, raw),) = attr.items()
+    return (kind, Decimal(raw) if kind == "N" else raw)
+
+
+def _shown(attr: Mapping[str, Any]) -> str:
+    """A key attribute for a message: its value (a number bare), shortened to 100 characters."""
+    ((kind, raw),) = attr.items()
+    text = str(raw) if kind == "N" else repr(raw)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 async def ensure_table(

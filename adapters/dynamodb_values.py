@@ -3,8 +3,9 @@
 A float is stored as the decimal of its shortest ``repr`` (``0.1`` becomes
 ``0.1``, which reads back as the same float); datetimes, dates and times become
 ISO-8601 strings; mappings, lists and sets become maps, lists and sets. NaN,
-infinities, numbers outside DynamoDB's range and unknown types raise
-``InvalidItemValue`` naming the field.
+infinities, numbers outside DynamoDB's range, empty sets and unknown types
+raise ``InvalidItemValue`` naming the field (``DynamoDBSink`` returns such a
+record as ``Rejected`` with that message, and writes the rest of the batch).
 
 Example:
     >>> to_attribute({"average": 0.1, "n": 3}, "value")

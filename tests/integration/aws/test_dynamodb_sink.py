@@ -12,7 +12,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from adapters._aws import AwsCredentialsError, AwsUnavailable
-from adapters.dynamodb import DynamoDBSink, InvalidItemValue, TableNotFound, item_from_dynamodb
+from adapters.dynamodb import DynamoDBSink, TableNotFound, item_from_dynamodb
 from asyncflow.errors import ConfigError, SinkError
 from asyncflow.protocols import SinkRecord
 from tests.integration.aws.moto import CREDENTIALS, REGION, free_port, start_moto
@@ -255,18 +255,20 @@ async def test_floats_round_trip_exactly(
     ("value", "problem"),
     [(math.nan, "NaN"), (math.inf, "Infinity"), (-math.inf, "Infinity"), (1e300, "outside")],
 )
-async def test_nan_infinity_and_out_of_range_numbers_are_refused_clearly(
+async def test_nan_infinity_and_out_of_range_numbers_are_rejected_naming_the_field(
     moto_endpoint: str, unique: Callable[[str], str], value: float, problem: str
 ) -> None:
     sink = make_sink(moto_endpoint, unique("nan"))
+    record = SinkRecord(key="a", value={"readings": {"mean": value}})
     await sink.start()
     try:
-        with pytest.raises(InvalidItemValue, match=problem) as info:
-            await sink.write([SinkRecord(key="a", value={"readings": {"mean": value}})])
+        [rejected] = await sink.write([record])
     finally:
         await sink.stop()
-    assert "readings.mean" in str(info.value)
-    assert "id='a'" in str(info.value)
+    assert rejected.record is record
+    assert rejected.reason.startswith("field 'readings.mean': ")
+    assert problem in rejected.reason
+    assert rejected.reason.endswith("(id='a')")
 
 
 async def test_duplicate_keys_in_a_batch_collapse_to_the_last_write(
@@ -350,18 +352,20 @@ async def test_unreachable_endpoint_gives_a_clear_error() -> None:
         await sink.start()
 
 
-async def test_write_errors_are_sink_errors_naming_the_sink(
+async def test_values_that_cannot_become_items_are_rejected_and_misuse_is_a_sink_error(
     moto_endpoint: str, unique: Callable[[str], str]
 ) -> None:
     sink = make_sink(moto_endpoint, unique("types"))
+    with pytest.raises(SinkError, match=r"dynamodb:types-\w+: write\(\) before start\(\)"):
+        await sink.write([SinkRecord(key="a", value={"n": 1})])
     await sink.start()
     try:
-        with pytest.raises(SinkError, match="type object"):
-            await sink.write([SinkRecord(key="a", value={"f": object()})])
-        with pytest.raises(SinkError, match="no 'id' field and no key"):
-            await sink.write([SinkRecord(key=None, value={"n": 1})])
+        [wrong_type] = await sink.write([SinkRecord(key="a", value={"f": object()})])
+        [no_key] = await sink.write([SinkRecord(key=None, value={"n": 1})])
     finally:
         await sink.stop()
+    assert "values of type object cannot be stored" in wrong_type.reason
+    assert "field 'id': missing, and the record has no key" in no_key.reason
 
 
 async def test_endpoint_region_and_credentials_come_from_the_environment(
