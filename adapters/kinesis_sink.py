@@ -1,5 +1,27 @@
 """Kinesis sink: ``PutRecords`` in requests of up to 500 records / 5 MiB, failed records retried.
 
+**Refused, not retried.** A record Kinesis can never take comes back from
+``write`` as ``Rejected(record, reason)`` and the core sends it to the
+dead-letter output; the rest of the batch is written. Checked here, before
+any request: a value that cannot be encoded as JSON, a partition key that is
+not 1 to 256 characters (or not valid Unicode), data plus partition key over
+``max_record_bytes`` (1 MiB, Kinesis's limit). NaN and infinities are not
+refused: orjson writes them as JSON ``null``. Refused by the service: a
+whole request answered with ``ValidationException`` or
+``InvalidArgumentException`` names no record, so it is split in halves until
+the culprits are alone in a request (the others are written). After the
+checks here that happens only when they are looser than the stream's limits
+(a ``max_record_bytes`` or ``max_request_bytes`` raised above them): Kinesis
+validates a request before it writes any of it, so the halves write nothing
+twice. (moto writes the records before a partition key it refuses; the
+partition key check here keeps that from happening.)
+
+**Retried, then raised.** The per-record ``ErrorCode`` of a ``PutRecords``
+answer is ``ProvisionedThroughputExceededException`` or ``InternalFailure``
+(the only two the API documents): both transient, so those records are sent
+again with backoff and, after ``max_retries``, ``SinkError`` is raised, as for
+throttling, 5xx answers and dropped connections of the whole request.
+
 Example:
     >>> sink = KinesisSink("alerts", region="us-east-1")
     >>> (sink.name, sink.max_batch)
@@ -20,9 +42,18 @@ from typing import Any
 import orjson
 
 from asyncflow.errors import AsyncflowError, SinkError, redact_url
-from asyncflow.protocols import SinkRecord
+from asyncflow.protocols import Rejected, SinkRecord
 
-from ._aws import AwsOptions, Backoff, call_with_retry, endpoint_of, open_client, plain_converter
+from ._aws import (
+    AwsOptions,
+    Backoff,
+    call_with_retry,
+    describe,
+    endpoint_of,
+    error_code,
+    open_client,
+    plain_converter,
+)
 from .kinesis_stream import check_stream
 
 log = logging.getLogger("adapters.kinesis")
@@ -32,6 +63,9 @@ MAX_RECORDS_PER_REQUEST = 500
 
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
 """Data plus partition keys per ``PutRecords`` request (a Kinesis limit)."""
+
+REFUSED_REQUEST_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
+"""Error codes of a ``PutRecords`` request refused for what it holds: split it to find out."""
 
 
 def encode_value(value: Any, convert: Callable[[Any], Any] | None = None) -> bytes:
@@ -56,14 +90,20 @@ def encode_value(value: Any, convert: Callable[[Any], Any] | None = None) -> byt
 class KinesisSinkStats:
     """Counters of a ``KinesisSink``.
 
+    ``records_rejected`` counts records returned as ``Rejected``;
+    ``requests_split`` requests the service refused as a whole and that were
+    split in halves to find the culprits.
+
     Example:
-        >>> KinesisSinkStats().records_retried
+        >>> KinesisSinkStats().records_rejected
         0
     """
 
     records_written: int = 0
     requests: int = 0
     records_retried: int = 0
+    records_rejected: int = 0
+    requests_split: int = 0
 
 
 class KinesisSink:
@@ -76,13 +116,37 @@ class KinesisSink:
     with exponential backoff and full jitter, up to ``max_retries`` times; then
     ``SinkError``. A retried record can land after a later record of the same
     key (as with any ``PutRecords`` client); use one record per key per batch
-    where order matters. ``_wrap_client(service, client)`` is a testing hook.
+    where order matters. Records that can never be put are returned as
+    ``Rejected`` (see the module docstring). ``_wrap_client(service, client)``
+    is a testing hook.
 
     Example:
         >>> sink = KinesisSink("alerts", endpoint_url="http://127.0.0.1:5000",
         ...                    region="us-east-1", linger=0.1)
         >>> sink.linger
         0.1
+
+        A record over the size limit is refused before anything is sent (the
+        stand-in for the service answers as Kinesis does):
+
+        >>> import asyncio
+        >>> class Stream:
+        ...     async def describe_stream_summary(self, StreamName):
+        ...         return {"StreamDescriptionSummary": {"StreamStatus": "ACTIVE"}}
+        ...     async def put_records(self, StreamName, Records):
+        ...         return {"Records": [{"SequenceNumber": "1", "ShardId": "s"} for _ in Records]}
+        >>> sink = KinesisSink("alerts", region="us-east-1", endpoint_url="http://127.0.0.1:9",
+        ...                    max_record_bytes=100, _wrap_client=lambda service, c: Stream())
+        >>> async def demo():
+        ...     await sink.start()
+        ...     try:
+        ...         return await sink.write([SinkRecord("a", {"n": 1}), SinkRecord("b", b"x" * 200)])
+        ...     finally:
+        ...         await sink.stop()
+        >>> [(r.record.key, r.reason) for r in asyncio.run(demo())]
+        [('b', 'the record is 201 bytes (data and partition key), over the 100-byte Kinesis record limit')]
+        >>> sink.stats.records_written
+        1
     """
 
     def __init__(
@@ -148,31 +212,51 @@ class KinesisSink:
             await stack.aclose()
 
     def _partition_key(self, key: Any) -> str:
+        """The partition key of ``key``, or ``_Refused`` with the reason."""
         if key is None:
             return next(self._spread)
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
         if not 1 <= len(text) <= 256:
-            raise SinkError(f"{self.name}: a partition key must have 1 to 256 characters: {key!r}")
+            raise _Refused(
+                f"a partition key must have 1 to 256 characters, this one has {len(text)}: "
+                f"{_short(key)}"
+            )
         return text
 
-    def _entries(self, records: Sequence[SinkRecord]) -> list[dict[str, Any]]:
-        out = []
-        for rec in records:
+    def _entry(self, rec: SinkRecord) -> dict[str, Any]:
+        """The ``PutRecords`` entry of ``rec``, or ``_Refused`` with the reason."""
+        try:
             data = encode_value(rec.value, self._convert)
-            key = self._partition_key(rec.key)
-            if len(data) + len(key.encode()) > self.max_record_bytes:
-                raise SinkError(
-                    f"{self.name}: a record of key {rec.key!r} is {len(data)} bytes, over the "
-                    f"{self.max_record_bytes}-byte Kinesis record limit"
-                )
-            out.append({"PartitionKey": key, "Data": data})
+        except SinkError as exc:
+            raise _Refused(str(exc)) from None
+        key = self._partition_key(rec.key)
+        try:
+            size = len(data) + len(key.encode())
+        except UnicodeEncodeError:
+            raise _Refused(f"the partition key is not valid Unicode text: {_short(rec.key)}") from None
+        if size > self.max_record_bytes:
+            raise _Refused(
+                f"the record is {size} bytes (data and partition key), over the "
+                f"{self.max_record_bytes}-byte Kinesis record limit"
+            )
+        return {"PartitionKey": key, "Data": data}
+
+    def _entries(
+        self, records: Sequence[SinkRecord], rejected: list[tuple[int, Rejected]]
+    ) -> list[_Entry]:
+        out = []
+        for index, rec in enumerate(records):
+            try:
+                out.append((index, rec, self._entry(rec)))
+            except _Refused as exc:
+                rejected.append((index, Rejected(rec, str(exc))))
         return out
 
-    def _requests(self, entries: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-        request: list[dict[str, Any]] = []
+    def _requests(self, entries: list[_Entry]) -> Iterator[list[_Entry]]:
+        request: list[_Entry] = []
         size = 0
         for entry in entries:
-            n = len(entry["Data"]) + len(entry["PartitionKey"].encode())
+            n = len(entry[2]["Data"]) + len(entry[2]["PartitionKey"].encode())
             if request and (
                 len(request) == MAX_RECORDS_PER_REQUEST or size + n > self.max_request_bytes
             ):
@@ -183,14 +267,22 @@ class KinesisSink:
         if request:
             yield request
 
-    async def write(self, records: Sequence[SinkRecord]) -> None:
-        """Put every record; return when all are stored, else raise ``SinkError``."""
+    async def write(self, records: Sequence[SinkRecord]) -> list[Rejected]:
+        """Put every record; return the ones refused for good (``Rejected``, in input order).
+
+        Everything not returned is stored when this returns; what cannot be
+        put for a transient reason raises ``SinkError`` after bounded retries.
+        """
         if self._client is None:
             raise SinkError(f"{self.name}: write() before start()")
-        for request in self._requests(self._entries(records)):
-            await self._put(request)
+        rejected: list[tuple[int, Rejected]] = []
+        for request in self._requests(self._entries(records, rejected)):
+            await self._put(request, rejected)
+        self.stats.records_rejected += len(rejected)
+        rejected.sort(key=lambda r: r[0])
+        return [r for _, r in rejected]
 
-    async def _put(self, entries: list[dict[str, Any]]) -> None:
+    async def _put(self, entries: list[_Entry], rejected: list[tuple[int, Rejected]]) -> None:
         attempt = 0
         while True:
             try:
@@ -202,14 +294,18 @@ class KinesisSink:
                     what=f"PutRecords to {self.stream!r}",
                     fail=SinkError,
                     StreamName=self.stream,
-                    Records=entries,
+                    Records=[e for _, _, e in entries],
                 )
             except SinkError:
                 raise
             except AsyncflowError as exc:
                 raise SinkError(f"{self.name}: {exc}") from exc
             except Exception as exc:
-                raise SinkError(f"{self.name}: PutRecords failed: {exc}") from exc
+                if error_code(exc) not in REFUSED_REQUEST_CODES:
+                    raise SinkError(f"{self.name}: PutRecords failed: {describe(exc)}") from exc
+                self.stats.requests += 1
+                await self._split(entries, exc, rejected)
+                return
             self.stats.requests += 1
             results = response.get("Records", [])
             failed = [e for e, r in zip(entries, results, strict=True) if r.get("ErrorCode")]
@@ -229,3 +325,30 @@ class KinesisSink:
             await self._backoff.sleep(attempt)
             attempt += 1
             entries = failed
+
+    async def _split(
+        self, entries: list[_Entry], exc: BaseException, rejected: list[tuple[int, Rejected]]
+    ) -> None:
+        """The service refused ``entries`` as a whole: a lone record is refused, else halves."""
+        if len(entries) == 1:
+            index, rec, _ = entries[0]
+            rejected.append((index, Rejected(rec, f"Kinesis refused the record: {describe(exc)}")))
+            return
+        self.stats.requests_split += 1
+        middle = len(entries) // 2
+        await self._put(entries[:middle], rejected)
+        await self._put(entries[middle:], rejected)
+
+
+_Entry = tuple[int, SinkRecord, dict[str, Any]]
+"""A record's index in the write, the record, and its ``PutRecords`` entry."""
+
+
+class _Refused(Exception):
+    """A record Kinesis cannot take (internal; it becomes a ``Rejected``)."""
+
+
+def _short(key: Any) -> str:
+    """A key for a message, shortened to 60 characters."""
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
