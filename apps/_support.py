@@ -26,6 +26,7 @@ its own command and variables):
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -103,6 +104,52 @@ def env(name: str, default: str | None = None) -> str | None:
     """An environment variable, with an empty value counting as unset."""
     value = os.environ.get(name)
     return value if value else default
+
+
+def env_int(name: str, default: int, *, low: int = 0) -> int:
+    """A whole number from the environment (unset or empty: ``default``), at least ``low``.
+
+    A bad value is a one-line ``ConfigError`` naming the variable and what is allowed.
+
+    Example:
+        >>> env_int("NO_SUCH_VARIABLE_XYZ", 8, low=1)
+        8
+    """
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise af.ConfigError(f"{name}={raw!r} is not allowed; use an integer >= {low}")
+    return value
+
+
+def env_seconds(name: str, default: float | None, *, zero_is_none: bool = False) -> float | None:
+    """A duration in seconds from the environment (unset or empty: ``default``), finite and > 0.
+
+    With ``zero_is_none``, ``0`` means none (``None``). A bad value is a
+    one-line ``ConfigError`` naming the variable and what is allowed.
+
+    Example:
+        >>> env_seconds("NO_SUCH_VARIABLE_XYZ", 2.0)
+        2.0
+    """
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if zero_is_none and value == 0:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        allowed = "a number of seconds > 0" + (" (0 for none)" if zero_is_none else "")
+        raise af.ConfigError(f"{name}={raw!r} is not allowed; use {allowed}")
+    return value
 
 
 def on_memory_broker(app: af.App) -> bool:

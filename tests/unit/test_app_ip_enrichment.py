@@ -1,4 +1,5 @@
-"""apps.ip_enrichment: poison header, bounded async lookups, per-address order, null locations."""
+"""apps.ip_enrichment (offline database): poison header, bounded async lookups, per-address
+order, null locations. The HTTP mode is in ``test_app_ip_enrichment_http.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from apps.ip_enrichment import GeoLookup, IpLocation, make_app
+from apps.ip_enrichment import GeoLookup, IpLocation, LookupSettings, make_app
 from asyncflow.testing import CaptureSink, TestRun, reason_of
 
 DATA = Path(__file__).resolve().parents[2] / "apps" / "data" / "ip_address_w_country.txt"
@@ -24,7 +25,12 @@ def plain_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "ASYNCFLOW_LANE_CAPACITY",
         "IP_LANES",
         "IP_LOOKUP_CONCURRENCY",
+        "IP_LOOKUP_IN_FLIGHT",
+        "IP_LOOKUP_TIMEOUT",
+        "IP_LOOKUP_RETRIES",
+        "IP_LOOKUP_CACHE",
         "IP_GEO_DB",
+        "IP_GEO_URL",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -128,14 +134,50 @@ async def test_private_and_unknown_addresses_give_null_locations_not_errors() ->
     assert out["10.0.0.1"].input_country == "Intranet"
 
 
-async def test_lookups_never_run_more_than_the_semaphore_allows() -> None:
+async def test_database_lookups_never_run_more_than_the_in_flight_bound_allows() -> None:
     reader = FakeReader({f"8.8.{i}.1": "US" for i in range(40)}, delay=0.005)
     app = make_app(
-        echo=CaptureSink(), lookup=GeoLookup(limit=2, reader=reader), lanes=8, load=False
+        echo=CaptureSink(),
+        lookup=GeoLookup(reader=reader),
+        lanes=8,
+        load=False,
+        settings=LookupSettings(in_flight=2),
     )
     run = await run_lines(app, [f"8.8.{i}.1,US" for i in range(40)])
     assert len(run.outputs(OUT)) == 40
     assert reader.max_active == 2  # lanes waited for each other at the bound, and used it
+
+
+async def test_one_lane_runs_many_database_lookups_at_once() -> None:
+    reader = FakeReader({f"8.8.{i}.1": "US" for i in range(40)}, delay=0.005)
+    app = make_app(
+        echo=CaptureSink(),
+        lookup=GeoLookup(reader=reader),
+        lanes=1,
+        load=False,
+        settings=LookupSettings(in_flight=4),
+    )
+    run = await run_lines(app, [f"8.8.{i}.1,US" for i in range(40)])
+    assert sorted(loc.ip for loc in run.outputs(OUT)) == sorted(f"8.8.{i}.1" for i in range(40))
+    assert reader.max_active == 4  # map_async, not one await at a time
+
+
+async def test_repeated_lines_are_looked_up_in_the_database_once() -> None:
+    reader = FakeReader({"8.8.8.8": "US", "1.1.1.1": "AU"})
+    lines = ["8.8.8.8,US", "1.1.1.1,AU"] * 10
+    calls: list[str] = []
+    real_get = reader.get
+
+    def counted(ip: str) -> dict[str, Any] | None:
+        calls.append(ip)
+        return real_get(ip)
+
+    reader.get = counted  # type: ignore[method-assign]
+    run = await run_lines(
+        make_app(echo=CaptureSink(), lookup=GeoLookup(reader=reader), load=False), lines
+    )
+    assert len(run.outputs(OUT)) == 20
+    assert sorted(calls) == ["1.1.1.1", "8.8.8.8"]
 
 
 async def test_results_of_one_address_keep_the_input_order() -> None:
