@@ -47,6 +47,7 @@ from aiokafka.errors import KafkaError, for_code
 
 from adapters.kafka_changelog import KafkaChangelog
 from adapters.kafka_config import URL_FORM, KafkaSettings, describe, redact_url, start_client
+from adapters.kafka_health import BrokerHealth
 from adapters.kafka_sink import KafkaSink, kafka_partition
 from adapters.kafka_source import KafkaSource, KafkaSourceError
 from asyncflow.errors import BrokerUnavailable, ConfigError, TopicMissing
@@ -91,7 +92,14 @@ class KafkaBroker:
         self.url = redact_url(url)
         self._admin: Any = None
         self._admin_lock: asyncio.Lock | None = None
-        self._changelog = KafkaChangelog(self.settings, self.url)
+        self.health = BrokerHealth(
+            self.url,
+            probe=self._probe,
+            probe_timeout=min(5.0, self.settings.request_timeout_ms / 1000),
+        )
+        """The cluster's reachability, one log line per change (see ``adapters.kafka_health``);
+        it listens to the aiokafka clients' logs from the first client made until ``close``."""
+        self._changelog = KafkaChangelog(self.settings, self.url, self.health)
 
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
         """A consumer-group member reading ``topics`` as ``group_id`` (not started).
@@ -104,7 +112,8 @@ class KafkaBroker:
             raise ConfigError("a Kafka source needs at least one topic")
         if not group_id:
             raise ConfigError("a Kafka source needs a consumer group id")
-        return KafkaSource(self.settings, [t.name for t in topics], group_id, self.url)
+        self.health.watch()
+        return KafkaSource(self.settings, [t.name for t in topics], group_id, self.url, self.health)
 
     def sink(self) -> KafkaSink:
         """A producer writing ``SinkRecord`` s to their ``topic`` (not started).
@@ -113,6 +122,7 @@ class KafkaBroker:
             >>> KafkaBroker("kafka://localhost", {}).sink().max_batch
             10000
         """
+        self.health.watch()
         return KafkaSink(self.settings, self.url)
 
     async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
@@ -252,19 +262,32 @@ class KafkaBroker:
         }
 
     async def close(self) -> None:
-        """Close the admin connection and the changelog clients.
+        """Close the admin connection and the changelog clients (each within ``request_timeout_ms``).
 
-        Sources and sinks are stopped by their owners.
+        Sources and sinks are stopped by their owners. Stops watching the
+        clients' logs (``health``).
 
         Example:
             >>> asyncio.run(KafkaBroker("kafka://localhost", {}).close())
         """
+        await self.health.stop_probing()  # a probe would open the admin client again
         admin, self._admin = self._admin, None
         try:
             await self._changelog.close()
-        finally:
             if admin is not None:
-                await admin.close()
+                try:
+                    async with asyncio.timeout(self.settings.request_timeout_ms / 1000):
+                        await admin.close()
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    log.warning("closing the Kafka admin client for %s failed: %s",
+                                self.url, describe(exc))
+        finally:
+            self.health.unwatch()
+
+    async def _probe(self) -> None:
+        """One metadata request (what ``health`` asks while the cluster seems unreachable)."""
+        admin = await self._admin_client()
+        await admin.describe_cluster()
 
     async def _admin_client(self) -> Any:
         if self._admin is not None:
@@ -273,6 +296,7 @@ class KafkaBroker:
             self._admin_lock = asyncio.Lock()
         async with self._admin_lock:
             if self._admin is None:
+                self.health.watch()
                 settings = self.settings
                 admin = AIOKafkaAdminClient(**settings.client_args())
                 await start_client(admin, self.url, settings)

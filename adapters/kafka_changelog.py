@@ -33,7 +33,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.errors import ConsumerStoppedError, KafkaError, OffsetOutOfRangeError
 
-from adapters.kafka_config import KafkaSettings, describe, start_client
+from adapters.kafka_config import KafkaSettings, describe, start_client, stop_consumer
+from adapters.kafka_health import BrokerHealth, is_connection_error
 from adapters.kafka_source import KafkaSourceError
 from asyncflow.errors import SinkError
 from asyncflow.protocols import RawRecord, SinkRecord
@@ -56,9 +57,13 @@ class KafkaChangelog:
         ('kafka://k:9092', -1, False)
     """
 
-    def __init__(self, settings: KafkaSettings, url: str = "") -> None:
+    def __init__(
+        self, settings: KafkaSettings, url: str = "", health: BrokerHealth | None = None
+    ) -> None:
         self.settings = settings
         self.url = url or "kafka://" + ",".join(settings.bootstrap_servers)
+        self.health = health or BrokerHealth(self.url)
+        """Where connection errors are told (``KafkaBroker`` shares one with its clients)."""
         self._producer: Any = None
         self._producer_lock = asyncio.Lock()
         self._append_locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -259,7 +264,11 @@ class KafkaChangelog:
                             f"reading changelog topic {topic!r} partition {partition} on "
                             f"{self.url} failed: {describe(exc)}"
                         ) from exc
-                    log.warning(
+                    if is_connection_error(exc):
+                        self.health.failed(f"reading changelog {topic}[{partition}]: "
+                                           f"{describe(exc)}")
+                    log.log(
+                        logging.DEBUG if self.health.lost else logging.WARNING,
                         "reading changelog %s[%d] from %s failed (%s); returning no records",
                         topic,
                         partition,
@@ -286,6 +295,9 @@ class KafkaChangelog:
     async def close(self) -> None:
         """Stop the producer (after its batches in flight) and the reader, if they started.
 
+        Each within ``request_timeout_ms``: a broker that does not answer
+        cannot hold up a worker's exit.
+
         Example:
             >>> from adapters.kafka_config import KafkaSettings
             >>> asyncio.run(KafkaChangelog(KafkaSettings.parse("kafka://k")).close())
@@ -293,13 +305,21 @@ class KafkaChangelog:
         producer, self._producer = self._producer, None
         reader, self._reader = self._reader, None
         self._reading, self._next = None, None
-        for name, client in (("producer", producer), ("reader", reader)):
-            if client is None:
-                continue
+        timeout = self.settings.request_timeout_ms / 1000
+        if reader is not None:
+            await stop_consumer(reader, self.url, timeout, leave_group=False)
+        if producer is not None:
             try:
-                await client.stop()
-            except KafkaError as exc:
-                log.warning("closing the changelog %s for %s failed: %s", name, self.url, exc)
+                async with asyncio.timeout(timeout):
+                    await producer.stop()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning("closing the changelog producer for %s failed (%s); what it had "
+                            "in flight was not acknowledged", self.url, describe(exc))
+                try:
+                    async with asyncio.timeout(1.0):
+                        await producer.client.close()
+                except (TimeoutError, KafkaError, OSError) as err:
+                    log.debug("closing the changelog producer's connections failed: %s", err)
 
     async def _producer_client(self) -> Any:
         if self._producer is not None:

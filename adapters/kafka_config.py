@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from asyncflow.errors import BrokerUnavailable, ConfigError, redact_url, redacted_repr
 
-__all__ = ["URL_FORM", "KafkaSettings", "describe", "redact_url", "start_client"]
+__all__ = ["URL_FORM", "KafkaSettings", "describe", "redact_url", "start_client", "stop_consumer"]
 
 log = logging.getLogger("asyncflow.kafka")
 
@@ -446,6 +446,83 @@ def describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     name = type(exc).__name__
     return text if name in text else (f"{name}: {text}" if text else name)
+
+
+async def stop_consumer(consumer: Any, url: str, timeout: float, *, leave_group: bool) -> bool:
+    """Stop an aiokafka consumer within ``timeout`` seconds, leaving its group if it is in one.
+
+    ``True`` if it stopped in time; else (the broker does not answer) its
+    connections are closed without the goodbyes and ``False`` is returned: a
+    group then drops this member only after ``session_timeout_ms``. Works
+    around two things of aiokafka 0.14: its fetcher's ``close`` re-raises the
+    cancellation of its own fetch tasks (``CancelledError`` out of ``stop``,
+    connections left open), and it sends ``LeaveGroup`` only from generation 1
+    on while Tansu numbers a group's first generation 0 (Apache Kafka starts
+    at 1), so a lone member never left its group there.
+
+    Example:
+        >>> async def close(consumer: AIOKafkaConsumer) -> None:  # doctest: +SKIP
+        ...     await stop_consumer(consumer, url, 5.0, leave_group=True)
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if (
+        leave_group
+        and coordinator is not None
+        and getattr(coordinator, "generation", None) == 0
+        and getattr(coordinator, "member_id", "")
+    ):
+        coordinator.generation = 1  # joined in Tansu's generation 0: let aiokafka say goodbye
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    stopped = False
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                await consumer.stop()
+            except asyncio.CancelledError:
+                if task is None or task.cancelling() > cancelling:
+                    raise  # a cancellation of ours (or the timeout): not aiokafka's own
+                log.debug("aiokafka's fetcher re-raised its own cancellation; closing %s", url)
+                await _force_close(consumer)
+        stopped = True
+    except TimeoutError:
+        log.warning(
+            "closing the Kafka consumer for %s took over %.1fs (the broker does not answer); "
+            "closed its connections without leaving the group, which drops this member after "
+            "session_timeout_ms", url, timeout,
+        )
+    except (KafkaError, OSError) as exc:
+        log.warning("closing the Kafka consumer for %s failed: %s", url, describe(exc))
+    finally:
+        if not stopped:  # also when cancelled from outside: no connection is left open
+            await _force_close(consumer)
+    return stopped
+
+
+async def _force_close(consumer: Any) -> None:
+    """Cancel a consumer's background tasks and close its connections (best effort, 1 s)."""
+    tasks: list[asyncio.Task[Any]] = []
+    coordinator = getattr(consumer, "_coordinator", None)
+    fetcher = getattr(consumer, "_fetcher", None)
+    for owner, names in (
+        (coordinator, ("_coordination_task", "_heartbeat_task", "_commit_refresh_task")),
+        (fetcher, ("_fetch_task",)),
+    ):
+        for name in names:
+            t = getattr(owner, name, None)
+            if isinstance(t, asyncio.Task) and not t.done():
+                tasks.append(t)
+    tasks += [t for t in getattr(fetcher, "_pending_tasks", ()) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    client = getattr(consumer, "_client", None)
+    try:
+        async with asyncio.timeout(1.0):
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if client is not None:
+                await client.close()
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.debug("closing a Kafka consumer's connections failed: %s", exc)
 
 
 async def _close_quietly(client: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,10 +34,13 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
 )
 from aiokafka.protocol.group import JoinGroupRequest
 
-from adapters.kafka_config import KafkaSettings, describe, start_client
+from adapters.kafka_config import KafkaSettings, describe, start_client, stop_consumer
+from adapters.kafka_health import BrokerHealth, is_connection_error
+from asyncflow.checkpoint import CommitFailed
 from asyncflow.errors import AsyncflowError, BrokerUnavailable
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, TopicPartition
 
@@ -74,12 +78,19 @@ class KafkaSource:
     """
 
     def __init__(
-        self, settings: KafkaSettings, topics: Sequence[str], group_id: str, url: str = ""
+        self,
+        settings: KafkaSettings,
+        topics: Sequence[str],
+        group_id: str,
+        url: str = "",
+        health: BrokerHealth | None = None,
     ) -> None:
         self.settings = settings
         self.topics = list(topics)
         self.group_id = group_id
         self.url = url or "kafka://" + ",".join(settings.bootstrap_servers)
+        self.health = health or BrokerHealth(self.url)
+        """Where connection errors and successful calls are told (``KafkaBroker`` shares one)."""
         self._consumer: Any = None
         self._listener: PartitionListener | None = None
         self._owned: dict[KafkaTP, TopicPartition] = {}
@@ -150,6 +161,8 @@ class KafkaSource:
             partition = owned.get(tp)
             if partition is not None and records:
                 batches.append(RawBatch(tp.topic, partition, records))
+        if batches:
+            self.health.ok()
         return batches
 
     async def _fetch_failed(self, exc: BaseException, timeout: float) -> None:
@@ -162,12 +175,17 @@ class KafkaSource:
             ) from exc
         self._failures += 1
         delay = min(_MAX_BACKOFF, 0.1 * 2 ** min(self._failures, 6), max(timeout, 0.1))
-        log.warning(
-            "Kafka fetch from %s failed (%s); retrying in %.1fs",
-            self.url,
-            describe(exc),
-            delay,
-        )
+        if is_connection_error(exc):
+            self.health.failed(f"fetching: {describe(exc)}")  # one line per outage, not per try
+            log.debug("Kafka fetch from %s failed (%s); retrying in %.1fs",
+                      self.url, describe(exc), delay)
+        else:
+            log.warning(
+                "Kafka fetch from %s failed (%s); retrying in %.1fs",
+                self.url,
+                describe(exc),
+                delay,
+            )
         await asyncio.sleep(delay)
 
     def pause(self, partitions: Iterable[Partition]) -> None:
@@ -202,9 +220,13 @@ class KafkaSource:
 
         Partitions no longer assigned here are skipped: their new owner replays
         from the last commit (at-least-once). A commit the group refuses
-        because it rebalanced, or one that does not finish within
-        ``request_timeout_ms``, is logged, not raised; the next commit carries
-        the newer positions.
+        because it rebalanced is logged, not raised: the partitions moved and
+        their new owner replays from the last commit. A commit that fails for
+        a reason that may pass (the broker unreachable, the coordinator
+        moving) or does not finish within ``request_timeout_ms`` raises
+        ``CommitFailed``: nothing of it counts as committed, and the caller
+        commits the positions again later. Other errors (authorization) raise
+        ``KafkaSourceError``.
         """
         consumer = self._consumer
         if consumer is None or not positions:
@@ -219,8 +241,10 @@ class KafkaSource:
                 log.debug("not committing %s: it is no longer assigned here", tp)
         if not offsets:
             return
+        began = time.monotonic()
+        timeout_ms = self.settings.request_timeout_ms
         try:
-            async with asyncio.timeout(self.settings.request_timeout_ms / 1000):
+            async with asyncio.timeout(timeout_ms / 1000):
                 await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning(
@@ -229,20 +253,25 @@ class KafkaSource:
                 self.group_id,
                 exc,
             )
+            return
         except TimeoutError:
-            log.warning(
-                "Kafka commit for group %s did not finish within request_timeout_ms=%d; "
-                "the next commit will carry these positions",
-                self.group_id,
-                self.settings.request_timeout_ms,
-            )
+            raise CommitFailed(
+                f"committing offsets of group {self.group_id} on {self.url} got no answer "
+                f"within request_timeout_ms={timeout_ms}"
+            ) from None
         except KafkaError as exc:
-            if not exc.retriable:
+            if not (exc.retriable or isinstance(exc, KafkaTimeoutError | KafkaConnectionError)):
                 raise KafkaSourceError(
                     f"committing offsets of group {self.group_id} on {self.url} failed: "
                     f"{describe(exc)}"
                 ) from exc
-            log.warning("Kafka commit for group %s failed: %s", self.group_id, exc)
+            if is_connection_error(exc):
+                self.health.failed(f"committing: {describe(exc)}")
+            raise CommitFailed(
+                f"committing offsets of group {self.group_id} on {self.url} failed: "
+                f"{describe(exc)}"
+            ) from None
+        self.health.ok(since=began)
 
     async def committed(self, partitions: Collection[Partition]) -> dict[Partition, int | None]:
         """The offset of the last record the group's last commit covers, per partition.
@@ -290,17 +319,24 @@ class KafkaSource:
             for p, offset in zip(wanted, offsets, strict=True)
         }
 
-    async def stop(self) -> None:
-        """Leave the group and close the connection.
+    async def stop(self, timeout: float | None = None) -> None:
+        """Leave the group and close the connections, within ``timeout`` seconds.
 
-        ``on_revoked`` is *not* called: commit what is done before stopping.
+        ``timeout`` defaults to ``request_timeout_ms``. A broker that does not
+        answer in time cannot be told goodbye: the connections are closed
+        anyway, and the group drops this member after ``session_timeout_ms``
+        (a warning says so). ``on_revoked`` is *not* called: commit what is
+        done before stopping. Calling it again, or before ``start``, does
+        nothing.
         """
         consumer, self._consumer = self._consumer, None
         self._ready.clear()
         self._owned = {}
         self._stash = {}
         if consumer is not None:
-            await consumer.stop()
+            if timeout is None:
+                timeout = self.settings.request_timeout_ms / 1000
+            await stop_consumer(consumer, self.url, timeout, leave_group=True)
 
     # called by _Rebalance, inside aiokafka's coordination task
 

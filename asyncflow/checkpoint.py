@@ -18,7 +18,11 @@ sequence, every commit interval, on revoke and on stop:
    offset and the partition's event-time frontier.
 4. **Local stores.** The same changes and that metadata go into each local
    store, atomically.
-5. **Offsets committed.** The cut's offsets go to the source.
+5. **Offsets committed.** The cut's offsets go to the source. A commit the
+   source could not make for a reason that may pass (``CommitFailed``: the
+   broker unreachable, no answer in time) leaves those offsets uncommitted:
+   the next checkpoint commits them, even if no record came in meanwhile,
+   and so does the last one at stop.
 
 A crash between any two steps leaves state that claims no event whose outputs
 were not flushed (state is written only after step 2) and lacks no event whose
@@ -48,6 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import TYPE_CHECKING
 
+from asyncflow.errors import AsyncflowError
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import Source
 
@@ -57,6 +62,21 @@ if TYPE_CHECKING:
     from asyncflow.state.manager import StateManager
 
 log = logging.getLogger("asyncflow.checkpoint")
+
+
+class CommitFailed(AsyncflowError):
+    """``Source.commit`` could not commit, for a reason that may pass; nothing of it counts as done.
+
+    The broker is unreachable, or did not answer in time. The checkpointer
+    keeps the positions uncommitted and commits them again at its next
+    checkpoint. (A commit refused because the partitions moved to another
+    member is not this: the source logs it and returns, since their new
+    owner replays from the last commit.)
+
+    Example:
+        >>> str(CommitFailed("committing offsets of group g got no answer within 40 s"))
+        'committing offsets of group g got no answer within 40 s'
+    """
 
 
 class Barrier:
@@ -134,6 +154,12 @@ class Checkpointer:
         self.failed = False
         self.lost: set[Hashable] = set()
         self.committed: dict[Hashable, int] = {}
+        self.commit_failures = 0
+        """Commits in a row that failed (``CommitFailed``); 0 after one succeeds."""
+        self.last_error: str | None = None
+        """Why the last checkpoint or commit that did not complete did not."""
+        self.step = ""
+        """What a checkpoint under way waits for: ``lanes``, ``outputs``, ``commit`` (or "")."""
         self._last_cut: dict[Hashable, int] = {}
         self._lock = asyncio.Lock()
         self._barrier: Barrier | None = None
@@ -154,78 +180,151 @@ class Checkpointer:
             self._barrier.leave(lane)
 
     async def checkpoint(
-        self, *, timeout: float | None = None, only: Collection[Hashable] | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        only: Collection[Hashable] | None = None,
+        final: bool = False,
     ) -> bool:
-        """Take a checkpoint now; ``False`` if the lanes did not all reach it within ``timeout``.
+        """Take a checkpoint now; ``False`` if it did not complete.
 
+        Incomplete: the lanes did not all reach it within ``timeout``, an
+        earlier checkpoint failed half way, a lane stopped in the middle of
+        its input, or the source could not commit (``CommitFailed``). In
+        every case the offsets of the last complete checkpoint that are not
+        committed yet are committed (when the source can), so a commit that
+        failed is retried by the next call whether or not records came in.
         ``only`` limits the offsets committed to those partitions (a revoke).
+        ``final`` (the stop's checkpoint) logs nothing about why it did not
+        complete: ``last_error`` says it, and the runtime's stop line tells it.
         """
         began = time.monotonic()
+        done, took = True, False
+        self.step = ""
         async with self._lock:
             dispatcher, state = self.dispatcher, self.state
             marks = dispatcher.broadcast_watermark()
             cut = dispatcher.cut()
-            if cut == self._last_cut and not state.dirty and all(
-                self.committed.get(p) == o for p, o in cut.items() if p not in self.lost
-            ):
-                return True  # nothing new, and everything persisted is committed
-            if self.failed:
-                log.warning("no checkpoint: an earlier one failed half way; everything since "
-                            "the last complete checkpoint is replayed after a restart")
-                return False
-            if self.broken:
-                log.warning(
-                    "no checkpoint: lane %s stopped before its input ended and may have left an "
-                    "event half done; everything since the last checkpoint is replayed",
-                    ", ".join(sorted(str(x) for x in self.broken)),
-                )
-                return False
-            active = [lane for lane in self.lanes if lane not in self.finished]
-            barrier = self._barrier = Barrier(len(active))
-            for lane in active:
-                self.lanes[lane].put_barrier(barrier)
-            try:
-                if timeout is None:
+            if cut == self._last_cut and not state.dirty:
+                pass  # nothing new since the last complete checkpoint; its commit may be due
+            elif self.failed:
+                if not final:
+                    log.warning("no checkpoint: an earlier one failed half way; everything "
+                                "since the last complete checkpoint is replayed after a restart")
+                done = False
+            elif self.broken:
+                lanes = ", ".join(sorted(str(x) for x in self.broken))
+                self.last_error = f"lane {lanes} stopped before its input ended"
+                if not final:
+                    log.warning(
+                        "no checkpoint: lane %s stopped before its input ended and may have "
+                        "left an event half done; everything since the last checkpoint is "
+                        "replayed", lanes,
+                    )
+                done = False
+            else:
+                done = took = await self._take(cut, marks, timeout)
+        committed = await self._commit(only, final)
+        if took:
+            self.metrics.incr("checkpoints")
+            self.metrics.gauge("checkpoint_seconds", round(time.monotonic() - began, 4))
+        return done and committed
+
+    async def _take(
+        self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], timeout: float | None
+    ) -> bool:
+        """Steps 1 to 4 (under the lock): barrier, outputs, changelogs, local stores."""
+        state = self.state
+        active = [lane for lane in self.lanes if lane not in self.finished]
+        barrier = self._barrier = Barrier(len(active))
+        for lane in active:
+            self.lanes[lane].put_barrier(barrier)
+        self.step = "lanes"
+        try:
+            if timeout is None:
+                await barrier.aligned.wait()
+            else:
+                async with asyncio.timeout(timeout):
                     await barrier.aligned.wait()
-                else:
-                    async with asyncio.timeout(timeout):
-                        await barrier.aligned.wait()
-            except TimeoutError:
-                waiting = len(active) - barrier.arrived
-                log.warning(
-                    "checkpoint abandoned: %d of %d lanes did not reach it within %.1fs; what "
-                    "they hold is replayed from the last committed offsets", waiting, len(active),
-                    timeout,
-                )
-                self.metrics.incr("checkpoints_abandoned")
-                return False
-            finally:
-                self._barrier = None
-                if not barrier.aligned.is_set():
-                    barrier.release()
-            try:
-                staged = state.snapshot(cut, marks, state.next_checkpoint_id())
-            finally:
+        except TimeoutError:
+            waiting = len(active) - barrier.arrived
+            self.last_error = f"{waiting} of {len(active)} lanes did not reach the checkpoint"
+            log.warning(
+                "checkpoint abandoned: %d of %d lanes did not reach it within %.1fs; what "
+                "they hold is replayed from the last committed offsets", waiting, len(active),
+                timeout,
+            )
+            self.metrics.incr("checkpoints_abandoned")
+            return False
+        finally:
+            self._barrier = None
+            if not barrier.aligned.is_set():
                 barrier.release()
-            try:
-                await self.flush()
-                await state.persist(staged)
-            except BaseException:
-                # the changes taken by the snapshot are neither durable nor in memory any
-                # more: a later checkpoint would commit offsets their state lacks
-                self.failed = True
-                raise
-            self._last_cut = cut
-        positions = {
-            p: o for p, o in cut.items()
-            if o > self.committed.get(p, -1) and (only is None or p in only) and p not in self.lost
-        }
-        if positions:
-            await self.source.commit(positions)
-            self.committed.update(positions)
-        self.metrics.incr("checkpoints")
-        self.metrics.gauge("checkpoint_seconds", round(time.monotonic() - began, 4))
+        try:
+            staged = state.snapshot(cut, marks, state.next_checkpoint_id())
+        finally:
+            barrier.release()
+        self.step = "outputs"
+        try:
+            await self.flush()
+            await state.persist(staged)
+        except BaseException as exc:
+            # the changes taken by the snapshot are neither durable nor in memory any
+            # more: a later checkpoint would commit offsets their state lacks
+            self.failed = True
+            if isinstance(exc, asyncio.CancelledError):
+                self.last_error = "writing the outputs and state was cut short (not done in time)"
+            else:
+                self.last_error = f"writing the outputs or state failed: {exc}"
+            raise
+        self.step = ""  # (left as it is when cut short: what it was waiting for)
+        self._last_cut = cut
         return True
+
+    async def _commit(self, only: Collection[Hashable] | None, final: bool = False) -> bool:
+        """Step 5: commit what the last complete checkpoint covers and is not committed yet."""
+        committed = self.committed
+        positions = {
+            p: o for p, o in self._last_cut.items()
+            if o > committed.get(p, -1) and (only is None or p in only) and p not in self.lost
+        }
+        if not positions:
+            return True
+        self.step = "commit"
+        try:
+            await self.source.commit(positions)
+        except CommitFailed as exc:
+            self.step = ""
+            self.commit_failures += 1
+            self.last_error = str(exc)
+            self.metrics.incr("commits_failed")
+            if self.commit_failures == 1 and not final:
+                log.warning("offsets of %d partitions not committed: %s; they stay uncommitted "
+                            "and the next checkpoint commits them", len(positions), exc)
+            else:
+                log.debug("commit attempt %d failed: %s", self.commit_failures, exc)
+            return False
+        self.step = ""
+        if self.commit_failures:
+            log.info("offsets committed again after %d failed attempts", self.commit_failures)
+            self.commit_failures = 0
+        for p, o in positions.items():
+            if o > committed.get(p, -1):
+                committed[p] = o
+        return True
+
+    def uncommitted(self) -> dict[Hashable, tuple[int | None, int]]:
+        """Partitions with records handed to the lanes beyond their last commit.
+
+        Per partition: (the last offset committed here, ``None`` if none yet;
+        the offset read up to). After a stop these are what a restart replays.
+        """
+        committed = self.committed
+        return {
+            p: (committed.get(p), o)
+            for p, o in self.dispatcher.cut().items()
+            if o > committed.get(p, -1) and p not in self.lost
+        }
 
     def lose(self, partitions: Collection[Hashable]) -> None:
         """Partitions lost without a checkpoint: no later checkpoint may write their state.
