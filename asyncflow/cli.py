@@ -6,6 +6,25 @@ the lanes, flush the sinks, commit and exit 0. Problems a user can fix (a
 missing module, a bad broker URL, an unreachable broker) print one line and
 exit non-zero.
 
+Exit codes of ``asyncflow worker``:
+
+* **0**: stopped by SIGINT/SIGTERM with everything the lanes were handed
+  committed.
+* **1**: an error stopped the worker (a sink that failed after its retries,
+  an agent with ``on_error="stop"``, a source error), one ``asyncflow: error:``
+  line says which; or a stop that could not commit everything within
+  ``shutdown_timeout`` (the broker unreachable, a lane stuck): one ERROR log
+  line names the partitions, their committed offsets and the reason, and says
+  that a restart replays the rest. Nothing is lost either way (at-least-once),
+  but the stop did not do all it was asked, so a supervisor or deploy script
+  can tell it from a clean one.
+* **2**: a setting, URL or argument is wrong.
+* **130**: a second SIGINT/SIGTERM, which exits at once without draining.
+
+A stop takes at most about ``shutdown_timeout`` seconds (an ``App`` setting,
+30 s by default), whether or not the broker answers, and the consumer leaves
+its group and every client is closed on every way out.
+
 Example:
     >>> main(["--version"])  # doctest: +ELLIPSIS
     asyncflow 0.1.0
@@ -153,17 +172,20 @@ def _failure(what: str, exc: BaseException) -> str:
     return f"{what}: {detail}{where}; fix it and run again"
 
 
-async def _run_worker(app: App) -> None:
+async def _run_worker(app: App) -> int:
+    """Run ``app`` until a signal stops it; the exit code (1 if the stop left records uncommitted)."""
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
     stopping = False
+    runtime = None
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal stopping
+        nonlocal stopping, runtime
         if stopping:
             log.warning("second %s: exiting without draining", sig.name)
             os._exit(130)
         stopping = True
+        runtime = app._runtime
         log.info("%s received: draining, flushing and committing", sig.name)
         app.stop()
 
@@ -180,6 +202,7 @@ async def _run_worker(app: App) -> None:
             loop.remove_signal_handler(s)
         for logger in client_logs:
             logger.removeFilter(quiet)
+    return 1 if runtime is not None and runtime.unfinished else 0
 
 
 async def _topics(args: argparse.Namespace) -> None:
@@ -279,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = load_app(args.app)
             if args.broker:
                 app.set_broker(args.broker)
-            asyncio.run(_run_worker(app))
+            return asyncio.run(_run_worker(app))
         else:
             asyncio.run(_topics(args))
     except KeyboardInterrupt:

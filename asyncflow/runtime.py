@@ -12,6 +12,17 @@ the lanes finish, take a last checkpoint, leave the groups. On the memory
 broker the end of a bounded input travels stage by stage through the topics
 the app writes to itself (``InputEnds``).
 
+A stop takes at most about ``shutdown_timeout`` seconds, whatever the broker
+does: draining, the last checkpoint and the last writes get what is left of
+it but a closing share (``close_budget``), in which the sources leave their
+groups and the sinks and the broker's clients are closed. If the stop could
+not commit everything the lanes were handed (the broker unreachable, a lane
+stuck), one ERROR line says which partitions stay at which committed offset,
+why, and that a restart replays them; ``Runtime.unfinished`` holds that line
+(the CLI then exits 1). Sources, sinks and the broker are closed on every way
+out, errors included (each close bounded by ``close_budget``), so a consumer
+always leaves its group and no client is left open.
+
 Example:
     >>> import asyncio, asyncflow as af
     >>> asyncio.run(af.App("idle").run(stop_when_idle=True))
@@ -23,6 +34,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +44,7 @@ from asyncflow.channels import Topic
 from asyncflow.checkpoint import Checkpointer
 from asyncflow.dead_letters import DeadLetters
 from asyncflow.dispatch import Dispatcher, Route
+from asyncflow.errors import AsyncflowError
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.protocols import (
@@ -53,6 +66,19 @@ log = logging.getLogger("asyncflow.worker")
 
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young-generation collections while a worker runs."""
+CLOSE_SHARE = 0.25
+"""Of ``shutdown_timeout``, the part kept for closing clients (at most ``CLOSE_MAX`` s)."""
+CLOSE_MAX = 5.0
+
+
+def close_budget(shutdown_timeout: float) -> float:
+    """Seconds a stop keeps for leaving groups and closing clients.
+
+    Example:
+        >>> close_budget(30.0), close_budget(4.0)
+        (5.0, 1.0)
+    """
+    return min(CLOSE_MAX, CLOSE_SHARE * shutdown_timeout)
 
 
 class SourceRunner:
@@ -368,6 +394,8 @@ class Runtime:
         self.started = False
         """True once every source has joined and the lanes run."""
         self._stop = asyncio.Event()
+        self.unfinished: str | None = None
+        """After a stop that left records uncommitted: the line saying so (else ``None``)."""
         self.ends = InputEnds(app, None)
         """Where the end of bounded inputs has got to (the real one is made by ``run``)."""
         self._lane_agents: list[str] = []
@@ -463,7 +491,8 @@ class Runtime:
             for out in app.sinks.values():
                 out._bound = None
             self.state.close()
-            await broker.close()
+            await _bounded(broker.close(), close_budget(app.shutdown_timeout),
+                           f"closing the broker {broker.url}")
 
     async def _run(self, broker: Broker, stop_when_idle: bool) -> None:
         app = self.app
@@ -493,68 +522,133 @@ class Runtime:
             out._bound = self.writers[name]
         self.ends = InputEnds(app, broker, self.producer.flush)
         runners, lane_jobs = self._build(broker)
-        async with asyncio.TaskGroup() as tg:
-            writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}") for n, w in self.writers.items()]
-            lane_tasks = [tg.create_task(job, name=f"lane:{i}") for i, job in enumerate(lane_jobs)]
-            lanes_of: dict[str, list[asyncio.Task[None]]] = {}
-            for agent_name, task in zip(self._lane_agents, lane_tasks, strict=True):
-                lanes_of.setdefault(agent_name, []).append(task)
-            self.ends.start(lanes_of)
-            for _ in range(3):  # agent bodies run to their first await: their windows are declared
-                await asyncio.sleep(0)
-            for r in runners:
-                await r.source.start(r)
-                r.dispatcher.broadcast_watermark()  # lanes learn the wall clock before any event
-            reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
-            stopping = asyncio.Event()
-            checkpoints = [tg.create_task(r.commit_loop(stopping), name="checkpoints")
-                           for r in runners]
-            aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
-            aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name) for t in app.timers]
-            user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task")) for fn in app.tasks]
-            self.ends.watch_tasks(user)
-            log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
-                     len(app.agents), len(lane_tasks))
-            self.started = True
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}")
+                                for n, w in self.writers.items()]
+                lane_tasks = [tg.create_task(job, name=f"lane:{i}")
+                              for i, job in enumerate(lane_jobs)]
+                lanes_of: dict[str, list[asyncio.Task[None]]] = {}
+                for agent_name, task in zip(self._lane_agents, lane_tasks, strict=True):
+                    lanes_of.setdefault(agent_name, []).append(task)
+                self.ends.start(lanes_of)
+                for _ in range(3):  # agent bodies run to their first await: windows are declared
+                    await asyncio.sleep(0)
+                for r in runners:
+                    await r.source.start(r)
+                    r.dispatcher.broadcast_watermark()  # lanes learn the wall clock first
+                reader_tasks = [tg.create_task(r.read_loop(), name="reader") for r in runners]
+                stopping = asyncio.Event()
+                checkpoints = [tg.create_task(r.commit_loop(stopping), name="checkpoints")
+                               for r in runners]
+                aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
+                aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name)
+                        for t in app.timers]
+                user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task"))
+                        for fn in app.tasks]
+                self.ends.watch_tasks(user)
+                log.info("worker %s running on %s (%d agents, %d lanes)", app.id, broker.url,
+                         len(app.agents), len(lane_tasks))
+                self.started = True
 
-            await self._until_stop(runners, lane_tasks, user, stop_when_idle)
+                await self._until_stop(runners, lane_tasks, user, stop_when_idle)
+                deadline = time.monotonic() + app.shutdown_timeout - close_budget(
+                    app.shutdown_timeout
+                )
 
-            for r in runners:
-                r.stop_reading()
-            await asyncio.gather(*reader_tasks, return_exceptions=True)
-            stopping.set()  # a checkpoint under way finishes first
-            if checkpoints:
-                await asyncio.wait(checkpoints, timeout=app.shutdown_timeout)
-            for t in aux + checkpoints:
-                t.cancel()
-            await asyncio.gather(*aux, *checkpoints, return_exceptions=True)
-            for r in runners:
-                if not r.ended.is_set():
-                    # a stop, not the end of the input: what no lane has started waits
-                    # for the replay instead of holding up the shutdown
-                    left = r.dispatcher.take_back()
-                    if left:
-                        log.info("stopping: %d queued events left for the replay", left)
-                    r.dispatcher.close_lanes()
-            if lane_tasks:
-                _, pending = await asyncio.wait(lane_tasks, timeout=app.shutdown_timeout)
-                for t in pending:
-                    log.warning("lane %s did not finish within shutdown_timeout=%.0fs; what it "
-                                "holds is replayed", t.get_name(), app.shutdown_timeout)
+                def left() -> float:
+                    return max(0.0, deadline - time.monotonic())
+
+                reasons: list[str] = []
+                for r in runners:
+                    r.stop_reading()
+                if not await _finish(reader_tasks, left()):
+                    reasons.append("a source's last fetch did not end in time")
+                stopping.set()  # a checkpoint under way finishes first
+                if not await _finish(checkpoints, left()):
+                    reasons.append("a checkpoint under way did not finish in time")
+                for t in aux:
                     t.cancel()
-            for t in user:
-                t.cancel()
-            for r in runners:
-                await r.checkpointer.checkpoint(timeout=app.shutdown_timeout)
-                r.report_gauges()
-            for w in self.writers.values():
-                w.close()
-            await asyncio.gather(*writer_tasks)
-            for r in runners:
-                await r.source.stop()
-            for w in self.writers.values():
-                await w.stop()
+                await asyncio.gather(*aux, return_exceptions=True)
+                for r in runners:
+                    if not r.ended.is_set():
+                        # a stop, not the end of the input: what no lane has started waits
+                        # for the replay instead of holding up the shutdown
+                        taken = r.dispatcher.take_back()
+                        if taken:
+                            log.info("stopping: %d queued events left for the replay", taken)
+                        r.dispatcher.close_lanes()
+                if lane_tasks:
+                    _, pending = await asyncio.wait(lane_tasks, timeout=left())
+                    for t in pending:
+                        log.warning("lane %s did not finish within shutdown_timeout=%gs; what "
+                                    "it holds is replayed", t.get_name(), app.shutdown_timeout)
+                        t.cancel()
+                    if pending:
+                        reasons.append(f"{len(pending)} lanes did not finish in time")
+                for t in user:
+                    t.cancel()
+                for r in runners:
+                    reason = await self._last_checkpoint(r, left())
+                    if reason:
+                        reasons.append(reason)
+                    r.report_gauges()
+                for w in self.writers.values():
+                    w.close()
+                unwritten = sum(w.buffered for w in self.writers.values())
+                if not await _finish(writer_tasks, left()):
+                    reasons.append("the sinks did not write their last outputs in time")
+                self._report_stop(runners, reasons, unwritten)
+        finally:
+            await self._close_clients(runners)
         log.info("worker %s stopped: %s", app.id, app.metrics.snapshot())
+
+    async def _last_checkpoint(self, runner: SourceRunner, timeout: float) -> str | None:
+        """The checkpoint at stop, within ``timeout`` s; why it did not complete, or ``None``."""
+        checkpointer = runner.checkpointer
+        try:
+            async with asyncio.timeout(timeout):
+                if await checkpointer.checkpoint(timeout=timeout, final=True):
+                    return None
+        except TimeoutError:
+            step = checkpointer.step
+            earlier = (f" (the commit before: {checkpointer.last_error})"
+                       if checkpointer.commit_failures and checkpointer.last_error else "")
+            return _STUCK.get(step, "the last checkpoint did not finish in time") + earlier
+        except AsyncflowError as exc:  # an output that could not be written
+            return str(exc)
+        return checkpointer.last_error or "the last checkpoint did not complete"
+
+    def _report_stop(self, runners: list[SourceRunner], reasons: list[str], unwritten: int) -> None:
+        """One ERROR line if the stop left records uncommitted (``self.unfinished``)."""
+        behind = {p: v for r in runners for p, v in r.checkpointer.uncommitted().items()}
+        if not behind:
+            return
+        shown = []
+        for p, (committed, read) in sorted(behind.items(), key=lambda kv: str(kv[0]))[:4]:
+            at = "nothing committed" if committed is None else f"committed to {committed}"
+            shown.append(f"{_name(p)} read to {read}, {at}")
+        if len(behind) > len(shown):
+            shown.append(f"{len(behind) - len(shown)} more")
+        outputs = f"; {unwritten} outputs were not written" if unwritten else ""
+        why = "; ".join(dict.fromkeys(reasons)) or "the last checkpoint did not complete"
+        why = why.replace(" in time", f" within shutdown_timeout={self.app.shutdown_timeout:g}s")
+        self.unfinished = (
+            f"stopped without committing {len(behind)} partitions ({'; '.join(shown)}){outputs}: "
+            f"{why}. Their records after the committed offsets are read and processed again "
+            "when the worker restarts (at-least-once: some outputs may be written twice)"
+        )
+        log.error("%s", self.unfinished)
+
+    async def _close_clients(self, runners: list[SourceRunner]) -> None:
+        """Stop every source (it leaves its group) and sink, on every way out, in bounded time."""
+        budget = close_budget(self.app.shutdown_timeout)
+        closes = [_bounded(r.source.stop(), budget, "stopping a source (leaving its group)")
+                  for r in runners]
+        closes += [_bounded(w.stop(), budget, f"closing sink {w.name}")
+                   for w in self.writers.values()]
+        if closes:
+            await asyncio.gather(*closes)
 
     async def _until_stop(
         self,
@@ -661,6 +755,49 @@ def default_state_dir() -> str:
     """
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "asyncflow")
+
+
+_STUCK = {
+    "lanes": "the lanes did not reach the last checkpoint in time",
+    "outputs": "the outputs and state were not written in time",
+    "commit": "the source did not answer the last commit in time",
+}
+"""Why a stop's checkpoint did not finish, by the step it was waiting in."""
+
+
+async def _finish(tasks: list[asyncio.Task[Any]], timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``tasks``; cancel the rest. ``True`` if all finished."""
+    if not tasks:
+        return True
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        log.debug("%s did not finish in time at stop; cancelled", t.get_name())
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return not pending
+
+
+async def _bounded(close: Awaitable[Any], timeout: float, what: str) -> None:
+    """Await a close within ``timeout`` s; log (never raise) a failure or a timeout."""
+    try:
+        async with asyncio.timeout(timeout):
+            await close
+    except TimeoutError:
+        log.info("%s did not finish within %gs; gave up on it", what, timeout)
+    except Exception as exc:  # noqa: BLE001 - closing must go on with the others
+        log.warning("%s failed: %s", what, exc)
+
+
+def _name(partition: Hashable) -> str:
+    """``topic[3]`` for a topic partition, else the partition as it prints.
+
+    Example:
+        >>> from asyncflow.protocols import TopicPartition
+        >>> _name(TopicPartition("rides", 3)), _name("shard-1")
+        ('rides[3]', 'shard-1')
+    """
+    topic, number = getattr(partition, "topic", None), getattr(partition, "partition", None)
+    return f"{topic}[{number}]" if topic is not None and number is not None else str(partition)
 
 
 def _fmt(partitions: Collection[Hashable]) -> str:
