@@ -15,6 +15,17 @@ Every helper takes a bootstrap address (``"127.0.0.1:PORT"``) so the same code
 works against a broker named by ``ASYNCFLOW_TEST_KAFKA``. Clients made here use
 ``enable_idempotence=False``: aiokafka's idempotent producer cannot start on
 Tansu (see /work/shared/TESTING.md).
+
+Network faults: ``start_tansu(proxied=True)`` puts a ``FaultyLink`` (a TCP proxy)
+in front of the broker and makes Tansu advertise the proxy's address, so every
+connection of every client goes through it. ``broker.link.cut()`` closes them all
+and refuses new ones (as a killed broker does, but topics, offsets and groups
+survive); ``broker.link.restore()`` accepts connections again::
+
+    with start_tansu(proxied=True) as broker:
+        ...
+        broker.link.cut()        # the broker is unreachable
+        broker.link.restore()    # and back, with everything it had
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -86,6 +98,99 @@ def _accepts(port: int) -> bool:
         return False
 
 
+class FaultyLink:
+    """A TCP proxy from ``port`` to ``127.0.0.1:target`` that can cut and restore the link.
+
+    ``cut()`` closes every proxied connection and the listening socket, so
+    connection attempts are refused; ``restore()`` listens on the same port
+    again. Threads do the copying: the proxy works whatever event loop the
+    test runs.
+
+    Example:
+        >>> link = FaultyLink(target=free_port())
+        >>> link.start(); link.cut(); link.restore(); link.stop()
+        >>> link.cuts
+        1
+    """
+
+    def __init__(self, target: int, port: int | None = None) -> None:
+        self.target = target
+        self.port = port if port is not None else free_port()
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._sockets: set[socket.socket] = set()
+
+    def start(self) -> None:
+        """Listen on ``port`` and proxy every connection (again after ``cut``)."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    restore = start
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones until ``restore``."""
+        self.cuts += 1
+        self.stop()
+
+    def stop(self) -> None:
+        """Close every connection and the listening socket."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, set()
+        for sock in ([listener] if listener is not None else []) + list(sockets):
+            _close(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    _close(client)
+                    _close(upstream)
+                    return
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._sockets.discard(source)
+                self._sockets.discard(target)
+            _close(source)
+            _close(target)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 @dataclass
 class TansuBroker:
     """A running Tansu broker process (memory storage: a restart loses every topic).
@@ -99,10 +204,13 @@ class TansuBroker:
     port: int
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".tansu.log")[1]))
+    link: FaultyLink | None = None
+    """The proxy every client goes through (``start_tansu(proxied=True)``), else ``None``."""
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where clients connect: the proxy if there is one, else the broker itself."""
+        return f"127.0.0.1:{self.link.port if self.link is not None else self.port}"
 
     @property
     def url(self) -> str:
@@ -117,7 +225,7 @@ class TansuBroker:
             "--listener-url",
             listener,
             "--advertised-listener-url",
-            listener,
+            f"tcp://{self.bootstrap}",
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -141,6 +249,8 @@ class TansuBroker:
 
         Tansu waits for connected clients on SIGTERM; ``kill`` is a crash.
         """
+        if self.link is not None:
+            self.link.stop()
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
@@ -158,6 +268,8 @@ class TansuBroker:
         """Crash (SIGKILL) and start again on the same port: all topics and groups are gone."""
         self.stop(kill=True)
         self.start()
+        if self.link is not None:
+            self.link.restore()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -173,8 +285,13 @@ class TansuBroker:
         self.log_path.unlink(missing_ok=True)
 
 
-def start_tansu(port: int | None = None, timeout: float = 10.0) -> TansuBroker:
+def start_tansu(
+    port: int | None = None, timeout: float = 10.0, *, proxied: bool = False
+) -> TansuBroker:
     """Start Tansu on ``127.0.0.1:port`` (a free port if ``None``) and wait until it is ready.
+
+    ``proxied``: clients reach it through a ``FaultyLink`` (``broker.link``),
+    whose address Tansu advertises, so a test can cut the network.
 
     Example:
         >>> with start_tansu() as broker:  # doctest: +SKIP
@@ -183,10 +300,15 @@ def start_tansu(port: int | None = None, timeout: float = 10.0) -> TansuBroker:
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
         broker = TansuBroker(port if port is not None else free_port())
+        if proxied:
+            broker.link = FaultyLink(target=broker.port)
         try:
             broker.start(timeout)
+            if broker.link is not None:
+                broker.link.start()
             return broker
-        except RuntimeError:
+        except (RuntimeError, OSError):
+            broker.stop()
             broker.log_path.unlink(missing_ok=True)
             if attempt == attempts - 1:
                 raise
