@@ -32,8 +32,13 @@ policy (``on_failure="raise"``).
 Checkpoints: a checkpoint barrier reaching the lane stops the taking of new
 events; every event taken before it is looked up and handed out first, and
 only then does the lane arrive at the barrier. So no checkpoint ever covers
-an event whose lookup is in flight; a lane stopped or cancelled with lookups
-in flight cancels them, and its events are replayed from the last commit.
+an event whose lookup is in flight, and a checkpoint waits for the slowest
+lookup taken before it: give lookups a ``timeout`` (a checkpoint gives up
+after the app's checkpoint timeout, and what it would have covered is
+replayed). A stop lets the lane hand out what it took, within the app's
+``shutdown_timeout``; a lane cancelled then cancels its lookups in flight,
+no checkpoint covers them, and their events are replayed from the last
+commit.
 The same call site gets the same operator back when the agent body restarts
 after an error, with what it holds.
 
