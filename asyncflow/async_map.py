@@ -179,9 +179,10 @@ class _ResultCache:
 class _Entry:
     """One event taken by the operator: its lookup, then its result or error."""
 
-    __slots__ = ("event", "key", "done", "result", "error", "task")
+    __slots__ = ("event", "key", "done", "result", "error", "task", "holds_limit")
 
     def __init__(self, event: Event[Any]) -> None:
+        self.holds_limit = False
         self.event = event
         self.key = event.key
         self.done = False
@@ -378,6 +379,7 @@ class AsyncMapped(Generic[U]):
             stream._held = stream.current = event
             raise error
         while True:
+            self._changed.clear()  # a lookup that completes from here on wakes the wait below
             ready = await self._take_ready()
             if ready is not None:
                 return ready
@@ -403,7 +405,6 @@ class AsyncMapped(Generic[U]):
                     self._took(got)
                     continue
                 waiting = self._input = asyncio.ensure_future(self._wait_input())
-            self._changed.clear()
             waits: list[Any] = [asyncio.ensure_future(self._changed.wait())]
             if wants_input and waiting is not None:
                 waits.append(waiting)
@@ -470,6 +471,7 @@ class AsyncMapped(Generic[U]):
                 return
             todo.popleft()
             entry = _Entry(head)  # type: ignore[arg-type]  # not a watermark: checked above
+            entry.holds_limit = limit is not None
             items.append(entry)
             running += 1
             entry.task = asyncio.ensure_future(self._lookup(entry))
@@ -490,8 +492,7 @@ class AsyncMapped(Generic[U]):
             else:
                 entry.error = exc
         finally:
-            if self.limit is not None:
-                self.limit.release()
+            self._release(entry)
         entry.done = True
         self._changed.set()
 
@@ -612,11 +613,17 @@ class AsyncMapped(Generic[U]):
             return await self._take_ready()
         return events, values
 
+    def _release(self, entry: _Entry) -> None:
+        if entry.holds_limit and self.limit is not None:
+            entry.holds_limit = False
+            self.limit.release()
+
     def cancel(self) -> None:
         """Cancel the lookups in flight (the lane is finishing); their events are replayed."""
         for it in self._items:
             if type(it) is _Entry and it.task is not None and not it.done:
                 it.task.cancel()
+                self._release(it)  # a task cancelled before it ran never gets to its finally
         if self._input is not None:
             self._input.cancel()
             self._input = None
