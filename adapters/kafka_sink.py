@@ -287,8 +287,10 @@ class KafkaSink:
         """Wait for batches still in flight (at most ``request_timeout_ms``), then close the producer.
 
         With the broker unreachable the wait is cut short after
-        ``request_timeout_ms``: what was in flight was never acknowledged, so
-        no checkpoint covers it and it is replayed.
+        ``request_timeout_ms``, or by the caller's cancellation (the runtime
+        bounds every close at stop): either way the connections are closed,
+        and what was in flight, never acknowledged, is covered by no
+        checkpoint and replayed.
         """
         producer, self._producer = self._producer, None
         if producer is None:
@@ -301,13 +303,22 @@ class KafkaSink:
             log.warning("closing the Kafka producer for %s took over request_timeout_ms=%d; "
                         "records still in flight were not acknowledged and are replayed",
                         self.url, self.settings.request_timeout_ms)
-            try:
-                async with asyncio.timeout(1.0):
-                    await producer.client.close()
-            except (TimeoutError, KafkaError, OSError) as exc:
-                log.debug("closing the Kafka producer's connections failed: %s", exc)
+            await _close_connections(producer)
+        except asyncio.CancelledError:
+            # the caller's own bound ran out first (a stop): still close the connections
+            await _close_connections(producer)
+            raise
         except KafkaError as exc:
             log.warning("closing the Kafka producer for %s failed: %s", self.url, exc)
+
+
+async def _close_connections(producer: Any) -> None:
+    """Close a producer's connections without waiting for what it has in flight (at most 1 s)."""
+    try:
+        async with asyncio.timeout(1.0):
+            await producer.client.close()
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.debug("closing the Kafka producer's connections failed: %s", exc)
 
 
 def _refusal(exc: BaseException) -> str | None:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import TYPE_CHECKING
 
-from asyncflow.errors import AsyncflowError
+from asyncflow.errors import CommitFailed
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import Source
 
@@ -63,20 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asyncflow.checkpoint")
 
-
-class CommitFailed(AsyncflowError):
-    """``Source.commit`` could not commit, for a reason that may pass; nothing of it counts as done.
-
-    The broker is unreachable, or did not answer in time. The checkpointer
-    keeps the positions uncommitted and commits them again at its next
-    checkpoint. (A commit refused because the partitions moved to another
-    member is not this: the source logs it and returns, since their new
-    owner replays from the last commit.)
-
-    Example:
-        >>> str(CommitFailed("committing offsets of group g got no answer within 40 s"))
-        'committing offsets of group g got no answer within 40 s'
-    """
+__all__ = ["Barrier", "Checkpointer", "CommitFailed"]
 
 
 class Barrier:

@@ -96,9 +96,8 @@ class DeadLetters:
         self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers))
 
     async def event(self, event: Event[Any], reason: str, channel: str) -> None:
-        """An event an agent failed on, or a late one."""
+        """An event an agent failed on, or a late one (``Stream.dead_letter`` counts it)."""
         self.count += 1
-        self.metrics.incr("dead_letters")
         ch = self.channels.get(channel)
         try:
             value = ch.codec.encode(event.value) if ch is not None else repr(event.value).encode()

@@ -196,3 +196,18 @@ class DecodeError(AsyncflowError):
 
 class AgentError(AsyncflowError):
     """An agent raised and its error policy is to stop the worker."""
+
+
+class CommitFailed(AsyncflowError):
+    """``Source.commit`` could not commit, for a reason that may pass; nothing of it counts as done.
+
+    The broker is unreachable, or did not answer in time. The checkpointer
+    keeps the positions uncommitted and commits them again at its next
+    checkpoint. (A commit refused because the partitions moved to another
+    member is not this: the source logs it and returns, since their new
+    owner replays from the last commit.)
+
+    Example:
+        >>> str(CommitFailed("committing offsets of group g got no answer within 40 s"))
+        'committing offsets of group g got no answer within 40 s'
+    """

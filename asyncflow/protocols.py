@@ -125,7 +125,16 @@ class Source(Protocol):
 
     def resume(self, partitions: Iterable[Partition]) -> None: ...
 
-    async def commit(self, positions: Mapping[Partition, int]) -> None: ...
+    async def commit(self, positions: Mapping[Partition, int]) -> None:
+        """Commit ``positions``; raise ``CommitFailed`` when trying again later may succeed.
+
+        A commit the source could not make (the broker unreachable, no answer
+        in time) raises ``asyncflow.errors.CommitFailed``: the checkpointer
+        keeps those positions uncommitted and commits them at its next
+        checkpoint. A commit refused because the partitions moved to another
+        member returns normally (their new owner replays from the last commit).
+        """
+        ...
 
     async def stop(self) -> None: ...
 
