@@ -538,9 +538,8 @@ def make_app(
     retry = (
         af.Retry(times=cfg.retries, backoff=cfg.backoff, max_backoff=5.0) if cfg.retries else None
     )
-    # a lane's cache holds the addresses of that lane only: the total, split over the lanes
-    per_lane = -(-cfg.cache // n_lanes)
-    cache = af.Cache(size=per_lane, ttl=timedelta(minutes=10), key=_line) if cfg.cache else None
+    # one store shared by every lane: IP_LOOKUP_CACHE results in all
+    cache = af.Cache(size=cfg.cache, ttl=timedelta(minutes=10), key=_line) if cfg.cache else None
 
     @app.agent(addresses, concurrency=n_lanes)
     async def enrich(stream: af.Stream[IpSeen]) -> None:

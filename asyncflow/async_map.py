@@ -19,7 +19,10 @@ is bounded (``capacity`` plus at most one lane slice taken and not started): a
 full window takes no more events, the lane queue fills, and the source
 partition pauses.
 
-Each call is timed out after ``timeout``; failures of the types in
+The result replaces the value, or ``combine(value, result)`` does (to keep
+fields of the input beside what was looked up; a cache then keeps the lookup's
+own result, so its key can be the looked-up field alone). Each call is timed
+out after ``timeout``; failures of the types in
 ``retry_on`` (time-outs and ``OSError`` by default) are retried as
 ``retry`` says, with exponential backoff and full jitter. ``cache`` keeps
 results (bounded, with a time to live) and lookups of the same cache key in
@@ -62,7 +65,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -129,7 +132,8 @@ class Cache:
     """Results of ``map_async`` kept for ``ttl``, at most ``size`` of them (least recently used go).
 
     ``key(value)`` is what identifies a lookup (default: the value itself,
-    which must then be hashable).
+    which must then be hashable). One ``Cache`` is one store: every lane (and
+    agent) given the same object shares its entries and its calls in flight.
 
     Example:
         >>> from datetime import timedelta
@@ -140,12 +144,19 @@ class Cache:
     size: int = 10_000
     ttl: timedelta | None = timedelta(minutes=10)
     key: Callable[[Any], Hashable] | None = None
+    _store: _ResultCache | None = field(default=None, init=False, repr=False, compare=False)
+
+    def store(self) -> _ResultCache:
+        """The entries (made at first use)."""
+        if self._store is None:
+            self._store = _ResultCache(self)
+        return self._store
 
 
 class _ResultCache:
     """The LRU store behind ``Cache`` (monotonic clock)."""
 
-    __slots__ = ("size", "ttl", "key", "_items")
+    __slots__ = ("size", "ttl", "key", "_items", "calls")
 
     def __init__(self, spec: Cache) -> None:
         if spec.size < 1:
@@ -156,6 +167,8 @@ class _ResultCache:
         self.ttl = spec.ttl.total_seconds() if spec.ttl is not None else None
         self.key = spec.key
         self._items: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self.calls: dict[Hashable, asyncio.Future[Any]] = {}
+        """Cache key -> the call in flight for it (lookups of the same key share it)."""
 
     def get(self, key: Hashable) -> tuple[bool, Any]:
         found = self._items.get(key)
@@ -215,6 +228,7 @@ class AsyncMapped(Generic[U]):
         cache: Cache | None,
         fallback: Callable[[Any, BaseException], U] | None,
         on_failure: Literal["dead_letter", "raise"],
+        combine: Callable[[Any, Any], U] | None = None,
     ) -> None:
         from asyncflow.errors import ConfigError
 
@@ -236,8 +250,8 @@ class AsyncMapped(Generic[U]):
         self.retry_on = retry_on
         self.fallback = fallback
         self.on_failure = on_failure
-        self._cache = _ResultCache(cache) if cache is not None else None
-        self._calls: dict[Hashable, asyncio.Future[Any]] = {}  # cache key -> the call in flight
+        self._cache = cache.store() if cache is not None else None
+        self.combine = combine
         self._todo: deque[Event[Any] | Watermark] = deque()  # taken, lookup not started
         self._items: deque[_Item] = deque()  # started, in arrival order, watermarks in place
         self._taken = 0  # events in _todo and _items (what capacity bounds)
@@ -479,7 +493,9 @@ class AsyncMapped(Generic[U]):
     async def _lookup(self, entry: _Entry) -> None:
         metrics = self.metrics
         try:
-            entry.result = await self._result_of(entry.event.value)
+            value = entry.event.value
+            result = await self._result_of(value)
+            entry.result = result if self.combine is None else self.combine(value, result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the failure policy decides
@@ -505,12 +521,15 @@ class AsyncMapped(Generic[U]):
         if hit:
             self.metrics.incr("lookup_cache_hits")
             return result
-        running = self._calls.get(key)
+        calls = cache.calls
+        running = calls.get(key)
+        if running is not None and running.get_loop() is not asyncio.get_running_loop():
+            running = None  # left by a run on another event loop
         if running is not None:  # the same lookup is in flight: share its answer
             self.metrics.incr("lookup_cache_hits")
             return await asyncio.shield(running)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._calls[key] = future
+        calls[key] = future
         try:
             result = await self._call(value)
         except BaseException as exc:
@@ -521,7 +540,8 @@ class AsyncMapped(Generic[U]):
                 future.cancel()
             raise
         finally:
-            self._calls.pop(key, None)
+            if calls.get(key) is future:
+                del calls[key]
         future.set_result(result)
         cache.put(key, result)
         return result

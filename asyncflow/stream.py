@@ -337,6 +337,7 @@ class Stream(Generic[T]):
         cache: Cache | None = None,
         fallback: Callable[[T, BaseException], U] | None = None,
         on_failure: Literal["dead_letter", "raise"] = "dead_letter",
+        combine: Callable[[T, Any], U] | None = None,
     ) -> AsyncMapped[U]:
         """Look values up with ``fn`` (async), many at once, results in order per key.
 
@@ -346,7 +347,9 @@ class Stream(Generic[T]):
         ``"none"`` (as they complete). Each call is cut after ``timeout``;
         failures of the types ``retry_on`` are retried as ``retry``
         (``af.Retry``: times and backoff) says; ``cache`` (``af.Cache``) keeps
-        results. A lookup that still fails takes ``fallback(value, error)``,
+        results (one ``af.Cache`` object is one store, shared by every lane
+        given it); ``combine(value, result)``, when given, is what replaces the
+        value (default: the result). A lookup that still fails takes ``fallback(value, error)``,
         else goes to the dead letters (``on_failure="dead_letter"``) or raises
         in the body for the agent's error policy (``"raise"``). No checkpoint
         covers an event whose lookup is in flight (see ``asyncflow.async_map``).
@@ -374,7 +377,7 @@ class Stream(Generic[T]):
             mapped = AsyncMapped(
                 self, fn, capacity=capacity, limit=limit, order=order, timeout=seconds,
                 retry=retry, retry_on=retry_on, cache=cache, fallback=fallback,
-                on_failure=on_failure,
+                on_failure=on_failure, combine=combine,
             )
             self._async_maps[slot] = mapped
         return mapped

@@ -381,3 +381,44 @@ def test_settings_out_of_range_are_refused_with_one_line() -> None:
         stream_of([]).map_async(f, timeout=0)
     with pytest.raises(ConfigError, match="InFlight"):
         af.InFlight(0)
+
+
+@pytest.mark.asyncio
+async def test_one_cache_object_is_one_store_shared_by_every_lane() -> None:
+    service = Service(0.0)
+    cache = af.Cache(size=100, key=lambda v: v["ip"])
+    app = af.App("shared-cache")
+    visits = app.topic("visits", partitions=4)
+    done: list[Any] = []
+
+    @app.agent(visits, concurrency=4)
+    async def look(stream: af.Stream[Any]) -> None:
+        async for r in stream.map_async(lambda v: service(v["ip"]), cache=cache, capacity=1):
+            done.append(r)
+
+    async with TestRun(app) as run:
+        for user in range(8):  # eight users (eight keys, spread over the lanes), one address
+            await run.send("visits", {"user": user, "ip": "1.1.1.1"}, key=user)
+            while len(done) <= user:
+                await asyncio.sleep(0.005)
+        await run.finish()
+    assert service.calls == ["1.1.1.1"]
+
+
+@pytest.mark.asyncio
+async def test_combine_keeps_the_input_beside_the_result_and_the_cache_holds_the_lookup() -> None:
+    calls: list[str] = []
+
+    async def country(ip: str) -> str:
+        calls.append(ip)
+        return {"1.1.1.1": "AU"}.get(ip, "?")
+
+    s = stream_of([{"ip": "1.1.1.1", "user": 1}, {"ip": "1.1.1.1", "user": 2}])
+    mapped = s.map_async(lambda v: country(v["ip"]), capacity=1,
+                         cache=af.Cache(key=lambda v: v["ip"]),
+                         combine=lambda v, c: {**v, "country": c})
+    assert [r async for r in mapped] == [
+        {"ip": "1.1.1.1", "user": 1, "country": "AU"},
+        {"ip": "1.1.1.1", "user": 2, "country": "AU"},
+    ]
+    assert calls == ["1.1.1.1"]
