@@ -98,7 +98,7 @@ class KafkaBroker:
             probe_timeout=min(5.0, self.settings.request_timeout_ms / 1000),
         )
         """The cluster's reachability, one log line per change (see ``adapters.kafka_health``);
-        it listens to the aiokafka clients' logs from the first client made until ``close``."""
+        it listens to the aiokafka clients' logs while one of its clients runs."""
         self._changelog = KafkaChangelog(self.settings, self.url, self.health)
 
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
@@ -112,7 +112,6 @@ class KafkaBroker:
             raise ConfigError("a Kafka source needs at least one topic")
         if not group_id:
             raise ConfigError("a Kafka source needs a consumer group id")
-        self.health.watch()
         return KafkaSource(self.settings, [t.name for t in topics], group_id, self.url, self.health)
 
     def sink(self) -> KafkaSink:
@@ -122,8 +121,7 @@ class KafkaBroker:
             >>> KafkaBroker("kafka://localhost", {}).sink().max_batch
             10000
         """
-        self.health.watch()
-        return KafkaSink(self.settings, self.url)
+        return KafkaSink(self.settings, self.url, health=self.health)
 
     async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
         """Create missing topics that allow it; raise ``TopicMissing`` for the others.
@@ -282,7 +280,7 @@ class KafkaBroker:
                     log.warning("closing the Kafka admin client for %s failed: %s",
                                 self.url, describe(exc))
         finally:
-            self.health.unwatch()
+            self.health.unwatch(self)
 
     async def _probe(self) -> None:
         """One metadata request (what ``health`` asks while the cluster seems unreachable)."""
@@ -296,7 +294,7 @@ class KafkaBroker:
             self._admin_lock = asyncio.Lock()
         async with self._admin_lock:
             if self._admin is None:
-                self.health.watch()
+                self.health.watch(self)
                 settings = self.settings
                 admin = AIOKafkaAdminClient(**settings.client_args())
                 await start_client(admin, self.url, settings)

@@ -13,7 +13,8 @@ that into one line per state change:
 * **back**: once the cluster answers again, ``Kafka broker at URL reachable
   again after N s``, at INFO.
 
-While a ``BrokerHealth`` watches (``watch`` until ``close``), a filter on the
+While a ``BrokerHealth`` watches (while one of its clients runs: each calls
+``watch`` as it starts and ``unwatch`` as it stops), a filter on the
 ``aiokafka`` loggers drops their connection-error records (the first one's
 text is in the *lost* line) and reports them; every other record passes.
 With the ``asyncflow.kafka`` logger at DEBUG nothing is dropped.
@@ -128,12 +129,20 @@ class BrokerHealth:
         self._last_reason = ""
         self._reminded_at = 0.0
         self._watching = False
+        self._holders: set[int] = set()
         self._probing = True
         self._probe_task: asyncio.Task[None] | None = None
 
-    def watch(self) -> None:
-        """Listen to the aiokafka clients' log records until ``close`` (calling it again is a no-op)."""
+    def watch(self, holder: object = None) -> None:
+        """Listen to the aiokafka clients' log records while ``holder`` (a running client) needs it.
+
+        Each client that starts calls it for itself and ``unwatch`` when it
+        stops: the filter is on while at least one holder runs, so a client
+        made and never started (or a broker never closed) leaves nothing
+        behind. Calling it again for the same holder is a no-op.
+        """
         self._probing = True
+        self._holders.add(id(holder))
         if not self._watching:
             self._watching = True
             _FILTER.add(self)
@@ -242,9 +251,10 @@ class BrokerHealth:
         except Exception as exc:  # noqa: BLE001 - a probe's failure is no reason to fail here
             log.debug("the Kafka health probe ended with %s", exc)
 
-    def unwatch(self) -> None:
-        """Stop listening to the clients' log records."""
-        if self._watching:
+    def unwatch(self, holder: object = None) -> None:
+        """``holder`` no longer needs the clients' log records; once none does, stop listening."""
+        self._holders.discard(id(holder))
+        if self._watching and not self._holders:
             self._watching = False
             _FILTER.discard(self)
 
@@ -253,6 +263,7 @@ class BrokerHealth:
         try:
             await self.stop_probing()
         finally:
+            self._holders.clear()
             self.unwatch()
 
 

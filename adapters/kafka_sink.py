@@ -37,6 +37,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from adapters.kafka_config import KafkaSettings, describe, start_client
+from adapters.kafka_health import BrokerHealth
 from asyncflow.errors import SinkError
 from asyncflow.protocols import Rejected, SinkRecord
 
@@ -78,10 +79,18 @@ class KafkaSink:
         ...     await sink.stop()
     """
 
-    def __init__(self, settings: KafkaSettings, url: str = "", name: str = "kafka") -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        url: str = "",
+        name: str = "kafka",
+        health: BrokerHealth | None = None,
+    ) -> None:
         self.settings = settings
         self.url = url or "kafka://" + ",".join(settings.bootstrap_servers)
         self.name = name
+        self.health = health or BrokerHealth(self.url)
+        """Where the cluster's reachability is told (``KafkaBroker`` shares one)."""
         self.max_batch = settings.max_batch
         self.linger = settings.linger_ms / 1000
         self._producer: Any = None
@@ -93,7 +102,12 @@ class KafkaSink:
         if self._producer is not None:
             return
         producer = AIOKafkaProducer(**self.settings.producer_args())
-        await start_client(producer, self.url, self.settings)
+        self.health.watch(self)
+        try:
+            await start_client(producer, self.url, self.settings)
+        except BaseException:
+            self.health.unwatch(self)
+            raise
         self._producer = producer
 
     async def write(self, records: Sequence[SinkRecord]) -> list[Rejected] | None:
@@ -295,6 +309,12 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is None:
             return
+        try:
+            await self._stop(producer)
+        finally:
+            self.health.unwatch(self)
+
+    async def _stop(self, producer: Any) -> None:
         timeout = self.settings.request_timeout_ms / 1000
         try:
             async with asyncio.timeout(timeout):

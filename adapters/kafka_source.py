@@ -110,7 +110,12 @@ class KafkaSource:
             raise RuntimeError("KafkaSource.start() called twice")
         self._listener = listener
         consumer = AIOKafkaConsumer(**self.settings.consumer_args(self.group_id))
-        await start_client(consumer, self.url, self.settings)
+        self.health.watch(self)
+        try:
+            await start_client(consumer, self.url, self.settings)
+        except BaseException:
+            self.health.unwatch(self)
+            raise
         self._consumer = consumer
         consumer.subscribe(topics=self.topics, listener=_Rebalance(self))
 
@@ -336,7 +341,10 @@ class KafkaSource:
         if consumer is not None:
             if timeout is None:
                 timeout = self.settings.request_timeout_ms / 1000
-            await stop_consumer(consumer, self.url, timeout, leave_group=True)
+            try:
+                await stop_consumer(consumer, self.url, timeout, leave_group=True)
+            finally:
+                self.health.unwatch(self)
 
     # called by _Rebalance, inside aiokafka's coordination task
 

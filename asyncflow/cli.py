@@ -172,6 +172,26 @@ def _failure(what: str, exc: BaseException) -> str:
     return f"{what}: {detail}{where}; fix it and run again"
 
 
+class _StoppedBeforeStart(BaseException):
+    """SIGINT/SIGTERM while the app module is imported or the worker sets up (a clean exit 0)."""
+
+
+def _stop_before_start() -> dict[signal.Signals, Any]:
+    """Until the worker's own handlers are in place, SIGINT/SIGTERM end it cleanly (exit 0).
+
+    Returns the handlers it replaced (none outside the main thread).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _StoppedBeforeStart(signal.Signals(signum).name)
+
+    return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 async def _run_worker(app: App) -> int:
     """Run ``app`` until a signal stops it; the exit code (1 if the stop left records uncommitted)."""
     loop = asyncio.get_running_loop()
@@ -297,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    early = _stop_before_start() if args.cmd == "worker" else {}
     try:
         if args.cmd == "worker":
             app = load_app(args.app)
@@ -305,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_worker(app))
         else:
             asyncio.run(_topics(args))
+    except _StoppedBeforeStart as stop:
+        log.info("%s before the worker started: nothing was read, so nothing is left to commit; "
+                 "exiting", stop)
+        return 0
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
@@ -313,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"asyncflow: error: {user}", file=sys.stderr)
         return 2 if isinstance(user, ConfigError) else 1
+    finally:
+        for s, handler in early.items():
+            signal.signal(s, handler)
     return 0
 
 

@@ -48,6 +48,14 @@ class Lines(logging.Handler):
 
 @pytest.fixture
 def lines() -> Iterator[Lines]:
+    """What the root logger's handlers get, with no other ``BrokerHealth`` of the process watching.
+
+    A client another test left running would still be watching the same
+    process-wide loggers: its watchers are set aside for the test.
+    """
+    others = [h for h in _FILTER.watchers]
+    for h in others:
+        _FILTER.discard(h)
     handler = Lines()
     root = logging.getLogger()
     before = root.level, logging.getLogger("asyncflow.kafka").level
@@ -58,6 +66,8 @@ def lines() -> Iterator[Lines]:
         yield handler
     finally:
         root.removeHandler(handler)
+        for h in others:
+            _FILTER.add(h)
         root.setLevel(before[0])
         logging.getLogger("asyncflow.kafka").setLevel(before[1])
 
@@ -181,3 +191,28 @@ async def test_a_lost_line_never_shows_a_password(lines: Lines) -> None:
     health = BrokerHealth("kafka://alice:***@k:9092")
     health.failed("SASL handshake to kafka://alice:hunter2@k:9092 timed out")
     assert "hunter2" not in " ".join(lines.of("asyncflow.kafka"))
+
+
+def test_clients_made_but_never_started_leave_no_filter_behind() -> None:
+    from adapters.kafka import KafkaBroker
+    from asyncflow.protocols import TopicSpec
+
+    before = list(_FILTER.watchers)
+    broker = KafkaBroker("kafka://127.0.0.1:9", {})
+    broker.source([TopicSpec("t")], "g")
+    broker.sink()
+    assert _FILTER.watchers == before  # only running clients watch the clients' loggers
+
+
+async def test_a_broker_watches_while_one_of_its_clients_runs_and_not_after() -> None:
+    health = BrokerHealth("kafka://127.0.0.1:9")
+    source, sink = object(), object()
+    health.watch(source)
+    health.watch(sink)
+    health.unwatch(source)
+    assert health in _FILTER.watchers
+    health.unwatch(sink)
+    assert health not in _FILTER.watchers
+    health.watch(source)
+    await health.close()
+    assert health not in _FILTER.watchers

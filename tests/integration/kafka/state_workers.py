@@ -80,6 +80,8 @@ class Pool:
     async def stop_all(self, timeout: float = 60.0) -> None:
         """SIGTERM every running worker; each must exit 0 within ``timeout``."""
         workers = self.running()
+        for w in workers:  # one restarted a moment ago may still be starting: let it run first
+            await w.wait_log("running on", timeout=timeout)
         for w in workers:
             w.signal(signal.SIGTERM)
         codes = await asyncio.gather(*(w.wait_exit(timeout) for w in workers))

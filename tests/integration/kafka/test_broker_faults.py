@@ -264,7 +264,6 @@ class RecordingBroker(KafkaBroker):
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
         kind = BadFetchSource if self.bad_fetch else KafkaSource
         source = kind(self.settings, [t.name for t in topics], group_id, self.url, self.health)
-        self.health.watch()
         self.sources.append(source)
         return source
 
