@@ -86,3 +86,27 @@ def test_sigterm_drains_flushes_commits_and_exits_0(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "SIGTERM received: draining, flushing and committing" in err
     assert "worker forever stopped" in err
+
+
+def test_sigterm_while_the_app_module_is_still_importing_exits_0_with_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "slow_app.py").write_text(
+        "import sys, time\n"
+        "print('importing', flush=True)\n"
+        "time.sleep(30)  # a slow import: the worker's own handlers are not in place yet\n"
+        "import asyncflow as af\n"
+        "app = af.App('slow')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen(
+        [*CLI, "worker", "slow_app:app"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "importing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "SIGTERM before the worker started: nothing was read" in err
+    assert "Traceback" not in err
