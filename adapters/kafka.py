@@ -154,6 +154,12 @@ class KafkaBroker:
         for spec in missing.values():
             if not (spec.create and self.settings.create_topics):
                 raise TopicMissing(spec.name, self.url)
+        for name, spec in list(missing.items()):
+            like = spec.partitions_like
+            if like is not None:  # as many partitions as that topic has (or is declared with)
+                count = existing.get(like) or (missing[like].partitions if like in missing else 0)
+                if count:
+                    missing[name] = dataclasses.replace(spec, partitions=count)
         if missing:
             await self._create(list(missing.values()))
 

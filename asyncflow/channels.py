@@ -136,6 +136,50 @@ class Channel(Generic[T]):
         self.spec = TopicSpec(name, partitions=partitions, create=create)
         self._app = app
 
+    repartitioned_from: str | None = None
+    """For a repartition's internal topic: the input it re-keys (``repartition``)."""
+
+    def repartition(
+        self,
+        name: str,
+        *,
+        key: Callable[[T], Hashable] | None = None,
+        partitions: int | None = None,
+        concurrency: int = 1,
+    ) -> Topic[T]:
+        """Re-key this input through the internal topic ``<app>-<name>-repartition``.
+
+        Use it when the records are not keyed by what the agents key by (the
+        producers keyed them otherwise, or not at all): agents that read the
+        returned topic get every event of a key on one partition, so windows
+        and keyed state stay whole when several workers share the input.
+        ``key`` is the new key (default: this input's ``key`` function);
+        ``partitions`` the internal topic's partition count (default: this
+        topic's). A forwarding agent ``<name>-repartition`` with
+        ``concurrency`` lanes writes the events; see ``asyncflow.repartition``
+        for what a forwarded record carries and for event time afterwards.
+
+        Example:
+            >>> import asyncflow as af
+            >>> app = af.App("sensors")
+            >>> readings = app.topic("readings", partitions=4)
+            >>> by_sensor = readings.repartition("by-sensor", key=lambda r: r["sensor"])
+            >>> by_sensor.name, by_sensor.key_of({"sensor": "s-1"})
+            ('sensors-by-sensor-repartition', 's-1')
+        """
+        from asyncflow.repartition import repartition
+
+        key_fn = key if key is not None else self.key_fn
+        if key_fn is None:
+            raise ConfigError(
+                f"repartition {name!r} of {self.name!r} needs key=: a function of the value "
+                "that gives the new key (the input has no key function of its own)"
+            )
+        app = self._app
+        if app is None:
+            raise ConfigError(f"{self.name!r} belongs to no app: declare it with app.topic(...)")
+        return repartition(app, self, name, key_fn, partitions=partitions, concurrency=concurrency)
+
     def key_of(self, value: T) -> Hashable:
         """The key of a value under this channel's key function."""
         if self.key_fn is None:
@@ -246,6 +290,23 @@ class Topic(Channel[T], Output):
         end = getattr(app._runtime.broker, "end", None)
         if end is not None:
             end(self.name)
+
+    def send_encoded(self, records: list[SinkRecord]) -> Awaitable[Any]:
+        """Send records already encoded for this topic (key and value bytes, timestamps).
+
+        For steps that forward what they read (``repartition``): the records go
+        out as they are; like ``send``, awaiting waits only while the
+        producer's buffer is full.
+
+        Example:
+            >>> import asyncflow as af, asyncio
+            >>> app = af.App("t")
+            >>> asyncio.run(app.topic("out").send_encoded([SinkRecord(b"k", b"1", "out")]))
+            Traceback (most recent call last):
+            ...
+            asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
+        """
+        return (self._bound or self._writer()).push_many(records)
 
     def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
         kb = None if key is None else (key if isinstance(key, bytes) else self.key_codec.encode(key))

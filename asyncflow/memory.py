@@ -266,11 +266,12 @@ class MemoryBroker:
         return MemorySink(self)
 
     async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
-        for spec in topics:
+        for spec in sorted(topics, key=lambda s: s.partitions_like is not None):
             if spec.name not in self.topics:
                 if not spec.create:
                     raise TopicMissing(spec.name, self.url)
-                self.create_topic(spec.name, spec.partitions)
+                like = self.topics.get(spec.partitions_like or "")
+                self.create_topic(spec.name, len(like.partitions) if like else spec.partitions)
 
     async def list_topics(self) -> dict[str, int]:
         return {name: len(t.partitions) for name, t in self.topics.items()}

@@ -219,15 +219,22 @@ class Sink(Protocol):
 class TopicSpec:
     """A topic as an app declares it to the broker.
 
+    ``partitions_like`` names another topic whose partition count a missing
+    topic is created with (a repartition topic takes its source's count);
+    ``partitions`` is the count when that topic does not exist either.
+
     Example:
         >>> TopicSpec("rides", partitions=4).partitions
         4
+        >>> TopicSpec("app-by-user-repartition", partitions_like="clicks").partitions_like
+        'clicks'
     """
 
     name: str
     partitions: int = 1
     create: bool = True
     config: Mapping[str, str] = field(default_factory=dict)
+    partitions_like: str | None = None
 
 
 @runtime_checkable

@@ -415,6 +415,29 @@ class Stream(Generic[T]):
         """
         return self._slices()
 
+    def event_batches(self) -> AsyncIterator[list[Event[T]]]:
+        """Iterate whole lane slices as their events (key, value, time, headers, position).
+
+        ``batches()`` with each value's envelope: what a step needs that forwards
+        events with their event time and headers (a repartition, an audit copy).
+        The same guarantees as ``batches()``.
+
+        Example:
+            >>> from asyncflow.testing import stream_of
+            >>> import asyncio
+            >>> async def demo():
+            ...     return [[e.value for e in b] async for b in stream_of("ab").event_batches()]
+            >>> asyncio.run(demo())
+            [['a', 'b']]
+        """
+        return self._event_slices()
+
+    async def _event_slices(self) -> AsyncIterator[list[Event[T]]]:
+        async for _ in self._slices():
+            events = self._batch_events
+            assert events is not None
+            yield events
+
     async def _slices(self) -> AsyncIterator[list[T]]:
         while True:
             try:
