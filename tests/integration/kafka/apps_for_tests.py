@@ -9,7 +9,7 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
     E2E_OUTPUT       output topic (transform and window modes)
     E2E_PARTITIONS   partitions of both topics (4)
     E2E_CONCURRENCY  lanes (4)
-    E2E_MODE         transform | slow | window | total | dedup
+    E2E_MODE         transform | slow | window | repartition | total | dedup
     E2E_LANE_RATE    transform: events/s per lane, 0 = unthrottled; slow: sink events/s
     E2E_COMMIT_INTERVAL  seconds between periodic commits (the app's default if unset)
     E2E_TTL          dedup: seconds a seen key is remembered (table ttl)
@@ -28,6 +28,10 @@ Modes:
   collecting the ``seq`` s; each result is one output record ``{"key", "start",
   "seqs", "pid"}``. A record with ``seq`` >= ``END_SEQ`` pushes the watermark past
   every window (a sentinel, so windows close on an unbounded topic).
+* ``repartition``: the input's record keys are random; ``source.repartition("by-key")``
+  re-keys it by the value's ``key`` through ``<app>-by-key-repartition``, then the
+  windows of ``window`` mode (their ``seqs`` sorted, and a wait of an hour: only the
+  sentinels close them, whatever the order the input partitions were read in).
 * ``total``: a running total per key in the table ``totals`` (``stream.state``):
   event ``seq`` adds ``amount(seq)``; every update is one output record
   ``{"key", "seq", "total", "pid"}``. Records with ``seq`` >= ``END_SEQ`` are ignored.
@@ -261,6 +265,28 @@ def build(cfg: Config) -> af.App:
                 kept = [s for s in w.value if s < END_SEQ]
                 if kept:
                     await results_topic.send(
+                        w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
+                    )
+
+    elif cfg.mode == "repartition":
+        from datetime import timedelta
+
+        # the input's record keys say nothing (producers keyed them at random): re-key
+        # by the value's key first, then the windows of ``window`` mode; the wait covers
+        # the disorder of one key's events read from several input partitions
+        by_key = source.repartition("by-key", partitions=cfg.partitions)
+        regrouped: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
+
+        @app.agent(by_key, concurrency=cfg.concurrency)
+        async def rekeyed_windows(stream: af.Stream[Item]) -> None:
+            seqs = stream.map(lambda item: item.seq)
+            results = seqs.window(
+                af.Tumbling(timedelta(seconds=1)), aggregate=af.Collect(), wait=timedelta(hours=1)
+            )
+            async for w in results:
+                kept = sorted(s for s in w.value if s < END_SEQ)
+                if kept:
+                    await regrouped.send(
                         w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
                     )
 

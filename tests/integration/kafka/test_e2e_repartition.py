@@ -1,0 +1,119 @@
+"""Repartitioning on the Kafka-protocol broker: two workers, an input keyed at random.
+
+The input's records are spread over its partitions at random, so every key has
+events on every partition; without a repartition each worker would compute each
+window from part of its events. The app (``apps_for_tests``, ``repartition``
+mode) re-keys the input by the value's key through ``<app>-by-key-repartition``
+and computes 1 s tumbling windows there. With two workers sharing the input and
+the internal topic, every window must come out once, holding exactly the events
+a batch computation gives it, from the worker that owns the key's internal
+partition.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from adapters.kafka_sink import kafka_partition
+from tests.integration.kafka.apps_for_tests import (
+    END_SEQ,
+    Config,
+    Tail,
+    decode_outputs,
+    key_of,
+    read_all,
+    sentinel_keys,
+)
+from tests.integration.kafka.broker import create_topic, unique_name, wait_for
+from tests.integration.kafka.state_workers import PARTITIONS, Pool, alive, wait_committed
+from tests.integration.kafka.test_e2e_state import all_windows_out, check_windows
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
+
+
+async def produce_at_random(
+    bootstrap: str, topic: str, values: list[bytes], rng: random.Random
+) -> dict[int, int]:
+    """Write ``values`` with random record keys to random partitions; the count per partition."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=5)
+    await producer.start()
+    counts = dict.fromkeys(range(PARTITIONS), 0)
+    try:
+        pending = []
+        for v in values:
+            p = rng.randrange(PARTITIONS)
+            counts[p] += 1
+            key = f"r{rng.randrange(1 << 30)}".encode()
+            pending.append(await producer.send(topic, v, key=key, partition=p))
+        for fut in pending:
+            await fut
+    finally:
+        await producer.stop()
+    return counts
+
+
+async def test_two_workers_on_randomly_keyed_input_emit_every_window_once_after_a_repartition(
+    kafka_bootstrap: str, kafka_url: str, tmp_path: Path
+) -> None:
+    keys, seqs = 40, 300  # windows [0 s, 1 s), [1 s, 2 s), [2 s, 3 s) of every key
+    rng = random.Random(11)
+    src = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-rk-in"))
+    out = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-rk-out"))
+    group = unique_name("e2e-repartition")
+    cfg = Config(app_id=group, input=src, output=out, mode="repartition", commit_interval=0.5)
+    internal = f"{group}-by-key-repartition"
+    values = [
+        orjson.dumps({"key": key_of(i, keys), "seq": i // keys}) for i in range(keys * seqs)
+    ]
+    async with (
+        Pool(kafka_url, cfg, tmp_path) as pool,
+        Tail(kafka_bootstrap, out, PARTITIONS) as tail,
+    ):
+        a = pool.start("a")
+        await a.wait_log(r"running on", 60)
+        b = pool.start("b")
+
+        def split() -> bool:  # each holds a share of the input and of the internal topic
+            alive(a, b)
+            last = [w.lines(r"asyncflow\.worker: assigned (.*)$") for w in (a, b)]
+            if not all(last):
+                return False
+            lines = [found[-1].group(1) for found in last]
+            shares = [ln.count("partition=") for ln in lines]
+            return all(src in ln and internal in ln for ln in lines) and shares == [
+                PARTITIONS, PARTITIONS
+            ]
+
+        await wait_for(split, timeout=60, message="the two workers sharing the partitions")
+        counts = await produce_at_random(kafka_bootstrap, src, values, rng)
+        assert min(counts.values()) > 0
+        # every input event forwarded (its offset committed once the internal topic has it);
+        # only then the sentinels, which push each internal partition's event time past
+        # every window: forwarded earlier from one input partition, a sentinel could pass
+        # events of another that the other worker has not forwarded yet
+        await wait_committed(kafka_bootstrap, group, src, counts, timeout=60, workers=[a, b])
+        ends = [
+            orjson.dumps({"key": k.decode(), "seq": END_SEQ}) for k in sentinel_keys(PARTITIONS)
+        ]
+        await produce_at_random(kafka_bootstrap, src, ends, rng)
+        await tail.wait(all_windows_out(keys, seqs), timeout=60, what="every window",
+                        alive=[a, b])
+        await pool.stop_all()
+    results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    check_windows(results, keys, seqs, exactly_once=True)
+    # the internal topic is keyed by the value's key: each key on one of its partitions,
+    # and each window came from the worker that owned that partition at the end
+    repartitioned = await read_all(kafka_bootstrap, internal, PARTITIONS)
+    where = {(r.key, r.partition) for r in repartitioned}
+    assert len(where) == keys + len(ends)
+    assert all(p == kafka_partition(k, PARTITIONS) for k, p in where)
+    assert Counter(r.key for r in repartitioned if not r.value.startswith(b'{"key":"end-')) == {
+        key_of(k, keys).encode(): seqs for k in range(keys)
+    }
+    assert {r["pid"] for r in results} == {a.pid, b.pid}  # both workers computed windows
