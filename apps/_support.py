@@ -1,4 +1,6 @@
-"""What the demo apps share: their data folder, a console sink and the replay helpers.
+"""What the demo apps share: their data folder, environment readers and the replay helpers.
+
+The apps print with the core's ``asyncflow.ConsoleSink`` (``af.ConsoleSink``).
 
 Every app replays a real data set from ``apps/data/`` into its input topic with
 an ``@app.task`` when it runs on the embedded memory broker (or, on a real
@@ -28,76 +30,15 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
 
 import asyncflow as af
+from asyncflow.console import ConsoleSink  # noqa: F401 - the name the apps used to import from here
 
 DATA = Path(__file__).with_name("data")
 """The real data sets the apps replay (see ``apps/data/README.md`` for origins and licences)."""
-
-
-class ConsoleSink:
-    """A sink that prints one line per record, ``format(key, value)``: the demos' default output.
-
-    With ``every=N`` it prints only every N-th record (the 1st, the N+1-th...)
-    and, when the worker stops, how many it was given; ``footer()``, if given,
-    is printed last when the worker stops (after every record). Satisfies
-    ``asyncflow.protocols.Sink``; a record is durable once printed.
-
-    Example:
-        >>> import asyncio
-        >>> sink = ConsoleSink(lambda k, v: f"{k}: {v}")
-        >>> asyncio.run(sink.write([af.SinkRecord("a", 1)]))
-        a: 1
-    """
-
-    max_batch = 500
-    linger = 0.0
-
-    def __init__(
-        self,
-        format: Callable[[Any, Any], str] | None = None,
-        *,
-        name: str = "console",
-        out: TextIO | None = None,
-        every: int = 1,
-        footer: Callable[[], str] | None = None,
-    ) -> None:
-        self.name = name
-        self.format = format or (lambda key, value: f"{key}\t{value}")
-        self.out = out
-        self.every = max(1, every)
-        self.footer = footer
-        self.records = 0
-
-    async def start(self) -> None:
-        """Nothing to open."""
-
-    async def write(self, records: Sequence[af.SinkRecord]) -> None:
-        """Print the records, one line each."""
-        every, seen = self.every, self.records
-        lines = [
-            self.format(r.key, r.value) + "\n"
-            for i, r in enumerate(records, seen)
-            if i % every == 0
-        ]
-        self.records = seen + len(records)
-        if lines:
-            out = self.out or sys.stdout
-            out.write("".join(lines))
-            out.flush()
-
-    async def stop(self) -> None:
-        """Print the count of records (with ``every > 1``) and the footer."""
-        out = self.out or sys.stdout
-        if self.every > 1 and self.records:
-            print(f"{self.name}: {self.records} records (printed every {self.every}th)", file=out)
-        if self.footer is not None:
-            print(self.footer(), file=out)
 
 
 def env(name: str, default: str | None = None) -> str | None:

@@ -117,7 +117,6 @@ import orjson
 
 import asyncflow as af
 from apps._support import (
-    ConsoleSink,
     demo_load_enabled,
     env,
     env_int,
@@ -527,7 +526,7 @@ def make_app(
         "ip-addresses", value_type=IpSeen, codec=IpLineCodec(), key=lambda s: s.ip
     )
     locations = app.topic("ip-locations", value_type=IpLocation)
-    console = app.sink(echo or ConsoleSink(format_location, name="ip-locations-console"))
+    console = app.sink(echo or af.ConsoleSink(format_location, name="ip-locations-console"))
     if lookup is None:
         geo, cfg = lookup_from_env(settings)
     else:

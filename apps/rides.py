@@ -49,7 +49,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncflow as af
-from apps._support import DATA, ConsoleSink, demo_load_enabled, env
+from apps._support import DATA, demo_load_enabled, env
 
 DATA_FILE = "rides_sample.csv"
 NYC = ZoneInfo("America/New_York")
@@ -211,7 +211,7 @@ def make_app(
     )
     enriched = app.topic("rides-enriched", value_type=EnrichedRide)
     every = int(env("RIDES_PRINT_EVERY") or 250)
-    console = app.sink(echo or ConsoleSink(format_ride, name="rides-console", every=every))
+    console = app.sink(echo or af.ConsoleSink(format_ride, name="rides-console", every=every))
 
     @app.agent(rides, concurrency=4)
     async def transform(stream: af.Stream[Ride]) -> None:

@@ -73,7 +73,6 @@ from typing import Any
 
 import asyncflow as af
 from apps._support import (
-    ConsoleSink,
     compressed_ms,
     demo_load_enabled,
     env,
@@ -162,7 +161,7 @@ def results_sink() -> af.Sink:
             endpoint_url=env("AWS_ENDPOINT_URL"),
             flush_interval=float(env("SENSOR_FLUSH_INTERVAL") or DEFAULT_FLUSH_INTERVAL),
         )
-    return ConsoleSink(format_row, name="sensor-averages")
+    return af.ConsoleSink(format_row, name="sensor-averages")
 
 
 def make_app(

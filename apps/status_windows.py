@@ -76,7 +76,6 @@ from typing import Any, Literal
 
 import asyncflow as af
 from apps._support import (
-    ConsoleSink,
     compressed_ms,
     demo_load_enabled,
     env,
@@ -165,7 +164,7 @@ def results_sink() -> af.Sink:
         from adapters.kinesis import KinesisSink
 
         return KinesisSink(stream, endpoint_url=env("AWS_ENDPOINT_URL"))
-    return ConsoleSink(format_row, name="status-console")
+    return af.ConsoleSink(format_row, name="status-console")
 
 
 def make_app(

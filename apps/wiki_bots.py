@@ -70,7 +70,6 @@ import orjson
 
 import asyncflow as af
 from apps._support import (
-    ConsoleSink,
     demo_load_enabled,
     env,
     read_lines,
@@ -180,7 +179,7 @@ def make_app(
     alerts: af.Topic[dict[str, Any]] = app.topic(ALERTS)
     summary = Summary(limit)
     console = app.sink(
-        echo or ConsoleSink(format_alert, name="wiki-bot-console", footer=summary.text)
+        echo or af.ConsoleSink(format_alert, name="wiki-bot-console", footer=summary.text)
     )
 
     @app.agent(changes, concurrency=lanes)
