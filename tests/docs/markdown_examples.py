@@ -5,12 +5,17 @@ Rules the pages follow (see ``docs/index.md``, "How the examples are checked"):
 - A ```` ```python ```` block is run as a script of its own, in a fresh module, in a
   temporary directory, with no ``ASYNCFLOW_*`` variable set (so the broker is the
   embedded ``memory://`` one).
-- ```` ```python continuation ```` runs after the previous Python block of the same page,
-  in its namespace (a page's later blocks can use what an earlier one declared).
+- A Python block preceded by the line ``<!-- docs: continuation -->`` runs after the
+  previous Python block of the same page, in its namespace (a page's later blocks can use
+  what an earlier one declared).
 - An ```` ```output ```` block right after a Python block is what that block must print
   (exactly, line for line, trailing spaces aside).
-- ```` ```python notest ```` is shown and never run: only for code that needs a real
-  Kafka cluster or AWS account. Shell, YAML and Dockerfile blocks are not Python and not run.
+- A Python block preceded by ``<!-- docs: notest -->`` is shown and never run: only for
+  code that needs a real Kafka cluster, an AWS account or another framework. Shell, YAML
+  and Dockerfile blocks are not Python and are not run.
+
+The flags are HTML comments (invisible on the site and on GitHub) because MkDocs'
+fences take no words after the language.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<ticks>`{3,})(?P<info>[^`]*)$")
+FLAGS = re.compile(r"^\s*<!--\s*docs:\s*(?P<flags>[\w\s]+?)\s*-->\s*$")
 
 
 @dataclass
@@ -54,6 +60,10 @@ def blocks_of(path: Path) -> list[Block]:
         words = info.split()
         lang = words[0].lower() if words else ""
         start = i
+        before = lines[i - 1] if i > 0 else ""
+        flagged = FLAGS.match(before)
+        if flagged is not None:
+            words = [*words, *flagged.group("flags").split()]
         body: list[str] = []
         i += 1
         indent = len(m.group("indent"))
