@@ -70,3 +70,18 @@ def test_every_page_is_in_the_navigation() -> None:
 def test_the_readme_links_to_the_docs() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "docs/index.md" in readme and "mkdocs" in readme
+
+
+def test_every_yaml_block_of_the_docs_parses() -> None:
+    """The Kubernetes examples are not run, but they are valid YAML."""
+    import yaml
+
+    from tests.docs.markdown_examples import blocks_of, pages
+
+    blocks = [b for page in pages() for b in blocks_of(page) if b.lang in ("yaml", "yml")]
+    assert blocks
+    for b in blocks:
+        docs = [d for d in yaml.safe_load_all(b.code) if d is not None]
+        assert docs, b.id
+        for d in docs:
+            assert "kind" in d and "apiVersion" in d, b.id
