@@ -31,6 +31,7 @@ def _normalise(text: str) -> list[str]:
     return lines
 
 
+@pytest.mark.timeout(60)  # an example that hangs fails alone (each takes well under a second)
 @pytest.mark.parametrize("block", EXAMPLES, ids=[b.id for b in EXAMPLES])
 def test_documentation_example_runs_and_prints_what_the_page_shows(
     block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
