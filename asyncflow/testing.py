@@ -3,8 +3,9 @@
 ``TestRun`` starts an app on a fresh memory broker; ``send`` produces to its
 topics, ``finish`` ends every input and waits for the worker to drain and stop,
 and ``outputs`` / ``dead_letters`` read what it wrote. ``CaptureSink`` stands
-in for an external sink. ``stream_of`` builds a bounded one-lane stream for
-testing stream operations directly.
+in for an external sink (it keeps records; ``asyncflow.ConsoleSink`` prints
+them). ``stream_of`` builds a bounded one-lane stream for testing stream
+operations directly. See the documentation's "Testing" page.
 
 Example:
     >>> import asyncio, asyncflow as af
@@ -101,7 +102,7 @@ class CaptureSink:
         self.writes = 0
 
     async def start(self) -> None:
-        pass
+        """Nothing to open."""
 
     async def write(self, records: Sequence[SinkRecord]) -> list[Rejected] | None:
         """Keep ``records`` (after ``delay``), except the ones ``refuse`` names a reason for."""
@@ -124,10 +125,11 @@ class CaptureSink:
         return refused
 
     async def stop(self) -> None:
-        pass
+        """Nothing to close; the records stay readable."""
 
     @property
     def values(self) -> list[Any]:
+        """The values of the records kept, in the order they were written."""
         return [r.value for r in self.records]
 
 
