@@ -138,6 +138,8 @@ class Channel(Generic[T]):
 
     repartitioned_from: str | None = None
     """For a repartition's internal topic: the input it re-keys (``repartition``)."""
+    repartitioned_into: tuple[str, ...] = ()
+    """The internal topics of the repartitions of this input."""
 
     def repartition(
         self,
@@ -145,7 +147,6 @@ class Channel(Generic[T]):
         *,
         key: Callable[[T], Hashable] | None = None,
         partitions: int | None = None,
-        concurrency: int = 1,
     ) -> Topic[T]:
         """Re-key this input through the internal topic ``<app>-<name>-repartition``.
 
@@ -155,9 +156,9 @@ class Channel(Generic[T]):
         and keyed state stay whole when several workers share the input.
         ``key`` is the new key (default: this input's ``key`` function);
         ``partitions`` the internal topic's partition count (default: this
-        topic's). A forwarding agent ``<name>-repartition`` with
-        ``concurrency`` lanes writes the events; see ``asyncflow.repartition``
-        for what a forwarded record carries and for event time afterwards.
+        topic's). A forwarding agent ``<name>-repartition`` (one lane) writes
+        the events; see ``asyncflow.repartition`` for what a forwarded record
+        carries and how event time follows it.
 
         Example:
             >>> import asyncflow as af
@@ -178,7 +179,7 @@ class Channel(Generic[T]):
         app = self._app
         if app is None:
             raise ConfigError(f"{self.name!r} belongs to no app: declare it with app.topic(...)")
-        return repartition(app, self, name, key_fn, partitions=partitions, concurrency=concurrency)
+        return repartition(app, self, name, key_fn, partitions=partitions)
 
     def key_of(self, value: T) -> Hashable:
         """The key of a value under this channel's key function."""

@@ -40,6 +40,7 @@ from asyncflow.keys import HashCache, RawKeyCache, key_hash, lane_of  # noqa: F4
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import RawBatch, RawRecord, Source
+from asyncflow.repartition import KeySpread, RepartitionMarks
 from asyncflow.watermarks import PartitionWatermarks
 
 log = logging.getLogger("asyncflow.dispatch")
@@ -48,15 +49,26 @@ DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 
 
 class Route:
-    """One channel and the lane queues of every agent that consumes it."""
+    """One channel and the lane queues of every agent that consumes it.
 
-    __slots__ = ("channel", "consumers", "hashes", "raw_keys")
+    ``marks`` reads the watermark markers of a repartition topic (its event
+    time comes from them, not from its records); ``spread`` watches, for a
+    channel keyed by its values, for one key on two partitions.
+    """
+
+    __slots__ = ("channel", "consumers", "hashes", "marks", "raw_keys", "spread")
 
     def __init__(self, channel: Channel[Any], consumers: list[list[LaneQueue]]) -> None:
         self.channel = channel
         self.consumers = consumers
         self.raw_keys = RawKeyCache(channel.key_codec.decode)  # record keys: decoded once
         self.hashes = HashCache()  # keys from the channel's key function: hashed once
+        app = channel._app
+        idle = app.idle_timeout if app is not None else None
+        repartitioned = channel.repartitioned_from is not None
+        self.marks = RepartitionMarks(idle) if repartitioned else None
+        watch = channel.key_fn is not None and not repartitioned and not channel.repartitioned_into
+        self.spread = KeySpread(channel.name, "key function") if watch else None
 
 
 class Dispatcher:
@@ -119,6 +131,14 @@ class Dispatcher:
                 return
             records = [r for r in records if r.offset > skip]
             del self._skip_to[partition]
+        marks = route.marks
+        marked: int | None = None
+        if marks is not None:  # a repartition topic: its markers say how far event time is
+            records, marked = marks.take(partition, records, self.clock.wall_ms())
+            if not records:
+                if marked is not None:
+                    self._advance(partition, marked, self._blocked.get(partition))
+                return
         ch = route.channel
         consumers = route.consumers
         limit = self._time_limit(partition)
@@ -129,6 +149,8 @@ class Dispatcher:
             values, pairs, times = fast
             known = [t for t in times if t is not None]
             max_time = max(known) if known else None
+            if route.spread is not None:
+                route.spread.observe(partition, pairs[0][0])
         if fast is None or (limit is not None and max_time is not None and max_time > limit):
             # poison in the batch, or an event time too far ahead: record by record
             max_time = self._decode_each(ch, partition, records, limit, parts, consumers)
@@ -164,12 +186,18 @@ class Dispatcher:
                     blocked.add(q)
                 else:
                     q.put(part)
+        if marks is not None:
+            max_time = marked
         if max_time is not None:
-            if blocked:
-                prev = self._pending_time.get(partition)
-                self._pending_time[partition] = max_time if prev is None else max(prev, max_time)
-            else:
-                self.watermarks.observe(partition, max_time, self.clock.wall_ms())
+            self._advance(partition, max_time, blocked)
+
+    def _advance(self, partition: Hashable, t: int, blocked: set[LaneQueue] | None) -> None:
+        """The partition has reached event time ``t`` (held while it waits for a full lane)."""
+        if blocked:
+            prev = self._pending_time.get(partition)
+            self._pending_time[partition] = t if prev is None else max(prev, t)
+        else:
+            self.watermarks.observe(partition, t, self.clock.wall_ms())
 
     def _decode_all(
         self, route: Route, records: Sequence[RawRecord]
@@ -381,6 +409,9 @@ class Dispatcher:
             self._blocked.pop(p, None)
             self._pending_time.pop(p, None)
             self.watermarks.revoke(p)
+            for route in self.routes.values():
+                if route.marks is not None:
+                    route.marks.forget(p)
 
     def close_lanes(self) -> None:
         """End of input: lanes finish once they have drained."""

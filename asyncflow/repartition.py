@@ -23,12 +23,18 @@ are durable in the internal topic (the usual checkpoint: outputs flushed,
 then offsets), so a crash duplicates forwarded records at worst, never loses
 them.
 
-Event time after a repartition: each partition of the internal topic has its
-own watermark, advanced by the records it receives (as Kafka Streams' stream
-time). Records of one key can come from several source partitions, which the
-forwarder reads at their own pace, so they may arrive out of event-time order
-by as much as those partitions are apart: give windows downstream a ``wait``
-(or ``lateness``) that covers it.
+Event time after a repartition: the records of one internal partition come
+from every source partition, each read at its own pace (by other workers,
+too), so their event times are interleaved out of order. The watermark
+travels with them, as Flink's does between operators: after each slice the
+forwarder writes a marker into every partition of the internal topic (a record
+without a key; header ``asyncflow.watermark`` = ``<source partition>/<source
+partition count>``, value = the largest event time forwarded from that source
+partition), and each internal partition's event time is the smallest over the
+source partitions' markers (``RepartitionMarks``; a source partition with no
+marker for ``idle_timeout`` is left out, like an idle partition). So a window
+downstream closes only once every source partition has been forwarded past
+it, and no event of it is late for being read later than another partition.
 
 ``KeySpread`` notices the mistake a repartition fixes: one key seen on two
 partitions of a topic whose keys come from its values.
@@ -45,12 +51,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from asyncflow.protocols import SinkRecord, TopicSpec
+from asyncflow.protocols import RawRecord, SinkRecord, TopicSpec
+from asyncflow.watermarks import PartitionWatermarks
 
 if TYPE_CHECKING:
     from asyncflow.app import App
@@ -61,6 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("asyncflow.repartition")
 
 _JSON_KEY_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS
+MARK_HEADER = "asyncflow.watermark"
+"""The header of a watermark marker in a repartition topic: ``<source>/<source count>``."""
 
 
 def repartition_key_bytes(key: Any) -> bytes:
@@ -100,7 +109,6 @@ def repartition(
     key: Callable[[Any], Hashable],
     *,
     partitions: int | None = None,
-    concurrency: int = 1,
 ) -> Topic[Any]:
     """Declare the internal topic and the forwarding agent of ``source.repartition(...)``.
 
@@ -156,25 +164,32 @@ def repartition(
     count = partitions if partitions is not None else source.spec.partitions
     topic.spec = TopicSpec(topic_name, partitions=count, partitions_like=like)
     topic.repartitioned_from = source.name
+    source.repartitioned_into = (*source.repartitioned_into, topic_name)
     app.channels[topic_name] = topic
-    app.agent(source, concurrency=concurrency, sink=topic, name=agent_name)(
-        forwarder(topic, key, name)
-    )
+    # one lane: the markers of a source partition must follow all of its forwarded events
+    app.agent(source, sink=topic, name=agent_name)(forwarder(app, source.name, topic, key, name))
     return topic
 
 
 def forwarder(
-    topic: Topic[Any], key: Callable[[Any], Hashable], name: str
+    app: App,
+    source: str,
+    topic: Topic[Any],
+    key: Callable[[Any], Hashable],
+    name: str,
 ) -> Callable[[Stream[Any]], Any]:
     """The agent function that writes a stream's events to ``topic``, keyed by ``key``.
 
     Whole lane slices at a time; an event whose key cannot be computed is a
-    dead letter naming the repartition and the reason.
+    dead letter naming the repartition and the reason. After each slice, a
+    watermark marker for every source partition the slice came from goes to
+    every partition of ``topic`` (``markers``).
 
     Example:
         >>> import asyncflow as af
         >>> app = af.App("a")
-        >>> fn = forwarder(app.topic("out"), key=lambda v: v, name="x")
+        >>> out = app.topic("out")
+        >>> fn = forwarder(app, "in", out, key=lambda v: v, name="x")
         >>> import inspect; inspect.iscoroutinefunction(fn)
         True
     """
@@ -182,17 +197,30 @@ def forwarder(
     topic_name = topic.name
 
     async def forward(stream: Stream[Any]) -> None:
+        counts: tuple[int, int] | None = None  # (source partitions, internal partitions)
+        forwarded: dict[Hashable, int] = {}  # per source partition, the largest time sent
         async for events in stream.event_batches():
             records: list[SinkRecord] = []
             failed: list[tuple[Event[Any], str]] = []
+            touched: set[Hashable] = set()
             for ev in events:
+                t = ev.time
+                if t is not None:
+                    p = ev.partition
+                    touched.add(p)
+                    if t > forwarded.get(p, t - 1):
+                        forwarded[p] = t
                 try:
                     kb = repartition_key_bytes(key(ev.value))
                     value = encode(ev.value)
                 except Exception as exc:  # noqa: BLE001 - this value's problem: a dead letter
                     failed.append((ev, f"repartition {name!r}: {type(exc).__name__}: {exc}"))
                     continue
-                records.append(SinkRecord(kb, value, topic_name, ev.headers, ev.time))
+                records.append(SinkRecord(kb, value, topic_name, ev.headers, t))
+            if touched:
+                if counts is None:
+                    counts = await partition_counts(app, source, topic)
+                records.extend(markers(topic_name, {p: forwarded[p] for p in touched}, *counts))
             if records:
                 await topic.send_encoded(records)
             for ev, reason in failed:
@@ -200,6 +228,115 @@ def forwarder(
 
     forward.__name__ = forward.__qualname__ = f"{name}-repartition"
     return forward
+
+
+def markers(
+    topic: str, times: dict[Hashable, int], sources: int, partitions: int
+) -> list[SinkRecord]:
+    """Watermark markers: for each source partition in ``times``, one into each of ``partitions``.
+
+    ``sources`` is how many partitions the source has (0 when it cannot be
+    known, as for a stream of shards): the internal partitions wait for that
+    many before their event time moves.
+
+    Example:
+        >>> from asyncflow.protocols import TopicPartition
+        >>> [(m.partition, m.value, m.headers) for m in markers("t", {TopicPartition("in", 1): 70}, 2, 2)]
+        [(0, b'70', (('asyncflow.watermark', b'1/2'),)), (1, b'70', (('asyncflow.watermark', b'1/2'),))]
+    """
+    out: list[SinkRecord] = []
+    for p, t in times.items():
+        number = getattr(p, "partition", p)
+        headers = ((MARK_HEADER, f"{number}/{sources}".encode()),)
+        value = str(t).encode()
+        out.extend(SinkRecord(None, value, topic, headers, t, d) for d in range(partitions))
+    return out
+
+
+async def partition_counts(app: App, source: str, topic: Topic[Any]) -> tuple[int, int]:
+    """How many partitions the source and the internal topic have on the broker.
+
+    A source that is not a broker topic (shards of a stream) counts 0: unknown.
+
+    Example:
+        >>> import asyncflow as af, asyncio
+        >>> app = af.App("a")
+        >>> t = app.topic("in", partitions=3).repartition("r", key=len)
+        >>> asyncio.run(partition_counts(app, "in", t))  # not running: as declared
+        (3, 3)
+    """
+    runtime = app._runtime
+    listed: dict[str, int] = {}
+    broker = runtime.broker if runtime is not None else None
+    if broker is not None:
+        listed = await broker.list_topics()
+    declared = app.channels.get(source)
+    from asyncflow.channels import Topic as BrokerTopic
+
+    default = declared.spec.partitions if isinstance(declared, BrokerTopic) else 0
+    return listed.get(source, default), listed.get(topic.name, topic.spec.partitions)
+
+
+class RepartitionMarks:
+    """The event time of each internal partition: the least over its source partitions' markers.
+
+    ``take`` sorts a batch of one internal partition into its data records and
+    its markers, applies the markers and returns the partition's event time:
+    the smallest largest-forwarded time over the source partitions, a source
+    partition without a marker for ``idle_timeout`` seconds left out (its
+    events are not waited for while it is quiet).
+
+    Example:
+        >>> from types import SimpleNamespace as Rec
+        >>> def mark(src, t):
+        ...     return Rec(key=None, value=str(t).encode(), headers=((MARK_HEADER, src),))
+        >>> marks = RepartitionMarks(idle_timeout=10.0)
+        >>> data, t = marks.take("p0", [Rec(key=b"k", value=b"1"), mark(b"0/2", 500)], wall_ms=0)
+        >>> len(data), t   # source partition 1 has not said how far it is
+        (1, None)
+        >>> marks.take("p0", [mark(b"1/2", 300)], wall_ms=10)[1]
+        300
+    """
+
+    __slots__ = ("_idle_timeout", "_of", "_sized")
+
+    def __init__(self, idle_timeout: float | None) -> None:
+        self._idle_timeout = idle_timeout
+        self._of: dict[Hashable, PartitionWatermarks] = {}
+        self._sized: set[Hashable] = set()  # partitions told how many sources there are
+
+    def take(
+        self, partition: Hashable, records: Sequence[RawRecord], wall_ms: int
+    ) -> tuple[Sequence[RawRecord], int | None]:
+        """The batch's data records, and the partition's event time after its markers."""
+        if all(r.key is not None for r in records):
+            return records, None
+        sources = self._of.get(partition)
+        if sources is None:
+            sources = self._of[partition] = PartitionWatermarks(self._idle_timeout)
+        data: list[RawRecord] = []
+        for r in records:
+            header = r.headers[0] if r.key is None and r.headers else None
+            if header is None or header[0] != MARK_HEADER:
+                data.append(r)
+                continue
+            src, _, of = header[1].partition(b"/")
+            try:
+                count, t = int(of or 0), int(r.value or b"")
+            except ValueError:
+                continue  # not a marker this version wrote: nothing to learn from it
+            if count and partition not in self._sized:
+                self._sized.add(partition)
+                for n in range(count):  # a source not heard from yet holds the time back
+                    sources.assign(str(n).encode())
+            sources.assign(src)
+            sources.observe(src, t, wall_ms)
+        return data, sources.current(wall_ms)
+
+    def forget(self, partition: Hashable) -> None:
+        """The partition was revoked: its next owner learns the markers again."""
+        self._of.pop(partition, None)
+        self._sized.discard(partition)
 
 
 class KeySpread:

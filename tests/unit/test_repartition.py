@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import asyncflow as af
 from asyncflow.memory import MemoryBroker
 from asyncflow.repartition import KeySpread, repartition_key_bytes
-from asyncflow.testing import CaptureSink, TestRun
+from asyncflow.testing import CaptureSink, TestRun, wait_for
 
 WINDOW_S = 5
 T0 = 1_700_000_000
@@ -92,11 +92,40 @@ async def test_every_record_of_a_key_lands_on_one_partition_of_the_internal_topi
     internal = broker.topic("sensors-by-sensor-repartition")
     assert len(internal.partitions) == 4  # the source's count
     where: dict[bytes, set[int]] = defaultdict(set)
+    markers = 0
     for p, log in enumerate(internal.partitions):
         for rec in log:
-            where[rec.key].add(p)
+            if rec.key is None:  # a watermark marker: the forwarder's, into every partition
+                markers += 1
+                assert dict(rec.headers)["asyncflow.watermark"].endswith(b"/4")
+            else:
+                where[rec.key].add(p)
     assert len(where) == 31 and all(len(ps) == 1 for ps in where.values())
-    assert sum(len(log) for log in internal.partitions) == len(rows)
+    assert sum(len(log) for log in internal.partitions) - markers == len(rows)
+    assert markers > 0 and markers % 4 == 0
+
+
+async def test_a_source_partition_read_late_holds_the_windows_back_instead_of_being_late() -> None:
+    # partition 0 of the input is forwarded entirely before partition 1 has a record: its
+    # markers alone must not move the internal partitions' event time past partition 1's
+    rows = readings(600, sensors=5)
+    app, means = windowed_app(partitions=2)
+    broker = MemoryBroker()
+    raw = app.channels["raw"]
+    internal = "sensors-by-sensor-repartition"
+    async with TestRun(app, broker=broker) as run:
+        for r in rows[::2]:
+            broker.produce("raw", raw.codec.encode(r), None, partition=0)
+        await wait_for(lambda: internal in broker.topics and sum(
+            1 for log in broker.topic(internal).partitions for rec in log if rec.key
+        ) == len(rows[::2]))
+        for r in rows[1::2]:
+            broker.produce("raw", raw.codec.encode(r), None, partition=1)
+        await run.finish()
+        dead = broker.records("sensors-dead-letters") if "sensors-dead-letters" in broker.topics else []
+    assert dead == []  # no late events
+    got = {(r["sensor"], r["start"]): r["mean"] for r in means.values}
+    assert got == pytest.approx(batch_means(rows))
 
 
 async def test_a_forwarded_record_keeps_the_event_time_and_the_headers() -> None:
@@ -240,3 +269,32 @@ async def test_repartitioned_windows_equal_the_batch_means_for_any_readings(
     got, _ = await run_windowed(data, partitions)
     assert {(r["sensor"], r["start"]): r["mean"] for r in got} == pytest.approx(batch_means(data))
     assert len(got) == len(batch_means(data))
+
+
+async def test_a_worker_warns_once_when_a_topic_keyed_by_its_values_has_a_key_on_two_partitions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "asyncflow.repartition")
+    app = af.App("split")
+    raw = app.topic("raw", key=lambda r: r["sensor"], partitions=2)
+
+    @app.agent(raw)
+    async def count(stream: af.Stream[dict[str, Any]]) -> None:
+        async for _ in stream:
+            pass
+
+    async with TestRun(app) as run:
+        for i in range(40):  # the same sensor on both partitions
+            run.broker.produce("raw", b'{"sensor": "s1"}', None, partition=i % 2)
+        await run.finish()
+    lines = [r.getMessage() for r in caplog.records if "two partitions" in r.getMessage()]
+    assert len(lines) == 1 and "'raw'" in lines[0] and "'s1'" in lines[0]
+
+
+async def test_no_warning_of_split_keys_for_an_input_that_is_repartitioned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "asyncflow.repartition")
+    rows = readings(500, sensors=3)
+    await run_windowed(rows, partitions=3)
+    assert not [r for r in caplog.records if "two partitions" in r.getMessage()]

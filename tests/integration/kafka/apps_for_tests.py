@@ -30,8 +30,8 @@ Modes:
   every window (a sentinel, so windows close on an unbounded topic).
 * ``repartition``: the input's record keys are random; ``source.repartition("by-key")``
   re-keys it by the value's ``key`` through ``<app>-by-key-repartition``, then the
-  windows of ``window`` mode (their ``seqs`` sorted, and a wait of an hour: only the
-  sentinels close them, whatever the order the input partitions were read in).
+  windows of ``window`` mode (their ``seqs`` sorted: the events of a window come from
+  every input partition). A sentinel in every input partition closes them all.
 * ``total``: a running total per key in the table ``totals`` (``stream.state``):
   event ``seq`` adds ``amount(seq)``; every update is one output record
   ``{"key", "seq", "total", "pid"}``. Records with ``seq`` >= ``END_SEQ`` are ignored.
@@ -272,17 +272,15 @@ def build(cfg: Config) -> af.App:
         from datetime import timedelta
 
         # the input's record keys say nothing (producers keyed them at random): re-key
-        # by the value's key first, then the windows of ``window`` mode; the wait covers
-        # the disorder of one key's events read from several input partitions
+        # by the value's key first, then the windows of ``window`` mode, with no wait: the
+        # watermark markers hold each internal partition back to its slowest source
         by_key = source.repartition("by-key", partitions=cfg.partitions)
         regrouped: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
 
         @app.agent(by_key, concurrency=cfg.concurrency)
         async def rekeyed_windows(stream: af.Stream[Item]) -> None:
             seqs = stream.map(lambda item: item.seq)
-            results = seqs.window(
-                af.Tumbling(timedelta(seconds=1)), aggregate=af.Collect(), wait=timedelta(hours=1)
-            )
+            results = seqs.window(af.Tumbling(timedelta(seconds=1)), aggregate=af.Collect())
             async for w in results:
                 kept = sorted(s for s in w.value if s < END_SEQ)
                 if kept:

@@ -32,22 +32,25 @@ from tests.integration.kafka.apps_for_tests import (
 )
 from tests.integration.kafka.broker import create_topic, unique_name, wait_for
 from tests.integration.kafka.state_workers import PARTITIONS, Pool, alive, wait_committed
-from tests.integration.kafka.test_e2e_state import all_windows_out, check_windows
+from tests.integration.kafka.test_e2e_state import all_windows_out, check_windows, no_late_events
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
 
 
 async def produce_at_random(
-    bootstrap: str, topic: str, values: list[bytes], rng: random.Random
+    bootstrap: str, topic: str, values: list[bytes], rng: random.Random, spread: bool = False
 ) -> dict[int, int]:
-    """Write ``values`` with random record keys to random partitions; the count per partition."""
+    """Write ``values`` with random record keys to random partitions; the count per partition.
+
+    ``spread``: value ``i`` to partition ``i``, so each partition gets one.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=5)
     await producer.start()
     counts = dict.fromkeys(range(PARTITIONS), 0)
     try:
         pending = []
-        for v in values:
-            p = rng.randrange(PARTITIONS)
+        for i, v in enumerate(values):
+            p = i % PARTITIONS if spread else rng.randrange(PARTITIONS)
             counts[p] += 1
             key = f"r{rng.randrange(1 << 30)}".encode()
             pending.append(await producer.send(topic, v, key=key, partition=p))
@@ -93,23 +96,26 @@ async def test_two_workers_on_randomly_keyed_input_emit_every_window_once_after_
         await wait_for(split, timeout=60, message="the two workers sharing the partitions")
         counts = await produce_at_random(kafka_bootstrap, src, values, rng)
         assert min(counts.values()) > 0
-        # every input event forwarded (its offset committed once the internal topic has it);
-        # only then the sentinels, which push each internal partition's event time past
-        # every window: forwarded earlier from one input partition, a sentinel could pass
-        # events of another that the other worker has not forwarded yet
-        await wait_committed(kafka_bootstrap, group, src, counts, timeout=60, workers=[a, b])
+        # at once, a sentinel into every input partition: it pushes that partition's marker
+        # past every window, and each internal partition goes by its slowest input partition,
+        # so no window closes before every input partition has been forwarded past it
         ends = [
             orjson.dumps({"key": k.decode(), "seq": END_SEQ}) for k in sentinel_keys(PARTITIONS)
         ]
-        await produce_at_random(kafka_bootstrap, src, ends, rng)
+        await produce_at_random(kafka_bootstrap, src, ends, rng, spread=True)
         await tail.wait(all_windows_out(keys, seqs), timeout=60, what="every window",
                         alive=[a, b])
+        with_ends = {p: c + 1 for p, c in counts.items()}
+        await wait_committed(kafka_bootstrap, group, src, with_ends, timeout=60, workers=[a, b])
         await pool.stop_all()
     results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
     check_windows(results, keys, seqs, exactly_once=True)
+    assert await no_late_events(kafka_bootstrap, group) == []
     # the internal topic is keyed by the value's key: each key on one of its partitions,
     # and each window came from the worker that owned that partition at the end
-    repartitioned = await read_all(kafka_bootstrap, internal, PARTITIONS)
+    repartitioned = [  # the records, without the forwarders' watermark markers
+        r for r in await read_all(kafka_bootstrap, internal, PARTITIONS) if r.key is not None
+    ]
     where = {(r.key, r.partition) for r in repartitioned}
     assert len(where) == keys + len(ends)
     assert all(p == kafka_partition(k, PARTITIONS) for k, p in where)
