@@ -85,3 +85,21 @@ def test_every_yaml_block_of_the_docs_parses() -> None:
         assert docs, b.id
         for d in docs:
             assert "kind" in d and "apiVersion" in d, b.id
+
+
+def test_help_asyncflow_shows_the_user_api_and_not_the_internals() -> None:
+    import pydoc
+
+    text = pydoc.render_doc(af, renderer=pydoc.plaintext)
+    for internal in ("RawBatch", "TopicSpec", "TopicPartition", "Watermark", "Broker", "Source"):
+        assert f"class {internal}(" not in text, internal
+        assert internal not in af.__all__
+    for public in ("App", "Stream", "Tumbling", "ConsoleSink", "Record", "Retry"):
+        assert f"class {public}(" in text, public
+
+
+def test_names_code_imports_from_asyncflow_still_import() -> None:
+    """Leaving ``__all__`` does not remove a name: code written against it keeps working."""
+    for name in ("Agent", "Broker", "RawBatch", "RawRecordData", "Source", "TopicPartition",
+                 "TopicSpec", "Watermark"):
+        assert getattr(af, name) is not None
