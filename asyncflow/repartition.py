@@ -195,28 +195,40 @@ def forwarder(
     """
     encode = topic.codec.encode
     topic_name = topic.name
+    key_bytes = repartition_key_bytes
 
     async def forward(stream: Stream[Any]) -> None:
         counts: tuple[int, int] | None = None  # (source partitions, internal partitions)
         forwarded: dict[Hashable, int] = {}  # per source partition, the largest time sent
         async for events in stream.event_batches():
-            records: list[SinkRecord] = []
             failed: list[tuple[Event[Any], str]] = []
-            touched: set[Hashable] = set()
+            try:  # the whole slice in a few passes; record by record if a value fails
+                values = [ev.value for ev in events]
+                keys = [key_bytes(key(v)) for v in values]
+                encoded = [encode(v) for v in values]
+                records = [
+                    SinkRecord(kb, vb, topic_name, ev.headers, ev.time)
+                    for kb, vb, ev in zip(keys, encoded, events, strict=True)
+                ]
+            except Exception:  # noqa: BLE001 - some value's problem: found one by one below
+                records = []
+                for ev in events:
+                    try:
+                        kb, vb = key_bytes(key(ev.value)), encode(ev.value)
+                    except Exception as exc:  # noqa: BLE001 - this value's: a dead letter
+                        failed.append((ev, f"repartition {name!r}: {type(exc).__name__}: {exc}"))
+                        continue
+                    records.append(SinkRecord(kb, vb, topic_name, ev.headers, ev.time))
+            touched: dict[Hashable, int] = {}  # per source partition, the slice's largest time
             for ev in events:
                 t = ev.time
                 if t is not None:
                     p = ev.partition
-                    touched.add(p)
-                    if t > forwarded.get(p, t - 1):
-                        forwarded[p] = t
-                try:
-                    kb = repartition_key_bytes(key(ev.value))
-                    value = encode(ev.value)
-                except Exception as exc:  # noqa: BLE001 - this value's problem: a dead letter
-                    failed.append((ev, f"repartition {name!r}: {type(exc).__name__}: {exc}"))
-                    continue
-                records.append(SinkRecord(kb, value, topic_name, ev.headers, t))
+                    if t > touched.get(p, t - 1):
+                        touched[p] = t
+            for p, t in touched.items():
+                if t > forwarded.get(p, t - 1):
+                    forwarded[p] = t
             if touched:
                 if counts is None:
                     counts = await partition_counts(app, source, topic)
