@@ -1,5 +1,11 @@
 """Per-shard checkpoints of a Kinesis source, in a DynamoDB table (like the KCL's lease table).
 
+The source now writes this table through ``kinesis_lease_table.LeaseTable``
+(the same rows, with lease attributes, every write conditional on the lease);
+``CheckpointStore`` reads the checkpoints of any row (tools, tests, rows of
+earlier versions) and its ``save`` is the unconditional write of earlier
+versions, for tools only: a running source must never be bypassed with it.
+
 One item per (stream, shard): hash key ``stream``, range key ``shard_id``,
 attribute ``checkpoint`` (the sequence number of the last processed record, or
 ``SHARD_END``), plus ``app`` and ``updated_at`` for people reading the table.
@@ -110,7 +116,8 @@ class CheckpointStore:
         while True:
             page = await self._call("query", **kwargs)
             for item in page.get("Items", []):
-                out[item["shard_id"]["S"]] = item["checkpoint"]["S"]
+                if "checkpoint" in item:  # a lease row of a shard never checkpointed has none
+                    out[item["shard_id"]["S"]] = item["checkpoint"]["S"]
             last = page.get("LastEvaluatedKey")
             if not last:
                 return out

@@ -2,8 +2,10 @@
 
 A ``ShardPlan`` knows the stream's shards (from ``ListShards``), the stored
 checkpoints and what this worker has done with each shard, and answers two
-questions: which shards may be read now (all their parents are read to the end
-and delivered, so per-key order holds across a reshard), and from where.
+questions: which shards may be read now (all their parents are checkpointed
+at ``SHARD_END``, by this worker or another, so per-key order holds across a
+reshard), and from where. ``read_to_end`` says when a ``GetRecords`` answer
+ends a shard.
 
 Example:
     >>> plan = ShardPlan("TRIM_HORIZON")
@@ -14,6 +16,8 @@ Example:
     >>> plan.ready()
     ['s0']
     >>> plan.mark_reading("s0"); plan.mark_delivered("s0"); plan.ready()
+    []
+    >>> plan.mark_finished("s0"); plan.ready()
     ['s1']
     >>> plan.position("s1").kind
     'TRIM_HORIZON'
@@ -173,10 +177,12 @@ class ShardPlan:
         return False
 
     def _released(self, shard_id: str) -> bool:
-        return self.status.get(shard_id) is Status.DELIVERED or self._finished(shard_id)
+        # only a parent checkpointed at SHARD_END releases its children: read to its end
+        # here is not enough, since its lease may still move to a worker that reads it again
+        return self._finished(shard_id)
 
     def ready(self) -> list[str]:
-        """Shards not started yet whose parents are all read to the end and delivered."""
+        """Shards not being read here whose parents are all checkpointed at ``SHARD_END``."""
         out = []
         for shard_id, info in sorted(self.shards.items()):
             if self.status[shard_id] is not Status.NEW or self._finished(shard_id):
@@ -207,6 +213,11 @@ class ShardPlan:
         if self.status.get(shard_id) is not Status.FINISHED:
             self.status[shard_id] = Status.DELIVERED
 
+    def mark_released(self, shard_id: str) -> None:
+        """This worker no longer reads ``shard_id`` (its lease was lost): it may be taken again."""
+        if self.status.get(shard_id) is not Status.FINISHED:
+            self.status[shard_id] = Status.NEW
+
     def mark_finished(self, shard_id: str) -> None:
         """``SHARD_END`` was checkpointed for ``shard_id``."""
         self.status[shard_id] = Status.FINISHED
@@ -215,3 +226,35 @@ class ShardPlan:
     def children(self, shard_id: str) -> list[str]:
         """Known shards that have ``shard_id`` as a parent."""
         return sorted(s for s, i in self.shards.items() if shard_id in i.parents)
+
+
+def read_to_end(info: ShardInfo, last_read: str | None, response: Mapping[str, Any]) -> bool:
+    """Whether a ``GetRecords`` ``response`` ends the shard ``info`` (its records were delivered).
+
+    The service's documented end of a closed shard is an answer without
+    ``NextShardIterator`` (with the shard's ``ChildShards``); an open shard
+    always has a next iterator, and an empty ``Records`` list is *not* an end
+    (the iterator may point at a stretch of the shard without records; more
+    calls reach the rest). moto returns a next iterator at a closed shard's end
+    too, so the end is also found when the last sequence number read (the
+    record's, or the checkpoint's; ``0`` when nothing was read) has reached the
+    shard's ``EndingSequenceNumber``: every record of a closed shard is at or
+    below it, so nothing can follow, on the service as on moto (where an empty
+    closed shard's range ends at ``0``; real sequence numbers are 56 digits).
+
+    Example:
+        >>> closed, open_ = ShardInfo("s0", (), "1", "9"), ShardInfo("s1", (), "1", None)
+        >>> read_to_end(closed, "5", {"NextShardIterator": "it", "Records": []})
+        False
+        >>> read_to_end(closed, "9", {"NextShardIterator": "it"})
+        True
+        >>> read_to_end(closed, "5", {"ChildShards": [{"ShardId": "s2"}]})
+        True
+        >>> read_to_end(open_, None, {"NextShardIterator": "it", "MillisBehindLatest": 0})
+        False
+    """
+    if not response.get("NextShardIterator") or response.get("ChildShards"):
+        return True
+    if info.ending_sequence is None:
+        return False
+    return int(last_read or 0) >= int(info.ending_sequence)

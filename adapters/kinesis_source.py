@@ -1,19 +1,32 @@
-"""Kinesis source: one reader task per shard, checkpoints in DynamoDB, resharding followed.
+"""Kinesis source: shards leased between workers, one reader task per leased shard.
 
-The source owns an ``asyncio.TaskGroup`` (in a runner task started by
-``start``) holding one reader per shard and a shard-discovery loop. Readers put
-one ``RawBatch`` per ``GetRecords`` answer on a bounded queue that ``fetch``
-drains, so a slow core slows the readers down (and a paused shard's reader
-stops calling ``GetRecords``). A child shard starts only after its parents were
-read to the end and their last batches were handed out by ``fetch``: per-key
-order holds across a split or a merge. ``commit`` stores the acked sequence
-number per shard (``SHARD_END`` once a closed shard is fully processed, after
-which the shard is revoked); a restart resumes ``AFTER_SEQUENCE_NUMBER``.
+Workers of one app (same ``app_name`` and stream) share the shards through a
+lease table in DynamoDB (``kinesis_lease_table``; the decisions are in
+``kinesis_leases``, the Kinesis Client Library's model). Every
+``lease_renewal_interval`` s a lease task renews the leases this worker holds
+(a write conditional on the owner and counter it last saw), reads the table,
+and takes expired or unowned leases up to its fair share, or a few from the
+most-loaded worker when below it. A taken shard is assigned to the core
+(``on_assigned``) and read from its checkpoint; a lease found taken by
+another worker (a renewal or checkpoint refused, or the table showing another
+owner) stops that shard's reader at once and the core is told it is lost
+(``on_lost``; ``on_revoked`` for listeners without it): nothing more is
+checkpointed for it, its new owner replays from the last checkpoint.
+
+Readers put one ``RawBatch`` per ``GetRecords`` answer on a bounded queue that
+``fetch`` drains, so a slow core slows the readers down (and a paused shard's
+reader stops calling ``GetRecords``). A child shard's lease is taken only once
+every parent is checkpointed at ``SHARD_END``: per-key order holds across a
+split or a merge, whichever worker reads what. ``commit`` stores the acked
+sequence number per shard under its lease (``SHARD_END`` once a closed shard
+is fully processed, after which the shard is revoked and its lease let go);
+``stop`` releases every lease it holds (the core's last checkpoint came
+before), so another worker takes them at once rather than after expiry.
 
 Example:
-    >>> src = KinesisSource("clicks", app_name="sessions", region="us-east-1")
-    >>> (src.topic, src.checkpoint_table)
-    ('clicks', 'sessions-kinesis-checkpoints')
+    >>> src = KinesisSource("clicks", app_name="sessions", region="us-east-1", worker_id="w1")
+    >>> (src.topic, src.checkpoint_table, src.worker_id)
+    ('clicks', 'sessions-kinesis-checkpoints', 'w1')
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +51,7 @@ from asyncflow.protocols import Partition, PartitionListener, RawBatch, Record
 
 from ._aws import (
     THROTTLING_CODES,
+    AwsCredentialsError,
     AwsOptions,
     AwsUnavailable,
     Backoff,
@@ -48,11 +65,22 @@ from ._aws import (
     is_unreachable,
     open_client,
 )
-from .kinesis_checkpoints import CheckpointStore
-from .kinesis_shards import SHARD_END, Position, Shard, ShardInfo, ShardPlan
+from .kinesis_lease_table import LeaseLost, LeaseTable
+from .kinesis_leases import ExpiryWatch, Lease, LeaseSettings, leases_to_take
+from .kinesis_shards import SHARD_END, Position, Shard, ShardInfo, ShardPlan, read_to_end
 from .kinesis_stream import check_stream, list_shards
 
 log = logging.getLogger("adapters.kinesis")
+
+
+def default_worker_id() -> str:
+    """``host-pid-random``: unique per process, readable in the lease table.
+
+    Example:
+        >>> default_worker_id().count("-") >= 2
+        True
+    """
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(slots=True)
@@ -69,6 +97,9 @@ class KinesisSourceStats:
     throttled: int = 0
     iterators_renewed: int = 0
     shards_finished: int = 0
+    leases_taken: int = 0
+    leases_lost: int = 0
+    leases_released: int = 0
 
 
 @dataclass(slots=True)
@@ -78,7 +109,7 @@ class _ShardEnd:
 
 @dataclass(slots=True)
 class _ShardRun:
-    """What this worker knows about a shard it reads."""
+    """What this worker knows about a shard it reads (one per lease held)."""
 
     unpaused: asyncio.Event = field(default_factory=asyncio.Event)
     last_read: str | None = None  # sequence number of the last record read (iterator renewal)
@@ -86,26 +117,38 @@ class _ShardRun:
     committed: int | None = None
     end_delivered: bool = False
     finishing: bool = False
+    task: asyncio.Task[None] | None = None
 
 
 class KinesisSource:
     """Read a Kinesis stream: partitions are ``Shard(stream, shard_id)``, offsets sequence numbers.
 
     ``iterator`` is where shards without a checkpoint start (``TRIM_HORIZON``,
-    ``LATEST`` or ``AT_TIMESTAMP`` with ``at_timestamp``). Checkpoints live in
-    the DynamoDB table ``checkpoint_table`` (default ``<app_name>-kinesis-checkpoints``),
-    created if missing when ``create_checkpoint_table``. Each shard is read at
-    most every ``min_read_interval`` s (Kinesis allows 5 reads/s per shard), every
-    ``poll_interval`` s once caught up; throttling is retried with jittered
-    backoff, an expired iterator is renewed after the last sequence number read.
-    One worker per (app_name, stream): there is no lease balancing between workers.
-    ``_wrap_client(service, client)`` is a testing hook to inject failures.
+    ``LATEST`` or ``AT_TIMESTAMP`` with ``at_timestamp``). Leases and
+    checkpoints live in the DynamoDB table ``checkpoint_table`` (default
+    ``<app_name>-kinesis-checkpoints``, the checkpoint table of earlier
+    versions, whose rows it keeps), created if missing when
+    ``create_checkpoint_table``. Workers with the same ``app_name`` share the
+    shards: ``lease_duration`` (s a dead worker's leases wait before others
+    take them), ``lease_renewal_interval`` (s between renewals, a third of the
+    duration by default), ``max_leases_to_steal`` (taken from a busier worker
+    at one time) and ``worker_id`` (default ``host-pid-random``) tune it.
+    Each shard is read at most every ``min_read_interval`` s (Kinesis allows
+    5 reads/s per shard), every ``poll_interval`` s once caught up;
+    throttling is retried with jittered backoff, an expired iterator is
+    renewed after the last sequence number read. ``_wrap_client(service,
+    client)`` is a testing hook to inject failures or watch calls.
 
     Example:
         >>> src = KinesisSource("clicks", app_name="demo", iterator="LATEST",
-        ...                     endpoint_url="http://127.0.0.1:5000", region="us-east-1")
-        >>> src.stream
-        'clicks'
+        ...                     endpoint_url="http://127.0.0.1:5000", region="us-east-1",
+        ...                     lease_duration=6.0)
+        >>> src.stream, src.leases.renew_every
+        ('clicks', 2.0)
+        >>> KinesisSource("clicks", app_name="demo", max_leases_to_steal=-1)
+        Traceback (most recent call last):
+        ...
+        asyncflow.errors.ConfigError: max_leases_to_steal must be between 0 and 1000, got -1
     """
 
     def __init__(
@@ -129,6 +172,10 @@ class KinesisSource:
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         list_shards_page_size: int = 1000,
+        lease_duration: float = 10.0,
+        lease_renewal_interval: float | None = None,
+        max_leases_to_steal: int = 1,
+        worker_id: str | None = None,
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
         aws_session_token: str | None = None,
@@ -142,10 +189,17 @@ class KinesisSource:
             self._plan = ShardPlan(iterator, at_timestamp)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self.leases = LeaseSettings(
+            lease_duration=lease_duration,
+            worker_id=default_worker_id() if worker_id is None else worker_id,
+            renewal_interval=lease_renewal_interval,
+            max_leases_to_steal=max_leases_to_steal,
+        )
+        self.worker_id = self.leases.worker_id
         self.stream = stream
         self.app_name = app_name
         self.topic = name or stream
-        self.checkpoint_table = checkpoint_table or CheckpointStore.default_table(app_name)
+        self.checkpoint_table = checkpoint_table or LeaseTable.default_table(app_name)
         self.create_checkpoint_table = create_checkpoint_table
         self.poll_interval = poll_interval
         self.min_read_interval = min_read_interval
@@ -166,14 +220,20 @@ class KinesisSource:
         )
         self._backoff = Backoff(backoff_base, backoff_cap, max_retries)
         self._wrap_client = _wrap_client
-        self._queue: asyncio.Queue[RawBatch | _ShardEnd] = asyncio.Queue(queue_batches)
-        self._held: dict[Shard, deque[RawBatch | _ShardEnd]] = {}
+        self._queue: asyncio.Queue[tuple[_ShardRun, RawBatch | _ShardEnd]] = asyncio.Queue(
+            queue_batches
+        )
+        self._held: dict[Shard, deque[tuple[_ShardRun, RawBatch | _ShardEnd]]] = {}
         self._paused: set[Shard] = set()
         self._runs: dict[str, _ShardRun] = {}
+        self._leases: dict[str, Lease] = {}  # the leases this worker holds, as last written
+        self._written_at: dict[str, float] = {}  # loop time of each held lease's last write
+        self._lease_locks: dict[str, asyncio.Lock] = {}
+        self._watch = ExpiryWatch(self.leases.lease_duration)
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._kinesis: Any = None
-        self._store: CheckpointStore | None = None
+        self._table: LeaseTable | None = None
         self._listener: PartitionListener | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -181,11 +241,26 @@ class KinesisSource:
 
     @property
     def assigned(self) -> list[Shard]:
-        """Shards this source reads now (assigned and not yet revoked)."""
+        """Shards this source reads now (leased and not yet revoked).
+
+        Example:
+            >>> KinesisSource("clicks", app_name="demo", region="us-east-1").assigned
+            []
+        """
         return [Shard(self.stream, s) for s in sorted(self._runs)]
 
+    @property
+    def held_leases(self) -> dict[str, Lease]:
+        """The leases this worker holds, shard id to ``Lease`` as last written.
+
+        Example:
+            >>> KinesisSource("clicks", app_name="demo", region="us-east-1").held_leases
+            {}
+        """
+        return dict(self._leases)
+
     async def start(self, listener: PartitionListener) -> None:
-        """Check the stream, load checkpoints, assign the first shards and start reading."""
+        """Check the stream and the lease table, take the first leases and start reading."""
         self._listener = listener
         self._stack = contextlib.AsyncExitStack()
         try:
@@ -195,7 +270,7 @@ class KinesisSource:
             wrap = self._wrap_client
             self._kinesis = wrap("kinesis", kinesis) if wrap else kinesis
             await check_stream(self._kinesis, self.stream, self._backoff)
-            self._store = CheckpointStore(
+            self._table = LeaseTable(
                 wrap("dynamodb", dynamodb) if wrap else dynamodb,
                 self.checkpoint_table,
                 self.stream,
@@ -203,26 +278,57 @@ class KinesisSource:
                 backoff=self._backoff,
                 endpoint=endpoint_of(dynamodb),
             )
-            await self._store.ensure(create=self.create_checkpoint_table)
-            self._plan.set_checkpoints(await self._store.load())
+            await self._table.ensure(create=self.create_checkpoint_table)
             self._plan.update(await self._list_shards())
             ready = asyncio.Event()
             self._runner = asyncio.create_task(self._run(ready), name=f"kinesis:{self.stream}")
             await ready.wait()
-            await self._advance(refresh=False)
+            await self._balance()
         except BaseException:
-            await self.stop()
+            await self.stop(release=False)
             raise
 
-    async def stop(self) -> None:
-        """Stop the readers and close the clients (commit first: stop does not)."""
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop the readers, release the leases held (commit first: stop does not), close.
+
+        ``release=False`` keeps the leases (they expire after ``lease_duration``).
+        """
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
+        if release and self._table is not None and self._leases:
+            await self._release_all()
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+    async def _release_all(self) -> None:
+        table = self._table
+        assert table is not None
+
+        async def release(shard_id: str) -> None:
+            async with self._lease_lock(shard_id):
+                lease = self._leases.pop(shard_id, None)
+                if lease is None:
+                    return
+                try:
+                    await table.release(lease)
+                    self.stats.leases_released += 1
+                except LeaseLost:
+                    pass
+                except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
+                    log.warning(
+                        "kinesis %s: could not release the lease of %s (it expires "
+                        "after %.0f s): %s",
+                        self.stream,
+                        shard_id,
+                        self.leases.lease_duration,
+                        describe(exc),
+                    )
+
+        await asyncio.gather(*(release(s) for s in sorted(self._leases)))
+        log.info("kinesis %s: worker %s released its leases", self.stream, self.worker_id)
 
     def pause(self, partitions: Iterable[Partition]) -> None:
         """Stop handing out (and reading) these shards until ``resume``."""
@@ -264,24 +370,41 @@ class KinesisSource:
         return out
 
     async def commit(self, positions: Mapping[Partition, int]) -> None:
-        """Checkpoint, per shard, the sequence number of the last processed record."""
-        if self._store is None:
+        """Checkpoint, per shard, the sequence number of the last processed record, under its lease.
+
+        A shard whose lease another worker took is not checkpointed (the write
+        is conditional on the lease): its reader stops and the core is told it
+        is lost; ``commit`` returns normally, as the protocol asks.
+        """
+        if self._table is None:
             raise AsyncflowError("KinesisSource.commit() before start()")
         saves: dict[str, str] = {}
-        finished: list[Shard] = []
         for p, offset in positions.items():
             if not isinstance(p, Shard) or p.stream != self.stream:
                 continue
             run = self._runs.get(p.shard_id)
-            if run is None or run.finishing:
+            if run is None or run.finishing or p.shard_id not in self._leases:
                 continue
             run.committed = offset
             if run.end_delivered and run.delivered is not None and offset >= run.delivered:
                 saves[p.shard_id] = SHARD_END
-                finished.append(p)
             else:
                 saves[p.shard_id] = str(offset)
-        await self._store.save(saves)
+        results = await asyncio.gather(
+            *(self._checkpoint(s, c) for s, c in saves.items()), return_exceptions=True
+        )
+        lost: list[str] = []
+        finished: list[Shard] = []
+        errors: list[BaseException] = []
+        for (shard_id, checkpoint), result in zip(saves.items(), results, strict=True):
+            if isinstance(result, LeaseLost):
+                lost.append(shard_id)
+            elif isinstance(result, BaseException):
+                errors.append(result)
+            elif checkpoint == SHARD_END:
+                finished.append(Shard(self.stream, shard_id))
+        if lost:
+            self._spawn(self._lose(lost, "a checkpoint was refused"))
         released = []
         for p in finished:
             run = self._runs.get(p.shard_id)
@@ -290,7 +413,35 @@ class KinesisSource:
                 self._plan.mark_finished(p.shard_id)
                 released.append(p)
         if released:
-            self._spawn(self._release(released))
+            self._spawn(self._finish(released))
+        if errors:
+            exc = errors[0]
+            if isinstance(exc, AsyncflowError):
+                raise exc
+            raise AsyncflowError(
+                f"could not checkpoint Kinesis shards in {self.checkpoint_table!r}: {describe(exc)}"
+            ) from exc
+
+    async def _checkpoint(self, shard_id: str, checkpoint: str) -> None:
+        """Write ``checkpoint`` under the held lease; never below what the lease has."""
+        table = self._table
+        assert table is not None
+        async with self._lease_lock(shard_id):
+            lease = self._leases.get(shard_id)
+            if lease is None:
+                raise LeaseLost(shard_id)
+            if not _advances(lease.checkpoint, checkpoint):
+                return
+            written = await table.checkpoint(lease, checkpoint)
+            if shard_id in self._leases:
+                self._leases[shard_id] = written
+                self._written_at[shard_id] = asyncio.get_running_loop().time()
+
+    def _lease_lock(self, shard_id: str) -> asyncio.Lock:
+        lock = self._lease_locks.get(shard_id)
+        if lock is None:
+            lock = self._lease_locks[shard_id] = asyncio.Lock()
+        return lock
 
     def _raise_if_failed(self) -> None:
         runner = self._runner
@@ -305,13 +456,15 @@ class KinesisSource:
             raise exc
         raise AsyncflowError(f"Kinesis source {self.stream!r} failed: {describe(exc)}") from exc
 
-    def _take(self, item: RawBatch | _ShardEnd, out: list[RawBatch]) -> None:
+    def _take(self, entry: tuple[_ShardRun, RawBatch | _ShardEnd], out: list[RawBatch]) -> None:
+        run, item = entry
         shard = item.partition
         assert isinstance(shard, Shard)
+        if self._runs.get(shard.shard_id) is not run:
+            return  # read under a lease since lost: its new owner reads it again
         if shard in self._paused or shard in self._held:
-            self._held.setdefault(shard, deque()).append(item)
+            self._held.setdefault(shard, deque()).append(entry)
             return
-        run = self._runs[shard.shard_id]
         if isinstance(item, RawBatch):
             run.delivered = item.records[-1].offset
             out.append(item)
@@ -320,15 +473,16 @@ class KinesisSource:
         self._plan.mark_delivered(shard.shard_id)
         self._spawn(self._after_end(shard))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         runner = self._runner
         if self._tg is None or runner is None or runner.done():
             coro.close()  # stopping or failed: nothing more to start
-            return
+            return None
         try:
-            self._tg.create_task(coro)
+            return self._tg.create_task(coro)
         except RuntimeError:  # the group is shutting down after a failure
             coro.close()
+            return None
 
     async def _run(self, ready: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -336,33 +490,167 @@ class KinesisSource:
             ready.set()
             if self.shard_refresh_interval > 0:
                 tg.create_task(self._refresh_loop())
+            tg.create_task(self._lease_loop())
             await asyncio.get_running_loop().create_future()  # until stop() cancels
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.shard_refresh_interval)
-            await self._advance(refresh=True)
-
-    async def _advance(self, *, refresh: bool) -> None:
-        """Start reading every shard that became ready (parents done, or new)."""
-        async with self._lock:
-            if refresh:
+            async with self._lock:
                 self._plan.update(await self._list_shards())
-            ready = self._plan.ready()
-            if not ready:
-                return
-            for shard_id in ready:
-                self._plan.mark_reading(shard_id)
-                run = self._runs[shard_id] = _ShardRun()
-                run.unpaused.set()
-            shards = [Shard(self.stream, s) for s in ready]
-            log.info("kinesis %s: reading shards %s", self.stream, ", ".join(ready))
-            assert self._listener is not None
-            await self._listener.on_assigned(shards)
-            for shard in shards:
-                if shard in self._paused:
-                    self._runs[shard.shard_id].unpaused.clear()
-                self._spawn(self._read(shard))
+            await self._balance()
+
+    async def _lease_loop(self) -> None:
+        """Renew the leases held, then look at the table and take what is due."""
+        while True:
+            await asyncio.sleep(self.leases.renew_every)
+            await self._renew()
+            await self._balance()
+
+    async def _renew(self) -> None:
+        table = self._table
+        assert table is not None
+        loop = asyncio.get_running_loop()
+        lost: list[str] = []
+
+        async def renew(shard_id: str) -> None:
+            async with self._lease_lock(shard_id):
+                lease = self._leases.get(shard_id)
+                if lease is None:
+                    return
+                try:
+                    written = await table.renew(lease)
+                except LeaseLost:
+                    lost.append(shard_id)
+                    return
+                except AwsCredentialsError:
+                    raise
+                except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
+                    # not renewed: once a whole lease duration passed since the last write,
+                    # another worker may have taken it, so this one stops reading it
+                    age = loop.time() - self._written_at.get(shard_id, 0.0)
+                    if age >= self.leases.lease_duration:
+                        lost.append(shard_id)
+                    log.warning(
+                        "kinesis %s: renewing the lease of %s failed: %s",
+                        self.stream,
+                        shard_id,
+                        describe(exc),
+                    )
+                    return
+                if shard_id in self._leases:
+                    self._leases[shard_id] = written
+                    self._written_at[shard_id] = loop.time()
+
+        await asyncio.gather(*(renew(s) for s in sorted(self._leases)))
+        if lost:
+            await self._lose(lost, "its renewal was refused or late")
+
+    async def _balance(self) -> None:
+        """Read the lease table, note what others hold, take expired or fair-share leases."""
+        table = self._table
+        assert table is not None
+        async with self._lock:
+            rows = await table.load()
+            if await table.add_missing(self._plan.shards.values(), rows):
+                rows = await table.load()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            self._watch.observe(rows.values(), now)
+            self._plan.set_checkpoints(
+                {s: lease.checkpoint for s, lease in rows.items() if lease.checkpoint is not None}
+            )
+            # a lease held here that the table shows with another owner was taken
+            gone = [s for s in self._leases if s in rows and rows[s].owner != self.worker_id]
+            if gone:
+                await self._lose_locked(gone, "another worker took it")
+            ready = set(self._plan.ready())
+            eligible = ready | set(self._leases)
+            pool = [rows[s] for s in sorted(eligible) if s in rows]
+            wanted = leases_to_take(
+                pool,
+                self.worker_id,
+                expired=self._watch.expired(pool, now),
+                eligible=eligible,
+                max_leases_to_steal=self.leases.max_leases_to_steal,
+            )
+            taken: list[Lease] = []
+            for shard_id in wanted:
+                if shard_id not in ready:
+                    continue
+                try:
+                    lease = await table.take(rows[shard_id], self.worker_id)
+                except LeaseLost:
+                    continue  # another worker was first
+                self._leases[shard_id] = lease
+                self._written_at[shard_id] = loop.time()
+                self.stats.leases_taken += 1
+                taken.append(lease)
+            if taken:
+                await self._start_reading(taken)
+
+    async def _start_reading(self, taken: list[Lease]) -> None:
+        shards = []
+        for lease in taken:
+            shard_id = lease.shard_id
+            if lease.checkpoint is not None:
+                self._plan.checkpoints[shard_id] = lease.checkpoint
+            self._plan.mark_reading(shard_id)
+            run = self._runs[shard_id] = _ShardRun()
+            run.unpaused.set()
+            shards.append(Shard(self.stream, shard_id))
+        log.info(
+            "kinesis %s: worker %s took the leases of %s",
+            self.stream,
+            self.worker_id,
+            ", ".join(s.shard_id for s in shards),
+        )
+        assert self._listener is not None
+        await self._listener.on_assigned(shards)
+        for shard in shards:
+            started = self._runs.get(shard.shard_id)
+            if started is None:
+                continue
+            if shard in self._paused:
+                started.unpaused.clear()
+            started.task = self._spawn(self._read(shard, started))
+
+    async def _lose(self, shard_ids: list[str], why: str) -> None:
+        async with self._lock:
+            await self._lose_locked(shard_ids, why)
+
+    async def _lose_locked(self, shard_ids: list[str], why: str) -> None:
+        """Stop reading shards whose lease is gone and tell the core they are lost."""
+        lost = []
+        for shard_id in shard_ids:
+            self._leases.pop(shard_id, None)
+            self._written_at.pop(shard_id, None)
+            run = self._runs.pop(shard_id, None)
+            if run is None:
+                continue
+            if run.task is not None:
+                run.task.cancel()
+            shard = Shard(self.stream, shard_id)
+            self._held.pop(shard, None)
+            self._paused.discard(shard)
+            self._plan.mark_released(shard_id)
+            self.stats.leases_lost += 1
+            lost.append(shard)
+        if not lost:
+            return
+        log.warning(
+            "kinesis %s: worker %s lost the leases of %s (%s); stopped reading them",
+            self.stream,
+            self.worker_id,
+            ", ".join(s.shard_id for s in lost),
+            why,
+        )
+        assert self._listener is not None
+        on_lost = getattr(self._listener, "on_lost", None)
+        if on_lost is not None:
+            await on_lost(lost)
+        else:
+            await self._listener.on_revoked(lost)
 
     async def _after_end(self, shard: Shard) -> None:
         run = self._runs.get(shard.shard_id)
@@ -370,21 +658,33 @@ class KinesisSource:
             run.delivered is None or (run.committed is not None and run.committed >= run.delivered)
         )
         if run is not None and done and not run.finishing:
+            try:
+                await self._checkpoint(shard.shard_id, SHARD_END)
+            except LeaseLost:
+                await self._lose([shard.shard_id], "the SHARD_END checkpoint was refused")
+                return
             run.finishing = True
-            assert self._store is not None
-            await self._store.save({shard.shard_id: SHARD_END})
             self._plan.mark_finished(shard.shard_id)
-            await self._release([shard])
-        await self._advance(refresh=True)
+            await self._finish([shard])
 
-    async def _release(self, shards: list[Shard]) -> None:
-        assert self._listener is not None
+    async def _finish(self, shards: list[Shard]) -> None:
+        """Shards checkpointed at ``SHARD_END``: revoke them, let their leases go, take children."""
+        assert self._listener is not None and self._table is not None
         await self._listener.on_revoked(shards)
         for shard in shards:
             self._runs.pop(shard.shard_id, None)
             self._paused.discard(shard)
             self.stats.shards_finished += 1
+            async with self._lease_lock(shard.shard_id):
+                lease = self._leases.pop(shard.shard_id, None)
+                self._written_at.pop(shard.shard_id, None)
+                if lease is not None:
+                    with contextlib.suppress(LeaseLost):
+                        await self._table.release(lease)
         log.info("kinesis %s: finished shards %s", self.stream, [s.shard_id for s in shards])
+        async with self._lock:  # the children, if the listing did not have them yet
+            self._plan.update(await self._list_shards())
+        await self._balance()
 
     async def _call(self, op: str, what: str, **kwargs: Any) -> Any:
         return await call_with_retry(
@@ -418,15 +718,6 @@ class KinesisSource:
             raise
         return str(response["ShardIterator"]) if response.get("ShardIterator") else None
 
-    def _at_end(self, shard_id: str, run: _ShardRun, records: list[Any], resp: Any) -> bool:
-        """A closed shard read to its ``EndingSequenceNumber`` (moto never drops the iterator)."""
-        info = self._plan.info(shard_id)
-        if info.ending_sequence is None:
-            return False
-        if run.last_read is not None and int(run.last_read) >= int(info.ending_sequence):
-            return True
-        return not records and int(resp.get("MillisBehindLatest", 0)) == 0
-
     def _batch(self, shard: Shard, records: list[Any]) -> RawBatch:
         out = []
         for r in records:
@@ -443,9 +734,8 @@ class KinesisSource:
         self.stats.batches += 1
         return RawBatch(self.topic, shard, out)
 
-    async def _read(self, shard: Shard) -> None:
+    async def _read(self, shard: Shard, run: _ShardRun) -> None:
         shard_id = shard.shard_id
-        run = self._runs[shard_id]
         position = self._plan.position(shard_id)
         run.last_read = position.sequence
         # Renewing an expired iterator: after the last record read; with nothing read yet,
@@ -491,11 +781,30 @@ class KinesisSource:
             records = resp.get("Records") or []
             if records:
                 run.last_read = records[-1]["SequenceNumber"]
-                await self._queue.put(self._batch(shard, records))
+                await self._queue.put((run, self._batch(shard, records)))
             iterator = resp.get("NextShardIterator")
-            if iterator is None or self._at_end(shard_id, run, records, resp):
+            if read_to_end(self._plan.info(shard_id), run.last_read, resp):
                 break
             behind = records and int(resp.get("MillisBehindLatest", 0)) > 0
             await asyncio.sleep(self.min_read_interval if behind else self.poll_interval)
         log.info("kinesis %s: shard %s read to its end", self.stream, shard_id)
-        await self._queue.put(_ShardEnd(shard))
+        await self._queue.put((run, _ShardEnd(shard)))
+
+
+def _advances(current: str | None, new: str) -> bool:
+    """Whether checkpoint ``new`` is beyond ``current`` (``SHARD_END`` is beyond everything).
+
+    Example:
+        >>> _advances(None, "5"), _advances("7", "5"), _advances("7", SHARD_END)
+        (True, False, True)
+    """
+    if current is None:
+        return True
+    if current == SHARD_END:
+        return False
+    if new == SHARD_END:
+        return True
+    try:
+        return int(new) > int(current)
+    except ValueError:  # a sentinel of another library (TRIM_HORIZON...): ours wins
+        return True
