@@ -70,6 +70,9 @@ class Recorder:
     async def on_revoked(self, partitions: Collection[Partition]) -> None:
         self.events.append(("revoked", sorted(p.shard_id for p in partitions)))  # type: ignore[attr-defined]
 
+    async def on_lost(self, partitions: Collection[Partition]) -> None:
+        self.events.append(("lost", sorted(p.shard_id for p in partitions)))  # type: ignore[attr-defined]
+
     def assigned(self) -> list[str]:
         return [s for kind, shards in self.events if kind == "assigned" for s in shards]
 

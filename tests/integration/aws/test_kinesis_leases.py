@@ -1,0 +1,383 @@
+"""Kinesis leases between workers, against a real moto server: sharing, takeover, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from adapters._aws import Backoff
+from adapters.kinesis import SHARD_END, CheckpointStore, KinesisSource, Shard
+from adapters.kinesis_lease_table import LeaseTable
+from adapters.kinesis_leases import Lease
+from asyncflow.protocols import Partition
+from tests.integration.aws.kinesis_util import (
+    Recorder,
+    create_stream,
+    hash_key_of_shard,
+    put_values,
+    wait_for,
+)
+from tests.integration.aws.moto import CREDENTIALS, REGION
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration, pytest.mark.timeout(120)]
+
+LEASE = 1.0  # seconds: short, so that a takeover after expiry fits in a test
+
+
+@dataclass
+class Write:
+    """A checkpoint write the lease table accepted."""
+
+    at: float
+    worker: str
+    shard_id: str
+    checkpoint: str
+
+
+@dataclass
+class Watch:
+    """Every accepted checkpoint write of every worker, in the order they succeeded."""
+
+    writes: list[Write] = field(default_factory=list)
+
+    def client(self, worker: str, client: Any) -> Any:
+        watch = self
+
+        class Watched:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(client, name)
+
+            async def update_item(self, **kwargs: Any) -> Any:
+                response = await client.update_item(**kwargs)
+                value = kwargs.get("ExpressionAttributeValues", {}).get(":ckpt")
+                if value is not None:
+                    shard_id = kwargs["Key"]["shard_id"]["S"]
+                    loop = asyncio.get_running_loop()
+                    watch.writes.append(Write(loop.time(), worker, shard_id, value["S"]))
+                return response
+
+        return Watched()
+
+    def by_shard(self) -> dict[str, list[Write]]:
+        out: dict[str, list[Write]] = {}
+        for w in self.writes:
+            out.setdefault(w.shard_id, []).append(w)
+        return out
+
+
+def rank(checkpoint: str) -> float:
+    return float("inf") if checkpoint == SHARD_END else int(checkpoint)
+
+
+@dataclass
+class Worker:
+    """A source with a core loop of its own: fetch, remember, commit what it handed out."""
+
+    name: str
+    source: KinesisSource
+    recorder: Recorder = field(default_factory=Recorder)
+    seen: list[tuple[float, str, int]] = field(default_factory=list)  # (time, shard, value)
+    task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batches = await self.source.fetch(0.05)
+            positions: dict[Partition, int] = {}
+            for b in batches:
+                shard_id = b.partition.shard_id  # type: ignore[attr-defined]
+                for r in b.records:
+                    self.seen.append((loop.time(), shard_id, orjson.loads(r.value)["i"]))  # type: ignore[arg-type]
+                positions[b.partition] = b.records[-1].offset
+            if positions:
+                await self.source.commit(positions)
+
+    def values(self) -> set[int]:
+        return {v for _, _, v in self.seen}
+
+    def shards_read(self) -> set[str]:
+        return {s for _, s, _ in self.seen}
+
+
+def make_source(
+    endpoint: str, stream: str, app: str, worker: str, watch: Watch, **kwargs: Any
+) -> KinesisSource:
+    options: dict[str, Any] = {
+        "app_name": app,
+        "endpoint_url": endpoint,
+        "region": REGION,
+        "poll_interval": 0.05,
+        "min_read_interval": 0.0,
+        "shard_refresh_interval": 0.5,
+        "backoff_base": 0.001,
+        "backoff_cap": 0.01,
+        "lease_duration": LEASE,
+        "lease_renewal_interval": LEASE / 5,
+        "worker_id": worker,
+        "_wrap_client": lambda service, c: watch.client(worker, c) if service == "dynamodb" else c,
+        **CREDENTIALS,
+    }
+    options.update(kwargs)
+    return KinesisSource(stream, **options)
+
+
+@contextlib.asynccontextmanager
+async def running(workers: list[Worker]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for w in workers:
+            if w.task is not None:
+                w.task.cancel()
+                await asyncio.gather(w.task, return_exceptions=True)
+            await w.source.stop()
+
+
+async def start(worker: Worker) -> None:
+    await worker.source.start(worker.recorder)
+    worker.task = asyncio.create_task(worker.run())
+
+
+async def lease_rows(aws: Callable[[str], Any], source: KinesisSource) -> dict[str, Lease]:
+    table = LeaseTable(
+        aws("dynamodb"),
+        source.checkpoint_table,
+        source.stream,
+        source.app_name,
+        backoff=Backoff(),
+        endpoint="moto",
+    )
+    return await table.load()
+
+
+def settled(workers: list[Worker], shards: list[str]) -> bool:
+    """Every shard held by exactly one live worker, and every worker holds one at least."""
+    held = [s for w in workers for s in w.source.held_leases]
+    return sorted(held) == sorted(shards) and all(w.source.held_leases for w in workers)
+
+
+async def test_three_workers_share_four_shards_and_take_over_a_killed_one_without_loss(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("share"), unique("app")
+    shards = await create_stream(kinesis, stream, 4)
+    watch = Watch()
+    workers = [
+        Worker(name, make_source(moto_endpoint, stream, app, name, watch))
+        for name in ("w1", "w2", "w3")
+    ]
+    async with running(workers):
+        for w in workers:
+            await start(w)
+        await wait_for(lambda: settled(workers, shards), timeout=30)
+        rows = await lease_rows(aws, workers[0].source)
+        assert {s: r.owner for s, r in rows.items()} == {
+            s: w.name for w in workers for s in w.source.held_leases
+        }
+        assert sorted(len(w.source.held_leases) for w in workers) == [1, 1, 2]
+
+        first = await put_values(
+            kinesis, stream, range(2_000), hash_key=lambda i: hash_key_of_shard(i % 4, 4)
+        )
+        assert sorted(first) == shards
+        await wait_for(lambda: set().union(*(w.values() for w in workers)) >= set(range(2_000)))
+        for w in workers:  # each read exactly the shards it holds: no shard read by two
+            assert w.shards_read() == set(w.source.held_leases)
+        seen = [v for w in workers for _, _, v in w.seen]
+        assert sorted(seen) == list(range(2_000))  # and so nothing twice
+
+        # kill the busiest worker: its task is cancelled, its leases are not handed over
+        victim = max(workers, key=lambda w: len(w.source.held_leases))
+        orphaned = set(victim.source.held_leases)
+        assert victim.task is not None
+        victim.task.cancel()
+        await asyncio.gather(victim.task, return_exceptions=True)
+        await victim.source.stop(release=False)
+        killed_at = asyncio.get_running_loop().time()
+        survivors = [w for w in workers if w is not victim]
+
+        await put_values(
+            kinesis, stream, range(2_000, 4_000), hash_key=lambda i: hash_key_of_shard(i % 4, 4)
+        )
+        await wait_for(lambda: settled(survivors, shards), timeout=30)
+        await wait_for(
+            lambda: set().union(*(w.values() for w in workers)) >= set(range(4_000)), timeout=30
+        )
+        rows = await lease_rows(aws, workers[0].source)
+
+    assert {r.owner for s, r in rows.items() if s in orphaned} <= {w.name for w in survivors}
+    assert sorted(r.owner or "" for r in rows.values()) == sorted(
+        w.name for w in survivors for _ in w.source.held_leases
+    ) or all(r.owner in {w.name for w in survivors} for r in rows.values())
+    assert set().union(*(w.values() for w in workers)) == set(range(4_000))  # nothing lost
+    # the orphaned shards were read again only after the kill, by one survivor each
+    for shard_id in orphaned:
+        readers = {w.name for w in survivors if shard_id in w.shards_read()}
+        assert len(readers) == 1
+        assert all(t > killed_at for w in survivors for t, s, _ in w.seen if s == shard_id)
+    # checkpoints never move backwards, whoever wrote them
+    for shard_id, writes in watch.by_shard().items():
+        ranks = [rank(w.checkpoint) for w in writes]
+        assert ranks == sorted(ranks), shard_id
+        assert rows[shard_id].checkpoint == writes[-1].checkpoint
+    taken_over = {w.shard_id for w in watch.writes if w.worker != victim.name and w.at > killed_at}
+    assert orphaned <= taken_over
+
+
+async def test_a_worker_whose_lease_was_taken_cannot_checkpoint_and_stops_reading_the_shard(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("fence"), unique("app")
+    [shard_id] = await create_stream(kinesis, stream, 1)
+    watch = Watch()
+    # a long lease: only the intruder's take explains the loss
+    worker = Worker(
+        "w1",
+        make_source(
+            moto_endpoint,
+            stream,
+            app,
+            "w1",
+            watch,
+            lease_duration=60.0,
+            lease_renewal_interval=30.0,
+        ),
+    )
+    async with running([worker]):
+        await worker.source.start(worker.recorder)
+        assert worker.source.assigned == [Shard(stream, shard_id)]
+        placed = await put_values(kinesis, stream, range(100))
+        first_seq = placed[shard_id][10]
+        await worker.source.commit({Shard(stream, shard_id): first_seq})
+        table = LeaseTable(
+            aws("dynamodb"),
+            worker.source.checkpoint_table,
+            stream,
+            app,
+            backoff=Backoff(),
+            endpoint="moto",
+        )
+        [row] = (await table.load()).values()
+        await table.take(row, "intruder")  # steals it, as a balancing worker would
+        await worker.source.commit({Shard(stream, shard_id): placed[shard_id][50]})  # refused
+        await wait_for(lambda: ("lost", [shard_id]) in worker.recorder.events)
+        assert worker.source.assigned == []
+        assert worker.source.held_leases == {}
+        [row] = (await table.load()).values()
+    assert row.owner == "intruder"
+    assert row.checkpoint == str(first_seq)  # the refused write left nothing
+    assert [w.checkpoint for w in watch.writes] == [str(first_seq)]
+
+
+async def test_a_graceful_stop_hands_its_leases_over_at_once_and_nothing_is_read_twice(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("handover"), unique("app")
+    shards = await create_stream(kinesis, stream, 2)
+    watch = Watch()
+    # leases far longer than the test, and w2 does not steal: only a release lets it take them
+    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
+    w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch, **long))
+    w2 = Worker(
+        "w2", make_source(moto_endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long)
+    )
+    async with running([w1, w2]):
+        await start(w1)
+        await put_values(kinesis, stream, range(1_000))
+        await wait_for(lambda: w1.values() >= set(range(1_000)))
+        await start(w2)
+        assert w2.source.held_leases == {}  # nothing expires, nothing is stolen
+        assert w1.task is not None
+        w1.task.cancel()
+        await asyncio.gather(w1.task, return_exceptions=True)
+        w1.task = None
+        await w1.source.stop()  # its last commit was made by its loop: release only
+        await wait_for(lambda: sorted(w2.source.held_leases) == shards, timeout=20)
+        await put_values(kinesis, stream, range(1_000, 1_500))
+        await wait_for(lambda: w2.values() >= set(range(1_000, 1_500)))
+    assert not w2.values() & set(range(1_000))  # w2 resumed at w1's checkpoints
+    assert w1.source.stats.leases_released == 2
+
+
+async def test_children_are_read_only_after_their_parent_is_checkpointed_at_shard_end(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    # three moto shards shown as the lineage s0 -> (s1, s2), s0 closed at its last record
+    kinesis = aws("kinesis")
+    stream, app = unique("reshard"), unique("app")
+    s0, s1, s2 = await create_stream(kinesis, stream, 3)
+    placed = await put_values(
+        kinesis, stream, range(900), hash_key=lambda i: hash_key_of_shard(i % 3, 3)
+    )
+    parent_end = str(placed[s0][-1])
+
+    class Lineage:
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.client, name)
+
+        async def list_shards(self, **kwargs: Any) -> dict[str, Any]:
+            page = dict(await self.client.list_shards(**kwargs))
+            for s in page["Shards"]:
+                if s["ShardId"] == s0:
+                    s["SequenceNumberRange"]["EndingSequenceNumber"] = parent_end
+                else:
+                    s["ParentShardId"] = s0
+            return page
+
+    watch = Watch()
+
+    def wrap(worker: str) -> Callable[[str, Any], Any]:
+        return lambda service, c: Lineage(c) if service == "kinesis" else watch.client(worker, c)
+
+    workers = [
+        Worker(
+            n,
+            make_source(moto_endpoint, stream, app, n, watch, max_records=50, _wrap_client=wrap(n)),
+        )
+        for n in ("w1", "w2")
+    ]
+    async with running(workers):
+        for w in workers:
+            await start(w)
+        await wait_for(lambda: set().union(*(w.values() for w in workers)) >= set(range(900)))
+        rows = await lease_rows(aws, workers[0].source)
+    [end] = [w for w in watch.writes if w.shard_id == s0 and w.checkpoint == SHARD_END]
+    child_reads = [t for w in workers for t, s, _ in w.seen if s in (s1, s2)]
+    parent_reads = [t for w in workers for t, s, _ in w.seen if s == s0]
+    assert max(parent_reads) < end.at < min(child_reads)
+    assert rows[s0].checkpoint == SHARD_END and rows[s0].owner is None
+    assert rows[s1].parents == (s0,)
+    # every record read; a child's lease may move once while the two balance (at-least-once)
+    assert set().union(*(w.values() for w in workers)) == set(range(900))
+
+
+async def test_checkpoints_of_an_earlier_version_are_kept_and_resumed_after(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("upgrade"), unique("app")
+    [shard_id] = await create_stream(kinesis, stream, 1)
+    placed = await put_values(kinesis, stream, range(300))
+    table_name = LeaseTable.default_table(app)
+    old = CheckpointStore(
+        aws("dynamodb"), table_name, stream, app, backoff=Backoff(), endpoint="moto"
+    )
+    await old.ensure(create=True)
+    await old.save({shard_id: str(placed[shard_id][199])})  # what an earlier version wrote
+    worker = Worker("w1", make_source(moto_endpoint, stream, app, "w1", Watch()))
+    async with running([worker]):
+        await start(worker)
+        await wait_for(lambda: worker.values() >= set(range(200, 300)))
+    assert worker.values() == set(range(200, 300))
