@@ -211,6 +211,28 @@ class KafkaSource:
         if tps:
             consumer.resume(*tps)
 
+    def end_offsets_now(self) -> dict[Partition, int]:
+        """Per assigned partition, the offset after its last record as of the last fetch.
+
+        No request is made: this is the high watermark each fetch response
+        carries (what ``asyncflow.observe`` computes consumer lag from; a
+        partition not fetched yet is left out). On the Tansu test broker it can
+        trail the true end by a batch.
+
+        Example:
+            >>> KafkaSource.end_offsets_now  # doctest: +ELLIPSIS
+            <function KafkaSource.end_offsets_now at ...>
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[Partition, int] = {}
+        for tp, partition in self._owned.items():
+            high = consumer.highwater(tp)
+            if high is not None:
+                out[partition] = high
+        return out
+
     def _assigned(self, partitions: Iterable[Partition]) -> list[KafkaTP]:
         assigned = self._consumer.assignment()
         out = []

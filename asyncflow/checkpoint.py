@@ -214,7 +214,9 @@ class Checkpointer:
         committed = await self._commit(only, final)
         if took:
             self.metrics.incr("checkpoints")
-            self.metrics.gauge("checkpoint_seconds", round(time.monotonic() - began, 4))
+            seconds = time.monotonic() - began
+            self.metrics.gauge("checkpoint_seconds", round(seconds, 4))
+            self.metrics.histogram("checkpoint_seconds").observe(seconds)
         return done and committed
 
     async def _take(
@@ -278,6 +280,7 @@ class Checkpointer:
         if not positions:
             return True
         self.step = "commit"
+        began = time.monotonic()
         try:
             await self.source.commit(positions)
         except CommitFailed as exc:
@@ -292,6 +295,10 @@ class Checkpointer:
                 log.debug("commit attempt %d failed: %s", self.commit_failures, exc)
             return False
         self.step = ""
+        done = time.monotonic()
+        self.metrics.incr("commits")
+        self.metrics.histogram("commit_seconds").observe(done - began)
+        self._observe_latency(positions, done)
         if self.commit_failures:
             log.info("offsets committed again after %d failed attempts", self.commit_failures)
             self.commit_failures = 0
@@ -299,6 +306,20 @@ class Checkpointer:
             if o > committed.get(p, -1):
                 committed[p] = o
         return True
+
+    def _observe_latency(self, positions: dict[Hashable, int], now: float) -> None:
+        """Event in to acknowledged: each batch read below a committed position, once per batch.
+
+        What an offset commit covers is processed, its outputs flushed and its
+        state written, so the commit is the moment its events count as done.
+        """
+        latency = self.metrics.histogram("processing_seconds")
+        read_log = self.dispatcher.read_log
+        for p, position in positions.items():
+            batches = read_log.get(p)
+            while batches and batches[0][0] <= position:
+                _, read_at, n = batches.popleft()
+                latency.observe(now - read_at, n)
 
     def uncommitted(self) -> dict[Hashable, tuple[int | None, int]]:
         """Partitions with records handed to the lanes beyond their last commit.

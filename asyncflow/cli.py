@@ -49,6 +49,7 @@ from asyncflow import __version__
 from asyncflow.app import App
 from asyncflow.brokers import open_broker
 from asyncflow.errors import AsyncflowError, ConfigError, RedactingFilter
+from asyncflow.observe.settings import configure_web, web_settings
 from asyncflow.protocols import TopicSpec
 
 log = logging.getLogger("asyncflow.cli")
@@ -286,6 +287,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--broker", help="memory:// (default) or kafka://host:port[,host:port]")
     w.add_argument("--log-level", help=f"one of {', '.join(LOG_LEVELS)} "
                    "(default: ASYNCFLOW_LOG_LEVEL, else info)")
+    w.add_argument("--web-port", help="serve the live page, /api/status and /metrics on this port "
+                   "(default: ASYNCFLOW_WEB_PORT, else off; 0: any free port)")
+    w.add_argument("--web-host", help="address the web port binds (default: ASYNCFLOW_WEB_HOST, "
+                   "else 127.0.0.1)")
+    st = sub.add_parser("status", help="a running worker's figures: asyncflow status --web URL")
+    st.add_argument("--web", required=True, help="the worker's web address, e.g. "
+                    "http://127.0.0.1:9100")
     broker_help = "kafka://host:port (default: ASYNCFLOW_BROKER)"
     t = sub.add_parser("topics", help="create or list topics on a broker")
     t.add_argument("--broker", help=broker_help)
@@ -297,6 +305,18 @@ def _parser() -> argparse.ArgumentParser:
     ls = tsub.add_parser("list", help="list topics and their partition counts")
     ls.add_argument("--broker", help=broker_help, default=argparse.SUPPRESS)
     return p
+
+
+def _status(url: str) -> int:
+    """``asyncflow status --web URL``: print the worker's figures; 1 when it does not answer."""
+    from asyncflow.observe.terminal import StatusUnavailable, fetch_status, render
+
+    try:
+        print(render(asyncio.run(fetch_status(url))))
+    except StatusUnavailable as exc:
+        print(f"asyncflow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,12 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    if args.cmd == "status":
+        return _status(args.web)
+    try:
+        web = web_settings(args.web_port, args.web_host) if args.cmd == "worker" else None
+    except ConfigError as exc:
+        print(f"asyncflow: error: {exc}", file=sys.stderr)
+        return 2
     early = _stop_before_start() if args.cmd == "worker" else {}
     try:
         if args.cmd == "worker":
             app = load_app(args.app)
             if args.broker:
                 app.set_broker(args.broker)
+            configure_web(app, web)
             return asyncio.run(_run_worker(app))
         else:
             asyncio.run(_topics(args))

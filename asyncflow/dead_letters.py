@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from asyncflow.channels import Channel
@@ -74,6 +77,15 @@ class DeadLetters:
         self.count = 0
         self.refused = 0
         """Output records the sinks refused (each became a dead letter, or was dropped)."""
+        self.recent: deque[RecentDeadLetter] = deque(maxlen=RECENT_KEPT)
+        """The latest dead letters (at most ``RECENT_KEPT``), newest last, for the web view."""
+
+    def _observe(self, reason: str, topic: str, partition: Hashable, offset: int | None) -> None:
+        kind = reason_class(reason)
+        self.metrics.incr_labeled("dead_letters", (kind,))
+        self.recent.append(RecentDeadLetter(time.time(), kind, reason[:REASON_SHOWN], topic,
+                                            str(getattr(partition, "partition", partition)),
+                                            offset))
 
     def _headers(self, reason: str, topic: str, partition: Hashable, offset: int) -> list[tuple[str, bytes]]:
         return [
@@ -92,12 +104,14 @@ class DeadLetters:
     def raw(self, topic: str, partition: Hashable, rec: RawRecord, reason: str) -> None:
         """A record that could not be decoded (called by the dispatcher)."""
         self._counted(f"from {topic} {partition}@{rec.offset}", reason)
+        self._observe(reason, topic, partition, rec.offset)
         headers = self._headers(reason, topic, partition, rec.offset)
         self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers))
 
     async def event(self, event: Event[Any], reason: str, channel: str) -> None:
         """An event an agent failed on, or a late one (``Stream.dead_letter`` counts it)."""
         self.count += 1
+        self._observe(reason, channel, event.partition, event.offset)
         ch = self.channels.get(channel)
         try:
             value = ch.codec.encode(event.value) if ch is not None else repr(event.value).encode()
@@ -120,6 +134,7 @@ class DeadLetters:
             return
         why = f"sink {sink} refused the record: {reason}"
         self._counted(f"from sink {sink}", why)
+        self._observe(why, record.topic or sink, "-", None)
         headers = [("asyncflow.reason", why.encode()), ("asyncflow.sink", sink.encode())]
         if record.topic is not None:
             headers.append(("asyncflow.topic", record.topic.encode()))
@@ -150,6 +165,61 @@ class DeadLetters:
         self.writer.add(SinkRecord(record.key if isinstance(record.key, bytes) and
                                    len(record.key) <= 1024 else None,
                                    None, topic=record.topic, headers=headers))
+
+
+RECENT_KEPT = 50
+"""How many of the latest dead letters the web view can show."""
+REASON_SHOWN = 300
+"""Characters of a reason kept for the web view."""
+
+REASON_CLASSES = ("decode", "event_time_ahead", "no_event_time", "late", "agent_error",
+                  "sink_rejected", "other")
+"""The values of the ``reason`` label of ``asyncflow_dead_letters_total`` (a bounded set)."""
+
+
+def reason_class(reason: str) -> str:
+    """The bounded class of a dead letter's free-text reason (a metrics label).
+
+    Example:
+        >>> reason_class("late event: every window of event time ... has closed")
+        'late'
+        >>> reason_class("agent parse raised ValueError: bad")
+        'agent_error'
+        >>> reason_class("sink out refused the record: MESSAGE_SIZE_TOO_LARGE")
+        'sink_rejected'
+        >>> reason_class("JSONDecodeError: Expecting value")
+        'decode'
+    """
+    if reason.startswith("late event"):
+        return "late"
+    if reason.startswith("agent "):
+        return "agent_error"
+    if reason.startswith("sink "):
+        return "sink_rejected"
+    if reason.startswith("event time "):
+        return "event_time_ahead"
+    if reason == "no event time":
+        return "no_event_time"
+    if reason:
+        return "decode"
+    return "other"
+
+
+@dataclass(slots=True, frozen=True)
+class RecentDeadLetter:
+    """One dead letter as the web view shows it (no value: values may hold personal data).
+
+    Example:
+        >>> RecentDeadLetter(0.0, "decode", "bad JSON", "rides", "0", 7).reason_class
+        'decode'
+    """
+
+    at: float
+    reason_class: str
+    reason: str
+    topic: str
+    partition: str
+    offset: int | None
 
 
 def _as_bytes(value: Any) -> bytes | None:

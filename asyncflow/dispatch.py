@@ -45,6 +45,9 @@ from asyncflow.watermarks import PartitionWatermarks
 
 log = logging.getLogger("asyncflow.dispatch")
 
+READ_LOG_MAX = 4096
+"""Batches remembered per partition for the processing-latency histogram (older ones go)."""
+
 DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 
 
@@ -56,11 +59,21 @@ class Route:
     channel keyed by its values, for one key on two partitions.
     """
 
-    __slots__ = ("channel", "consumers", "hashes", "marks", "raw_keys", "spread")
+    __slots__ = ("agents", "channel", "consumers", "hashes", "in_keys", "marks", "raw_keys",
+                 "spread")
 
-    def __init__(self, channel: Channel[Any], consumers: list[list[LaneQueue]]) -> None:
+    def __init__(
+        self,
+        channel: Channel[Any],
+        consumers: list[list[LaneQueue]],
+        agents: Sequence[str] = (),
+    ) -> None:
         self.channel = channel
         self.consumers = consumers
+        self.agents = list(agents) or [f"agent-{i}" for i in range(len(consumers))]
+        """The agents' names, one per entry of ``consumers`` (metrics labels)."""
+        self.in_keys = [(channel.name, a) for a in self.agents]
+        """The ``(topic, agent)`` label values of ``events_in`` (made once)."""
         self.raw_keys = RawKeyCache(channel.key_codec.decode)  # record keys: decoded once
         self.hashes = HashCache()  # keys from the channel's key function: hashed once
         app = channel._app
@@ -100,6 +113,9 @@ class Dispatcher:
         self._skip_to: dict[Hashable, int] = {}
         self._closed: set[Hashable] = set()
         self._all_lanes = [q for r in routes.values() for c in r.consumers for q in c]
+        self.read_log: dict[Hashable, deque[tuple[int, float, int]]] = {}
+        """Per partition, one ``(last offset, monotonic time read, records)`` per batch not yet
+        committed: the checkpointer turns them into the processing-latency histogram."""
         for q in self._all_lanes:
             q.on_room = self._on_room
 
@@ -107,6 +123,11 @@ class Dispatcher:
     def lanes(self) -> list[LaneQueue]:
         """Every lane queue this dispatcher feeds."""
         return self._all_lanes
+
+    @property
+    def read_to(self) -> dict[Hashable, int]:
+        """Per partition, the last offset read (for lag and progress)."""
+        return dict(self._read_to)
 
     @property
     def paused(self) -> frozenset[Hashable]:
@@ -125,6 +146,10 @@ class Dispatcher:
         if route is None:
             raise KeyError(f"no agent reads {batch.topic!r}; the source returned it anyway")
         self._read_to[partition] = records[-1].offset
+        read_log = self.read_log.get(partition)
+        if read_log is None:
+            read_log = self.read_log[partition] = deque(maxlen=READ_LOG_MAX)
+        read_log.append((records[-1].offset, time.monotonic(), len(records)))
         skip = self._skip_to.get(partition)
         if skip is not None:
             if records[-1].offset <= skip:
@@ -172,6 +197,9 @@ class Dispatcher:
                 for parts_c in parts:
                     parts_c[h % len(parts_c)].append(ev)
         self.metrics.incr("events_in", len(records))
+        incr_labeled = self.metrics.incr_labeled
+        for labels in route.in_keys:
+            incr_labeled("events_in", labels, len(records))
         blocked = self._blocked.get(partition)
         for parts_c, lanes in zip(parts, consumers, strict=True):
             for part, q in zip(parts_c, lanes, strict=True):
@@ -408,6 +436,7 @@ class Dispatcher:
             self._skip_to.pop(p, None)
             self._blocked.pop(p, None)
             self._pending_time.pop(p, None)
+            self.read_log.pop(p, None)
             self.watermarks.revoke(p)
             for route in self.routes.values():
                 if route.marks is not None:

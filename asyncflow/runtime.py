@@ -47,6 +47,8 @@ from asyncflow.dispatch import Dispatcher, Route
 from asyncflow.errors import AsyncflowError
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
+from asyncflow.observe.observer import Observer
+from asyncflow.observe.settings import web_settings_of
 from asyncflow.protocols import (
     Broker,
     ChangelogBroker,
@@ -399,6 +401,10 @@ class Runtime:
         self.ends = InputEnds(app, None)
         """Where the end of bounded inputs has got to (the real one is made by ``run``)."""
         self._lane_agents: list[str] = []
+        self.runners: list[SourceRunner] = []
+        """One per source, once ``run`` has built them (what ``asyncflow.observe`` reads)."""
+        self.observer: Observer | None = None
+        """Samples rates, logs progress, serves the web view (made by ``run``)."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -522,6 +528,8 @@ class Runtime:
             out._bound = self.writers[name]
         self.ends = InputEnds(app, broker, self.producer.flush)
         runners, lane_jobs = self._build(broker)
+        self.runners = runners
+        observer = self.observer = Observer(self, web_settings_of(app))
         try:
             async with asyncio.TaskGroup() as tg:
                 writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}")
@@ -542,6 +550,8 @@ class Runtime:
                 checkpoints = [tg.create_task(r.commit_loop(stopping), name="checkpoints")
                                for r in runners]
                 aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
+                aux.append(tg.create_task(observer.run(), name="observer"))
+                await observer.serving()  # the web port is bound (or failed) before running
                 aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name)
                         for t in app.timers]
                 user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task"))
@@ -689,6 +699,7 @@ class Runtime:
         """Create lanes per agent and group the channels they read by source."""
         app = self.app
         by_channel: dict[str, list[list[LaneQueue]]] = {}
+        agents_of: dict[str, list[str]] = {}
         jobs: list[Any] = []
         pending_lanes: list[tuple[Any, LaneQueue, LaneContext, str]] = []
         lanes_of: dict[str, dict[Hashable, LaneQueue]] = {}
@@ -702,12 +713,13 @@ class Runtime:
                 pending_lanes.append((agent, q, ctx, agent.channel.name))
                 lanes_of.setdefault(agent.channel.name, {})[ctx.id] = q
             by_channel.setdefault(agent.channel.name, []).append(queues)
+            agents_of.setdefault(agent.channel.name, []).append(agent.name)
         broker_routes: dict[str, Route] = {}
         runners: list[SourceRunner] = []
         runner_of: dict[str, SourceRunner] = {}
         for name, consumers in by_channel.items():
             ch = app.channels[name]
-            route = Route(ch, consumers)
+            route = Route(ch, consumers, agents_of[name])
             if ch.source is None:
                 broker_routes[name] = route
             else:

@@ -178,6 +178,16 @@ class PartitionWatermarks:
             self._current = low
         return self._current
 
+    def peek(self) -> int | None:
+        """The watermark as last computed by ``current``, changing nothing (for metrics).
+
+        Example:
+            >>> w = PartitionWatermarks(None); w.assign("p"); w.observe("p", 5, 0)
+            >>> w.peek(), w.current(0), w.peek()
+            (None, 5, 5)
+        """
+        return self._current
+
     @property
     def partitions(self) -> list[Hashable]:
         """The partitions tracked."""

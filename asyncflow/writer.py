@@ -40,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from operator import attrgetter
 from typing import Any
 
 from asyncflow.errors import SinkError
@@ -85,6 +87,7 @@ class SinkWriter:
         """Where records the sink refuses go (the runtime sets it to its dead-letter output)."""
         self.rejected = 0
         """Records the sink refused so far."""
+        self._write_seconds = self.metrics.histogram("sink_write_seconds", (self.name,))
 
     @property
     def buffered(self) -> int:
@@ -217,12 +220,15 @@ class SinkWriter:
         try:
             for i in range(0, len(records), step):
                 chunk = records[i : i + step]
+                began = time.monotonic()
                 refused = await self.sink.write(chunk)
+                self._write_seconds.observe(time.monotonic() - began)
                 if refused:
                     self._refused(refused)
                 self._written += len(chunk)
                 self._progress.set()
                 self.metrics.incr(f"sink.{self.name}.written", len(chunk))
+                self._count_out(chunk)
         except SinkError as exc:
             self._failed = exc
             self._progress.set()
@@ -231,6 +237,13 @@ class SinkWriter:
             self._failed = exc
             self._progress.set()
             raise SinkError(f"sink {self.name} failed to write a batch: {exc}") from exc
+
+    def _count_out(self, chunk: list[SinkRecord]) -> None:
+        """``events_out`` by (sink, topic), counted per chunk (in C: ``Counter`` over ``map``)."""
+        incr = self.metrics.incr_labeled
+        topics: Counter[str | None] = Counter(map(_topic_of, chunk))
+        for topic, n in topics.items():
+            incr("events_out", (self.name, topic or self.name), n)
 
     def _refused(self, refused: Sequence[Rejected]) -> None:
         """Hand what the sink refused to ``on_rejected`` (it never waits), or fail without it."""
@@ -276,6 +289,9 @@ class _Ready:
 
     def __await__(self) -> Any:
         return iter(())
+
+
+_topic_of = attrgetter("topic")
 
 
 def _done_future() -> Awaitable[Any]:
