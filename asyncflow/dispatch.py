@@ -39,6 +39,7 @@ from asyncflow.event import Event, Watermark
 from asyncflow.keys import HashCache, RawKeyCache, key_hash, lane_of  # noqa: F401 - lane_of: the routing rule, re-exported
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
+from asyncflow.observe.traces import read_span
 from asyncflow.protocols import RawBatch, RawRecord, Source
 from asyncflow.repartition import KeySpread, RepartitionMarks
 from asyncflow.watermarks import PartitionWatermarks
@@ -113,6 +114,8 @@ class Dispatcher:
         self._skip_to: dict[Hashable, int] = {}
         self._closed: set[Hashable] = set()
         self._all_lanes = [q for r in routes.values() for c in r.consumers for q in c]
+        self.tracer: Any = None
+        """An OpenTelemetry tracer (``asyncflow.observe.traces``) or ``None``: no spans."""
         self.read_log: dict[Hashable, deque[tuple[int, float, int]]] = {}
         """Per partition, one ``(last offset, monotonic time read, records)`` per batch not yet
         committed: the checkpointer turns them into the processing-latency histogram."""
@@ -150,6 +153,8 @@ class Dispatcher:
         if read_log is None:
             read_log = self.read_log[partition] = deque(maxlen=READ_LOG_MAX)
         read_log.append((records[-1].offset, time.monotonic(), len(records)))
+        if self.tracer is not None:
+            read_span(self.tracer, batch.topic, partition, records)
         skip = self._skip_to.get(partition)
         if skip is not None:
             if records[-1].offset <= skip:

@@ -49,6 +49,7 @@ from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.observe.observer import Observer
 from asyncflow.observe.settings import web_settings_of
+from asyncflow.observe.traces import tracer_for
 from asyncflow.protocols import (
     Broker,
     ChangelogBroker,
@@ -529,6 +530,12 @@ class Runtime:
         self.ends = InputEnds(app, broker, self.producer.flush)
         runners, lane_jobs = self._build(broker)
         self.runners = runners
+        tracer = tracer_for(app)
+        if tracer is not None:
+            for r in runners:
+                r.dispatcher.tracer = tracer
+            for w in self.writers.values():
+                w.tracer = tracer
         observer = self.observer = Observer(self, web_settings_of(app))
         try:
             async with asyncio.TaskGroup() as tg:

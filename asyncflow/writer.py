@@ -47,6 +47,7 @@ from typing import Any
 
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
+from asyncflow.observe.traces import start_write_span
 from asyncflow.protocols import Rejected, Sink, SinkRecord
 
 log = logging.getLogger("asyncflow.sink")
@@ -88,6 +89,8 @@ class SinkWriter:
         self.rejected = 0
         """Records the sink refused so far."""
         self._write_seconds = self.metrics.histogram("sink_write_seconds", (self.name,))
+        self.tracer: Any = None
+        """An OpenTelemetry tracer (``asyncflow.observe.traces``) or ``None``: no spans."""
 
     @property
     def buffered(self) -> int:
@@ -221,7 +224,13 @@ class SinkWriter:
             for i in range(0, len(records), step):
                 chunk = records[i : i + step]
                 began = time.monotonic()
-                refused = await self.sink.write(chunk)
+                span = None if self.tracer is None else start_write_span(
+                    self.tracer, self.name, chunk)
+                try:
+                    refused = await self.sink.write(chunk)
+                finally:
+                    if span is not None:
+                        span.end()
                 self._write_seconds.observe(time.monotonic() - began)
                 if refused:
                     self._refused(refused)

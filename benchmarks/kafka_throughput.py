@@ -13,6 +13,9 @@ input:
 * ``asyncflow``: the same pipeline as an asyncflow app (``run_asyncflow_case``):
   a JSON topic, ``stream.filter(...).map(...)`` in 4 lanes (``ASYNCFLOW_BENCH_LANES``),
   ``await topic.send(key, value)`` per output.
+* ``asyncflow-metrics``: ``asyncflow`` with its web view on (``--web-port``) and
+  ``/metrics`` and ``/api/status`` scraped every 0.5 s while it runs; its ratio is
+  against ``asyncflow`` (metrics on / metrics off), not the baseline.
 
 A windowed pair runs on a second input topic of N readings whose event time
 (``time``, epoch ms) advances 1 ms per reading, each up to 2 s out of order
@@ -57,6 +60,7 @@ Usage:
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000 --json --repeat 5
     .venv/bin/python benchmarks/kafka_throughput.py --cases windowed-baseline,windowed-asyncflow
+    .venv/bin/python benchmarks/kafka_throughput.py --cases asyncflow,asyncflow-metrics --repeat 5
 """
 
 from __future__ import annotations
@@ -308,7 +312,36 @@ async def send(
 LANES = int(os.environ.get("ASYNCFLOW_BENCH_LANES", "4"))
 
 
-async def run_asyncflow_case(w: Workload) -> tuple[float, int, str]:
+async def run_asyncflow_metrics_case(w: Workload) -> tuple[float, int, str]:
+    """``asyncflow`` with its web view on (``--web-port``), scraped as Prometheus and the page do.
+
+    While it runs, ``/metrics`` and ``/api/status`` are fetched every
+    ``SCRAPE_INTERVAL`` s (far more often than Prometheus's usual 15 s, so the
+    cost of a scrape shows); its ratio is against ``asyncflow`` (metrics off).
+    """
+    return await run_asyncflow_case(w, web=True)
+
+
+SCRAPE_INTERVAL = 0.5
+"""Seconds between two scrapes in ``asyncflow-metrics``."""
+
+
+async def _scrape_forever(app: Any) -> None:
+    import aiohttp
+
+    while app._runtime is None or app._runtime.observer is None \
+            or app._runtime.observer.server is None:
+        await asyncio.sleep(0.01)
+    base = f"http://127.0.0.1:{app._runtime.observer.server.port}"
+    async with aiohttp.ClientSession() as http:
+        while True:
+            for path in ("/metrics", "/api/status"):
+                async with http.get(base + path) as response:
+                    await response.read()
+            await asyncio.sleep(SCRAPE_INTERVAL)
+
+
+async def run_asyncflow_case(w: Workload, web: bool = False) -> tuple[float, int, str]:
     """The same pipeline as an asyncflow app; returns (seconds, records produced, output topic).
 
     Reads ``w.input_topic`` as a fresh group, keeps ``value >= 0``, writes
@@ -347,7 +380,14 @@ async def run_asyncflow_case(w: Workload) -> tuple[float, int, str]:
             await converted.send(reading["id"], reading)
 
     metrics = app.metrics
+    scraper = None
+    if web:
+        from asyncflow.observe.settings import WebSettings, configure_web
+
+        configure_web(app, WebSettings(0))
     worker = asyncio.create_task(app.run())
+    if web:
+        scraper = asyncio.create_task(_scrape_forever(app))
     try:
         while not (
             metrics.get("sink.kafka.written") >= w.kept and metrics.get("events_in") >= w.events
@@ -355,9 +395,14 @@ async def run_asyncflow_case(w: Workload) -> tuple[float, int, str]:
             if worker.done():
                 worker.result()
                 raise RuntimeError("the asyncflow worker stopped before the end of the input")
+            if scraper is not None and scraper.done():
+                scraper.result()
             await asyncio.sleep(0.002)
         finished = time.perf_counter()
     finally:
+        if scraper is not None:
+            scraper.cancel()
+            await asyncio.gather(scraper, return_exceptions=True)
         app.stop()
         await worker
     return finished - started[0], int(metrics.get("sink.kafka.written")), out_topic
@@ -534,12 +579,14 @@ async def run_windowed_asyncflow(w: Workload) -> tuple[float, int, str]:
 CASES = {
     "aiokafka-baseline": run_baseline,
     "asyncflow": run_asyncflow_case,
+    "asyncflow-metrics": run_asyncflow_metrics_case,
     "windowed-baseline": run_windowed_baseline,
     "windowed-asyncflow": run_windowed_asyncflow,
 }
 BASELINE_OF = {
     "aiokafka-baseline": "aiokafka-baseline",
     "asyncflow": "aiokafka-baseline",
+    "asyncflow-metrics": "asyncflow",  # the cost of metrics on: against metrics off
     "windowed-baseline": "windowed-baseline",
     "windowed-asyncflow": "windowed-baseline",
 }
