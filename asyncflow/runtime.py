@@ -549,6 +549,8 @@ class Runtime:
                 self.ends.start(lanes_of)
                 for _ in range(3):  # agent bodies run to their first await: windows are declared
                     await asyncio.sleep(0)
+                observing = tg.create_task(observer.run(), name="observer")
+                await observer.serving()  # the web port is bound (or refused) before any join
                 for r in runners:
                     await r.source.start(r)
                     r.dispatcher.broadcast_watermark()  # lanes learn the wall clock first
@@ -557,8 +559,7 @@ class Runtime:
                 checkpoints = [tg.create_task(r.commit_loop(stopping), name="checkpoints")
                                for r in runners]
                 aux = [tg.create_task(r.ticker(), name="ticker") for r in runners]
-                aux.append(tg.create_task(observer.run(), name="observer"))
-                await observer.serving()  # the web port is bound (or failed) before running
+                aux.append(observing)
                 aux += [tg.create_task(self._timer(t.fn, t.interval), name=t.name)
                         for t in app.timers]
                 user = [tg.create_task(fn(), name=getattr(fn, "__name__", "task"))

@@ -16,7 +16,9 @@ Metric names (all prefixed ``asyncflow_``): ``events_in_total{topic,agent}``,
 ``commit_failures_total``, ``commit_seconds``, ``checkpoints_total``,
 ``checkpoint_seconds``, ``sink_write_seconds{sink}``,
 ``sink_rejected_total{sink}``, ``sink_retries_total{sink}``,
-``processing_seconds`` (event read to offset committed), ``info{app,version}``.
+``processing_seconds`` (event read to offset committed), ``checkpoints_abandoned_total``,
+``state_restored_shards_total``, ``state_restore_records_total``,
+``future_events_total``, ``info{app,version}``.
 
 Example:
     >>> import asyncflow as af
@@ -109,6 +111,14 @@ class RuntimeCollector(Collector):
             ("commits", "asyncflow_commits", "Offset commits that succeeded."),
             ("commits_failed", "asyncflow_commit_failures", "Offset commits that failed."),
             ("checkpoints", "asyncflow_checkpoints", "Checkpoints completed."),
+            ("checkpoints_abandoned", "asyncflow_checkpoints_abandoned",
+             "Checkpoints given up (a lane did not reach the barrier in time)."),
+            ("state.restored_shards", "asyncflow_state_restored_shards",
+             "Table partitions restored from their changelog."),
+            ("state.restore_records", "asyncflow_state_restore_records",
+             "Changelog records read while restoring state."),
+            ("future_events", "asyncflow_future_events",
+             "Records whose event time was too far ahead (dead letters)."),
         ):
             yield CounterMetricFamily(metric, doc, value=m.get(name))
 

@@ -177,3 +177,17 @@ async def test_status_prints_the_figures_of_a_running_worker() -> None:
     text = out.decode()
     assert text.startswith("seen: running") and "rides -> count (2 lanes) -> counted" in text
     assert "rides[0]" in text
+
+
+def test_web_port_in_use_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        module = ('import asyncflow as af\napp = af.App("tiny")\nt = app.topic("t")\n'
+                  '@app.agent(t)\nasync def a(stream):\n    async for _ in stream:\n        pass\n')
+        result = run_worker(tmp_path, "tiny:app", "--web-port", str(port), module=module)
+    line = one_error_line(result)
+    assert f"web_port (--web-port / ASYNCFLOW_WEB_PORT) {port}" in line and "free port" in line
