@@ -566,7 +566,15 @@ class KinesisSource:
                 await self._lose_locked(gone, "another worker took it")
             ready = set(self._plan.ready())
             eligible = ready | set(self._leases)
-            pool = [rows[s] for s in sorted(eligible) if s in rows]
+            # a row in this worker's name that it does not hold is an earlier process's
+            # (restarted with the same worker_id): free to take back at once
+            pool = [
+                dataclasses.replace(rows[s], owner=None)
+                if rows[s].owner == self.worker_id and s not in self._leases
+                else rows[s]
+                for s in sorted(eligible)
+                if s in rows
+            ]
             wanted = leases_to_take(
                 pool,
                 self.worker_id,
@@ -578,10 +586,21 @@ class KinesisSource:
             for shard_id in wanted:
                 if shard_id not in ready:
                     continue
+                row = rows[shard_id]
                 try:
-                    lease = await table.take(rows[shard_id], self.worker_id)
+                    lease = await table.take(row, self.worker_id)
                 except LeaseLost:
                     continue  # another worker was first
+                if row.owner not in (None, self.worker_id):
+                    how = "expired" if self._watch.is_expired(row, now) else "to balance"
+                    log.info(
+                        "kinesis %s: worker %s took %s from %s (%s)",
+                        self.stream,
+                        self.worker_id,
+                        shard_id,
+                        row.owner,
+                        how,
+                    )
                 self._leases[shard_id] = lease
                 self._written_at[shard_id] = loop.time()
                 self.stats.leases_taken += 1

@@ -146,3 +146,46 @@ async def drain(source: KinesisSource, into: Consumed, seconds: float) -> None:
 
 def shard(stream: str, shard_id: str) -> Shard:
     return Shard(stream, shard_id)
+
+
+async def _worker_main(endpoint: str, stream: str, app: str, worker: str, lease: float) -> None:
+    """A worker process for kill tests: prints ``{"shard", "values"}`` per batch, then commits."""
+    import sys
+
+    source = KinesisSource(
+        stream,
+        app_name=app,
+        endpoint_url=endpoint,
+        region="us-east-1",
+        poll_interval=0.05,
+        min_read_interval=0.0,
+        shard_refresh_interval=0.5,
+        backoff_base=0.001,
+        backoff_cap=0.01,
+        lease_duration=lease,
+        lease_renewal_interval=lease / 5,
+        worker_id=worker,
+    )
+    await source.start(Recorder())
+    held: list[str] = []
+    while True:
+        batches = await source.fetch(0.05)
+        if sorted(source.held_leases) != held:
+            held = sorted(source.held_leases)
+            print(orjson.dumps({"held": held}).decode(), flush=True)
+        for b in batches:
+            values = [orjson.loads(r.value)["i"] for r in b.records]  # type: ignore[arg-type]
+            line = {"shard": b.partition.shard_id, "values": values}  # type: ignore[attr-defined]
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+        sys.stdout.flush()  # what it read is out before its commit: a kill loses none of it
+        if batches:
+            await source.commit({b.partition: b.records[-1].offset for b in batches})
+
+
+if (
+    __name__ == "__main__"
+):  # python -m tests.integration.aws.kinesis_util ENDPOINT STREAM APP ID LEASE
+    import sys
+
+    endpoint_, stream_, app_, worker_, lease_ = sys.argv[1:6]
+    asyncio.run(_worker_main(endpoint_, stream_, app_, worker_, float(lease_)))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from adapters._aws import Backoff
 from adapters.kinesis import SHARD_END, CheckpointStore, KinesisSource, Shard
@@ -213,9 +217,8 @@ async def test_three_workers_share_four_shards_and_take_over_a_killed_one_withou
         rows = await lease_rows(aws, workers[0].source)
 
     assert {r.owner for s, r in rows.items() if s in orphaned} <= {w.name for w in survivors}
-    assert sorted(r.owner or "" for r in rows.values()) == sorted(
-        w.name for w in survivors for _ in w.source.held_leases
-    ) or all(r.owner in {w.name for w in survivors} for r in rows.values())
+    final = await lease_rows(aws, workers[0].source)  # all stopped: the last writes are in
+    assert all(r.owner in {w.name for w in survivors} for r in rows.values())
     assert set().union(*(w.values() for w in workers)) == set(range(4_000))  # nothing lost
     # the orphaned shards were read again only after the kill, by one survivor each
     for shard_id in orphaned:
@@ -226,7 +229,7 @@ async def test_three_workers_share_four_shards_and_take_over_a_killed_one_withou
     for shard_id, writes in watch.by_shard().items():
         ranks = [rank(w.checkpoint) for w in writes]
         assert ranks == sorted(ranks), shard_id
-        assert rows[shard_id].checkpoint == writes[-1].checkpoint
+        assert final[shard_id].checkpoint == writes[-1].checkpoint
     taken_over = {w.shard_id for w in watch.writes if w.worker != victim.name and w.at > killed_at}
     assert orphaned <= taken_over
 
@@ -381,3 +384,104 @@ async def test_checkpoints_of_an_earlier_version_are_kept_and_resumed_after(
         await start(worker)
         await wait_for(lambda: worker.values() >= set(range(200, 300)))
     assert worker.values() == set(range(200, 300))
+
+
+async def test_a_worker_process_killed_with_sigkill_has_its_leases_taken_over_without_loss(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("sigkill"), unique("app")
+    shards = await create_stream(kinesis, stream, 4)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.integration.aws.kinesis_util",
+        moto_endpoint,
+        stream,
+        app,
+        "proc",
+        str(LEASE),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[3]),
+    )
+    assert process.stdout is not None
+    proc_seen: set[int] = set()
+    proc_shards: set[str] = set()
+    proc_held: list[str] = []
+
+    async def read_child() -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            event = orjson.loads(line)
+            if "held" in event:
+                proc_held[:] = event["held"]
+            if "values" in event:
+                proc_seen.update(event["values"])
+                proc_shards.add(event["shard"])
+
+    reader = asyncio.create_task(read_child())
+
+    async def rows_if_any() -> dict[str, Lease]:
+        try:
+            return await lease_rows(aws, workers[0].source)
+        except ClientError as exc:  # the process has not created the table yet
+            assert exc.response["Error"]["Code"] == "ResourceNotFoundException"
+            return {}
+
+    watch = Watch()
+    workers = [Worker(n, make_source(moto_endpoint, stream, app, n, watch)) for n in ("w1", "w2")]
+    try:
+        async with running(workers):
+            # the process starts first and takes every lease; the others balance them away
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not any(r.owner == "proc" for r in (await rows_if_any()).values()):
+                assert loop.time() < deadline, "the worker process took no lease"
+                await asyncio.sleep(0.05)
+            for w in workers:
+                await start(w)
+            while True:
+                table = {s: r.owner for s, r in (await lease_rows(aws, workers[0].source)).items()}
+                local = sorted((s, w.name) for w in workers for s in w.source.held_leases)
+                local += [(s, "proc") for s in proc_held]
+                if set(table.values()) == {"proc", "w1", "w2"} and sorted(local) == sorted(
+                    table.items()
+                ):  # every worker's own view agrees with the table: no shard held twice
+                    break
+                assert loop.time() < deadline, f"leases did not settle: {table}"
+                await asyncio.sleep(0.05)
+            held_by_process = {s for s, o in table.items() if o == "proc"}
+            await put_values(
+                kinesis, stream, range(2_000), hash_key=lambda i: hash_key_of_shard(i % 4, 4)
+            )
+
+            def everything(n: int) -> bool:
+                return set().union(proc_seen, *(w.values() for w in workers)) >= set(range(n))
+
+            await wait_for(lambda: everything(2_000), timeout=30)
+            assert proc_shards == held_by_process  # it read its shards, the others theirs
+            assert all(w.shards_read() == set(w.source.held_leases) for w in workers)
+
+            process.kill()  # SIGKILL: no hand-over, no last checkpoint
+            await process.wait()
+            killed_at = loop.time()
+            await put_values(
+                kinesis, stream, range(2_000, 4_000), hash_key=lambda i: hash_key_of_shard(i % 4, 4)
+            )
+            await wait_for(lambda: settled(workers, shards), timeout=30)
+            await wait_for(lambda: everything(4_000), timeout=30)
+            rows = await lease_rows(aws, workers[0].source)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    assert process.returncode == -signal.SIGKILL
+    assert {r.owner for r in rows.values()} <= {"w1", "w2"}
+    assert set().union(proc_seen, *(w.values() for w in workers)) == set(range(4_000))
+    for shard_id in held_by_process:  # taken over after the kill only
+        assert all(t > killed_at for w in workers for t, s, _ in w.seen if s == shard_id)
+    for shard_id, writes in watch.by_shard().items():
+        ranks = [rank(w.checkpoint) for w in writes]
+        assert ranks == sorted(ranks), shard_id
