@@ -6,6 +6,13 @@ the lanes, flush the sinks, commit and exit 0. Problems a user can fix (a
 missing module, a bad broker URL, an unreachable broker) print one line and
 exit non-zero.
 
+``asyncflow worker ... --web-port PORT [--web-host ADDR]`` (or
+``ASYNCFLOW_WEB_PORT`` / ``ASYNCFLOW_WEB_HOST``) serves the live page at ``/``,
+``/api/status`` and Prometheus ``/metrics`` on ``127.0.0.1:PORT`` unless told
+another address (``asyncflow.observe``); ``asyncflow status --web
+http://host:port`` prints the same figures in the terminal and exits 1 with
+one line when nothing answers there.
+
 Exit codes of ``asyncflow worker``:
 
 * **0**: stopped by SIGINT/SIGTERM with everything the lanes were handed
