@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 from asyncflow.observe.progress import PROGRESS_INTERVAL, progress_line
 from asyncflow.observe.settings import WebSettings
 from asyncflow.observe.status import status
-from asyncflow.observe.web import WebServer
 
 if TYPE_CHECKING:
+    from asyncflow.observe.web import WebServer
     from asyncflow.runtime import Runtime
 
 log = logging.getLogger("asyncflow.progress")
@@ -94,6 +94,8 @@ class Observer:
         """Until cancelled: sample every second, log progress every few; serve when configured."""
         try:
             if self.settings is not None:
+                from asyncflow.observe.web import WebServer  # aiohttp, prometheus: only when on
+
                 server = WebServer(self.runtime, self.settings, self.history)
                 try:
                     await server.start()
