@@ -129,6 +129,11 @@ class Agent:
         failed_offset: tuple[Any, int] | None = None
         attempts = 0
         finished = False  # the body returned at the end of its input (not cancelled, not failed)
+        guard = self.channel.replay_guard
+        if guard is not None:  # a repartition's topic: records forwarded twice count once
+            from asyncflow.repartition import drop_replayed
+
+            stream._begin_with_state_step(guard, drop_replayed)
         try:
             while True:
                 try:

@@ -36,6 +36,7 @@ from asyncflow.writer import SinkWriter
 
 if TYPE_CHECKING:
     from asyncflow.app import App
+    from asyncflow.state.table import Table
 
 T = TypeVar("T")
 
@@ -140,6 +141,8 @@ class Channel(Generic[T]):
     """For a repartition's internal topic: the input it re-keys (``repartition``)."""
     repartitioned_into: tuple[str, ...] = ()
     """The internal topics of the repartitions of this input."""
+    replay_guard: Table[Any] | None = None
+    """For a repartition's internal topic: the table that drops records forwarded twice."""
 
     def repartition(
         self,

@@ -155,20 +155,22 @@ class Dispatcher:
         read_log.append((records[-1].offset, time.monotonic(), len(records)))
         if self.tracer is not None:
             read_span(self.tracer, batch.topic, partition, records)
-        skip = self._skip_to.get(partition)
-        if skip is not None:
-            if records[-1].offset <= skip:
-                return
-            records = [r for r in records if r.offset > skip]
-            del self._skip_to[partition]
         marks = route.marks
         marked: int | None = None
         if marks is not None:  # a repartition topic: its markers say how far event time is
+            # (markers the restored state has read past still say it: taken before the skip)
             records, marked = marks.take(partition, records, self.clock.wall_ms())
-            if not records:
-                if marked is not None:
-                    self._advance(partition, marked, self._blocked.get(partition))
-                return
+        skip = self._skip_to.get(partition)
+        if skip is not None and records:
+            if records[-1].offset <= skip:
+                records = ()
+            else:
+                records = [r for r in records if r.offset > skip]
+                del self._skip_to[partition]
+        if not records:
+            if marked is not None:
+                self._advance(partition, marked, self._blocked.get(partition))
+            return
         ch = route.channel
         consumers = route.consumers
         limit = self._time_limit(partition)

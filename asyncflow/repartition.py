@@ -21,7 +21,11 @@ with the reason, and the forwarder goes on.
 Delivery: the source's offsets are committed only once the forwarded records
 are durable in the internal topic (the usual checkpoint: outputs flushed,
 then offsets), so a crash duplicates forwarded records at worst, never loses
-them.
+them. Each forwarded record carries its origin (header ``asyncflow.origin`` =
+``<source partition>:<source offset>``, the last header), and the agents that
+read the internal topic drop a copy whose origin their key has applied
+already (``drop_replayed``, with the table ``<name>-repartition-seen``): windows
+and state downstream count every source event once across crashes.
 
 Event time after a repartition: the records of one internal partition come
 from every source partition, each read at its own pace (by other workers,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from asyncflow.app import App
     from asyncflow.channels import Channel, Topic
     from asyncflow.event import Event
+    from asyncflow.state.keyed import KeyedState
     from asyncflow.stream import Stream
 
 log = logging.getLogger("asyncflow.repartition")
@@ -70,6 +75,8 @@ log = logging.getLogger("asyncflow.repartition")
 _JSON_KEY_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS
 MARK_HEADER = "asyncflow.watermark"
 """The header of a watermark marker in a repartition topic: ``<source>/<source count>``."""
+ORIGIN_HEADER = "asyncflow.origin"
+"""The last header of a forwarded record: ``<source partition>:<source offset>``."""
 
 
 def repartition_key_bytes(key: Any) -> bytes:
@@ -164,42 +171,83 @@ def repartition(
     count = partitions if partitions is not None else source.spec.partitions
     topic.spec = TopicSpec(topic_name, partitions=count, partitions_like=like)
     topic.repartitioned_from = source.name
+    # per key, the last source offset applied from each source partition: what drops the
+    # records a restarted forwarder sends again (checkpointed with the readers' offsets)
+    topic.replay_guard = app.table(f"{name}-repartition-seen", default=None)
     source.repartitioned_into = (*source.repartitioned_into, topic_name)
     app.channels[topic_name] = topic
     # one lane: the markers of a source partition must follow all of its forwarded events
-    app.agent(source, sink=topic, name=agent_name)(forwarder(app, source.name, topic, key, name))
+    fwd = Forwarder(app, source.name, topic, key, name)
+    forward = fwd.forward
+    app.agent(source, sink=topic, name=agent_name)(forward)
+    heartbeat = fwd.heartbeat
+    app.timer(heartbeat_interval(app.idle_timeout))(heartbeat)
     return topic
 
 
-def forwarder(
-    app: App,
-    source: str,
-    topic: Topic[Any],
-    key: Callable[[Any], Hashable],
-    name: str,
-) -> Callable[[Stream[Any]], Any]:
-    """The agent function that writes a stream's events to ``topic``, keyed by ``key``.
+def heartbeat_interval(idle_timeout: float | None) -> float:
+    """Seconds between marker heartbeats: a quarter of the idle timeout, within 0.2–2 s.
 
-    Whole lane slices at a time; an event whose key cannot be computed is a
-    dead letter naming the repartition and the reason. After each slice, a
-    watermark marker for every source partition the slice came from goes to
-    every partition of ``topic`` (``markers``).
+    Example:
+        >>> heartbeat_interval(10.0), heartbeat_interval(0.1), heartbeat_interval(None)
+        (2.0, 0.2, 2.0)
+    """
+    if idle_timeout is None:
+        return 2.0
+    return min(2.0, max(0.2, idle_timeout / 4))
+
+
+class Forwarder:
+    """The forwarding agent of a repartition, and the heartbeat of its watermark markers.
+
+    ``forward`` is the agent function: whole lane slices at a time, each event
+    written to ``topic`` keyed by ``key`` with its origin header; an event
+    whose key cannot be computed is a dead letter naming the repartition and
+    the reason. After each slice, a marker for every source partition the
+    slice came from goes to every partition of ``topic`` (``markers``).
+    ``heartbeat`` (an app timer) sends the markers of every source partition
+    again: a worker that takes an internal partition over reads on from the
+    committed offset, past the markers its previous owner had seen, and learns
+    from the next heartbeat how far each source partition is.
 
     Example:
         >>> import asyncflow as af
         >>> app = af.App("a")
-        >>> out = app.topic("out")
-        >>> fn = forwarder(app, "in", out, key=lambda v: v, name="x")
-        >>> import inspect; inspect.iscoroutinefunction(fn)
+        >>> fwd = Forwarder(app, "in", app.topic("out"), key=lambda v: v, name="x")
+        >>> import inspect; inspect.iscoroutinefunction(fwd.forward)
         True
     """
-    encode = topic.codec.encode
-    topic_name = topic.name
-    key_bytes = repartition_key_bytes
 
-    async def forward(stream: Stream[Any]) -> None:
-        counts: tuple[int, int] | None = None  # (source partitions, internal partitions)
-        forwarded: dict[Hashable, int] = {}  # per source partition, the largest time sent
+    def __init__(
+        self,
+        app: App,
+        source: str,
+        topic: Topic[Any],
+        key: Callable[[Any], Hashable],
+        name: str,
+    ) -> None:
+        self.app = app
+        self.source = source
+        self.topic = topic
+        self.key = key
+        self.name = name
+        self.forwarded: dict[Hashable, int] = {}  # per source partition, the largest time sent
+        self.finished = False  # the lane has read its input to the end
+        self._counts: tuple[int, int] | None = None  # (source partitions, internal partitions)
+
+    async def _markers(self, times: dict[Hashable, int]) -> list[SinkRecord]:
+        if self._counts is None:
+            self._counts = await partition_counts(self.app, self.source, self.topic)
+        return markers(self.topic.name, times, *self._counts)
+
+    async def forward(self, stream: Stream[Any]) -> None:
+        """The agent function (one lane)."""
+        encode = self.topic.codec.encode
+        topic_name = self.topic.name
+        key_bytes = repartition_key_bytes
+        key = self.key
+        forwarded = self.forwarded
+        self.finished = False
         async for events in stream.event_batches():
             failed: list[tuple[Event[Any], str]] = []
             try:  # the whole slice in a few passes; record by record if a value fails
@@ -207,7 +255,7 @@ def forwarder(
                 keys = [key_bytes(key(v)) for v in values]
                 encoded = [encode(v) for v in values]
                 records = [
-                    SinkRecord(kb, vb, topic_name, ev.headers, ev.time)
+                    SinkRecord(kb, vb, topic_name, (*ev.headers, origin(ev)), ev.time)
                     for kb, vb, ev in zip(keys, encoded, events, strict=True)
                 ]
             except Exception:  # noqa: BLE001 - some value's problem: found one by one below
@@ -216,9 +264,12 @@ def forwarder(
                     try:
                         kb, vb = key_bytes(key(ev.value)), encode(ev.value)
                     except Exception as exc:  # noqa: BLE001 - this value's: a dead letter
-                        failed.append((ev, f"repartition {name!r}: {type(exc).__name__}: {exc}"))
+                        reason = f"repartition {self.name!r}: {type(exc).__name__}: {exc}"
+                        failed.append((ev, reason))
                         continue
-                    records.append(SinkRecord(kb, vb, topic_name, ev.headers, ev.time))
+                    records.append(
+                        SinkRecord(kb, vb, topic_name, (*ev.headers, origin(ev)), ev.time)
+                    )
             touched: dict[Hashable, int] = {}  # per source partition, the slice's largest time
             for ev in events:
                 t = ev.time
@@ -230,16 +281,76 @@ def forwarder(
                 if t > forwarded.get(p, t - 1):
                     forwarded[p] = t
             if touched:
-                if counts is None:
-                    counts = await partition_counts(app, source, topic)
-                records.extend(markers(topic_name, {p: forwarded[p] for p in touched}, *counts))
+                records.extend(await self._markers({p: forwarded[p] for p in touched}))
             if records:
-                await topic.send_encoded(records)
+                await self.topic.send_encoded(records)
             for ev, reason in failed:
                 await stream.dead_letter(ev, reason)
+        self.finished = True
 
-    forward.__name__ = forward.__qualname__ = f"{name}-repartition"
-    return forward
+    async def heartbeat(self) -> None:
+        """Send the markers of every source partition forwarded from again (an app timer)."""
+        if self.forwarded and not self.finished:
+            await self.topic.send_encoded(await self._markers(dict(self.forwarded)))
+
+
+def origin(ev: Event[Any]) -> tuple[str, bytes]:
+    """The header saying where a forwarded event was read: source partition and offset.
+
+    Example:
+        >>> from asyncflow.event import Event
+        >>> from asyncflow.protocols import TopicPartition
+        >>> origin(Event("k", 1, partition=TopicPartition("in", 2), offset=41))
+        ('asyncflow.origin', b'2:41')
+    """
+    p = ev.partition
+    return ORIGIN_HEADER, f"{getattr(p, 'partition', p)}:{ev.offset}".encode()
+
+
+def drop_replayed(seen: KeyedState[dict[str, int] | None], ev: Event[Any]) -> Any:
+    """The event's value, or ``None`` when its key has had this source record already.
+
+    A forwarder that restarts (a crash, a rebalance) forwards again what it
+    had forwarded since its last commit. Records of one key from one source
+    partition reach the internal partition in source order, so one whose
+    source offset is not above the last one applied for its key and source
+    partition (kept in ``seen``, checkpointed like any state) is such a copy:
+    dropped, so windows and state downstream count every source event once.
+
+    Example:
+        >>> class Seen:
+        ...     value = None
+        ...     def get(self): return self.value
+        ...     def set(self, v): self.value = v
+        >>> from asyncflow.event import Event
+        >>> seen = Seen()
+        >>> def read(offset):
+        ...     headers = (("asyncflow.origin", f"0:{offset}".encode()),)
+        ...     return drop_replayed(seen, Event("k", offset, headers=headers))
+        >>> [read(5), read(6), read(5), read(7)]
+        [5, 6, None, 7]
+    """
+    headers = ev.headers
+    if not headers:
+        return ev.value
+    name, raw = headers[-1]
+    if name != ORIGIN_HEADER:
+        return ev.value
+    src, _, at = raw.partition(b":")
+    try:
+        offset = int(at)
+    except ValueError:
+        return ev.value
+    source = src.decode()
+    marks = seen.get()
+    if marks is None:
+        seen.set({source: offset})
+        return ev.value
+    last = marks.get(source)
+    if last is not None and offset <= last:
+        return None
+    seen.set({**marks, source: offset})
+    return ev.value
 
 
 def markers(

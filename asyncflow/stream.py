@@ -137,6 +137,7 @@ class Stream(Generic[T]):
         self._buf: list[Event[Any]] = []
         self._pos = 0
         self._ops: tuple[tuple[int, Callable[..., Any]], ...] = ()
+        self._base_ops: tuple[tuple[int, Callable[..., Any]], ...] = ()  # kept by _restart
         self._sync_ops = True
         self._chain: Chain = NO_STEPS
         self._failed_src: Event[Any] | None = None
@@ -158,6 +159,22 @@ class Stream(Generic[T]):
         self._sync_ops = all(k in SYNC_KINDS for k, _ in self._ops)
         self._chain = compile_chain(self._ops) if self._sync_ops else NO_STEPS
         return self
+
+    def _begin_with_state_step(self, table: Table[V], fn: Callable[[Any, Event[Any]], Any]) -> None:
+        """A first step of every body on this lane: ``fn(keyed_state, event)`` -> value or ``None``.
+
+        For the core's own steps (a repartition's deduplication): kept when a
+        body restarts after an error, and ``None`` drops the event.
+        """
+        keyed = self.state(table)
+
+        def step(value: Any) -> Any:
+            ev = self.current
+            assert ev is not None
+            return fn(keyed, ev)
+
+        self._base_ops = (*self._base_ops, (STATEFUL, step))
+        self._restart()
 
     def map(self, fn: Callable[[T], U] | Callable[[T], Awaitable[U]]) -> Stream[U]:
         """Transform each value (``fn`` may be async). Key and event time stay.
@@ -656,9 +673,9 @@ class Stream(Generic[T]):
 
     def _restart(self) -> None:
         """Forget map/filter/key_by (the agent body adds them again); keep window state."""
-        self._ops = ()
-        self._sync_ops = True
-        self._chain = NO_STEPS
+        self._ops = self._base_ops
+        self._sync_ops = all(k in SYNC_KINDS for k, _ in self._ops)
+        self._chain = compile_chain(self._ops) if self._ops and self._sync_ops else NO_STEPS
         self._window_calls = 0
         self._async_calls = 0
 

@@ -145,7 +145,12 @@ async def test_a_forwarded_record_keeps_the_event_time_and_the_headers() -> None
             await run.send("clicks", {"user": f"u{n % 3}", "n": n}, timestamp=1_000 + n,
                            headers=[("trace", f"t{n}".encode())])
         await run.finish()
-    assert sorted(seen.values) == [(n, 1_000 + n, {"trace": f"t{n}".encode()}) for n in range(10)]
+    got = sorted(seen.values)
+    assert [(n, t, h["trace"]) for n, t, h in got] == [
+        (n, 1_000 + n, f"t{n}".encode()) for n in range(10)
+    ]
+    origins = sorted(h["asyncflow.origin"] for _, _, h in got)  # "<partition>:<offset>"
+    assert len(set(origins)) == 10 and all(o[:2] in (b"0:", b"1:") for o in origins)
     assert sorted(r.key for r in seen.records) == sorted(f"u{n % 3}" for n in range(10))
 
 
@@ -298,3 +303,26 @@ async def test_no_warning_of_split_keys_for_an_input_that_is_repartitioned(
     rows = readings(500, sensors=3)
     await run_windowed(rows, partitions=3)
     assert not [r for r in caplog.records if "two partitions" in r.getMessage()]
+
+
+async def test_records_a_restarted_forwarder_sends_again_count_once_downstream() -> None:
+    # what a forwarder killed before its commit leaves: the records it forwarded since, twice
+    app, means = windowed_app(partitions=1)
+    rows = readings(400, sensors=4)
+    broker = MemoryBroker()
+    raw = app.channels["raw"]
+    internal = "sensors-by-sensor-repartition"
+    broker.create_topic(internal, 1)
+    copies = [  # as the forwarder writes them: key, value, event time, origin header
+        (r["sensor"].encode(), raw.codec.encode(r), round(r["t"] * 1000), i)
+        for i, r in enumerate(rows)
+    ]
+    for kb, vb, t, i in copies + copies[150:300]:  # offsets 150..299 forwarded twice
+        broker.produce(internal, vb, kb, (("asyncflow.origin", f"0:{i}".encode()),), t)
+    for kb, vb, t, i in copies[300:]:
+        broker.produce(internal, vb, kb, (("asyncflow.origin", f"0:{i}".encode()),), t)
+    broker.produce("raw", raw.codec.encode({"sensor": "end", "v": 0, "t": T0 + 10**6}), None)
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+    got = {(r["sensor"], r["start"]): r["mean"] for r in means.values if r["sensor"] != "end"}
+    assert got == pytest.approx(batch_means(rows))

@@ -31,8 +31,13 @@ from tests.integration.kafka.apps_for_tests import (
     sentinel_keys,
 )
 from tests.integration.kafka.broker import create_topic, unique_name, wait_for
-from tests.integration.kafka.state_workers import PARTITIONS, Pool, alive, wait_committed
-from tests.integration.kafka.test_e2e_state import all_windows_out, check_windows, no_late_events
+from tests.integration.kafka.state_workers import PARTITIONS, Pool, alive, kill_soak, wait_committed
+from tests.integration.kafka.test_e2e_state import (
+    all_windows_out,
+    check_windows,
+    expected_windows,
+    no_late_events,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
 
@@ -123,3 +128,60 @@ async def test_two_workers_on_randomly_keyed_input_emit_every_window_once_after_
         key_of(k, keys).encode(): seqs for k in range(keys)
     }
     assert {r["pid"] for r in results} == {a.pid, b.pid}  # both workers computed windows
+
+
+@pytest.mark.slow
+async def test_killed_workers_of_a_repartitioned_input_lose_no_event_and_count_none_twice(
+    kafka_bootstrap: str, kafka_url: str, tmp_path: Path
+) -> None:
+    # a forwarder killed after writing but before its commit forwards those records again;
+    # the readers drop the copies (origin header, per-key replay guard), so every window
+    # holds each of its events exactly once, whichever worker emitted it and how often
+    keys, kills = 40, 6
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    src = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-rk-in"))
+    out = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-rk-out"))
+    group = unique_name("e2e-repartition-kills")
+    cfg = Config(app_id=group, input=src, output=out, mode="repartition", commit_interval=0.5)
+
+    async def chunk(c: int) -> None:  # 2 seqs of every key, keyed at random
+        values = [
+            orjson.dumps({"key": key_of(i, keys), "seq": c * 2 + i // keys})
+            for i in range(2 * keys)
+        ]
+        await produce_at_random(kafka_bootstrap, src, values, rng)
+
+    async with (
+        Pool(kafka_url, cfg, tmp_path) as pool,
+        Tail(kafka_bootstrap, out, PARTITIONS) as tail,
+    ):
+        report = await kill_soak(pool, ["w0", "w1"], kills=kills, rng=rng, produce_chunk=chunk,
+                                 pace=0.3)
+        seqs = report.chunks * 2
+        ends = [
+            orjson.dumps({"key": k.decode(), "seq": END_SEQ}) for k in sentinel_keys(PARTITIONS)
+        ]
+        await produce_at_random(kafka_bootstrap, src, ends, rng, spread=True)
+        await tail.wait(all_windows_out(keys, seqs), timeout=90, what="every window",
+                        alive=pool.running())
+        await pool.stop_all()
+    results = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    expected = expected_windows(keys, seqs)
+    held: dict[tuple[str, int], set[int]] = {}
+    twice = 0
+    for r in results:
+        window = (r["key"], r["start"])
+        assert window in expected, f"a window nobody asked for: {window}"
+        assert set(r["seqs"]) <= set(expected[window]), f"{window} holds another window's events"
+        twice += len(r["seqs"]) - len(set(r["seqs"]))
+        assert r["seqs"] == expected[window] or set(r["seqs"]) < set(expected[window]), r
+        held.setdefault(window, set()).update(r["seqs"])
+    missing = {w: sorted(set(e) - held.get(w, set())) for w, e in expected.items()}
+    missing = {w: m for w, m in missing.items() if m}
+    assert not missing, f"{len(missing)} windows lost events, e.g. {list(missing.items())[:3]}"
+    assert twice == 0, f"{twice} events counted twice in a window"
+    check_windows(results, keys, seqs, exactly_once=False)  # every copy exactly its events
+    print(f"{report.kills} kills over {report.chunks} chunks: {len(results)} window results for "
+          f"{len(expected)} windows, {twice} events counted twice")
