@@ -39,6 +39,9 @@ source partitions' markers (``RepartitionMarks``; a source partition with no
 marker for ``idle_timeout`` is left out, like an idle partition). So a window
 downstream closes only once every source partition has been forwarded past
 it, and no event of it is late for being read later than another partition.
+The forwarder also re-sends its markers on a heartbeat (``heartbeat_interval``),
+so a worker that takes an internal partition over, reading on past the
+markers its previous owner saw, soon knows how far every source partition is.
 
 ``KeySpread`` notices the mistake a repartition fixes: one key seen on two
 partitions of a topic whose keys come from its values.
