@@ -74,8 +74,12 @@ async def test_page_shows_topology_and_live_figures_during_a_run() -> None:
                 topology = await page.text_content("#topology")
                 partitions = await page.locator("#partitions tbody tr").count()
                 dead = await page.text_content("#dead-letters")
+                await run.send_many("rides", [{"n": i} for i in range(200, 400)])
+                await page.wait_for_function(  # the open page follows the run
+                    "document.getElementById('events-in').textContent === '401'", timeout=20_000)
                 await page.wait_for_function(
-                    "document.querySelectorAll('#throughput polyline').length === 2",
+                    "document.querySelectorAll('#throughput polyline').length === 2 && "
+                    "Number(document.getElementById('peak').textContent.replace(/,/g, '')) > 1",
                     timeout=20_000)
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 shot = ARTIFACTS / "web-page.png"
