@@ -62,6 +62,32 @@ def _histogram(name: str, doc: str, labels: list[str],
     return family
 
 
+RETRY_COUNTERS = ("retries", "stats.records_retried", "stats.unprocessed_retried")
+"""Where a sink keeps the count of records it retried (Kinesis, DynamoDB), first found wins."""
+
+
+def sink_retries(sink: object) -> int | None:
+    """Records or writes the sink retried so far, if it counts them (else ``None``).
+
+    The Kafka sink's retries happen inside the producer and are not counted;
+    the Kinesis and DynamoDB sinks count the records they sent again.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> sink_retries(SimpleNamespace(stats=SimpleNamespace(unprocessed_retried=3)))
+        3
+        >>> sink_retries(object()) is None
+        True
+    """
+    for path in RETRY_COUNTERS:
+        value: object = sink
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 class RuntimeCollector(Collector):
     """Yields the app's metrics from its counters and its runtime, when a scrape asks.
 
@@ -161,12 +187,13 @@ class RuntimeCollector(Collector):
                                        "Records a sink refused (each became a dead letter).",
                                        labels=["sink"])
         retries = CounterMetricFamily("asyncflow_sink_retries",
-                                      "Writes a sink retried (sinks that count them).",
+                                      "Records a sink sent again after a transient refusal "
+                                      "(sinks that count them: Kinesis, DynamoDB).",
                                       labels=["sink"])
         for w in runtime.writers.values():
             rejected.add_metric([w.name], w.rejected)
-            tried = getattr(w.sink, "retries", None)
-            if isinstance(tried, int):
+            tried = sink_retries(w.sink)
+            if tried is not None:
                 retries.add_metric([w.name], tried)
         yield rejected
         yield retries

@@ -191,3 +191,40 @@ def test_web_port_in_use_is_one_line_naming_the_setting(tmp_path: Path) -> None:
         result = run_worker(tmp_path, "tiny:app", "--web-port", str(port), module=module)
     line = one_error_line(result)
     assert f"web_port (--web-port / ASYNCFLOW_WEB_PORT) {port}" in line and "free port" in line
+
+
+async def test_a_sinks_retries_and_write_latency_are_in_metrics_by_sink_name() -> None:
+    from types import SimpleNamespace
+
+    from asyncflow.testing import CaptureSink
+
+    class RetryingSink(CaptureSink):
+        """Counts a retry per write, as the Kinesis sink's ``stats.records_retried`` does."""
+
+        def __init__(self) -> None:
+            super().__init__("ledger")
+            self.stats = SimpleNamespace(records_retried=0)
+
+        async def write(self, records: Any) -> Any:
+            self.stats.records_retried += 1
+            return await super().write(records)
+
+    app = af.App("retried")
+    numbers = app.topic("numbers")
+    out = app.sink(RetryingSink())
+
+    @app.agent(numbers)
+    async def copy(stream: af.Stream[Any]) -> None:
+        async for v in stream:
+            await out.send(None, v)
+
+    configure_web(app, WebSettings(0))
+    async with TestRun(app) as run:
+        await wait_for(lambda: _server(app) is not None)
+        await run.send_many("numbers", [{"n": i} for i in range(10)])
+        await wait_for(lambda: app.metrics.get("sink.ledger.written") == 10)
+        samples = _samples(await _get(f"http://127.0.0.1:{_server(app).port}/metrics"))
+        await run.finish()
+    assert samples[("asyncflow_sink_retries_total", (("sink", "ledger"),))] >= 1
+    assert samples[("asyncflow_sink_write_seconds_count", (("sink", "ledger"),))] >= 1
+    assert samples[("asyncflow_events_out_total", (("sink", "ledger"), ("topic", "ledger")))] == 10
