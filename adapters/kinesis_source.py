@@ -432,10 +432,16 @@ class KinesisSource:
                 raise LeaseLost(shard_id)
             if not _advances(lease.checkpoint, checkpoint):
                 return
-            written = await table.checkpoint(lease, checkpoint)
+            sent = asyncio.get_running_loop().time()
+            try:
+                written = await table.checkpoint(lease, checkpoint)
+            except LeaseLost:
+                self._leases.pop(shard_id, None)  # nothing more is written under it
+                self._written_at.pop(shard_id, None)
+                raise
             if shard_id in self._leases:
                 self._leases[shard_id] = written
-                self._written_at[shard_id] = asyncio.get_running_loop().time()
+                self._written_at[shard_id] = sent
 
     def _lease_lock(self, shard_id: str) -> asyncio.Lock:
         lock = self._lease_locks.get(shard_id)
@@ -490,7 +496,10 @@ class KinesisSource:
             ready.set()
             if self.shard_refresh_interval > 0:
                 tg.create_task(self._refresh_loop())
-            tg.create_task(self._lease_loop())
+            # renewing apart from taking: a take waits on the core (on_assigned restores
+            # state, which may take longer than a lease lasts) and must not stall renewals
+            tg.create_task(self._renew_loop())
+            tg.create_task(self._take_loop())
             await asyncio.get_running_loop().create_future()  # until stop() cancels
 
     async def _refresh_loop(self) -> None:
@@ -500,11 +509,16 @@ class KinesisSource:
                 self._plan.update(await self._list_shards())
             await self._balance()
 
-    async def _lease_loop(self) -> None:
-        """Renew the leases held, then look at the table and take what is due."""
+    async def _renew_loop(self) -> None:
+        """Renew the leases held every ``lease_renewal_interval`` s, whatever else waits."""
         while True:
             await asyncio.sleep(self.leases.renew_every)
             await self._renew()
+
+    async def _take_loop(self) -> None:
+        """Look at the table every ``lease_renewal_interval`` s and take what is due."""
+        while True:
+            await asyncio.sleep(self.leases.renew_every)
             await self._balance()
 
     async def _renew(self) -> None:
@@ -518,9 +532,13 @@ class KinesisSource:
                 lease = self._leases.get(shard_id)
                 if lease is None:
                     return
+                sent = loop.time()  # the lease lasts from the write's start, not its answer
                 try:
                     written = await table.renew(lease)
                 except LeaseLost:
+                    # no checkpoint is tried under it from now on; the reader stops below
+                    self._leases.pop(shard_id, None)
+                    self._written_at.pop(shard_id, None)
                     lost.append(shard_id)
                     return
                 except AwsCredentialsError:
@@ -530,6 +548,8 @@ class KinesisSource:
                     # another worker may have taken it, so this one stops reading it
                     age = loop.time() - self._written_at.get(shard_id, 0.0)
                     if age >= self.leases.lease_duration:
+                        self._leases.pop(shard_id, None)
+                        self._written_at.pop(shard_id, None)
                         lost.append(shard_id)
                     log.warning(
                         "kinesis %s: renewing the lease of %s failed: %s",
@@ -540,11 +560,12 @@ class KinesisSource:
                     return
                 if shard_id in self._leases:
                     self._leases[shard_id] = written
-                    self._written_at[shard_id] = loop.time()
+                    self._written_at[shard_id] = sent
 
         await asyncio.gather(*(renew(s) for s in sorted(self._leases)))
         if lost:
-            await self._lose(lost, "its renewal was refused or late")
+            # in its own task: a take in progress holds the lock while the core assigns
+            self._spawn(self._lose(lost, "its renewal was refused or late"))
 
     async def _balance(self) -> None:
         """Read the lease table, note what others hold, take expired or fair-share leases."""
@@ -587,6 +608,7 @@ class KinesisSource:
                 if shard_id not in ready:
                     continue
                 row = rows[shard_id]
+                sent = loop.time()
                 try:
                     lease = await table.take(row, self.worker_id)
                 except LeaseLost:
@@ -602,7 +624,7 @@ class KinesisSource:
                         how,
                     )
                 self._leases[shard_id] = lease
-                self._written_at[shard_id] = loop.time()
+                self._written_at[shard_id] = sent
                 self.stats.leases_taken += 1
                 taken.append(lease)
             if taken:

@@ -485,3 +485,39 @@ async def test_a_worker_process_killed_with_sigkill_has_its_leases_taken_over_wi
     for shard_id, writes in watch.by_shard().items():
         ranks = [rank(w.checkpoint) for w in writes]
         assert ranks == sorted(ranks), shard_id
+
+
+async def test_leases_are_renewed_while_the_core_takes_its_time_over_an_assignment(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    # on_assigned restores state and may last longer than a lease: renewals go on meanwhile
+    kinesis = aws("kinesis")
+    stream, app = unique("slowassign"), unique("app")
+    shards = await create_stream(kinesis, stream, 2)
+    watch = Watch()
+    w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch))
+    released = asyncio.Event()
+
+    class SlowRecorder(Recorder):
+        async def on_assigned(self, partitions: Any) -> None:
+            await super().on_assigned(partitions)
+            await released.wait()
+
+    w2 = Worker("w2", make_source(moto_endpoint, stream, app, "w2", watch), SlowRecorder())
+    async with running([w1, w2]):
+        await start(w1)
+        assert sorted(w1.source.held_leases) == shards
+        starting = asyncio.create_task(w2.source.start(w2.recorder))  # steals one, then waits
+        await wait_for(lambda: len(w2.source.held_leases) == 1, timeout=20)
+        [stolen] = w2.source.held_leases
+        counter = w2.source.held_leases[stolen].counter
+        # renewed while on_assigned has not returned, until w1 has seen it move for 3 lease
+        # durations (without renewals, w1 would take it back as expired after one)
+        await wait_for(lambda: w2.source.held_leases[stolen].counter >= counter + 15, timeout=20)
+        assert not starting.done()
+        released.set()
+        await starting
+        w2.task = asyncio.create_task(w2.run())
+        rows = await lease_rows(aws, w1.source)
+    assert rows[stolen].owner == "w2"
+    assert w2.source.stats.leases_lost == 0 and w1.source.stats.leases_taken == 2
