@@ -80,8 +80,11 @@ class DeadLetters:
         self.recent: deque[RecentDeadLetter] = deque(maxlen=RECENT_KEPT)
         """The latest dead letters (at most ``RECENT_KEPT``), newest last, for the web view."""
 
-    def _observe(self, reason: str, topic: str, partition: Hashable, offset: int | None) -> None:
-        kind = reason_class(reason)
+    def _observe(
+        self, reason: str, topic: str, partition: Hashable, offset: int | None,
+        otherwise: str = "other",
+    ) -> None:
+        kind = reason_class(reason, otherwise)
         self.metrics.incr_labeled("dead_letters", (kind,))
         self.recent.append(RecentDeadLetter(time.time(), kind, reason[:REASON_SHOWN], topic,
                                             str(getattr(partition, "partition", partition)),
@@ -104,7 +107,7 @@ class DeadLetters:
     def raw(self, topic: str, partition: Hashable, rec: RawRecord, reason: str) -> None:
         """A record that could not be decoded (called by the dispatcher)."""
         self._counted(f"from {topic} {partition}@{rec.offset}", reason)
-        self._observe(reason, topic, partition, rec.offset)
+        self._observe(reason, topic, partition, rec.offset, "decode")
         headers = self._headers(reason, topic, partition, rec.offset)
         self.writer.add(SinkRecord(rec.key, rec.value, topic=self.topic, headers=headers))
 
@@ -167,7 +170,7 @@ class DeadLetters:
                                    None, topic=record.topic, headers=headers))
 
 
-RECENT_KEPT = 50
+RECENT_KEPT = 20
 """How many of the latest dead letters the web view can show."""
 REASON_SHOWN = 300
 """Characters of a reason kept for the web view."""
@@ -177,8 +180,12 @@ REASON_CLASSES = ("decode", "event_time_ahead", "no_event_time", "late", "agent_
 """The values of the ``reason`` label of ``asyncflow_dead_letters_total`` (a bounded set)."""
 
 
-def reason_class(reason: str) -> str:
+def reason_class(reason: str, otherwise: str = "other") -> str:
     """The bounded class of a dead letter's free-text reason (a metrics label).
+
+    A reason none of the known ones starts like is ``otherwise``: ``decode``
+    for an input record the dispatcher could not decode, ``other`` for an
+    event sent to the dead letters with a reason of the app's own.
 
     Example:
         >>> reason_class("late event: every window of event time ... has closed")
@@ -187,8 +194,10 @@ def reason_class(reason: str) -> str:
         'agent_error'
         >>> reason_class("sink out refused the record: MESSAGE_SIZE_TOO_LARGE")
         'sink_rejected'
-        >>> reason_class("JSONDecodeError: Expecting value")
+        >>> reason_class("JSONDecodeError: Expecting value", otherwise="decode")
         'decode'
+        >>> reason_class("the app's own reason")
+        'other'
     """
     if reason.startswith("late event"):
         return "late"
@@ -200,9 +209,7 @@ def reason_class(reason: str) -> str:
         return "event_time_ahead"
     if reason == "no event time":
         return "no_event_time"
-    if reason:
-        return "decode"
-    return "other"
+    return otherwise if otherwise in REASON_CLASSES else "other"
 
 
 @dataclass(slots=True, frozen=True)
