@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint typecheck unit integration bench clean
+.PHONY: setup run test lint typecheck unit integration bench docs docs-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ test: setup lint typecheck
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check asyncflow adapters apps tests benchmarks
+	$(BIN)/ruff check asyncflow adapters apps tests benchmarks docs/_hooks
 
 typecheck: setup
 	$(BIN)/mypy
@@ -42,5 +42,12 @@ bench: setup
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/nexmark.py
 
+# The documentation site (docs/, mkdocs.yml); tests/docs builds it strictly too.
+docs: setup
+	$(BIN)/mkdocs build --strict
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis site

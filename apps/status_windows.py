@@ -40,7 +40,9 @@ or ISO-8601 with a zone); any partition key will do (the demo load uses the
 status). Every shard is read from ``TRIM_HORIZON`` the first time; the
 positions done are checkpointed in the DynamoDB table
 ``status-windows-kinesis-checkpoints`` (created if missing, at the same
-endpoint), so a restart resumes there; one worker per stream. Results go to
+endpoint), so a restart resumes there; several workers share the shards
+through leases in that table (a killed worker's shards move to the others once
+its leases expire, 10 s by default). Results go to
 the output stream as JSON (``status``, ``window_start``, ``window_end``,
 ``count``, ``average_temperature``) with the status as partition key.
 ``ASYNCFLOW_DEMO_LOAD=1`` makes the worker put the derived readings into the

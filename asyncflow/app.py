@@ -411,7 +411,8 @@ class App:
         """Register ``async def f(stream)`` to consume ``channel`` in ``concurrency`` lanes.
 
         One key always goes to the same lane, so per-key order holds while
-        lanes run concurrently.
+        lanes run concurrently: on one event loop, so they overlap their awaits
+        (sinks, lookups), not CPU work; more processes (workers) give that.
 
         Example:
             >>> app = App("a")

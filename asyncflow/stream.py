@@ -283,7 +283,9 @@ class Stream(Generic[T]):
         """Aggregate per key over event-time windows (see ``asyncflow.windows``).
 
         ``wait`` is how far events may arrive out of order before the watermark
-        passes them (Flink's bounded out-of-orderness); ``lateness`` keeps a
+        passes them (Flink's bounded out-of-orderness; the watermark moves once
+        per fetched batch, so ``fetch_max`` decides how far it jumps at a time);
+        ``lateness`` keeps a
         fired window open that much longer for late updates (Flink's allowed
         lateness); what comes later still goes to ``late`` (default: the dead
         letters). Window state is checkpointed with the offsets and restored
