@@ -49,7 +49,7 @@ from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.observe.observer import Observer
 from asyncflow.observe.settings import web_settings_of
-from asyncflow.observe.traces import tracer_for
+from asyncflow.observe.traces import lane_context, tracer_for
 from asyncflow.protocols import (
     Broker,
     ChangelogBroker,
@@ -402,6 +402,7 @@ class Runtime:
         self.ends = InputEnds(app, None)
         """Where the end of bounded inputs has got to (the real one is made by ``run``)."""
         self._lane_agents: list[str] = []
+        self._lane_streams: list[Stream[Any]] = []
         self.runners: list[SourceRunner] = []
         """One per source, once ``run`` has built them (what ``asyncflow.observe`` reads)."""
         self.observer: Observer | None = None
@@ -541,7 +542,8 @@ class Runtime:
             async with asyncio.TaskGroup() as tg:
                 writer_tasks = [tg.create_task(w.run(), name=f"sink:{n}")
                                 for n, w in self.writers.items()]
-                lane_tasks = [tg.create_task(job, name=f"lane:{i}")
+                lane_tasks = [tg.create_task(job, name=f"lane:{i}", context=None if tracer is None
+                                             else lane_context(self._lane_streams[i]))
                               for i, job in enumerate(lane_jobs)]
                 lanes_of: dict[str, list[asyncio.Task[None]]] = {}
                 for agent_name, task in zip(self._lane_agents, lane_tasks, strict=True):
@@ -744,11 +746,13 @@ class Runtime:
             runners.append(runner)
             runner_of.update(dict.fromkeys(broker_routes, runner))
         self._lane_agents = [agent.name for agent, _, _, _ in pending_lanes]
+        self._lane_streams = []  # the lanes' streams, in the order of the jobs (for traces)
         for agent, q, ctx, ch_name in pending_lanes:
             ctx.finished = runner_of[ch_name].checkpointer.lane_finished
             dead = self._dead_letter_fn(ch_name)
             stream: Stream[Any] = Stream(q, ctx, metrics=app.metrics, dead_letter=dead)
             jobs.append(agent.run_lane(stream, ctx))
+            self._lane_streams.append(stream)
         return runners, jobs
 
     def _dead_letter_fn(self, channel: str) -> Any:

@@ -47,7 +47,7 @@ from typing import Any
 
 from asyncflow.errors import SinkError
 from asyncflow.metrics import Metrics
-from asyncflow.observe.traces import start_write_span
+from asyncflow.observe.traces import carry_traceparent, start_write_span
 from asyncflow.protocols import Rejected, Sink, SinkRecord
 
 log = logging.getLogger("asyncflow.sink")
@@ -109,6 +109,8 @@ class SinkWriter:
         """
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
+        if self.tracer is not None:
+            carry_traceparent(record)
         records = self._records
         if not records:
             self._first_at = time.monotonic()
@@ -137,6 +139,9 @@ class SinkWriter:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         if not records:
             return
+        if self.tracer is not None:
+            for record in records:
+                carry_traceparent(record)
         buffered = self._records
         if not buffered:
             self._first_at = time.monotonic()

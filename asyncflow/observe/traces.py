@@ -14,6 +14,11 @@ provider)`` for one app), the worker makes:
   read span links back to it: one event's path can be followed across workers
   from link to link.
 
+* the input's ``traceparent``, carried: a record an agent sends while it
+  handles an event that has a ``traceparent`` header (the lane's stream's
+  current event) gets that header, unless it has one already, so its output
+  stays in the input's trace from worker to worker.
+
 Without the API, or with no provider configured (OpenTelemetry's default proxy),
 ``tracer_for`` returns ``None`` and the hot paths pay one ``is None`` check per
 batch.
@@ -28,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,6 +45,51 @@ TRACEPARENT = "traceparent"
 """The W3C trace-context header carried in Kafka record headers."""
 
 _providers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+LANE_STREAM: contextvars.ContextVar[Any] = contextvars.ContextVar("asyncflow_lane_stream",
+                                                                  default=None)
+"""The stream of the lane whose task runs (set only when traced: ``lane_context``)."""
+
+
+def lane_context(stream: Any) -> contextvars.Context:
+    """A context for a lane's task in which ``LANE_STREAM`` is that lane's stream.
+
+    Example:
+        >>> ctx = lane_context("the stream")
+        >>> ctx.run(LANE_STREAM.get), LANE_STREAM.get()
+        ('the stream', None)
+    """
+    ctx = contextvars.copy_context()
+    ctx.run(LANE_STREAM.set, stream)
+    return ctx
+
+
+def carry_traceparent(record: Any) -> None:
+    """Give ``record`` the ``traceparent`` of the event its lane handles now, if it has none.
+
+    Called by the sink writers only when traced; outside a lane, or for an
+    event without the header, nothing changes.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from asyncflow.protocols import SinkRecord
+        >>> event = SimpleNamespace(headers=[("traceparent", b"00-ab-cd-01")])
+        >>> record = SinkRecord(None, b"v")
+        >>> lane_context(SimpleNamespace(current=event)).run(carry_traceparent, record)
+        >>> record.headers
+        [('traceparent', b'00-ab-cd-01')]
+    """
+    stream = LANE_STREAM.get()
+    if stream is None:
+        return
+    event = getattr(stream, "current", None)
+    headers = getattr(event, "headers", None)
+    if not headers or traceparent_of(record.headers) is not None:
+        return
+    for name, value in headers:
+        if name == TRACEPARENT and value:
+            record.headers = [*record.headers, (TRACEPARENT, value)]
+            return
 
 
 def configure_traces(app: Any, provider: Any) -> None:
