@@ -1,5 +1,8 @@
 """/metrics of a worker on the real broker: the counters move while it runs and the lag falls to 0.
 
+Also on the real broker: with traces on, each output record carries its input's
+W3C ``traceparent`` in its Kafka headers.
+
 The app (``apps_for_tests``, transform mode) reads a 4-partition topic; the test
 produces in two rounds and scrapes ``/metrics`` after each, so the counters are
 seen to move, and waits for every partition's ``asyncflow_consumer_lag`` to be 0
@@ -9,6 +12,7 @@ seen to move, and waits for every partition's ``asyncflow_consumer_lag`` to be 0
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -16,8 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncflow.observe.settings import WebSettings, configure_web
+from asyncflow.observe.traces import configure_traces, traceparent_of
 from tests.integration.kafka.apps_for_tests import Config, build, produce_events
-from tests.integration.kafka.broker import create_topic, unique_name
+from tests.integration.kafka.broker import consume, create_topic, produce, unique_name
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -86,3 +91,27 @@ async def test_metrics_during_a_run_show_counters_moving_and_the_lag_falling_to_
     assert final["asyncflow_commits_total"][()] > first["asyncflow_commits_total"][()]
     assert final["asyncflow_processing_seconds_count"][()] > 0
     assert len(final["asyncflow_watermark_seconds"]) == 4
+
+
+async def test_with_traces_on_each_output_record_carries_its_inputs_traceparent_header(
+    kafka_bootstrap: str, kafka_url: str
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    src = await create_topic(kafka_bootstrap, 2, unique_name("traced-in"))
+    out = await create_topic(kafka_bootstrap, 2, unique_name("traced-out"))
+    app = build(Config(app_id=unique_name("traced"), input=src, output=out, broker=kafka_url,
+                       partitions=2, concurrency=2, commit_interval=0.2))
+    configure_traces(app, TracerProvider())
+    items = [(f"k{i}".encode(), json.dumps({"key": f"k{i}", "seq": i}).encode())
+             for i in range(20)]
+    assert await produce(kafka_bootstrap, src, items,
+                         headers=[("traceparent", parent.encode())]) == 20
+    task = asyncio.create_task(app.run())
+    try:
+        outputs = await consume(kafka_bootstrap, out, 20, timeout=60)
+    finally:
+        app.stop()
+        await asyncio.wait_for(task, 30)
+    assert {traceparent_of(r.headers) for r in outputs} == {parent}
