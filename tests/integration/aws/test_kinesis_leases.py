@@ -498,23 +498,28 @@ async def test_leases_are_renewed_while_the_core_takes_its_time_over_an_assignme
     w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch))
     released = asyncio.Event()
 
+    waiting: list[str] = []  # assignments whose on_assigned has not returned
+
     class SlowRecorder(Recorder):
         async def on_assigned(self, partitions: Any) -> None:
             await super().on_assigned(partitions)
+            waiting.extend(p.shard_id for p in partitions)
             await released.wait()
+            del waiting[:]
 
     w2 = Worker("w2", make_source(moto_endpoint, stream, app, "w2", watch), SlowRecorder())
     async with running([w1, w2]):
         await start(w1)
         assert sorted(w1.source.held_leases) == shards
-        starting = asyncio.create_task(w2.source.start(w2.recorder))  # steals one, then waits
-        await wait_for(lambda: len(w2.source.held_leases) == 1, timeout=20)
-        [stolen] = w2.source.held_leases
+        # w2 steals one (at start, or at its next look if w1's renewal came first) and waits
+        starting = asyncio.create_task(w2.source.start(w2.recorder))
+        await wait_for(lambda: len(waiting) == 1, timeout=20)
+        [stolen] = waiting
         counter = w2.source.held_leases[stolen].counter
         # renewed while on_assigned has not returned, until w1 has seen it move for 3 lease
         # durations (without renewals, w1 would take it back as expired after one)
         await wait_for(lambda: w2.source.held_leases[stolen].counter >= counter + 15, timeout=20)
-        assert not starting.done()
+        assert waiting == [stolen]
         released.set()
         await starting
         w2.task = asyncio.create_task(w2.run())
