@@ -3,10 +3,11 @@
 Workers of one app (same ``app_name`` and stream) share the shards through a
 lease table in DynamoDB (``kinesis_lease_table``; the decisions are in
 ``kinesis_leases``, the Kinesis Client Library's model). Every
-``lease_renewal_interval`` s a lease task renews the leases this worker holds
-(a write conditional on the owner and counter it last saw), reads the table,
-and takes expired or unowned leases up to its fair share, or a few from the
-most-loaded worker when below it. A taken shard is assigned to the core
+``lease_renewal_interval`` s a renewal task renews the leases this worker holds
+(a write conditional on the owner and counter it last saw) and, apart from it
+(so that a slow assignment in the core never delays a renewal), a taking task
+reads the table and takes expired or unowned leases up to its fair share, or a
+few from the most-loaded worker when below it. A taken shard is assigned to the core
 (``on_assigned``) and read from its checkpoint; a lease found taken by
 another worker (a renewal or checkpoint refused, or the table showing another
 owner) stops that shard's reader at once and the core is told it is lost
