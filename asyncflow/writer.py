@@ -255,6 +255,9 @@ class SinkWriter:
     def _count_out(self, chunk: list[SinkRecord]) -> None:
         """``events_out`` by (sink, topic), counted per chunk (in C: ``Counter`` over ``map``)."""
         incr = self.metrics.incr_labeled
+        if chunk[0].topic is None:  # an external sink's records name no topic: one count
+            incr("events_out", (self.name, self.name), len(chunk))
+            return
         topics: Counter[str | None] = Counter(map(_topic_of, chunk))
         for topic, n in topics.items():
             incr("events_out", (self.name, topic or self.name), n)
