@@ -66,6 +66,7 @@ from ._aws import (
     is_unreachable,
     open_client,
 )
+from .kinesis_checkpoints import CheckpointError
 from .kinesis_lease_table import LeaseLost, LeaseTable
 from .kinesis_leases import ExpiryWatch, Lease, LeaseSettings, leases_to_take
 from .kinesis_shards import SHARD_END, Position, Shard, ShardInfo, ShardPlan, read_to_end
@@ -231,6 +232,7 @@ class KinesisSource:
         self._written_at: dict[str, float] = {}  # loop time of each held lease's last write
         self._lease_locks: dict[str, asyncio.Lock] = {}
         self._watch = ExpiryWatch(self.leases.lease_duration)
+        self._table_failing = False  # the last look at the lease table failed (logged once)
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._kinesis: Any = None
@@ -508,7 +510,7 @@ class KinesisSource:
             await asyncio.sleep(self.shard_refresh_interval)
             async with self._lock:
                 self._plan.update(await self._list_shards())
-            await self._balance()
+            # new shards are taken at the taking task's next look
 
     async def _renew_loop(self) -> None:
         """Renew the leases held every ``lease_renewal_interval`` s, whatever else waits."""
@@ -517,10 +519,44 @@ class KinesisSource:
             await self._renew()
 
     async def _take_loop(self) -> None:
-        """Look at the table every ``lease_renewal_interval`` s and take what is due."""
+        """Look at the table every ``lease_renewal_interval`` s and take what is due.
+
+        A lease table that stays unreachable or failing (retries exhausted) is
+        logged once and tried again at the next look: meanwhile renewals fail
+        too, so this worker stops reading its shards once their leases could
+        have expired, and takes them again when the table answers.
+        """
         while True:
             await asyncio.sleep(self.leases.renew_every)
+            await self._look()
+
+    async def _look(self) -> None:
+        """``_balance``, with a failing lease table logged (once) instead of raised."""
+        try:
             await self._balance()
+        except (CheckpointError, AwsUnavailable) as exc:
+            if not self._table_failing:
+                log.warning(
+                    "kinesis %s: worker %s cannot read the lease table %r: %s; its "
+                    "leases lapse after %.1f s without renewal, and it tries again every "
+                    "%.1f s",
+                    self.stream,
+                    self.worker_id,
+                    self.checkpoint_table,
+                    describe(exc),
+                    self.leases.lease_duration,
+                    self.leases.renew_every,
+                )
+            self._table_failing = True
+            return
+        if self._table_failing:
+            log.warning(
+                "kinesis %s: worker %s reads the lease table %r again",
+                self.stream,
+                self.worker_id,
+                self.checkpoint_table,
+            )
+            self._table_failing = False
 
     async def _renew(self) -> None:
         table = self._table
@@ -605,6 +641,7 @@ class KinesisSource:
                 max_leases_to_steal=self.leases.max_leases_to_steal,
             )
             taken: list[Lease] = []
+            failure: CheckpointError | AwsUnavailable | None = None
             for shard_id in wanted:
                 if shard_id not in ready:
                     continue
@@ -614,6 +651,9 @@ class KinesisSource:
                     lease = await table.take(row, self.worker_id)
                 except LeaseLost:
                     continue  # another worker was first
+                except (CheckpointError, AwsUnavailable) as exc:
+                    failure = exc  # what was taken before is read all the same
+                    break
                 if row.owner not in (None, self.worker_id):
                     how = "expired" if self._watch.is_expired(row, now) else "to balance"
                     log.info(
@@ -630,6 +670,8 @@ class KinesisSource:
                 taken.append(lease)
             if taken:
                 await self._start_reading(taken)
+            if failure is not None:
+                raise failure
 
     async def _start_reading(self, taken: list[Lease]) -> None:
         shards = []
@@ -726,7 +768,7 @@ class KinesisSource:
         log.info("kinesis %s: finished shards %s", self.stream, [s.shard_id for s in shards])
         async with self._lock:  # the children, if the listing did not have them yet
             self._plan.update(await self._list_shards())
-        await self._balance()
+        await self._look()
 
     async def _call(self, op: str, what: str, **kwargs: Any) -> Any:
         return await call_with_retry(

@@ -526,3 +526,59 @@ async def test_leases_are_renewed_while_the_core_takes_its_time_over_an_assignme
         rows = await lease_rows(aws, w1.source)
     assert rows[stolen].owner == "w2"
     assert w2.source.stats.leases_lost == 0 and w1.source.stats.leases_taken == 2
+
+
+async def test_a_worker_cut_off_from_the_lease_table_stops_its_shard_and_takes_it_back_after(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    kinesis = aws("kinesis")
+    stream, app = unique("cutoff"), unique("app")
+    [shard_id] = await create_stream(kinesis, stream, 1)
+    down = asyncio.Event()
+
+    class Flaky:
+        """The lease table's client, answering 503 to every lease call while ``down``."""
+
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def __getattr__(self, name: str) -> Any:
+            attr = getattr(self.client, name)
+            if name not in ("query", "update_item", "put_item"):
+                return attr
+
+            async def call(**kwargs: Any) -> Any:
+                if down.is_set():
+                    error = {"Code": "ServiceUnavailable", "Message": "down"}
+                    raise ClientError(
+                        {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 503}}, name
+                    )
+                return await attr(**kwargs)
+
+            return call
+
+    worker = Worker(
+        "w1",
+        make_source(
+            moto_endpoint,
+            stream,
+            app,
+            "w1",
+            Watch(),
+            _wrap_client=lambda service, c: Flaky(c) if service == "dynamodb" else c,
+        ),
+    )
+    async with running([worker]):
+        await start(worker)
+        placed = await put_values(kinesis, stream, range(100))
+        last = str(placed[shard_id][-1])
+        await wait_for(lambda: worker.source.held_leases[shard_id].checkpoint == last)
+        down.set()  # renewals fail: once the lease could have lapsed, the shard is let go
+        await wait_for(lambda: ("lost", [shard_id]) in worker.recorder.events, timeout=20)
+        assert worker.source.assigned == [] and worker.source.held_leases == {}
+        await put_values(kinesis, stream, range(100, 200))
+        down.clear()  # the table answers again: the lease is taken back, reading goes on
+        await wait_for(lambda: worker.values() >= set(range(200)), timeout=20)
+        assert list(worker.source.held_leases) == [shard_id]
+        assert worker.task is not None and not worker.task.done()  # the source never failed
+    assert worker.recorder.assigned() == [shard_id, shard_id]
