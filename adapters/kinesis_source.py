@@ -233,6 +233,7 @@ class KinesisSource:
         self._lease_locks: dict[str, asyncio.Lock] = {}
         self._watch = ExpiryWatch(self.leases.lease_duration)
         self._table_failing = False  # the last look at the lease table failed (logged once)
+        self._renewals_failing: set[str] = set()  # shards whose last renewal failed (logged)
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._kinesis: Any = None
@@ -588,13 +589,19 @@ class KinesisSource:
                         self._leases.pop(shard_id, None)
                         self._written_at.pop(shard_id, None)
                         lost.append(shard_id)
-                    log.warning(
-                        "kinesis %s: renewing the lease of %s failed: %s",
-                        self.stream,
-                        shard_id,
-                        describe(exc),
-                    )
+                    if shard_id not in self._renewals_failing:  # once, not every interval
+                        self._renewals_failing.add(shard_id)
+                        log.warning(
+                            "kinesis %s: renewing the lease of %s failed: %s (trying again "
+                            "every %.1f s; it lapses %.1f s after the last renewal)",
+                            self.stream,
+                            shard_id,
+                            describe(exc),
+                            self.leases.renew_every,
+                            self.leases.lease_duration,
+                        )
                     return
+                self._renewals_failing.discard(shard_id)
                 if shard_id in self._leases:
                     self._leases[shard_id] = written
                     self._written_at[shard_id] = sent
@@ -709,6 +716,7 @@ class KinesisSource:
         for shard_id in shard_ids:
             self._leases.pop(shard_id, None)
             self._written_at.pop(shard_id, None)
+            self._renewals_failing.discard(shard_id)
             run = self._runs.pop(shard_id, None)
             if run is None:
                 continue
