@@ -117,7 +117,9 @@ async def test_bad_records_come_back_rejected_with_reasons_and_the_good_ones_are
     in_order = [r for r in records if any(r is b for b in bad.values())]
     assert [r.record for r in rejected] == in_order
     assert all(r.record is b for r, b in zip(rejected, in_order, strict=True))  # the very objects
-    reason = {name: next(r.reason for r in rejected if r.record is rec) for name, rec in bad.items()}
+    reason = {
+        name: next(r.reason for r in rejected if r.record is rec) for name, rec in bad.items()
+    }
     assert reason["nan"] == (
         "field 'readings.mean': NaN is not a number DynamoDB can store; "
         "filter or replace NaN/inf first (id='nan')"

@@ -43,8 +43,13 @@ MIB = 1 << 20
 class Recording(PartlyFailing):
     """PartlyFailing that also keeps the partition keys of every request it passes on."""
 
-    def __init__(self, client: Any, times: int = 0, fail: Callable[[int], bool] = bool,
-                 code: str = "ProvisionedThroughputExceededException") -> None:
+    def __init__(
+        self,
+        client: Any,
+        times: int = 0,
+        fail: Callable[[int], bool] = bool,
+        code: str = "ProvisionedThroughputExceededException",
+    ) -> None:
         super().__init__(client, times, fail)
         self.code = code
         self.keys: list[list[str]] = []
@@ -98,7 +103,9 @@ async def test_bad_records_come_back_rejected_with_reasons_and_the_good_ones_are
     in_order = [r for r in records if any(r is b for b in bad.values())]
     assert [r.record for r in rejected] == in_order
     assert all(r.record is b for r, b in zip(rejected, in_order, strict=True))
-    reason = {name: next(r.reason for r in rejected if r.record is rec) for name, rec in bad.items()}
+    reason = {
+        name: next(r.reason for r in rejected if r.record is rec) for name, rec in bad.items()
+    }
     assert reason["too big"] == (
         "the record is 1048579 bytes (data and partition key), over the 1048576-byte Kinesis "
         "record limit"
@@ -106,7 +113,9 @@ async def test_bad_records_come_back_rejected_with_reasons_and_the_good_ones_are
     assert reason["long key"].startswith(
         "a partition key must have 1 to 256 characters, this one has 257: 'kkk"
     )
-    assert reason["empty key"] == "a partition key must have 1 to 256 characters, this one has 0: ''"
+    assert (
+        reason["empty key"] == "a partition key must have 1 to 256 characters, this one has 0: ''"
+    )
     assert reason["no json"].startswith("cannot encode a dict as JSON for Kinesis: Type is not")
     assert reason["surrogate"] == "the partition key is not valid Unicode text: '\\ud800'"
 
