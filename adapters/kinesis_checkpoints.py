@@ -38,17 +38,20 @@ class CheckpointError(AsyncflowError):
     """
 
 
-class CheckpointStore:
-    """Reads and writes shard checkpoints for one app and stream.
+class ShardTable:
+    """The DynamoDB table of one app's shards of one stream (rows keyed by stream and shard id).
+
+    What ``CheckpointStore`` (checkpoints) and ``LeaseTable`` (the same rows
+    with leases) share: the client, the name, creating or checking the table,
+    and calls retried with backoff.
 
     Example:
-        >>> async def demo(dynamodb_client: Any) -> None:
-        ...     store = CheckpointStore(dynamodb_client, "app-ckpt", "clicks", "app",
-        ...                             backoff=Backoff(), endpoint="http://127.0.0.1:5000")
-        ...     await store.ensure(create=True)
-        ...     await store.save({"shardId-000000000000": "49590338271490256608559692538361571095921575989136588898"})
-        ...     print(await store.load())
+        >>> ShardTable.default_table("sessions")
+        'sessions-kinesis-checkpoints'
     """
+
+    kind = "checkpoint"
+    """What the table is called in messages."""
 
     def __init__(
         self,
@@ -77,7 +80,7 @@ class CheckpointStore:
 
         def missing() -> Exception:
             return ConfigError(
-                f"the Kinesis checkpoint table {self.table!r} does not exist at {self._endpoint}; "
+                f"the Kinesis {self.kind} table {self.table!r} does not exist at {self._endpoint}; "
                 f"create it (hash key 'stream' S, range key 'shard_id' S) or pass "
                 f"create_checkpoint_table=True"
             )
@@ -92,16 +95,30 @@ class CheckpointStore:
             on_missing=missing,
         )
 
-    async def _call(self, op: str, **kwargs: Any) -> Any:
+    async def _call(self, op: str, what: str | None = None, **kwargs: Any) -> Any:
         return await call_with_retry(
             getattr(self.client, op),
             backoff=self._backoff,
             service="dynamodb",
             endpoint=self._endpoint,
-            what=f"{op} on checkpoint table {self.table!r}",
+            what=f"{what or op} in {self.kind} table {self.table!r}",
             fail=CheckpointError,
             **kwargs,
         )
+
+
+
+class CheckpointStore(ShardTable):
+    """Reads and writes shard checkpoints for one app and stream.
+
+    Example:
+        >>> async def demo(dynamodb_client: Any) -> None:
+        ...     store = CheckpointStore(dynamodb_client, "app-ckpt", "clicks", "app",
+        ...                             backoff=Backoff(), endpoint="http://127.0.0.1:5000")
+        ...     await store.ensure(create=True)
+        ...     await store.save({"shardId-000000000000": "49590338271490256608559692538361571095921575989136588898"})
+        ...     print(await store.load())
+    """
 
     async def load(self) -> dict[str, str]:
         """Every stored checkpoint of the stream: shard id to sequence number or ``SHARD_END``."""

@@ -25,11 +25,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from asyncflow.errors import AsyncflowError, ConfigError
+from asyncflow.errors import AsyncflowError
 
-from ._aws import Backoff, call_with_retry, error_code
-from .dynamodb import ensure_table
-from .kinesis_checkpoints import CheckpointError, CheckpointStore
+from ._aws import error_code
+from .kinesis_checkpoints import ShardTable
 from .kinesis_leases import Lease
 from .kinesis_shards import ShardInfo
 
@@ -68,7 +67,7 @@ def lease_from_item(item: dict[str, Any]) -> Lease:
     )
 
 
-class LeaseTable:
+class LeaseTable(ShardTable):
     """Reads and conditionally writes the leases of one stream.
 
     Example:
@@ -82,58 +81,7 @@ class LeaseTable:
         ...     await table.release(lease)
     """
 
-    def __init__(
-        self,
-        client: Any,
-        table: str,
-        stream: str,
-        app_name: str,
-        *,
-        backoff: Backoff,
-        endpoint: str,
-    ) -> None:
-        self.client = client
-        self.table = table
-        self.stream = stream
-        self.app_name = app_name
-        self._backoff = backoff
-        self._endpoint = endpoint
-
-    @staticmethod
-    def default_table(app_name: str) -> str:
-        """The lease table's name when none is given (the checkpoint table of earlier versions)."""
-        return CheckpointStore.default_table(app_name)
-
-    async def ensure(self, *, create: bool) -> None:
-        """Check the table exists (create it if ``create``)."""
-
-        def missing() -> Exception:
-            return ConfigError(
-                f"the Kinesis lease table {self.table!r} does not exist at {self._endpoint}; "
-                f"create it (hash key 'stream' S, range key 'shard_id' S) or pass "
-                f"create_checkpoint_table=True"
-            )
-
-        await ensure_table(
-            self.client,
-            self.table,
-            [("stream", "S"), ("shard_id", "S")],
-            create=create,
-            backoff=self._backoff,
-            endpoint=self._endpoint,
-            on_missing=missing,
-        )
-
-    async def _call(self, op: str, what: str, **kwargs: Any) -> Any:
-        return await call_with_retry(
-            getattr(self.client, op),
-            backoff=self._backoff,
-            service="dynamodb",
-            endpoint=self._endpoint,
-            what=f"{what} in lease table {self.table!r}",
-            fail=CheckpointError,
-            **kwargs,
-        )
+    kind = "lease"
 
     def _key(self, shard_id: str) -> dict[str, Any]:
         return {"stream": {"S": self.stream}, "shard_id": {"S": shard_id}}
