@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -50,6 +49,7 @@ from windows import (
 )
 
 from asyncflow.windows import Mean, Tumbling
+from benchmarks._cases import run_case_process
 
 S = timedelta(seconds=1)
 CASES = ("keyed", "repartitioned")
@@ -130,16 +130,7 @@ def main() -> None:
     for case in CASES:  # one process per case: its own peak RSS
         command = [sys.executable, __file__, "--case", case, "--events", str(args.events),
                    "--repeat", str(args.repeat)]
-        limit = 120 + args.events * args.repeat / 1_000
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=limit
-            )
-        except subprocess.TimeoutExpired:
-            sys.exit(f"case {case} did not finish within {limit:.0f} s")
-        if done.returncode != 0:
-            sys.exit(f"case {case} failed:\n{done.stderr[-2000:]}")
-        rows += [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        rows += run_case_process(command, case, limit=120 + args.events * args.repeat / 1_000)
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -49,7 +49,6 @@ import json
 import pstats
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +70,7 @@ from asyncflow.state.keyed import TablePartition
 from asyncflow.state.manager import StateManager
 from asyncflow.state.table import Table
 from asyncflow.testing import TestRun
+from benchmarks._cases import run_case_process
 
 PARTITIONS = 4
 TOPIC = "events"
@@ -379,16 +379,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--case", case, "--events", str(args.events),
                    "--keys", str(args.keys), "--checkpoint-every", str(args.checkpoint_every),
                    "--repeat", str(args.repeat)]
-        limit = 300 + args.events * args.repeat / 2_000  # seconds; generous, but never forever
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=limit
-            )
-        except subprocess.TimeoutExpired:
-            sys.exit(f"case {case} did not finish within {limit:.0f} s")
-        if done.returncode != 0:
-            sys.exit(f"case {case} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(run_case_process(command, case, limit=300 + args.events * args.repeat / 2_000)[-1])
     if args.json:
         for r in rows:
             print(json.dumps(r))

@@ -34,7 +34,6 @@ import argparse
 import json
 import random
 import resource
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +48,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from asyncflow.windows import Count, Hopping, Mean, Tumbling, WindowOperator
+from benchmarks._cases import run_case_process
 
 KEYS = 1_000
 EVENTS_PER_MS = 10
@@ -320,16 +320,7 @@ def main() -> None:
     for case, app in runs:  # one process per case and kind: its own peak RSS
         command = [sys.executable, __file__, "--case", case] + (["--app"] if app else [])
         command += ["--events", str(args.events), "--repeat", str(args.repeat)]
-        limit = 120 + args.events * args.repeat / 1_000  # seconds; generous, but never forever
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=limit
-            )
-        except subprocess.TimeoutExpired:
-            sys.exit(f"case {case} did not finish within {limit:.0f} s")
-        if done.returncode != 0:
-            sys.exit(f"case {case} failed:\n{done.stderr[-2000:]}")
-        rows += [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        rows += run_case_process(command, case, limit=120 + args.events * args.repeat / 1_000)
     if args.json:
         for row in rows:
             print(json.dumps(row))
