@@ -106,6 +106,24 @@ class ShardTable:
             **kwargs,
         )
 
+    async def _rows(self) -> list[dict[str, Any]]:
+        """Every row of this stream, read consistently, page after page."""
+        rows: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#s = :s",
+            "ExpressionAttributeNames": {"#s": "stream"},
+            "ExpressionAttributeValues": {":s": {"S": self.stream}},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = await self._call("query", "Query", **kwargs)
+            rows += page.get("Items", [])
+            last = page.get("LastEvaluatedKey")
+            if not last:
+                return rows
+            kwargs["ExclusiveStartKey"] = last
+
 
 
 class CheckpointStore(ShardTable):
@@ -122,23 +140,11 @@ class CheckpointStore(ShardTable):
 
     async def load(self) -> dict[str, str]:
         """Every stored checkpoint of the stream: shard id to sequence number or ``SHARD_END``."""
-        out: dict[str, str] = {}
-        kwargs: dict[str, Any] = {
-            "TableName": self.table,
-            "KeyConditionExpression": "#s = :s",
-            "ExpressionAttributeNames": {"#s": "stream"},
-            "ExpressionAttributeValues": {":s": {"S": self.stream}},
-            "ConsistentRead": True,
+        return {
+            item["shard_id"]["S"]: item["checkpoint"]["S"]
+            for item in await self._rows()
+            if "checkpoint" in item  # a lease row of a shard never checkpointed has none
         }
-        while True:
-            page = await self._call("query", **kwargs)
-            for item in page.get("Items", []):
-                if "checkpoint" in item:  # a lease row of a shard never checkpointed has none
-                    out[item["shard_id"]["S"]] = item["checkpoint"]["S"]
-            last = page.get("LastEvaluatedKey")
-            if not last:
-                return out
-            kwargs["ExclusiveStartKey"] = last
 
     async def save(self, checkpoints: Mapping[str, str]) -> None:
         """Store checkpoints (shard id to sequence number or ``SHARD_END``), concurrently."""

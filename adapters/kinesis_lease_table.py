@@ -88,23 +88,8 @@ class LeaseTable(ShardTable):
 
     async def load(self) -> dict[str, Lease]:
         """Every lease of the stream, read consistently: shard id to ``Lease``."""
-        out: dict[str, Lease] = {}
-        kwargs: dict[str, Any] = {
-            "TableName": self.table,
-            "KeyConditionExpression": "#s = :s",
-            "ExpressionAttributeNames": {"#s": "stream"},
-            "ExpressionAttributeValues": {":s": {"S": self.stream}},
-            "ConsistentRead": True,
-        }
-        while True:
-            page = await self._call("query", "Query", **kwargs)
-            for item in page.get("Items", []):
-                lease = lease_from_item(item)
-                out[lease.shard_id] = lease
-            last = page.get("LastEvaluatedKey")
-            if not last:
-                return out
-            kwargs["ExclusiveStartKey"] = last
+        leases = (lease_from_item(item) for item in await self._rows())
+        return {lease.shard_id: lease for lease in leases}
 
     async def add_missing(self, shards: Iterable[ShardInfo], known: Iterable[str]) -> int:
         """Create a row (nobody's lease) for each listed shard not in ``known``; returns how many.
