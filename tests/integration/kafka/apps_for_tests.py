@@ -252,12 +252,19 @@ def build(cfg: Config) -> af.App:
                     slow_sink.written,
                 )
 
-    elif cfg.mode == "window":
+    elif cfg.mode in ("window", "repartition"):
         from datetime import timedelta
 
         results_topic: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
+        rekeyed = cfg.mode == "repartition"
+        # repartition: the input's record keys say nothing (producers keyed them at random),
+        # so it is re-keyed by the value's key first; no wait either: the watermark markers
+        # hold each internal partition back to its slowest source. The events of a window
+        # then come from every input partition, so its seqs are sorted.
+        windowed = source.repartition("by-key", partitions=cfg.partitions) if rekeyed else source
 
-        @app.agent(source, concurrency=cfg.concurrency)
+        @app.agent(windowed, concurrency=cfg.concurrency,
+                   name="rekeyed_windows" if rekeyed else "windows")
         async def windows(stream: af.Stream[Item]) -> None:
             seqs = stream.map(lambda item: item.seq)
             results = seqs.window(af.Tumbling(timedelta(seconds=1)), aggregate=af.Collect())
@@ -265,27 +272,9 @@ def build(cfg: Config) -> af.App:
                 kept = [s for s in w.value if s < END_SEQ]
                 if kept:
                     await results_topic.send(
-                        w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
-                    )
-
-    elif cfg.mode == "repartition":
-        from datetime import timedelta
-
-        # the input's record keys say nothing (producers keyed them at random): re-key
-        # by the value's key first, then the windows of ``window`` mode, with no wait: the
-        # watermark markers hold each internal partition back to its slowest source
-        by_key = source.repartition("by-key", partitions=cfg.partitions)
-        regrouped: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
-
-        @app.agent(by_key, concurrency=cfg.concurrency)
-        async def rekeyed_windows(stream: af.Stream[Item]) -> None:
-            seqs = stream.map(lambda item: item.seq)
-            results = seqs.window(af.Tumbling(timedelta(seconds=1)), aggregate=af.Collect())
-            async for w in results:
-                kept = sorted(s for s in w.value if s < END_SEQ)
-                if kept:
-                    await regrouped.send(
-                        w.key, {"key": w.key, "start": w.start_ms, "seqs": kept, "pid": pid}
+                        w.key,
+                        {"key": w.key, "start": w.start_ms, "seqs": sorted(kept) if rekeyed
+                         else kept, "pid": pid},
                     )
 
     elif cfg.mode == "total":
