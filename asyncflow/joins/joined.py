@@ -1,0 +1,254 @@
+"""A lane's stream of a join topic turned into an async iterator of ``Joined`` results.
+
+``JoinedStream`` pulls the lane's slices and watermarks (the contract
+``asyncflow.windows.windowed`` describes: ``stream._next_events()``, barriers
+handled by the stream, more asked for only when no result is left to hand
+out) through one join operator per partition of the internal topic
+(``TableJoinOperator`` or ``IntervalJoinOperator``), and yields the results.
+
+State: the operator's buffered items of each key changed since the last
+checkpoint are exported, encoded (``asyncflow.joins.results.pack``), as the
+table ``<name>-join`` (key ``[lane, key]``; a tombstone when a key holds
+nothing), so they go to the local store and the changelog with the offsets
+like any window state. When a partition is assigned, its operator is rebuilt
+from the restored entries and watermark, and events the restored state
+already reflects (offsets at or before the one it applied) are skipped: a
+restart or a takeover goes on where the last checkpoint was, and no match is
+found twice for what that checkpoint covered.
+
+Late events (older than the partition's watermark minus ``wait``) go to
+``late`` (``late.send(key, value)``) when given, else to the dead letters
+with the reason; they count in the metric ``late_events``. Events without an
+event time are dead letters where the join needs one.
+
+Example (a join operator over a hand-made stream of tagged values):
+    >>> import asyncio
+    >>> from asyncflow.testing import stream_of
+    >>> from asyncflow.joins.interval import IntervalJoinOperator
+    >>> from asyncflow.codecs import JsonCodec
+    >>> s = stream_of([(0, "a"), (1, "b")], keys=["k", "k"], times=[1_000, 1_500])
+    >>> joined = JoinedStream(s, lambda: IntervalJoinOperator(lower=0, upper=1_000),
+    ...                       codecs=(JsonCodec(), JsonCodec()), name="demo-join")
+    >>> async def demo():
+    ...     return [(j.key, j.left, j.right) async for j in joined]
+    >>> asyncio.run(demo())
+    [('k', 'a', 'b')]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Collection, Hashable
+from datetime import timedelta
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from asyncflow.codecs import Codec
+from asyncflow.event import Event, Watermark
+from asyncflow.joins.results import Item, Joined, pack, unpack
+from asyncflow.keys import lane_of
+from asyncflow.state.codec import decode_key, encode_key
+from asyncflow.windows.assigners import from_epoch_ms
+from asyncflow.windows.windowed import LateSink, WindowSource
+
+L = TypeVar("L")
+R = TypeVar("R")
+
+
+class JoinOperator(Protocol):
+    """What ``JoinedStream`` drives (both join operators have it)."""
+
+    results: list[Joined[Any, Any]]
+    dirty: set[Hashable]
+    watermark: int | None
+    needs_time: bool
+
+    def on_event(
+        self, side: int, key: Hashable, time: int | None, seq: int, value: Any
+    ) -> bool: ...
+
+    def on_watermark(self, watermark: int | None) -> None: ...
+
+    def set_watermark(self, watermark: int | None) -> None: ...
+
+    def flush_all(self) -> None: ...
+
+    def export(self) -> list[tuple[Hashable, list[Item] | None]]: ...
+
+    def load(self, key: Hashable, items: list[Item]) -> None: ...
+
+
+class JoinedStream(Generic[L, R]):
+    """``Joined`` results of one lane of a join topic, as an async iterator.
+
+    ``new_operator`` makes a partition's operator; ``codecs`` encode the two
+    sides' values in state; ``wait`` is how far events may be out of order
+    (the watermark is the partition's event time minus ``wait``); ``late``
+    receives late events; ``name`` is the table the state is checkpointed as.
+    """
+
+    __slots__ = (
+        "_codecs",
+        "_ended",
+        "_late",
+        "_new",
+        "_ops",
+        "_ready",
+        "_skip",
+        "_stream",
+        "_wait",
+        "table",
+    )
+
+    def __init__(
+        self,
+        stream: WindowSource,
+        new_operator: Callable[[], JoinOperator],
+        *,
+        codecs: tuple[Codec[Any], Codec[Any]],
+        wait: timedelta = timedelta(0),
+        late: LateSink | None = None,
+        name: str = "join",
+    ) -> None:
+        if wait < timedelta(0):
+            raise ValueError(f"wait must not be negative, got {wait!r}")
+        self._stream = stream
+        self._new = new_operator
+        self._codecs = codecs
+        self._wait = int(wait.total_seconds() * 1000)
+        self._late = late
+        self._ops: dict[Hashable, JoinOperator] = {}
+        self._skip: dict[Hashable, int] = {}
+        self._ready: deque[Joined[Any, Any]] = deque()
+        self._ended = False
+        self.table = name
+        state = getattr(stream._lane, "state", None)
+        if state is not None:
+            state.register_window(self)
+
+    # -- state --------------------------------------------------------------------
+    async def _open(self, partition: Hashable) -> JoinOperator:
+        """The operator of ``partition``, rebuilt from its restored state."""
+        op = self._ops[partition] = self._new()
+        lane = self._stream._lane
+        state = getattr(lane, "state", None)
+        if state is None:
+            return op
+        shard = await state.window_shard(self.table, partition)
+        if shard.frontier is not None:
+            op.set_watermark(shard.frontier - self._wait)
+        codecs = self._codecs
+        for kb, vb in shard.lane_items(lane.index, lane.lanes, lane_of):
+            _, key = decode_key(kb)
+            op.load(key, unpack(vb, codecs))
+        if shard.applied is not None:
+            self._skip[partition] = shard.applied
+        return op
+
+    def export(self) -> dict[Hashable, list[tuple[bytes, bytes | None]]]:
+        """Per partition, the keys whose buffered items changed, encoded (a checkpoint)."""
+        lane = self._stream._lane.index
+        codecs = self._codecs
+        out: dict[Hashable, list[tuple[bytes, bytes | None]]] = {}
+        for p, op in self._ops.items():
+            if op.dirty:
+                out[p] = [
+                    (encode_key((lane, key)), None if items is None else pack(items, codecs))
+                    for key, items in op.export()
+                ]
+        return out
+
+    @property
+    def dirty(self) -> bool:
+        """Whether any key's buffered items changed since the last export."""
+        return any(op.dirty for op in self._ops.values())
+
+    def drop_partitions(self, partitions: Collection[Hashable]) -> None:
+        """Forget revoked partitions (their state went with the checkpoint)."""
+        for p in partitions:
+            self._ops.pop(p, None)
+            self._skip.pop(p, None)
+
+    def operator(self, partition: Hashable) -> JoinOperator | None:
+        """The operator of a partition (for inspection and tests)."""
+        return self._ops.get(partition)
+
+    # -- iterating ----------------------------------------------------------------
+    def __aiter__(self) -> JoinedStream[L, R]:
+        return self
+
+    async def __anext__(self) -> Joined[L, R]:
+        ready = self._ready
+        stream = self._stream
+        while not ready:
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                got = await stream._next_events()
+            except StopAsyncIteration:
+                self._ended = True  # a stop keeps what waits in state; the end flushed it
+                continue
+            if type(got) is Watermark:
+                await self._on_watermark(got)
+                continue
+            events, values = cast("tuple[list[Event[Any]], list[Any] | None]", got)
+            await self._add(events, values)
+        result: Joined[L, R] = ready.popleft()
+        stream._window_key = result.key
+        return result
+
+    async def _add(self, events: list[Event[Any]], values: list[Any] | None) -> None:
+        ops, skips, ready = self._ops, self._skip, self._ready
+        for i, ev in enumerate(events):
+            p = ev.partition
+            op = ops.get(p)
+            if op is None:
+                op = await self._open(p)
+            if skips and p in skips:
+                if ev.offset <= skips[p]:
+                    continue  # the restored state has this event already
+                del skips[p]
+            side, value = ev.value if values is None else values[i]
+            t = ev.time
+            if t is None and op.needs_time:
+                await self._stream.dead_letter(ev, "no event time: a join by event time needs it")
+                continue
+            if not op.on_event(side, ev.key, t, ev.offset, value):
+                await self._late_event(ev, value, op)
+            if op.results:
+                ready.extend(op.results)
+                op.results.clear()
+
+    async def _on_watermark(self, mark: Watermark) -> None:
+        if mark.marks:
+            state = getattr(self._stream._lane, "state", None)
+            for p in mark.marks:
+                if p not in self._ops and state is not None:
+                    ps = state.partition(p)
+                    if ps is not None and ps.assigned:
+                        await self._open(p)  # restored events may be due without new ones
+        wait, ready = self._wait, self._ready
+        for p, op in self._ops.items():
+            if mark.final:
+                op.flush_all()
+            else:
+                t = mark.of(p)
+                if t is not None:
+                    op.on_watermark(t - wait)
+            if op.results:
+                ready.extend(op.results)
+                op.results.clear()
+
+    async def _late_event(self, event: Event[Any], value: Any, op: JoinOperator) -> None:
+        stream = self._stream
+        stream.metrics.incr("late_events")
+        if self._late is not None:
+            stream.current = event
+            await self._late.send(event.key, value)
+            return
+        wm = op.watermark
+        assert event.time is not None
+        await stream.dead_letter(
+            event,
+            f"late event: event time {from_epoch_ms(event.time).isoformat()} is before the "
+            f"join's watermark {from_epoch_ms(wm).isoformat() if wm is not None else None}",
+        )
