@@ -43,10 +43,9 @@ from weakref import WeakKeyDictionary
 from asyncflow.channels import Topic
 from asyncflow.errors import ConfigError
 from asyncflow.joins.interval import IntervalJoinOperator
-from asyncflow.joins.joined import JoinedStream, JoinOperator
+from asyncflow.joins.joined import JoinedStream, JoinOperator, LateSink
 from asyncflow.joins.sides import SidesCodec, declare_sides
 from asyncflow.joins.temporal import AsOf, How, TableJoinOperator
-from asyncflow.windows.windowed import LateSink
 
 if TYPE_CHECKING:
     from asyncflow.stream import Stream

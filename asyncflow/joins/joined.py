@@ -38,7 +38,7 @@ Example (a join operator over a hand-made stream of tagged values):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -48,10 +48,22 @@ from asyncflow.joins.results import Item, Joined, pack, unpack
 from asyncflow.keys import lane_of
 from asyncflow.state.codec import decode_key, encode_key
 from asyncflow.windows.assigners import from_epoch_ms
-from asyncflow.windows.windowed import LateSink, WindowSource
+from asyncflow.windows.windowed import WindowSource
 
 L = TypeVar("L")
 R = TypeVar("R")
+
+
+class LateSink(Protocol):
+    """Where late events go when given as ``late=`` (an app topic or sink output fits).
+
+    Example:
+        >>> import asyncflow as af
+        >>> from asyncflow.testing import CaptureSink
+        >>> sink: LateSink = af.App("a").sink(CaptureSink("late"))
+    """
+
+    def send(self, key: Any, value: Any) -> Awaitable[Any]: ...
 
 
 class JoinOperator(Protocol):

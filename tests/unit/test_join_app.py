@@ -1,0 +1,219 @@
+"""Joins in a running app: the same matches as a batch join, across a restart in the middle.
+
+Both inputs are produced in a random order that stays within the join's
+``wait``; the worker is stopped half way (drain, checkpoint, commit) and a new
+worker with the same local store (SQLite) and broker reads on. The outputs of
+both runs together are exactly the batch join's: no match missing, none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import asyncflow as af
+from asyncflow.joins import interval_join, join_table
+from asyncflow.memory import MemoryBroker
+from asyncflow.testing import CaptureSink, TestRun, reason_of
+
+WAIT_MS = 40
+LOWER, UPPER = -100, 150
+
+Ev = tuple[int, str, int, int]  # side, key, time ms, id
+
+
+@st.composite
+def inputs(draw: Any) -> list[Ev]:
+    n = draw(st.integers(1, 70))
+    times = sorted(draw(st.lists(st.integers(0, 3_000), min_size=n, max_size=n, unique=True)))
+    events = [
+        (draw(st.integers(0, 1)), draw(st.sampled_from("abcde")), t, i) for i, t in enumerate(times)
+    ]
+    jitter = [draw(st.integers(0, WAIT_MS)) for _ in events]
+    return [events[i] for i in sorted(range(n), key=lambda i: (events[i][2] + jitter[i], i))]
+
+
+def batch_interval(events: list[Ev]) -> list[tuple[int, int]]:
+    return sorted(
+        (a[3], b[3])
+        for a in events
+        if a[0] == 0
+        for b in events
+        if b[0] == 1 and a[1] == b[1] and a[2] + LOWER <= b[2] <= a[2] + UPPER
+    )
+
+
+def batch_as_of(events: list[Ev], how: str) -> list[tuple[int, int | None]]:
+    out: list[tuple[int, int | None]] = []
+    for s in (e for e in events if e[0] == 0):
+        seen = [u for u in events if u[0] == 1 and u[1] == s[1] and u[2] <= s[2]]
+        row = max(seen, key=lambda u: u[2])[3] if seen else None
+        if row is not None or how == "left":
+            out.append((s[3], row))
+    return sorted(out)
+
+
+def make_app(kind: str, state_dir: str | None, how: Any = "inner") -> tuple[af.App, CaptureSink]:
+    app = af.App(
+        "joins",
+        state_dir=state_dir,
+        state_store="sqlite" if state_dir else None,
+        commit_interval=0.05,
+    )
+    left: af.Topic[Any] = app.topic(
+        "left", key=lambda v: v["k"], time="t", time_unit="ms", partitions=2
+    )
+    right: af.Topic[Any] = app.topic(
+        "right", key=lambda v: v["k"], time="t", time_unit="ms", partitions=3
+    )
+    wait = timedelta(milliseconds=WAIT_MS)
+    join: Any
+    if kind == "interval":
+        join = interval_join(
+            left,
+            right,
+            name="lr",
+            lower=timedelta(milliseconds=LOWER),
+            upper=timedelta(milliseconds=UPPER),
+            wait=wait,
+        )
+    else:
+        join = join_table(left, right, name="lr", how=how, wait=wait)
+    found = CaptureSink("found")
+    out = app.sink(found)
+
+    @app.agent(join.topic, concurrency=2)
+    async def pairs(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await out.send(j.key, (j.left["id"], None if j.right is None else j.right["id"]))
+
+    return app, found
+
+
+async def produce(run: TestRun, events: list[Ev]) -> None:
+    for side, key, t, ident in events:
+        await run.send("left" if side == 0 else "right", {"k": key, "t": t, "id": ident}, key=key)
+
+
+async def run_with_restart(kind: str, events: list[Ev], how: Any, cut: int) -> list[Any]:
+    broker = MemoryBroker()
+    got: list[Any] = []
+    with tempfile.TemporaryDirectory() as state_dir:
+        app, found = make_app(kind, state_dir, how)
+        async with TestRun(app, broker=broker) as run:
+            await produce(run, events[:cut])
+            await asyncio.sleep(0.01)
+            await run.stop()
+        got.extend(found.values)
+        app, found = make_app(kind, state_dir, how)
+        async with TestRun(app, broker=broker) as run:
+            await produce(run, events[cut:])
+            await run.finish()
+            assert [reason_of(r) for r in run.dead_letters()] == []
+        got.extend(found.values)
+    return sorted(got, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
+
+
+SETTINGS = settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@SETTINGS
+@given(events=inputs(), cut=st.floats(0, 1))
+async def test_an_interval_join_across_a_restart_finds_the_batch_pairs_once(
+    events: list[Ev], cut: float
+) -> None:
+    got = await run_with_restart("interval", events, "inner", int(cut * len(events)))
+    assert got == batch_interval(events)
+
+
+@SETTINGS
+@given(events=inputs(), cut=st.floats(0, 1), how=st.sampled_from(["inner", "left"]))
+async def test_a_table_join_across_a_restart_equals_the_batch_as_of_join(
+    events: list[Ev], cut: float, how: str
+) -> None:
+    got = await run_with_restart("table", events, how, int(cut * len(events)))
+    assert got == sorted(
+        batch_as_of(events, how), key=lambda p: (p[0], -1 if p[1] is None else p[1])
+    )
+
+
+async def test_a_late_event_goes_to_the_late_output_and_is_not_matched() -> None:
+    app = af.App("late")
+    left: af.Topic[Any] = app.topic("left", key=lambda v: v["k"], time="t", time_unit="ms")
+    right: af.Topic[Any] = app.topic("right", key=lambda v: v["k"], time="t", time_unit="ms")
+    late = app.sink(CaptureSink("late"))
+    join = interval_join(
+        left, right, name="lr", lower=timedelta(0), upper=timedelta(seconds=10), late=late
+    )
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic)
+    async def pairs(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.left["id"], j.right["id"]))
+
+    async with TestRun(app) as run:
+        await run.send("left", {"k": "a", "t": 1_000, "id": 1})
+        await run.send("right", {"k": "a", "t": 50_000, "id": 2})  # both sides reach 50 s
+        await run.send("left", {"k": "a", "t": 60_000, "id": 3})
+        await asyncio.sleep(0.3)
+        await run.send("right", {"k": "a", "t": 2_000, "id": 4})  # late: left 1 is forgotten
+        await run.finish()
+    assert found.sink.values == []  # type: ignore[attr-defined]
+    assert late.sink.values == [{"k": "a", "t": 2_000, "id": 4}]  # type: ignore[attr-defined]
+
+
+async def test_records_forwarded_twice_into_the_join_topic_count_once() -> None:
+    app, found = make_app("interval", None)
+    broker = MemoryBroker()
+    codec = app.channels["joins-lr-join"].codec
+    broker.create_topic("joins-lr-join", 2)
+    rows: list[tuple[tuple[int, dict[str, Any]], str, int]] = [
+        ((0, {"k": "a", "t": 0, "id": 0}), "L0:0", 0),
+        ((1, {"k": "a", "t": 10, "id": 1}), "R0:0", 10),
+    ]
+    for value, origin, t in rows + rows:  # a restarted forwarder sent both again
+        broker.produce(
+            "joins-lr-join",
+            codec.encode(value),
+            b"a",
+            (("asyncflow.origin", origin.encode()),),
+            t,
+        )
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+    assert found.values == [(0, 1)]
+
+
+def test_a_join_of_topics_without_keys_says_which_key_it_needs() -> None:
+    app = af.App("a")
+    with pytest.raises(af.ConfigError, match="table_key="):
+        join_table(app.topic("s", key=len), app.topic("t"), name="st")
+
+
+def test_a_join_declared_twice_is_refused() -> None:
+    app = af.App("a")
+    s, t = app.topic("s", key=len), app.topic("t", key=len)
+    join_table(s, t, name="st")
+    with pytest.raises(af.ConfigError, match="already declared"):
+        join_table(s, t, name="st")
+
+
+def test_interval_bounds_the_wrong_way_round_are_refused() -> None:
+    app = af.App("a")
+    with pytest.raises(af.ConfigError, match="must not be above"):
+        interval_join(
+            app.topic("s", key=len),
+            app.topic("t", key=len),
+            name="st",
+            lower=timedelta(seconds=5),
+            upper=timedelta(0),
+        )
