@@ -8,29 +8,42 @@ dropoff_borough). The topic's codec parses each line into a typed ``Ride``
 empty; pickup and dropoff are New York local times and become zone-aware);
 a malformed line (wrong field count, a bad number or time, an unknown color
 or payment) goes with its raw bytes and the reason to the dead-letter topic
-``rides-dead-letters``. The agent (4 lanes, keyed by pickup zone) transforms
-each ride (duration, average speed, tip % of fare) and enriches it (borough
-pair, time-of-day bucket, weekday, fare per mile), then sends an
-``EnrichedRide`` to the topic ``rides-enriched``. Undefined ratios (a
-zero-second or zero-mile trip) are ``null``.
+``rides-dead-letters``. Each ride is joined with its driver (``join_table``,
+left join, as of the ride's pickup time) from the table kept from the topic
+``drivers`` (JSON ``Driver`` updates keyed by driver id, ``apps/data/drivers.csv``;
+the sample has no driver column, so a ride's driver is a hash of its pickup
+time and zone, ``driver_of``; an update with ``active`` false removes the
+driver). The agent (4 lanes, keyed by driver) transforms each ride (duration,
+average speed, tip % of fare) and enriches it (borough pair, time-of-day
+bucket, weekday, fare per mile, the driver's name, vehicle and rating at the
+time of the ride), then sends an ``EnrichedRide`` to the topic
+``rides-enriched``, keyed by driver id. Undefined ratios (a zero-second or
+zero-mile trip) are ``null``; a ride whose driver is unknown or retired at
+its pickup time has ``driver`` ``null``.
 
 Run: ``asyncflow worker apps.rides:app``. By default (memory broker) a task
-replays the 6,433 NYC TLC trips of March 2019, sorted by pickup; the console
+replays the 321 driver updates, then the 6,433 NYC TLC trips of March 2019,
+sorted by pickup; the console
 prints every 250th enriched ride (26 lines) and the total, then the worker exits 0.
 
 **On Kafka**::
 
     ASYNCFLOW_BROKER=kafka://localhost:9092 ASYNCFLOW_DEMO_LOAD=1 asyncflow worker apps.rides:app
 
-It consumes ``rides`` as the consumer group ``rides``: each record's value is one
-CSV line in the columns above, without a header (keys are not used: the lanes
-are keyed by pickup zone, so one zone's rides keep their order within a
-partition). Enriched rides go to ``rides-enriched`` as JSON ``EnrichedRide``
-objects keyed by pickup zone; malformed lines to ``rides-dead-letters`` (raw
+It consumes ``rides`` and ``drivers`` as the consumer group ``rides``: each
+``rides`` record's value is one CSV line in the columns above, without a
+header (keys are not used); each ``drivers`` record a JSON ``Driver``. Both
+are forwarded, keyed by driver id, into the internal topic
+``rides-ride-drivers-join`` (the join's state is in the changelog
+``rides-ride-drivers-join-changelog``), so one driver's rides keep their
+pickup order. A ride waits until event time has passed it (a later ride, or
+2 s without one: ``system_wait``) before it is joined. Enriched rides go to
+``rides-enriched`` as JSON ``EnrichedRide`` objects keyed by driver id;
+malformed lines to ``rides-dead-letters`` (raw
 bytes; the reason, source topic, partition and offset in the
 ``asyncflow.reason``/``.topic``/``.partition``/``.offset`` headers). Missing
 topics are created with 1 partition. ``ASYNCFLOW_DEMO_LOAD=1`` makes the worker
-replay the sample into ``rides`` itself. The worker runs until SIGINT/SIGTERM
+replay the drivers into ``drivers`` and the sample into ``rides`` itself. The worker runs until SIGINT/SIGTERM
 (drain, flush, commit, exit 0). On the local Tansu broker of ``apps/_support.py``
 use ``ASYNCFLOW_BROKER='kafka://127.0.0.1:9092?enable_idempotence=false'``.
 
@@ -44,14 +57,19 @@ Environment:
 from __future__ import annotations
 
 import csv
-from datetime import datetime
+import zlib
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncflow as af
 from apps._support import DATA, demo_load_enabled, env
+from asyncflow.joins import join_table
 
 DATA_FILE = "rides_sample.csv"
+DRIVERS_FILE = "drivers.csv"
+DRIVERS = 150
+"""How many drivers the rides are shared among (``D000`` to ``D149``)."""
 NYC = ZoneInfo("America/New_York")
 COLUMNS = (
     "pickup",
@@ -90,10 +108,23 @@ class Ride(af.Record):
     dropoff_borough: str | None
 
 
+class Driver(af.Record):
+    """One update of a driver (the ``drivers`` topic): the latest one is the driver's row."""
+
+    driver_id: str
+    updated: af.EventTime
+    name: str
+    vehicle: str
+    rating: float
+    active: bool
+
+
 class EnrichedRide(af.Record):
-    """A trip with what the pipeline derived from it."""
+    """A trip with what the pipeline derived from it, and its driver at pickup time."""
 
     ride: Ride
+    driver_id: str
+    driver: Driver | None
     duration_min: float
     speed_mph: float | None
     tip_pct: float | None
@@ -149,9 +180,61 @@ class RideCsvCodec:
                 raise af.DecodeError(f"field {name!r}: cannot read {text!r:.40}") from None
         return Ride.decode_obj(obj)
 
-    def encode(self, value: str) -> bytes:
-        """Lines are produced as they are (the replay sends the file's lines)."""
-        return value.encode()
+    def encode(self, value: str | Ride) -> bytes:
+        """A line is produced as it is (the replay sends the file's lines); a ``Ride`` as its line."""
+        if isinstance(value, str):
+            return value.encode()
+        return ride_line(value).encode()
+
+
+def ride_line(ride: Ride) -> str:
+    """The CSV line of a ride (what ``RideCsvCodec`` reads back to the same ``Ride``)."""
+    fields: list[str] = []
+    for name in COLUMNS:
+        v = getattr(ride, name)
+        if isinstance(v, datetime):
+            fields.append(f"{v.astimezone(NYC):%Y-%m-%d %H:%M:%S}")
+        else:
+            fields.append("" if v is None else str(v))
+    out: list[str] = []
+    writer = csv.writer(_Lines(out), lineterminator="")
+    writer.writerow(fields)
+    return out[0]
+
+
+class _Lines:
+    def __init__(self, out: list[str]) -> None:
+        self.write = out.append
+
+
+def driver_of(ride: Ride) -> str:
+    """The driver of a trip: the sample has none, so a hash of its pickup time and zone.
+
+    Example:
+        >>> ride = RideCsvCodec().decode(b"2019-03-23 20:21:09,2019-03-23 20:27:24,1,1.6,7.0,"
+        ...                              b"2.15,0.0,12.95,yellow,credit card,Lenox Hill West,"
+        ...                              b"UN/Turtle Bay South,Manhattan,Manhattan")
+        >>> driver_of(ride)
+        'D017'
+    """
+    text = f"{ride.pickup.astimezone(NYC):%Y-%m-%d %H:%M:%S}|{ride.pickup_zone or ''}"
+    return f"D{zlib.crc32(text.encode()) % DRIVERS:03d}"
+
+
+def read_drivers() -> list[Driver]:
+    """The driver updates of ``apps/data/drivers.csv``, in update order (New York times)."""
+    with (DATA / DRIVERS_FILE).open(newline="", encoding="utf-8") as f:
+        return [
+            Driver(
+                driver_id=row["driver_id"],
+                updated=local_time(row["updated"]),
+                name=row["name"],
+                vehicle=row["vehicle"],
+                rating=float(row["rating"]),
+                active=row["active"] == "true",
+            )
+            for row in csv.DictReader(f)
+        ]
 
 
 def time_of_day(hour: int) -> Literal["night", "morning rush", "midday", "evening rush", "evening"]:
@@ -168,11 +251,13 @@ def time_of_day(hour: int) -> Literal["night", "morning rush", "midday", "evenin
     return "evening"
 
 
-def enrich(ride: Ride) -> EnrichedRide:
-    """Transform (duration, speed, tip %) and enrich (borough pair, bucket, fare per mile)."""
+def enrich(ride: Ride, driver: Driver | None = None) -> EnrichedRide:
+    """Transform (duration, speed, tip %) and enrich (borough pair, bucket, fare per mile, driver)."""
     seconds = ride.dropoff.timestamp() - ride.pickup.timestamp()  # right across DST changes
     return EnrichedRide(
         ride=ride,
+        driver_id=driver_of(ride),
+        driver=driver,
         duration_min=round(seconds / 60, 2),
         speed_mph=round(ride.distance / (seconds / 3600), 2) if seconds > 0 else None,
         tip_pct=round(100 * ride.tip / ride.fare, 1) if ride.fare > 0 else None,
@@ -188,9 +273,12 @@ def format_ride(key: Any, e: EnrichedRide) -> str:
     r = e.ride
     speed = f"{e.speed_mph:5.1f} mph" if e.speed_mph is not None else "    - mph"
     tip = f"{e.tip_pct:5.1f}%" if e.tip_pct is not None else "    -"
+    d = e.driver
+    who = f"{d.name} ({d.vehicle}, {d.rating:.2f})" if d is not None else "no driver on record"
     return (
         f"{r.pickup:%a %m-%d %H:%M} {r.color:<6} {e.time_of_day:<12} {e.borough_pair:<26} "
-        f"{r.distance:5.2f} mi {e.duration_min:6.1f} min {speed}  ${r.fare:6.2f} tip {tip}"
+        f"{r.distance:5.2f} mi {e.duration_min:6.1f} min {speed}  ${r.fare:6.2f} tip {tip}  "
+        f"{e.driver_id} {who}"
     )
 
 
@@ -206,27 +294,37 @@ def make_app(
 ) -> af.App:
     """Build the app; ``echo`` replaces the console sink, ``limit`` shortens the replay."""
     app = af.App("rides")
-    rides = app.topic(
-        "rides", value_type=Ride, codec=RideCsvCodec(), key=lambda r: r.pickup_zone or ""
+    rides = app.topic("rides", value_type=Ride, codec=RideCsvCodec(), key=driver_of)
+    drivers = app.topic("drivers", value_type=Driver, key=lambda d: d.driver_id)
+    ride_drivers = join_table(
+        rides,
+        drivers,
+        name="ride-drivers",
+        how="left",
+        deleted=lambda d: not d.active,
+        wait=timedelta(seconds=30),
+        system_wait=timedelta(seconds=2),
     )
     enriched = app.topic("rides-enriched", value_type=EnrichedRide)
     every = int(env("RIDES_PRINT_EVERY") or 250)
     console = app.sink(echo or af.ConsoleSink(format_ride, name="rides-console", every=every))
 
-    @app.agent(rides, concurrency=4)
-    async def transform(stream: af.Stream[Ride]) -> None:
-        """Derive and enrich each ride, then send it to ``rides-enriched``."""
-        async for ride in stream:
-            out = enrich(ride)
-            key = stream.current.key if stream.current is not None else None
-            await enriched.send(key, out)
-            await console.send(key, out)
+    @app.agent(ride_drivers.topic, concurrency=4)
+    async def transform(stream: af.Stream[Any]) -> None:
+        """Join each ride with its driver, derive and enrich, send it to ``rides-enriched``."""
+        async for joined in ride_drivers.joined(stream):
+            out = enrich(joined.left, joined.right)
+            await enriched.send(out.driver_id, out)
+            await console.send(out.driver_id, out)
 
     @app.task
     async def replay() -> None:
-        """Replay the trips, sorted by pickup, into ``rides``."""
+        """Replay the driver updates into ``drivers``, then the trips, sorted by pickup, into ``rides``."""
         if not demo_load_enabled(app, load):
             return
+        for d in read_drivers():
+            await drivers.send(d.driver_id, d)
+        await drivers.end()
         for line in sorted_lines()[:limit]:
             await rides.send(None, line)
         await rides.end()

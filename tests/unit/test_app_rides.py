@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zlib
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from apps.rides import EnrichedRide, make_app, sorted_lines
 from asyncflow.testing import CaptureSink, TestRun, reason_of
 
 DATA = Path(__file__).resolve().parents[2] / "apps" / "data" / "rides_sample.csv"
+DRIVERS = DATA.with_name("drivers.csv")
 NYC = ZoneInfo("America/New_York")
 BUCKETS = (
     ["night"] * 6 + ["morning rush"] * 4 + ["midday"] * 6 + ["evening rush"] * 4 + ["evening"] * 4
@@ -82,14 +84,60 @@ async def test_enriched_rides_match_a_plain_computation_of_the_sample() -> None:
     assert len(echo.values) == 6433
 
 
-async def test_each_pickup_zone_keeps_the_replays_pickup_order() -> None:
+async def test_each_drivers_rides_keep_the_replays_pickup_order() -> None:
     async with TestRun(make_app(echo=CaptureSink(), load=True, limit=2000)) as run:
         await run.wait_stopped(20)
-    zones: dict[str | None, list[datetime]] = {}
+    drivers: dict[str, list[datetime]] = {}
     for e in run.outputs("rides-enriched"):
-        zones.setdefault(e.ride.pickup_zone, []).append(e.ride.pickup)
-    assert sum(map(len, zones.values())) == 2000
-    assert all(times == sorted(times) for times in zones.values())
+        drivers.setdefault(e.driver_id, []).append(e.ride.pickup)
+    assert sum(map(len, drivers.values())) == 2000
+    assert all(times == sorted(times) for times in drivers.values())
+
+
+def batch_drivers() -> dict[tuple[str, str], dict[str, Any] | None]:
+    """Plain Python: per trip (pickup, zone), its driver's row as of the pickup (or None)."""
+    with DRIVERS.open(newline="") as f:
+        updates = list(csv.DictReader(f))
+    out: dict[tuple[str, str], dict[str, Any] | None] = {}
+    with DATA.open(newline="") as f:
+        for row in csv.DictReader(f):
+            text = f"{row['pickup']}|{row['pickup_zone']}"
+            driver = f"D{zlib.crc32(text.encode()) % 150:03d}"
+            seen = [
+                u for u in updates if u["driver_id"] == driver and u["updated"] <= row["pickup"]
+            ]
+            last = max(seen, key=lambda u: u["updated"]) if seen else None
+            out[(row["pickup"], row["pickup_zone"])] = (
+                None
+                if last is None or last["active"] != "true"
+                else {
+                    "driver_id": driver,
+                    "name": last["name"],
+                    "vehicle": last["vehicle"],
+                    "rating": float(last["rating"]),
+                }
+            )
+    return out
+
+
+async def test_each_ride_has_its_driver_as_of_its_pickup_as_a_batch_join_finds() -> None:
+    async with TestRun(make_app(echo=CaptureSink(), load=True)) as run:
+        await run.wait_stopped(20)
+    got = {
+        (f"{e.ride.pickup:%Y-%m-%d %H:%M:%S}", e.ride.pickup_zone or ""): None
+        if e.driver is None
+        else {
+            "driver_id": e.driver.driver_id,
+            "name": e.driver.name,
+            "vehicle": e.driver.vehicle,
+            "rating": e.driver.rating,
+        }
+        for e in run.outputs("rides-enriched")
+    }
+    expected = batch_drivers()
+    assert got == expected
+    with_driver = sum(v is not None for v in expected.values())
+    assert 0 < with_driver < len(expected)  # some rides have no driver on record (retired)
 
 
 async def test_malformed_lines_are_dead_lettered_with_the_reason() -> None:
