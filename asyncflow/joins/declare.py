@@ -67,9 +67,16 @@ class Join(Generic[L, R]):
     """
 
     def __init__(
-        self, topic: Topic[Any], *, name: str, wait: timedelta, late: LateSink | None
+        self,
+        topic: Topic[Any],
+        *,
+        name: str,
+        wait: timedelta,
+        late: LateSink | None,
+        system_wait: timedelta | None = None,
     ) -> None:
         self.topic = topic
+        self.system_wait = system_wait
         """The internal join topic: give it to ``@app.agent(...)``."""
         self.name = name
         self.wait = wait
@@ -99,6 +106,7 @@ class Join(Generic[L, R]):
                 wait=self.wait,
                 late=self.late,
                 name=f"{self.name}-join",
+                system_wait=self.system_wait,
             )
         return found
 
@@ -113,11 +121,12 @@ class TableJoin(Join[L, R]):
         name: str,
         wait: timedelta,
         late: LateSink | None,
+        system_wait: timedelta | None,
         how: How,
         as_of: AsOf,
         deleted: Callable[[Any], bool] | None,
     ) -> None:
-        super().__init__(topic, name=name, wait=wait, late=late)
+        super().__init__(topic, name=name, wait=wait, late=late, system_wait=system_wait)
         self.how = how
         self.as_of = as_of
         self.deleted = deleted
@@ -136,10 +145,11 @@ class IntervalJoin(Join[L, R]):
         name: str,
         wait: timedelta,
         late: LateSink | None,
+        system_wait: timedelta | None,
         lower_ms: int,
         upper_ms: int,
     ) -> None:
-        super().__init__(topic, name=name, wait=wait, late=late)
+        super().__init__(topic, name=name, wait=wait, late=late, system_wait=system_wait)
         self.lower_ms = lower_ms
         self.upper_ms = upper_ms
 
@@ -184,7 +194,10 @@ def join_table(
     stream_key: Callable[[L], Hashable] | None = None,
     table_key: Callable[[R], Hashable] | None = None,
     deleted: Callable[[R], bool] | None = None,
+    stream_where: Callable[[L], bool] | None = None,
+    table_where: Callable[[R], bool] | None = None,
     late: LateSink | None = None,
+    system_wait: timedelta | None = None,
     partitions: int | None = None,
 ) -> TableJoin[L, R]:
     """Join each event of ``stream`` with the value ``table`` has for its key.
@@ -204,10 +217,14 @@ def join_table(
     letters). ``as_of="latest"`` joins at once with the newest value received
     (an update older than the current one is ignored), waiting for nothing.
 
+    ``system_wait`` lets a quiet partition join what waits without a newer
+    event (see ``asyncflow.joins.joined``): for an unbounded input whose last
+    events would otherwise wait for the next ones.
     ``stream_key`` / ``table_key`` give the join key (default: each topic's
     ``key`` function); ``deleted(update)`` true deletes the key's value;
-    ``partitions`` is the join topic's partition count (default the
-    stream's). A quiet table holds the event time back only until the app's
+    ``stream_where`` / ``table_where`` keep only the values for which they
+    are true (so one topic of several kinds can be both sides); ``partitions``
+    is the join topic's partition count (default the stream's). A quiet table holds the event time back only until the app's
     ``idle_timeout``. See ``asyncflow.joins`` and the docs' Joins page.
 
     Example:
@@ -233,8 +250,19 @@ def join_table(
         right_key=_key_of(table, table_key, "table"),
         partitions=partitions,
         right_heartbeat=False,
+        left_where=stream_where,
+        right_where=table_where,
     )
-    return TableJoin(topic, name=name, wait=wait, late=late, how=how, as_of=as_of, deleted=deleted)
+    return TableJoin(
+        topic,
+        name=name,
+        wait=wait,
+        late=late,
+        system_wait=system_wait,
+        how=how,
+        as_of=as_of,
+        deleted=deleted,
+    )
 
 
 def interval_join(
@@ -247,7 +275,10 @@ def interval_join(
     wait: timedelta = timedelta(0),
     left_key: Callable[[L], Hashable] | None = None,
     right_key: Callable[[R], Hashable] | None = None,
+    left_where: Callable[[L], bool] | None = None,
+    right_where: Callable[[R], bool] | None = None,
     late: LateSink | None = None,
+    system_wait: timedelta | None = None,
     partitions: int | None = None,
 ) -> IntervalJoin[L, R]:
     """Join the events of two streams whose times are close: ``a.time + lower <= b.time <= a.time + upper``.
@@ -258,6 +289,8 @@ def interval_join(
     durable state until the watermark (event time minus ``wait``) has passed
     the last time they could match; an event older than the watermark is late
     (to ``late``, default the dead letters) and is not matched.
+    ``left_where`` / ``right_where`` keep only the values for which they are
+    true; the other parameters are ``join_table``'s.
 
     Example:
         >>> import asyncflow as af
@@ -282,5 +315,9 @@ def interval_join(
         right_key=_key_of(right, right_key, "right"),
         partitions=partitions,
         right_heartbeat=True,
+        left_where=left_where,
+        right_where=right_where,
     )
-    return IntervalJoin(topic, name=name, wait=wait, late=late, lower_ms=lo, upper_ms=hi)
+    return IntervalJoin(
+        topic, name=name, wait=wait, late=late, system_wait=system_wait, lower_ms=lo, upper_ms=hi
+    )

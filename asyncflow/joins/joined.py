@@ -16,6 +16,18 @@ already reflects (offsets at or before the one it applied) are skipped: a
 restart or a takeover goes on where the last checkpoint was, and no match is
 found twice for what that checkpoint covered.
 
+``system_wait`` lets a quiet partition finish what waits for event time: once
+no event came into a partition for that long (by the wall time of the
+watermarks), its watermark moves past the newest event it had, so the last
+events of a burst are joined without waiting for the next one (what comes
+later and is older is then late). Without it, only a later event or the end
+of a bounded input moves time on.
+
+While the agent handles a result, ``stream.current`` is the event behind it
+(the one whose arrival made the match; for a result the watermark released,
+an event of the result's key and partition at the last offset read there), so
+``stream.state(table)`` in the loop acts on the result's key.
+
 Late events (older than the partition's watermark minus ``wait``) go to
 ``late`` (``late.send(key, value)``) when given, else to the dead letters
 with the reason; they count in the metric ``late_events``. Events without an
@@ -101,6 +113,10 @@ class JoinedStream(Generic[L, R]):
     __slots__ = (
         "_codecs",
         "_ended",
+        "_quiet",
+        "_read",
+        "_seen",
+        "_wall",
         "_late",
         "_new",
         "_ops",
@@ -120,9 +136,15 @@ class JoinedStream(Generic[L, R]):
         wait: timedelta = timedelta(0),
         late: LateSink | None = None,
         name: str = "join",
+        system_wait: timedelta | None = None,
     ) -> None:
         if wait < timedelta(0):
             raise ValueError(f"wait must not be negative, got {wait!r}")
+        if system_wait is not None and system_wait <= timedelta(0):
+            raise ValueError(f"system_wait must be positive, got {system_wait!r}")
+        self._quiet = None if system_wait is None else int(system_wait.total_seconds() * 1000)
+        self._seen: dict[Hashable, tuple[int, int]] = {}  # newest time, wall when it came
+        self._wall = 0
         self._stream = stream
         self._new = new_operator
         self._codecs = codecs
@@ -130,7 +152,8 @@ class JoinedStream(Generic[L, R]):
         self._late = late
         self._ops: dict[Hashable, JoinOperator] = {}
         self._skip: dict[Hashable, int] = {}
-        self._ready: deque[Joined[Any, Any]] = deque()
+        self._ready: deque[tuple[Joined[Any, Any], Event[Any]]] = deque()
+        self._read: dict[Hashable, int] = {}  # per partition, the last offset read
         self._ended = False
         self.table = name
         state = getattr(stream._lane, "state", None)
@@ -154,6 +177,7 @@ class JoinedStream(Generic[L, R]):
             op.load(key, unpack(vb, codecs))
         if shard.applied is not None:
             self._skip[partition] = shard.applied
+            self._read[partition] = shard.applied
         return op
 
     def export(self) -> dict[Hashable, list[tuple[bytes, bytes | None]]]:
@@ -204,17 +228,31 @@ class JoinedStream(Generic[L, R]):
                 continue
             events, values = cast("tuple[list[Event[Any]], list[Any] | None]", got)
             await self._add(events, values)
-        result: Joined[L, R] = ready.popleft()
+        result, event = ready.popleft()
         stream._window_key = result.key
-        return result
+        stream.current = event
+        out: Joined[L, R] = result
+        return out
 
     async def _add(self, events: list[Event[Any]], values: list[Any] | None) -> None:
         ops, skips, ready = self._ops, self._skip, self._ready
+        if self._quiet is not None:
+            seen, wall = self._seen, self._wall
+            for ev in events:
+                t = ev.time
+                if t is not None:
+                    got = seen.get(ev.partition)
+                    if got is None or t >= got[0]:
+                        seen[ev.partition] = (t, wall)
+                    else:
+                        seen[ev.partition] = (got[0], wall)
+        read = self._read
         for i, ev in enumerate(events):
             p = ev.partition
             op = ops.get(p)
             if op is None:
                 op = await self._open(p)
+            read[p] = ev.offset
             if skips and p in skips:
                 if ev.offset <= skips[p]:
                     continue  # the restored state has this event already
@@ -227,10 +265,12 @@ class JoinedStream(Generic[L, R]):
             if not op.on_event(side, ev.key, t, ev.offset, value):
                 await self._late_event(ev, value, op)
             if op.results:
-                ready.extend(op.results)
+                ready.extend((r, ev) for r in op.results)
                 op.results.clear()
 
     async def _on_watermark(self, mark: Watermark) -> None:
+        if mark.wall > self._wall:
+            self._wall = mark.wall
         if mark.marks:
             state = getattr(self._stream._lane, "state", None)
             for p in mark.marks:
@@ -246,8 +286,14 @@ class JoinedStream(Generic[L, R]):
                 t = mark.of(p)
                 if t is not None:
                     op.on_watermark(t - wait)
+                quiet = self._quiet
+                seen = self._seen.get(p)
+                if quiet is not None and seen is not None and mark.wall - seen[1] >= quiet:
+                    del self._seen[p]
+                    op.on_watermark(seen[0] + 1)  # quiet for system_wait: nothing older to come
             if op.results:
-                ready.extend(op.results)
+                at = self._read.get(p, -1)
+                ready.extend((r, Event(r.key, r.left, r.time, (), p, at)) for r in op.results)
                 op.results.clear()
 
     async def _late_event(self, event: Event[Any], value: Any, op: JoinOperator) -> None:

@@ -103,7 +103,9 @@ class SideForwarder:
 
     ``forward`` is the agent function (one lane, whole slices): each event is
     written keyed by the join key, with its origin header, then a watermark
-    marker for each source partition the slice came from. ``heartbeat`` (an
+    marker for each source partition the slice came from. ``where(value)``
+    false leaves an event out (its time still counts in the markers): one
+    topic of several kinds can be both sides of a join. ``heartbeat`` (an
     app timer, stream sides only) repeats the markers.
 
     Example:
@@ -124,7 +126,9 @@ class SideForwarder:
         topic: Topic[Any],
         *,
         key: Callable[[Any], Hashable],
+        where: Callable[[Any], bool] | None = None,
     ) -> None:
+        self.where = where
         self.app = app
         self.side = side
         self.source = source
@@ -154,12 +158,18 @@ class SideForwarder:
         name = self.topic.name
         key = self.key
         forwarded = self.forwarded
+        where = self.where
         self.finished = False
         async for events in stream.event_batches():
             records: list[SinkRecord] = []
             touched: dict[Hashable, int] = {}
             for ev in events:
+                p, t = ev.partition, ev.time
+                if t is not None and t > touched.get(p, t - 1):
+                    touched[p] = t  # the source partition's time moves on, forwarded or not
                 try:
+                    if where is not None and not where(ev.value):
+                        continue
                     kb = repartition_key_bytes(key(ev.value))
                     vb = tag + encode(ev.value)
                 except Exception as exc:  # noqa: BLE001 - this value's problem: a dead letter
@@ -167,14 +177,10 @@ class SideForwarder:
                         ev, f"join {self.topic.name!r}: {type(exc).__name__}: {exc}"
                     )
                     continue
-                p = ev.partition
                 origin = f"{tag.decode()}{getattr(p, 'partition', p)}:{ev.offset}".encode()
                 records.append(
                     SinkRecord(kb, vb, name, (*ev.headers, (ORIGIN_HEADER, origin)), ev.time)
                 )
-                t = ev.time
-                if t is not None and t > touched.get(p, t - 1):
-                    touched[p] = t
             for p, t in touched.items():
                 if t > forwarded.get(p, t - 1):
                     forwarded[p] = t
@@ -200,6 +206,8 @@ def declare_sides(
     right_key: Callable[[Any], Hashable],
     partitions: int | None,
     right_heartbeat: bool,
+    left_where: Callable[[Any], bool] | None = None,
+    right_where: Callable[[Any], bool] | None = None,
 ) -> Topic[Any]:
     """Declare the internal topic of join ``name`` and the two forwarding agents.
 
@@ -226,9 +234,12 @@ def declare_sides(
     for source in (left, right):
         source.repartitioned_into = (*source.repartitioned_into, topic_name)
     app.channels[topic_name] = topic
-    sides = ((0, left, right, left_key, True), (1, right, left, right_key, right_heartbeat))
-    for side, source, other, key, beat in sides:
-        fwd = SideForwarder(app, side, source, other, topic, key=key)
+    sides = (
+        (0, left, right, left_key, left_where, True),
+        (1, right, left, right_key, right_where, right_heartbeat),
+    )
+    for side, source, other, key, where, beat in sides:
+        fwd = SideForwarder(app, side, source, other, topic, key=key, where=where)
         app.agent(source, sink=topic, name=f"{name}-join-{TAGS[side].decode().lower()}")(
             fwd.forward
         )

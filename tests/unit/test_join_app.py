@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import asyncflow as af
 from asyncflow.joins import interval_join, join_table
 from asyncflow.memory import MemoryBroker
-from asyncflow.testing import CaptureSink, TestRun, reason_of
+from asyncflow.testing import CaptureSink, TestRun, reason_of, wait_for
 
 WAIT_MS = 40
 LOWER, UPPER = -100, 150
@@ -217,3 +217,91 @@ def test_interval_bounds_the_wrong_way_round_are_refused() -> None:
             lower=timedelta(seconds=5),
             upper=timedelta(0),
         )
+
+
+async def test_one_topic_of_two_kinds_is_both_sides_of_a_join_with_where() -> None:
+    app = af.App("kinds")
+    events: af.Topic[Any] = app.topic("events", time="t")
+    join = join_table(
+        events,
+        events,
+        name="ap",
+        stream_key=lambda e: e["seller"],
+        table_key=lambda e: e["id"],
+        stream_where=lambda e: e["type"] == "auction",
+        table_where=lambda e: e["type"] == "person",
+    )
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic)
+    async def pairs(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.left["id"], j.right["name"]))
+
+    async with TestRun(app) as run:
+        await run.send_many(
+            "events",
+            [
+                {"type": "person", "id": 1, "name": "Ann", "t": 0},
+                {"type": "auction", "id": 10, "seller": 1, "t": 1},
+                {"type": "auction", "id": 11, "seller": 2, "t": 2},  # no such person: dropped
+                {"type": "person", "id": 2, "name": "Bo", "t": 3},
+            ],
+        )
+        await run.finish()
+    assert found.sink.values == [(10, "Ann")]  # type: ignore[attr-defined]
+
+
+async def test_state_in_the_loop_acts_on_the_key_of_the_result_being_handled() -> None:
+    app = af.App("counted")
+    left: af.Topic[Any] = app.topic("left", key=lambda v: v["k"], time="t", time_unit="ms")
+    right: af.Topic[Any] = app.topic("right", key=lambda v: v["k"], time="t", time_unit="ms")
+    join = interval_join(left, right, name="lr", lower=timedelta(0), upper=timedelta(seconds=1))
+    counts = app.table("pairs-per-key", default=0)
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic, concurrency=2)
+    async def pairs(stream: af.Stream[Any]) -> None:
+        n = stream.state(counts)
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.key, n.update(lambda c: (c or 0) + 1)))
+
+    events: list[Ev] = [
+        (0, "a", 0, 0),
+        (0, "b", 5, 1),
+        (1, "a", 10, 2),
+        (1, "b", 12, 3),
+        (1, "a", 14, 4),
+    ]
+    async with TestRun(app) as run:
+        await produce(run, events)
+        await run.finish()
+    assert sorted(found.sink.values) == [("a", 1), ("a", 2), ("b", 1)]  # type: ignore[attr-defined]
+    assert run.table("pairs-per-key") == {"a": 2, "b": 1}
+
+
+async def test_system_wait_joins_what_waits_once_a_partition_is_quiet() -> None:
+    app = af.App("quiet", idle_timeout=0.1)
+    rides: af.Topic[Any] = app.topic("rides", key=lambda r: r["d"], time="t")
+    drivers: af.Topic[Any] = app.topic("drivers", key=lambda d: d["id"], time="t")
+    join = join_table(
+        rides,
+        drivers,
+        name="rd",
+        how="left",
+        wait=timedelta(seconds=60),
+        system_wait=timedelta(milliseconds=300),
+    )
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic)
+    async def enrich(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.left["r"], j.right and j.right["name"]))
+
+    async with TestRun(app) as run:
+        await run.send("drivers", {"id": 1, "name": "Ann", "t": 0})
+        await run.send("rides", {"r": "x", "d": 1, "t": 5})  # 60 s of wait: only quiet frees it
+        await wait_for(lambda: bool(found.sink.values), timeout=10)  # type: ignore[attr-defined]
+        await run.finish()
+    assert found.sink.values == [("x", "Ann")]  # type: ignore[attr-defined]
