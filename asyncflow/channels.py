@@ -30,6 +30,7 @@ from asyncflow.records import (
     Record,
     datetime_to_ms,
     event_time_ms,
+    floor_ms,
     numeric_time_ms,
 )
 from asyncflow.writer import SinkWriter
@@ -70,7 +71,7 @@ def _time_getter(
         t = fn(value)
         if type(t) is int or type(t) is float:
             try:
-                ms = round(t * per_unit)
+                ms = floor_ms(t * per_unit)
             except (OverflowError, ValueError):  # infinite, NaN
                 return numeric_time_ms(t, name, unit)  # raises, naming the field
             if MIN_TIME_MS <= ms <= MAX_TIME_MS:
@@ -195,11 +196,40 @@ class Channel(Generic[T]):
 
 
 class Output:
-    """Something agents send to: a topic or a sink."""
+    """Something agents send to: a topic or a sink.
+
+    While the app runs, the runtime binds each output to its writer
+    (``_bound``). Binding also puts a ``send`` made for that writer on the
+    output itself (``_fast_send``: the same behaviour in one or two Python calls
+    instead of four, since ``send`` runs once per output record); unbinding
+    takes it away again.
+    """
 
     name: str
     _app: App | None
-    _bound: SinkWriter | None = None  # set by the runtime while it runs
+    _writer_bound: SinkWriter | None = None
+
+    @property
+    def _bound(self) -> SinkWriter | None:
+        """The writer this output sends to while the app runs (set by the runtime)."""
+        return self._writer_bound
+
+    @_bound.setter
+    def _bound(self, writer: SinkWriter | None) -> None:
+        self._writer_bound = writer
+        if writer is None:
+            self.__dict__.pop("send", None)
+        else:
+            self.__dict__["send"] = self._fast_send(writer)
+
+    def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
+        """``send`` while bound to ``writer`` (subclasses make it shorter)."""
+        push, record = writer.push, self._record
+
+        def send(key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
+            return push(record(key, value, headers))
+
+        return send
 
     def _writer(self) -> SinkWriter:
         raise NotImplementedError
@@ -243,10 +273,14 @@ class Output:
             ...
             asyncflow.errors.ConfigError: cannot send to 'out': the app 't' is not running
         """
+        return (self._bound or self._writer()).push_many(self._records(items, headers))
+
+    def _records(
+        self, items: Iterable[tuple[Any, Any]], headers: Sequence[tuple[str, bytes]]
+    ) -> list[SinkRecord]:
+        """The records of ``send_many`` (subclasses build them without a call per item)."""
         record = self._record
-        return (self._bound or self._writer()).push_many(
-            [record(key, value, headers) for key, value in items]
-        )
+        return [record(key, value, headers) for key, value in items]
 
     def _not_running(self) -> ConfigError:
         app = self._app.id if self._app is not None else "?"
@@ -316,6 +350,28 @@ class Topic(Channel[T], Output):
         kb = None if key is None else (key if isinstance(key, bytes) else self.key_codec.encode(key))
         return SinkRecord(kb, self.codec.encode(value), topic=self.name, headers=headers)
 
+    def _records(
+        self, items: Iterable[tuple[Any, Any]], headers: Sequence[tuple[str, bytes]]
+    ) -> list[SinkRecord]:
+        name, encode_key, encode = self.name, self.key_codec.encode, self.codec.encode
+        return [
+            SinkRecord(
+                None if k is None else (k if isinstance(k, bytes) else encode_key(k)),
+                encode(v), name, headers,
+            )
+            for k, v in items
+        ]
+
+    def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
+        push, name = writer.push, self.name
+        encode_key, encode = self.key_codec.encode, self.codec.encode
+
+        def send(key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
+            kb = None if key is None else (key if isinstance(key, bytes) else encode_key(key))
+            return push(SinkRecord(kb, encode(value), name, headers))
+
+        return send
+
 
 class SinkOutput(Output):
     """An external sink registered with ``app.sink(...)``.
@@ -341,6 +397,14 @@ class SinkOutput(Output):
 
     def _record(self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]]) -> SinkRecord:
         return SinkRecord(key, value, None, headers)
+
+    def _records(
+        self, items: Iterable[tuple[Any, Any]], headers: Sequence[tuple[str, bytes]]
+    ) -> list[SinkRecord]:
+        return [SinkRecord(k, v, None, headers) for k, v in items]
+
+    def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
+        return writer.push_value
 
     def send(
         self, key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()

@@ -94,8 +94,7 @@ class JsonCodec(Generic[T]):
             self.decode = decode_plain
 
             def decode_plain_many(datas: list[bytes]) -> list[Any]:
-                loads = orjson.loads
-                return [loads(d) for d in datas]
+                return list(map(orjson.loads, datas))
 
             self.decode_many = decode_plain_many
 
@@ -107,7 +106,7 @@ class JsonCodec(Generic[T]):
         self.decode = decode
 
         def decode_many(datas: list[bytes]) -> list[Any]:
-            return [decode(d) for d in datas]
+            return list(map(decode, datas))
 
         self.decode_many = decode_many
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from asyncflow.channels import Channel
 from asyncflow.clock import Clock
@@ -179,8 +179,11 @@ class Dispatcher:
         fast = self._decode_all(route, records)
         if fast is not None:
             values, pairs, times = fast
-            known = [t for t in times if t is not None]
-            max_time = max(known) if known else None
+            try:
+                max_time = max(cast("list[int]", times))
+            except TypeError:  # some records have no event time
+                known = [t for t in times if t is not None]
+                max_time = max(known) if known else None
             if route.spread is not None:
                 route.spread.observe(partition, pairs[0][0])
         if fast is None or (limit is not None and max_time is not None and max_time > limit):
@@ -251,15 +254,13 @@ class Dispatcher:
             values = decode_many([r.value for r in records])
             key_fn = ch.key_fn
             if key_fn is not None:
-                keys = [key_fn(v) for v in values]
-                hashes = route.hashes
-                pairs = [(k, hashes[k]) for k in keys]
+                keys = list(map(key_fn, values))
+                pairs = list(zip(keys, map(route.hashes.__getitem__, keys), strict=True))
             else:
-                raw_keys = route.raw_keys
-                pairs = [raw_keys[r.key] for r in records]
+                pairs = list(map(route.raw_keys.__getitem__, [r.key for r in records]))
             time_fn = ch.time_ms
             if time_fn is not None:
-                times: list[int | None] = [time_fn(v) for v in values]
+                times: list[int | None] = list(map(time_fn, values))
             else:
                 times = [r.timestamp for r in records]
         except Exception:  # noqa: BLE001 - some record is poison: find it record by record

@@ -27,8 +27,9 @@ import logging
 import time
 import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
 
 from asyncflow.errors import ConfigError, TopicMissing
 from asyncflow.protocols import (
@@ -44,9 +45,11 @@ from asyncflow.protocols import (
 log = logging.getLogger("asyncflow.memory")
 
 
-@dataclass(slots=True)
-class MemoryRecord:
-    """A record stored in a memory topic (satisfies ``RawRecord``)."""
+class MemoryRecord(msgspec.Struct, gc=False):
+    """A record stored in a memory topic (satisfies ``RawRecord``).
+
+    A C struct the garbage collector does not track: a topic holds millions.
+    """
 
     offset: int
     key: bytes | None

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -57,6 +58,20 @@ TIME_UNITS = {"s": 1000, "ms": 1, "us": 0.001, "ns": 0.000_001}
 _UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 
 
+def floor_ms(ms: float) -> int:
+    """The millisecond a time of ``ms`` milliseconds falls in (floored, as for datetimes).
+
+    Floored, not rounded: 44.9998 s is in the window that ends at 45 s. A
+    thousandth of a millisecond of tolerance absorbs a float's representation
+    error (1.001 s times 1000 is 1000.9999999999999).
+
+    Example:
+        >>> floor_ms(44_999.77), floor_ms(1.001 * 1000), floor_ms(-0.5)
+        (44999, 1001, -1)
+    """
+    return ms if type(ms) is int else math.floor(ms + 0.001)
+
+
 def numeric_time_ms(value: float, field: str, unit: str = "s") -> int:
     """Epoch ms of a numeric event time in ``unit``; ``DecodeError`` naming ``field`` if it is none.
 
@@ -72,7 +87,7 @@ def numeric_time_ms(value: float, field: str, unit: str = "s") -> int:
         asyncflow.errors.DecodeError: field 'time': 1700000000000 is not a time in epoch seconds (it would be after the year 9999); if the field holds milliseconds, say so (time_unit='ms')
     """
     try:
-        ms = round(value * TIME_UNITS[unit])
+        ms = floor_ms(value * TIME_UNITS[unit])
     except (OverflowError, ValueError):
         raise DecodeError(f"field {field!r}: {value!r} is not a time") from None
     if MIN_TIME_MS <= ms <= MAX_TIME_MS:

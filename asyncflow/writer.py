@@ -119,6 +119,27 @@ class SinkWriter:
         n = len(records)
         if n < self.max_batch:
             return self._ready
+        return self._past_batch(n)
+
+    def push_value(
+        self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> Awaitable[Any]:
+        """``push(SinkRecord(key, value, None, headers))`` in one call: ``SinkOutput.send``.
+
+        While the app runs, a sink output's ``send`` is this method itself (one
+        Python call per record, not two); the slow cases go through ``push``.
+        """
+        records = self._records
+        if not records or self._failed is not None or self.tracer is not None:
+            return self.push(SinkRecord(key, value, None, headers))
+        records.append(SinkRecord(key, value, None, headers))
+        n = len(records)
+        if n != self.max_batch and n < self.max_buffer:
+            return self._ready
+        return self._past_batch(n)
+
+    def _past_batch(self, n: int) -> Awaitable[Any]:
+        """``push`` once the buffer holds a batch: wake the writer, wait when over the bound."""
         if n == self.max_batch:
             self._wake.set()  # once: a full batch is ready (the writer takes all there is)
         if n < self.max_buffer:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
+from asyncflow.records import floor_ms
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MIN_TIME = -(2**63)
 """Lower bound of time (Flink's ``Long.MIN_VALUE``): the watermark before any event."""
@@ -54,7 +56,7 @@ def to_epoch_ms(when: datetime | float) -> int:
         raise TypeError(f"expected a tz-aware datetime or epoch seconds, got {when!r}")
     if isinstance(when, int):
         return when * 1000
-    return round(when * 1000)
+    return floor_ms(when * 1000)
 
 
 def from_epoch_ms(ms: int) -> datetime:
