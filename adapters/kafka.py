@@ -26,7 +26,12 @@ write, 10,000), ``max_batch_size`` (bytes per produce batch, 512 KiB: with one r
 flight per partition, smaller batches cap the output rate),
 ``max_request_size``, ``enable_idempotence`` (true; set false for Tansu),
 ``acks`` (all), ``compression_type``, ``create_topics`` (true),
-``replication_factor`` (default: min(3, brokers)).
+``replication_factor`` (default: min(3, brokers)), ``client`` (``aiokafka``, the default, or
+``rdkafka``: librdkafka through ``confluent-kafka``, see ``adapters.rdkafka``; the only client
+with ``processing_guarantee="exactly_once"``), ``transactional_id`` (rdkafka, exactly-once: this
+worker's transactional id; give each worker a stable one so a restart aborts what its
+predecessor left open; default: the app id and a random token) and
+``transaction_timeout_ms`` (60 s).
 
 Example:
     >>> broker = KafkaBroker("kafka://127.0.0.1:9092?enable_idempotence=false", {})
@@ -87,6 +92,20 @@ class KafkaBroker:
         asyncflow.errors.ConfigError: bad Kafka URL 'http://k1:9092'; expected kafka://[user:password@]host:port[,host:port...][?option=value&...]
     """
 
+    exactly_once_unsupported: str | None = (
+        "the aiokafka client has no exactly-once here; use the librdkafka client "
+        "(add client=rdkafka to the Kafka URL)"
+    )
+    """Why this broker cannot run ``processing_guarantee="exactly_once"`` (the runtime says it)."""
+
+    def __new__(cls, url: str, options: Mapping[str, str] | None = None) -> KafkaBroker:
+        """``client=rdkafka`` makes an ``adapters.rdkafka.RdKafkaBroker`` (same interface)."""
+        if cls is KafkaBroker and KafkaSettings.parse(url, options).client == "rdkafka":
+            from adapters.rdkafka import RdKafkaBroker
+
+            return super().__new__(RdKafkaBroker)
+        return super().__new__(cls)
+
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
         self.settings = KafkaSettings.parse(url, options)
         self.url = redact_url(url)
@@ -99,7 +118,10 @@ class KafkaBroker:
         )
         """The cluster's reachability, one log line per change (see ``adapters.kafka_health``);
         it listens to the aiokafka clients' logs while one of its clients runs."""
-        self._changelog = KafkaChangelog(self.settings, self.url, self.health)
+        self._changelog: Any = self._make_changelog()
+
+    def _make_changelog(self) -> Any:
+        return KafkaChangelog(self.settings, self.url, self.health)
 
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> KafkaSource:
         """A consumer-group member reading ``topics`` as ``group_id`` (not started).
@@ -200,7 +222,7 @@ class KafkaBroker:
             ...     await broker.append("app-c-changelog", 0, [SinkRecord(b"k", b"1")])
             41
         """
-        return await self._changelog.append(topic, partition, records)
+        return int(await self._changelog.append(topic, partition, records))
 
     async def read_changelog(
         self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000
@@ -219,9 +241,10 @@ class KafkaBroker:
             ...     [r.offset for r in records]
             [40, 41]
         """
-        return await self._changelog.read(
+        records: list[RawRecord] = await self._changelog.read(
             topic, partition, start, timeout=timeout, max_records=max_records
         )
+        return records
 
     async def _create(self, specs: list[TopicSpec]) -> None:
         admin = await self._admin_client()

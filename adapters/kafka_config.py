@@ -135,6 +135,9 @@ class KafkaSettings:
     compression_type: str | None = None
     create_topics: bool = True
     replication_factor: int | None = None
+    client: str = "aiokafka"
+    transactional_id: str | None = None
+    transaction_timeout_ms: int = 60_000
 
     @classmethod
     def parse(cls, url: str, options: Mapping[str, str] | None = None) -> KafkaSettings:
@@ -191,7 +194,7 @@ class KafkaSettings:
                 f"Kafka option heartbeat_interval_ms={hb} must be below "
                 f"session_timeout_ms={self.session_timeout_ms}"
             )
-        if self.compression_type is not None:
+        if self.compression_type is not None and self.client == "aiokafka":
             from aiokafka import codec
 
             checks = {"snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
@@ -355,6 +358,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "create_topics": _bool,
     "acks": _acks,
     "compression_type": _choice("gzip", "snappy", "lz4", "zstd"),
+    "client": _choice("aiokafka", "rdkafka"),
+    "transactional_id": _text,
 }
 for _f in fields(KafkaSettings):
     if _f.name not in _PARSERS and _f.name != "bootstrap_servers":

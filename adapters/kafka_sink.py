@@ -181,9 +181,7 @@ class KafkaSink:
         return refused
 
     def _refused(self, topic: str, partition: int, exc: BaseException) -> str:
-        return (f"Kafka refused the record ({_refusal(exc)}: {describe(exc)}; topic {topic!r} "
-                f"partition {partition}); a record over the topic's max.message.bytes must be "
-                "made smaller, or the topic's limit raised")
+        return refused_reason(f"{_refusal(exc)}: {describe(exc)}", topic, partition)
 
     async def _group(
         self, records: Sequence[SinkRecord]
@@ -290,12 +288,8 @@ class KafkaSink:
             reason = f"{exc}; Kafka records need bytes keys and values"
         else:
             reason = describe(exc)
-        return SinkError(
-            f"Kafka did not acknowledge {lost} of {total} records (first: topic {topic!r} "
-            f"partition {p} on {self.url}: {reason}) after the producer's retries "
-            f"(request_timeout_ms={self.settings.request_timeout_ms}); is the broker up "
-            "and does the topic accept writes?"
-        )
+        return unacknowledged(lost, total, topic, p, reason, self.url,
+                              self.settings.request_timeout_ms)
 
     async def stop(self) -> None:
         """Wait for batches still in flight (at most ``request_timeout_ms``), then close the producer.
@@ -339,6 +333,34 @@ async def _close_connections(producer: Any) -> None:
             await producer.client.close()
     except (TimeoutError, KafkaError, OSError) as exc:
         log.debug("closing the Kafka producer's connections failed: %s", exc)
+
+
+def refused_reason(detail: str, topic: str, partition: int) -> str:
+    """The dead-letter reason of a record Kafka refused for what it is (both clients).
+
+    Example:
+        >>> refused_reason("MESSAGE_SIZE_TOO_LARGE: too big", "out", 2)[:52]
+        'Kafka refused the record (MESSAGE_SIZE_TOO_LARGE: to'
+    """
+    return (f"Kafka refused the record ({detail}; topic {topic!r} partition {partition}); a "
+            "record over the topic's max.message.bytes must be made smaller, or the topic's "
+            "limit raised")
+
+
+def unacknowledged(
+    lost: int, total: int, topic: str, partition: int, reason: str, url: str, timeout_ms: int
+) -> SinkError:
+    """The error of a write whose records Kafka did not acknowledge (both clients).
+
+    Example:
+        >>> str(unacknowledged(2, 5, "out", 0, "down", "kafka://k", 100))[:44]
+        'Kafka did not acknowledge 2 of 5 records (fi'
+    """
+    return SinkError(
+        f"Kafka did not acknowledge {lost} of {total} records (first: topic {topic!r} "
+        f"partition {partition} on {url}: {reason}) after the producer's retries "
+        f"(request_timeout_ms={timeout_ms}); is the broker up and does the topic accept writes?"
+    )
 
 
 def _refusal(exc: BaseException) -> str | None:
