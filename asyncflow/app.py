@@ -18,6 +18,7 @@ argument                          environment variable            default       
 ``drain_timeout`` (s)                                             10.0            finite >= 0
 ``shutdown_timeout`` (s)                                          30.0            finite > 0
 ``watermark_interval`` (s)                                        0.2             finite >= 0.001
+``processing_guarantee``          ``ASYNCFLOW_PROCESSING_GUARANTEE``  at_least_once  see below
 ================================  ==============================  ==============  ==================
 
 Every setting is checked when the ``App`` is built: a value out of range
@@ -32,6 +33,10 @@ process, a temporary directory of the run's own), ``state_store`` is
 ``rocksdb``, ``lmdb``, ``sqlite`` or ``memory``. ``max_time_ahead`` bounds how
 far one event's time may be ahead of its partition's event time and of the
 wall clock (``none`` turns the guard off); an event beyond it is a dead letter.
+``processing_guarantee`` is ``at_least_once`` or ``exactly_once``: each
+checkpoint is then one broker transaction holding the outputs, the state's
+changelog records, the dead letters and the input offsets (Kafka with
+``client=rdkafka`` only; see ``docs/exactly-once.md``).
 
 Example:
     >>> import asyncflow as af
@@ -69,6 +74,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 V = TypeVar("V")
 
+PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")
+"""What ``processing_guarantee`` may be."""
 DEFAULT_STATE_STORE = "rocksdb"
 """The local store used unless ``state_store`` / ``ASYNCFLOW_STATE_STORE`` names another."""
 F = TypeVar("F", bound=Callable[..., Any])
@@ -221,6 +228,7 @@ class App:
         state_dir: str | None = None,
         state_store: str | None = None,
         max_time_ahead: timedelta | None | str = "default",
+        processing_guarantee: str | None = None,
     ) -> None:
         if not id or not all(c.isalnum() or c in "-_." for c in id):
             raise ConfigError(f"app id {id!r} must be non-empty letters, digits, '-', '_' or '.'")
@@ -260,6 +268,15 @@ class App:
                 f"use one of: {', '.join(STORE_KINDS)}"
             )
         self.state_store = store
+        guarantee = _raw("processing_guarantee", "ASYNCFLOW_PROCESSING_GUARANTEE",
+                         processing_guarantee)
+        if guarantee is None:
+            guarantee = "at_least_once"
+        if guarantee not in PROCESSING_GUARANTEES:
+            raise _bad("processing_guarantee", "ASYNCFLOW_PROCESSING_GUARANTEE", guarantee,
+                       " or ".join(PROCESSING_GUARANTEES))
+        self.processing_guarantee = str(guarantee)
+        """``exactly_once``: each checkpoint is one broker transaction (``asyncflow.checkpoint``)."""
         ahead = _max_time_ahead(max_time_ahead)
         self.max_time_ahead_ms: int | None = None if ahead is None else int(ahead * 1000)
         self.tables: dict[str, Table[Any]] = {}

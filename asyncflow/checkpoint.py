@@ -24,6 +24,19 @@ sequence, every commit interval, on revoke and on stop:
    the next checkpoint commits them, even if no record came in meanwhile,
    and so does the last one at stop.
 
+Exactly-once (``processing_guarantee="exactly_once"``, a broker with
+``Transactions``): steps 2 to 5 are one transaction. The lanes wait at the
+barrier until it has committed (what they produce after the cut belongs to
+the next transaction); outputs, dead letters and changelog records are
+written into it, then the cut's offsets are committed *with* it
+(``Transactions.commit``), and only then are the local stores written, so a
+local store never holds state the broker did not commit. If the commit
+fails the transaction is aborted and the checkpoint raises ``Fenced`` or
+``TransactionAborted``: the worker stops, and a restart replays from the
+committed offsets with state restored from committed changelog records. A
+checkpoint that cannot be taken on a revoke or at stop aborts the open
+transaction too (the partitions' new owner replays them).
+
 A crash between any two steps leaves state that claims no event whose outputs
 were not flushed (state is written only after step 2) and lacks no event whose
 offset was committed (step 5 comes last); a replay re-delivers what the
@@ -52,9 +65,9 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import TYPE_CHECKING
 
-from asyncflow.errors import CommitFailed
+from asyncflow.errors import AsyncflowError, CommitFailed
 from asyncflow.metrics import Metrics
-from asyncflow.protocols import Source
+from asyncflow.protocols import Source, Transactions
 
 if TYPE_CHECKING:
     from asyncflow.dispatch import Dispatcher
@@ -63,7 +76,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asyncflow.checkpoint")
 
-__all__ = ["Barrier", "Checkpointer", "CommitFailed"]
+__all__ = ["Barrier", "Checkpointer", "CommitFailed", "Fenced", "TransactionAborted"]
+
+
+class TransactionAborted(AsyncflowError):
+    """Exactly-once: a checkpoint's transaction could not commit and was aborted (the worker stops)."""
+
+
+class Fenced(TransactionAborted):
+    """Exactly-once: another worker owns this one's partitions now; nothing more may be committed."""
 
 
 class Barrier:
@@ -129,7 +150,10 @@ class Checkpointer:
         state: StateManager,
         source: Source,
         metrics: Metrics,
+        transactions: Transactions | None = None,
     ) -> None:
+        self.transactions = transactions
+        """Exactly-once: the broker's transactions (``None``: at-least-once)."""
         self.dispatcher = dispatcher
         self.lanes = lanes
         self.flush = flush
@@ -192,7 +216,8 @@ class Checkpointer:
             dispatcher, state = self.dispatcher, self.state
             marks = dispatcher.broadcast_watermark()
             cut = dispatcher.cut()
-            if cut == self._last_cut and not state.dirty:
+            tx = self.transactions
+            if cut == self._last_cut and not state.dirty and not (tx is not None and tx.pending):
                 pass  # nothing new since the last complete checkpoint; its commit may be due
             elif self.failed:
                 if not final:
@@ -211,6 +236,19 @@ class Checkpointer:
                 done = False
             else:
                 done = took = await self._take(cut, marks, timeout)
+            if tx is not None and not done and (only is not None or final) and tx.pending:
+                # a revoke or a stop without its checkpoint: the partitions' outputs in the open
+                # transaction must not be committed later by anyone
+                await tx.abort("no checkpoint on revoke or stop")
+                self.failed = True
+                if only is not None:
+                    raise TransactionAborted(
+                        f"revoking partitions without a checkpoint ({self.last_error}): the "
+                        "transaction is aborted and the worker stops; the partitions' new owner "
+                        "replays them from the committed offsets"
+                    )
+        if tx is not None:
+            return done
         committed = await self._commit(only, final)
         if took:
             self.metrics.incr("checkpoints")
@@ -249,6 +287,11 @@ class Checkpointer:
             self._barrier = None
             if not barrier.aligned.is_set():
                 barrier.release()
+        if self.transactions is not None:
+            try:
+                return await self._take_in_transaction(cut, marks, self.transactions)
+            finally:
+                barrier.release()
         try:
             staged = state.snapshot(cut, marks, state.next_checkpoint_id())
         finally:
@@ -267,6 +310,50 @@ class Checkpointer:
                 self.last_error = f"writing the outputs or state failed: {exc}"
             raise
         self.step = ""  # (left as it is when cut short: what it was waiting for)
+        self._last_cut = cut
+        return True
+
+    async def _take_in_transaction(
+        self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], tx: Transactions
+    ) -> bool:
+        """Steps 2 to 5 as one transaction, while the lanes wait: outputs, changelogs, commit.
+
+        The local stores are written after the commit (step 4 last): a crash
+        before it leaves them behind the changelog, which a restore catches
+        up on; never ahead of it.
+        """
+        state = self.state
+        staged = state.snapshot(cut, marks, state.next_checkpoint_id())
+        positions = {p: o for p, o in cut.items()
+                     if p not in self.lost and o > self.committed.get(p, -1)}
+        began = time.monotonic()
+        self.step = "outputs"
+        try:
+            await self.flush()
+            written = await state.persist_changelogs(staged)
+            self.step = "commit"
+            await tx.commit(self.source, positions)
+        except BaseException as exc:
+            self.failed = True
+            if isinstance(exc, asyncio.CancelledError):
+                self.last_error = "the checkpoint's transaction was cut short (not done in time)"
+            else:
+                self.last_error = str(exc)
+            await asyncio.shield(tx.abort(self.last_error))
+            if isinstance(exc, TransactionAborted) or isinstance(exc, asyncio.CancelledError):
+                raise
+            raise TransactionAborted(
+                f"writing the checkpoint's outputs or state failed ({exc}): the transaction is "
+                "aborted and the worker stops; a restart replays from the committed offsets"
+            ) from exc
+        done = time.monotonic()
+        self.metrics.incr("commits")
+        self.metrics.histogram("commit_seconds").observe(done - began)
+        self._observe_latency(positions, done)
+        for p, o in positions.items():
+            self.committed[p] = o
+        await state.persist_locals(staged, written)
+        self.step = ""
         self._last_cut = cut
         return True
 

@@ -287,6 +287,47 @@ class ChangelogBroker(Protocol):
     ) -> Sequence[RawRecord]: ...
 
 
+@runtime_checkable
+class Transactions(Protocol):
+    """Exactly-once: what a worker writes to its broker between two checkpoints is one transaction.
+
+    The broker's sink, its changelog appends and its dead letters write into
+    the open transaction (it begins with the first write). ``commit`` adds
+    the input ``positions`` (per partition the last offset done, as
+    ``Source.commit`` takes them) on behalf of ``source``'s consumer group and
+    commits, atomically: either all of it becomes visible to
+    ``read_committed`` readers and the offsets count as committed, or none of
+    it does. A commit that cannot be made aborts the transaction and raises
+    (``asyncflow.checkpoint.Fenced`` when another worker owns the partitions
+    now, ``TransactionAborted`` otherwise); the worker then stops and a restart
+    replays from the committed offsets. ``pending`` says whether anything was
+    written since the last commit.
+    """
+
+    @property
+    def pending(self) -> bool: ...
+
+    async def commit(self, source: Source, positions: Mapping[Partition, int]) -> None: ...
+
+    async def abort(self, reason: str) -> None: ...
+
+
+@runtime_checkable
+class TransactionalBroker(Protocol):
+    """A broker that can run an app exactly-once (``processing_guarantee="exactly_once"``).
+
+    ``exactly_once(app_id)`` turns it to transactions before any source or
+    sink is made: its sink and changelog appends write into the returned
+    ``Transactions``, its sources and changelog reads see committed
+    transactions only. ``append_now`` writes to a changelog partition outside
+    any transaction, visible at once (a restore's end-of-log sentinel).
+    """
+
+    def exactly_once(self, app_id: str) -> Transactions: ...
+
+    async def append_now(self, topic: str, partition: int, records: Sequence[SinkRecord]) -> int: ...
+
+
 class BrokerFactory(Protocol):
     """Builds a broker from its URL and options (an entry point in ``asyncflow.brokers``)."""
 

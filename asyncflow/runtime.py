@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 from asyncflow.agent import referenced_topics
 from asyncflow.brokers import open_broker
 from asyncflow.channels import Topic
-from asyncflow.checkpoint import Checkpointer
+from asyncflow.checkpoint import Checkpointer, Fenced
 from asyncflow.dead_letters import DeadLetters
 from asyncflow.dispatch import Dispatcher, Route
-from asyncflow.errors import AsyncflowError
+from asyncflow.errors import AsyncflowError, ConfigError
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
 from asyncflow.observe.observer import Observer
@@ -56,6 +56,8 @@ from asyncflow.protocols import (
     CommittedPositions,
     Source,
     TopicSpec,
+    TransactionalBroker,
+    Transactions,
 )
 from asyncflow.state.manager import StateManager
 from asyncflow.stream import LaneContext, Stream
@@ -93,6 +95,7 @@ class SourceRunner:
         source: Source,
         routes: dict[str, Route],
         lanes: dict[Hashable, LaneQueue],
+        transactions: Transactions | None = None,
     ) -> None:
         self.runtime = runtime
         self.source = source
@@ -114,6 +117,7 @@ class SourceRunner:
             state=runtime.state,
             source=source,
             metrics=app.metrics,
+            transactions=transactions,
         )
         self.ended = asyncio.Event()
         self._reading = True
@@ -160,6 +164,16 @@ class SourceRunner:
         the last checkpoint is replayed by the new owner.
         """
         gone = set(partitions)
+        tx = self.checkpointer.transactions
+        if tx is not None:
+            # their outputs may be in the open transaction: it must never commit
+            await tx.abort("partitions lost")
+            self.checkpointer.failed = True
+            raise Fenced(
+                f"fenced: lost {_fmt(partitions)} (this worker is no longer a member of the "
+                "group; another one replays them): its transaction is aborted, nothing of it "
+                "is committed, and it stops"
+            )
         log.warning("lost %s (no longer a member of the group): dropping their state without "
                     "a checkpoint", _fmt(partitions))
         self.dispatcher.take_back(gone)
@@ -407,6 +421,8 @@ class Runtime:
         """One per source, once ``run`` has built them (what ``asyncflow.observe`` reads)."""
         self.observer: Observer | None = None
         """Samples rates, logs progress, serves the web view (made by ``run``)."""
+        self.transactions: Transactions | None = None
+        """Exactly-once: the broker's transactions (``None``: at-least-once)."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -427,6 +443,36 @@ class Runtime:
             await dead.flush()
             if self.dead_letters.refused == refused:
                 return
+
+    def _exactly_once(self, broker: Broker) -> Transactions | None:
+        """``processing_guarantee="exactly_once"``: the broker's transactions (else ``None``).
+
+        A broker without transactions, or an input read from another source
+        than the broker, is a ``ConfigError`` (one line). Sinks other than the
+        broker's own are outside the transaction: a warning says so.
+        """
+        app = self.app
+        if app.processing_guarantee != "exactly_once":
+            return None
+        unsupported = getattr(broker, "exactly_once_unsupported", None)
+        if unsupported or not isinstance(broker, TransactionalBroker):
+            raise ConfigError(
+                "processing_guarantee=exactly_once needs a broker with transactions: "
+                f"{unsupported or f'{broker.url} has none'}"
+            )
+        own = sorted(n for n, ch in app.channels.items() if getattr(ch, "source", None) is not None)
+        if own:
+            raise ConfigError(
+                f"processing_guarantee=exactly_once covers inputs read from the broker only; "
+                f"{', '.join(own)} read from their own sources (use at_least_once)"
+            )
+        for name in app.sinks:
+            log.warning("sink %s is outside the exactly-once transactions: what it writes may "
+                        "be written twice after a failure (at-least-once)", name)
+        transactions = broker.exactly_once(app.id)
+        if hasattr(transactions, "metrics"):
+            transactions.metrics = app.metrics
+        return transactions
 
     def _open_broker(self) -> Broker:
         app = self.app
@@ -463,6 +509,7 @@ class Runtime:
     async def run(self, *, stop_when_idle: bool = False) -> None:
         app = self.app
         self.broker = broker = self._open_broker()
+        self.transactions = self._exactly_once(broker)
         app._runtime = self
         directory, store = self._state_location()
         topics = [c.spec.partitions for c in app.channels.values() if isinstance(c, Topic)]
@@ -474,6 +521,7 @@ class Runtime:
             clock=app.clock,
             changelog_partitions=max(topics, default=1),
             metrics=app.metrics,
+            exactly_once=self.transactions is not None,
         )
         for table in app.tables.values():
             self.state.declare_table(table)
@@ -656,7 +704,9 @@ class Runtime:
         self.unfinished = (
             f"stopped without committing {len(behind)} partitions ({'; '.join(shown)}){outputs}: "
             f"{why}. Their records after the committed offsets are read and processed again "
-            "when the worker restarts (at-least-once: some outputs may be written twice)"
+            "when the worker restarts " + (
+                "(exactly-once: what was written for them was aborted)" if self.transactions
+                else "(at-least-once: some outputs may be written twice)")
         )
         log.error("%s", self.unfinished)
 
@@ -742,7 +792,7 @@ class Runtime:
             if hasattr(src, "fetch_max"):
                 src.fetch_max = app.fetch_max
             lanes = {lane: q for n in broker_routes for lane, q in lanes_of[n].items()}
-            runner = SourceRunner(self, src, broker_routes, lanes)
+            runner = SourceRunner(self, src, broker_routes, lanes, self.transactions)
             runners.append(runner)
             runner_of.update(dict.fromkeys(broker_routes, runner))
         self._lane_agents = [agent.name for agent, _, _, _ in pending_lanes]

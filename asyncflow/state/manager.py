@@ -128,6 +128,7 @@ class StateManager:
         changelog_partitions: int = 1,
         restore_timeout: float = 60.0,
         metrics: Metrics | None = None,
+        exactly_once: bool = False,
     ) -> None:
         self.app_id = app_id
         self.directory = directory
@@ -137,6 +138,8 @@ class StateManager:
         self.changelog_partitions = max(1, changelog_partitions)
         self.restore_timeout = restore_timeout
         self.metrics = metrics or Metrics()
+        self.exactly_once = exactly_once
+        """Restores trust only checkpoints the group committed (see ``restore_shard``)."""
         self.tables: dict[str, Table[Any]] = {}
         self.windows: list[WindowState] = []
         self._window_tables: set[str] = set()
@@ -214,7 +217,8 @@ class StateManager:
                 str(partition).encode(),
             )
         shard = TableShard(table, partition, store, target)
-        read = await restore_shard(shard, committed=committed, stall_timeout=self.restore_timeout)
+        read = await restore_shard(shard, committed=committed, stall_timeout=self.restore_timeout,
+                                   exactly_once=self.exactly_once)
         self.metrics.incr("state.restored_shards")
         self.metrics.incr("state.restore_records", read)
         return shard
@@ -323,6 +327,23 @@ class StateManager:
     async def persist(self, staged: list[tuple[TableShard, Staged]]) -> None:
         """Write staged changes to the changelogs, then the local stores."""
         await asyncio.gather(*(shard.persist(s) for shard, s in staged))
+        self._trim()
+
+    async def persist_changelogs(
+        self, staged: list[tuple[TableShard, Staged]]
+    ) -> list[dict[str, bytes]]:
+        """Exactly-once, inside the transaction: the changelog half; what ``persist_locals`` takes."""
+        return list(await asyncio.gather(*(shard.persist_changelog(s) for shard, s in staged)))
+
+    async def persist_locals(
+        self, staged: list[tuple[TableShard, Staged]], metas: list[dict[str, bytes]]
+    ) -> None:
+        """Exactly-once, after the transaction committed: the local stores."""
+        await asyncio.gather(*(shard.persist_local(s, m)
+                               for (shard, s), m in zip(staged, metas, strict=True)))
+        self._trim()
+
+    def _trim(self) -> None:
         for ps in self._parts.values():
             for tp in ps.tables.values():
                 tp.trim()

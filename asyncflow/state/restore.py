@@ -19,6 +19,15 @@ On assignment, for each table shard:
    before its commit), the state is dropped and tombstones for its keys go
    into the next checkpoint: processing starts from scratch, consistently.
 
+Under exactly-once (``exactly_once=True``) changelog records are written in
+the checkpoint's transaction and read back ``read_committed``; on top of
+that a restore trusts no checkpoint the group did not commit: a local store
+that claims offsets beyond the group's committed offset is rebuilt from the
+changelog, and a marker whose offset is beyond it (a transaction that did
+not commit, on a broker that shows aborted records) is treated like the end
+of an unfinished checkpoint. The end-of-log sentinel is written outside the
+transaction (``append_now``), so the read can reach it at once.
+
 A changelog that is gone while the local store is not (a memory broker that
 restarted, a topic deleted by hand) leaves the local store as the only copy:
 it is kept, and written into the changelog again at the next checkpoint.
@@ -72,6 +81,7 @@ async def restore_shard(
     committed: int | None | Any = UNKNOWN,
     stall_timeout: float = 60.0,
     progress_every: float = 5.0,
+    exactly_once: bool = False,
 ) -> int:
     """Restore ``shard`` (see the module docstring); returns the changelog records read.
 
@@ -87,7 +97,14 @@ async def restore_shard(
     broker, topic, part, label = target.broker, target.topic, target.partition, target.label
     token = secrets.token_hex(8).encode()
     sentinel = target.record(SENTINEL_KEY, orjson.dumps({"token": token.decode()}))
-    end = await broker.append(topic, part, [sentinel])
+    append_now = getattr(broker, "append_now", None) if exactly_once else None
+    end = await (append_now or broker.append)(topic, part, [sentinel])
+    limit: int | None = committed if exactly_once and isinstance(committed, int) else None
+    if limit is not None and shard.applied is not None and shard.applied > limit:
+        log.info("local state of table %s for partition %s claims offset %d, beyond the "
+                 "committed %d: rebuilding it from the changelog's committed records",
+                 shard.table, shard.partition, shard.applied, limit)
+        shard.marker_pos = shard.marker_id = None
 
     start = 0
     trusted_local = False
@@ -143,6 +160,9 @@ async def restore_shard(
                 continue
             if key == MARKER_KEY:
                 marker = orjson.loads(rec.value or b"{}")
+                covered = marker.get("offset")
+                if limit is not None and covered is not None and covered > limit:
+                    continue  # a checkpoint whose transaction did not commit: not trusted
                 trusted.update(tail)
                 tail.clear()
                 meta = {"marker_id": str(marker["id"]).encode(), "marker_pos": str(rec.offset).encode()}

@@ -162,6 +162,15 @@ class TableShard:
 
     async def persist(self, staged: Staged) -> None:
         """Write one staged checkpoint: changelog (changes, then the marker), then the store."""
+        meta = await self.persist_changelog(staged)
+        await self.persist_local(staged, meta)
+
+    async def persist_changelog(self, staged: Staged) -> dict[str, bytes]:
+        """The changelog half of ``persist``: changes and marker; the store metadata to write.
+
+        Under exactly-once this runs inside the checkpoint's transaction and
+        ``persist_local`` only after it committed.
+        """
         meta: dict[str, bytes] = {"marker_id": staged.checkpoint_id.encode()}
         if staged.offset is not None:
             meta["offset"] = str(staged.offset).encode()
@@ -176,7 +185,12 @@ class TableShard:
             records.append(target.record(MARKER_KEY, orjson.dumps(marker)))
             position = await target.broker.append(target.topic, target.partition, records)
             meta["marker_pos"] = str(position).encode()
-            self.marker_pos = position
+        return meta
+
+    async def persist_local(self, staged: Staged, meta: dict[str, bytes]) -> None:
+        """The local half of ``persist``: the changes and ``meta`` into the store, atomically."""
+        if "marker_pos" in meta:
+            self.marker_pos = int(meta["marker_pos"])
         if isinstance(self.store, MemoryStore) or not getattr(self.store, "write_in_thread", True):
             self.store.write(staged.changes, meta)
         else:
