@@ -1,4 +1,4 @@
-"""Nexmark q0, q1, q2, q5 and q7: asyncflow apps beside hand-written loops, on memory and Kafka.
+"""Nexmark q0, q1, q2, q3, q5, q7 and q8: asyncflow apps beside hand-written loops, on memory and Kafka.
 
 The workload is the Nexmark auction stream as the reference generators make it (Beam's and
 ``nexmark/nexmark``'s ``NexmarkGenerator``): persons, auctions and bids in the proportions 1:3:46,
@@ -25,11 +25,25 @@ over all keys (Flink's ``windowAll``). q5's "auction with the most bids per wind
 window over a single key with a custom aggregate, which is exact only when all bids come through
 one partition and one lane. On two cores and one Python process, more lanes add no parallelism.
 
-Queries (Flink's Nexmark SQL; none needs a join):
+Queries (Flink's Nexmark SQL; q3 and q8 are joins, through ``asyncflow.joins``):
 
 - ``q0`` pass-through: every bid as ``auction, bidder, price, date_time, extra``.
 - ``q1`` currency conversion: the same with ``price * 0.908`` (dollars to euros).
 - ``q2`` selection: ``auction, price`` of the bids with ``auction % 123 == 0``.
+- ``q3`` local item suggestion: auctions of category 10 joined with their seller, a person of
+  Oregon, Idaho or California: ``name, city, state, id`` (the auction's). A stream–table join
+  (``join_table``, inner, as of event time) with the topic as both sides: auctions (``where``
+  category 10) the stream, persons (``where`` one of the states) the table keyed by id; each
+  auction gets its seller as of the auction's time. Flink's q3 is a regular join that also matches
+  a seller created after the auction; here, as in a temporal join, such an auction has no seller
+  yet (the generator's few sellers "not created yet"). The hand loop: a dict of persons, each
+  millisecond's auctions looked up once the stream has moved past that millisecond.
+- ``q8`` monitor new users: the persons who opened an auction in the 10 s tumbling window in
+  which they were created: ``id, name, starttime``. An interval join (``interval_join``, bounds
+  ±9,999 ms) keyed by ``(person id, window start)`` and ``(seller, window start)``, so a pair is
+  in one window; the agent keeps one result per key (a table of keys done, ``stream.state``),
+  as Flink's query groups the auctions by seller and window first. The hand loop: per window, a
+  dict of persons and a set of sellers, closed as the watermark passes.
 - ``q5`` hot items: hopping windows of 10 s every 2 s (Flink's sizes, not scaled: 100,000 events a
   window at the default rate) over all bids, ``af.fold`` counting bids per auction; each window
   emits the auction(s) with the highest count (ties: all of them) with the count.
@@ -63,7 +77,7 @@ run in it, alternately (the app first), ``--repeat`` times, the best time of eac
 input included), ``input MB`` the RSS with the input loaded (on Kafka: the bare process). On a
 shared machine only the ratio (asyncflow events/s over hand-loop events/s) compares. For scale,
 Flink's published Nexmark throughput per core (events/s of all kinds): q0 155k, q1 158k, q2 175k,
-q5 22.1k, q7 12.3k.
+q3 109k, q5 22.1k, q7 12.3k, q8 146k.
 
 Usage:
     .venv/bin/python benchmarks/nexmark.py                       # both brokers, all queries
@@ -101,13 +115,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncflow as af  # noqa: E402
+from asyncflow.joins import interval_join, join_table  # noqa: E402
 from asyncflow.memory import MemoryBroker  # noqa: E402
 from asyncflow.metrics import Metrics  # noqa: E402
 from asyncflow.runtime import GC_YOUNG_THRESHOLD  # noqa: E402
 from asyncflow.windows import Aggregate  # noqa: E402
 
-QUERY_NAMES = ("q0", "q1", "q2", "q5", "q7")
-FLINK_PER_CORE = {"q0": 155_000, "q1": 158_000, "q2": 175_000, "q5": 22_100, "q7": 12_300}
+QUERY_NAMES = ("q0", "q1", "q2", "q3", "q5", "q7", "q8")
+FLINK_PER_CORE = {"q0": 155_000, "q1": 158_000, "q2": 175_000, "q3": 109_000, "q5": 22_100,
+                  "q7": 12_300, "q8": 146_000}
 """Flink's published Nexmark throughput per core, events/s (for scale only)."""
 DEFAULT_EVENTS = {"memory": 300_000, "kafka": 150_000}
 DEFAULT_REPEAT = {"memory": 2, "kafka": 1}
@@ -117,6 +133,8 @@ WAIT_MS = 4_000  # the watermark's delay behind the frontier (Flink's Nexmark DD
 END_OF_STREAM_AFTER_MS = 60_000
 Q5_SIZE_MS, Q5_SLIDE_MS = 10_000, 2_000
 Q7_SIZE_MS = 10_000
+Q3_CATEGORY, Q3_STATES = 10, ("OR", "ID", "CA")
+Q8_SIZE_MS = 10_000
 DOLLARS_TO_EUROS = 0.908
 SELECTION_MODULUS = 123
 INPUT_TOPIC = "nexmark"
@@ -375,6 +393,40 @@ def highest_rows(start: int, end: int, bids: list[Event]) -> list[Event]:
             for b in bids]
 
 
+def is_q3_auction(event: Event) -> bool:
+    return is_auction(event) and int(event["category"]) == Q3_CATEGORY
+
+
+def is_q3_person(event: Event) -> bool:
+    return is_person(event) and str(event["state"]) in Q3_STATES
+
+
+def q3_row(auction: Event, person: Event) -> Event:
+    """q3's output: the seller's name, city and state, the auction's id."""
+    return {"name": person["name"], "city": person["city"], "state": person["state"],
+            "id": auction["id"]}
+
+
+def is_person(event: Event) -> bool:
+    kind: str = event["type"]
+    return kind == "person"
+
+
+def is_auction(event: Event) -> bool:
+    kind: str = event["type"]
+    return kind == "auction"
+
+
+def q8_start(t: int) -> int:
+    """The start of q8's 10 s tumbling window of event time ``t``."""
+    return t - t % Q8_SIZE_MS
+
+
+def q8_row(person: Event, start: int) -> Event:
+    """q8's output: the new user, and the window's start."""
+    return {"id": person["id"], "name": person["name"], "starttime": start}
+
+
 def count_auction(counts: dict[str, int], auction: str) -> dict[str, int]:
     """q5's fold step. Window state is JSON, whose object keys are strings: auction ids as str."""
     counts[auction] = counts.get(auction, 0) + 1
@@ -454,8 +506,37 @@ def app_q7(app: af.App, events: Input, out: Input) -> None:
                 await out.send(None, row)
 
 
+def app_q3(app: af.App, events: Input, out: Input) -> None:
+    join = join_table(events, events, name="q3", how="inner", wait=WAIT,
+                      stream_key=lambda a: a["seller"], table_key=lambda p: p["id"],
+                      stream_where=is_q3_auction, table_where=is_q3_person)
+
+    @app.agent(join.topic)
+    async def q3(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await out.send(None, q3_row(j.left, j.right))
+
+
+def app_q8(app: af.App, events: Input, out: Input) -> None:
+    bound = timedelta(milliseconds=Q8_SIZE_MS - 1)  # a pair of one key is in one window
+    join = interval_join(events, events, name="q8", lower=-bound, upper=bound, wait=WAIT,
+                         left_key=lambda p: (p["id"], q8_start(p["date_time"])),
+                         right_key=lambda a: (a["seller"], q8_start(a["date_time"])),
+                         left_where=is_person, right_where=is_auction)
+    done = app.table("q8-done", default=False, ttl=timedelta(hours=1))
+
+    @app.agent(join.topic)
+    async def q8(stream: af.Stream[Any]) -> None:
+        reported = stream.state(done)
+        async for j in join.joined(stream):
+            if not reported.get():  # one row per (person, window), however many auctions
+                reported.set(True)
+                await out.send(None, q8_row(j.left, q8_start(j.left["date_time"])))
+
+
 APPS: dict[str, Callable[[af.App, Input, Input], None]] = {
-    "q0": app_q0, "q1": app_q1, "q2": app_q2, "q5": app_q5, "q7": app_q7,
+    "q0": app_q0, "q1": app_q1, "q2": app_q2, "q3": app_q3, "q5": app_q5, "q7": app_q7,
+    "q8": app_q8,
 }
 
 
@@ -586,8 +667,73 @@ class HandQ7:
         self.close_at = min((s + Q7_SIZE_MS + WAIT_MS for s in windows), default=math.inf)
 
 
+class HandQ3:
+    """A dict of the persons of the three states; an auction of category 10 is looked up once
+    the stream has moved past its millisecond (so a seller of the same millisecond counts)."""
+
+    def __init__(self) -> None:
+        self.persons: dict[int, Event] = {}
+        self.waiting: list[Event] = []
+        self.now: int | None = None
+
+    def feed(self, batch: Iterable[bytes], out: list[bytes]) -> None:
+        loads, persons, append = orjson.loads, self.persons, out.append
+        for data in batch:
+            e = loads(data)
+            t = e["date_time"]
+            if t != self.now:
+                for a in self.waiting:
+                    p = persons.get(a["seller"])
+                    if p is not None:
+                        append(encode(q3_row(a, p)))
+                self.waiting.clear()
+                self.now = t
+            kind = e["type"]
+            if kind == "person":
+                if e["state"] in Q3_STATES:
+                    persons[e["id"]] = e
+            elif kind == "auction" and e["category"] == Q3_CATEGORY:
+                self.waiting.append(e)
+
+
+class HandQ8:
+    """Windows ``{start: ({person id: name}, {sellers})}``, closed as the watermark passes."""
+
+    def __init__(self) -> None:
+        self.windows: dict[int, tuple[dict[int, str], set[int]]] = {}
+        self.close_at = math.inf
+
+    def feed(self, batch: Iterable[bytes], out: list[bytes]) -> None:
+        loads, windows, size = orjson.loads, self.windows, Q8_SIZE_MS
+        for data in batch:
+            e = loads(data)
+            t = e["date_time"]
+            kind = e["type"]
+            if kind == "person" or kind == "auction":
+                start = t - t % size
+                w = windows.get(start)
+                if w is None:
+                    w = windows[start] = ({}, set())
+                    self.close_at = min(self.close_at, start + size + WAIT_MS)
+                if kind == "person":
+                    w[0][e["id"]] = e["name"]
+                else:
+                    w[1].add(e["seller"])
+            if t >= self.close_at:
+                self._close(t - WAIT_MS - 1, out)
+
+    def _close(self, watermark: int, out: list[bytes]) -> None:
+        windows = self.windows
+        for start in sorted(s for s in windows if s + Q8_SIZE_MS - 1 <= watermark):
+            persons, sellers = windows.pop(start)
+            out.extend(encode({"id": i, "name": n, "starttime": start})
+                       for i, n in persons.items() if i in sellers)
+        self.close_at = min((s + Q8_SIZE_MS + WAIT_MS for s in windows), default=math.inf)
+
+
 HANDS: dict[str, Callable[[], HandQuery]] = {
-    "q0": HandQ0, "q1": HandQ1, "q2": HandQ2, "q5": HandQ5, "q7": HandQ7,
+    "q0": HandQ0, "q1": HandQ1, "q2": HandQ2, "q3": HandQ3, "q5": HandQ5, "q7": HandQ7,
+    "q8": HandQ8,
 }
 
 
@@ -698,6 +844,8 @@ async def app_on_memory(
     check_metrics(case, app.metrics)
     values = [r.value or b"" for r in broker.records(output)]
     del broker.topics[output]  # the next run writes its own; this one's memory goes back
+    for name in [t for t in broker.topics if t.startswith(f"{app.id}-")]:
+        del broker.topics[name]  # its internal topics (a join's) and changelogs too
     return seconds, values
 
 
@@ -855,10 +1003,10 @@ async def app_on_kafka(spec: CaseSpec, run: int) -> tuple[float, str, int]:
                 now = time.monotonic()
                 if started is None and metrics.get("events_in") > 0:
                     started = time.perf_counter()
-                if read_all is None and metrics.get("events_in") >= records:
+                if read_all is None and read_from(metrics, spec.input_topic) >= records:
                     read_all = now
                 if read_all is not None and (
-                    metrics.get("sink.kafka.written") >= spec.expected or now > read_all + 30
+                    written_to(metrics, out_topic) >= spec.expected or now > read_all + 30
                 ):
                     break
                 if now > deadline:
@@ -870,7 +1018,18 @@ async def app_on_kafka(spec: CaseSpec, run: int) -> tuple[float, str, int]:
             await worker
     check_metrics(case, metrics)
     assert started is not None
-    return finished - started, out_topic, int(metrics.get("sink.kafka.written"))
+    return finished - started, out_topic, written_to(metrics, out_topic)
+
+
+def read_from(metrics: Metrics, topic: str) -> int:
+    """Records of ``topic`` read by its busiest agent (a join reads its input twice)."""
+    counts = [n for (t, _), n in metrics.labeled("events_in").items() if t == topic]
+    return max(counts, default=0)
+
+
+def written_to(metrics: Metrics, topic: str) -> int:
+    """Records written to ``topic`` (not to a join's internal topic or a changelog)."""
+    return sum(n for (_, t), n in metrics.labeled("events_out").items() if t == topic)
 
 
 async def read_back(bootstrap: str, topic: str, count: int) -> list[bytes]:
@@ -1001,7 +1160,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, help="Nexmark events (memory 300,000; Kafka 150,000)")
     p.add_argument("--broker", choices=("memory", "kafka", "both"), default="both")
-    p.add_argument("--queries", default=",".join(QUERY_NAMES), help="e.g. q0,q5 (all five)")
+    p.add_argument("--queries", default=",".join(QUERY_NAMES), help="e.g. q0,q5 (all seven)")
     p.add_argument("--rate", type=int, default=10_000, help="events per second of event time")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeat", type=int,
