@@ -290,12 +290,19 @@ def sorted_lines() -> list[str]:
 
 
 def make_app(
-    *, echo: af.Sink | None = None, load: bool | None = None, limit: int | None = None
+    *,
+    echo: af.Sink | None = None,
+    load: bool | None = None,
+    limit: int | None = None,
+    prefix: str = "",
 ) -> af.App:
-    """Build the app; ``echo`` replaces the console sink, ``limit`` shortens the replay."""
-    app = af.App("rides")
-    rides = app.topic("rides", value_type=Ride, codec=RideCsvCodec(), key=driver_of)
-    drivers = app.topic("drivers", value_type=Driver, key=lambda d: d.driver_id)
+    """Build the app; ``echo`` replaces the console sink, ``limit`` shortens the replay.
+
+    ``prefix`` goes before the app id and every topic name (tests that share a broker).
+    """
+    app = af.App(f"{prefix}rides")
+    rides = app.topic(f"{prefix}rides", value_type=Ride, codec=RideCsvCodec(), key=driver_of)
+    drivers = app.topic(f"{prefix}drivers", value_type=Driver, key=lambda d: d.driver_id)
     ride_drivers = join_table(
         rides,
         drivers,
@@ -305,7 +312,7 @@ def make_app(
         wait=timedelta(seconds=30),
         system_wait=timedelta(seconds=2),
     )
-    enriched = app.topic("rides-enriched", value_type=EnrichedRide)
+    enriched = app.topic(f"{prefix}rides-enriched", value_type=EnrichedRide)
     every = int(env("RIDES_PRINT_EVERY") or 250)
     console = app.sink(echo or af.ConsoleSink(format_ride, name="rides-console", every=every))
 
