@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 import pytest
 
-from apps.rides import DATA, DRIVERS, read_drivers, sorted_lines
+from apps._support import DATA
+from apps.rides import DRIVERS, read_drivers, sorted_lines
 from apps.rides import make_app as rides_app
 from asyncflow.codecs import JsonCodec
 from asyncflow.testing import CaptureSink
