@@ -115,6 +115,7 @@ class JoinedStream(Generic[L, R]):
         "_ended",
         "_quiet",
         "_read",
+        "_rest",
         "_seen",
         "_wall",
         "_late",
@@ -154,6 +155,7 @@ class JoinedStream(Generic[L, R]):
         self._skip: dict[Hashable, int] = {}
         self._ready: deque[tuple[Joined[Any, Any], Event[Any]]] = deque()
         self._read: dict[Hashable, int] = {}  # per partition, the last offset read
+        self._rest: tuple[list[Event[Any]], list[Any] | None, int] | None = None
         self._ended = False
         self.table = name
         state = getattr(stream._lane, "state", None)
@@ -203,6 +205,8 @@ class JoinedStream(Generic[L, R]):
         for p in partitions:
             self._ops.pop(p, None)
             self._skip.pop(p, None)
+            self._read.pop(p, None)
+            self._seen.pop(p, None)
 
     def operator(self, partition: Hashable) -> JoinOperator | None:
         """The operator of a partition (for inspection and tests)."""
@@ -216,6 +220,11 @@ class JoinedStream(Generic[L, R]):
         ready = self._ready
         stream = self._stream
         while not ready:
+            rest = self._rest
+            if rest is not None:  # what followed an event whose late output raised
+                self._rest = None
+                await self._add(*rest)
+                continue
             if self._ended:
                 raise StopAsyncIteration
             try:
@@ -227,16 +236,22 @@ class JoinedStream(Generic[L, R]):
                 await self._on_watermark(got)
                 continue
             events, values = cast("tuple[list[Event[Any]], list[Any] | None]", got)
-            await self._add(events, values)
+            await self._add(events, values, 0)
         result, event = ready.popleft()
         stream._window_key = result.key
         stream.current = event
         out: Joined[L, R] = result
         return out
 
-    async def _add(self, events: list[Event[Any]], values: list[Any] | None) -> None:
+    async def _add(self, events: list[Event[Any]], values: list[Any] | None, start: int) -> None:
+        """Add a lane slice's events (from ``start``) to their partitions' operators.
+
+        If sending an event to the late output or the dead letters raises, that
+        event is the stream's current one (for the agent's error policy) and the
+        events after it wait in ``_rest``: the next ``__anext__`` adds them first.
+        """
         ops, skips, ready = self._ops, self._skip, self._ready
-        if self._quiet is not None:
+        if self._quiet is not None and start == 0:
             seen, wall = self._seen, self._wall
             for ev in events:
                 t = ev.time
@@ -247,7 +262,8 @@ class JoinedStream(Generic[L, R]):
                     else:
                         seen[ev.partition] = (got[0], wall)
         read = self._read
-        for i, ev in enumerate(events):
+        for i in range(start, len(events)):
+            ev = events[i]
             p = ev.partition
             op = ops.get(p)
             if op is None:
@@ -259,11 +275,19 @@ class JoinedStream(Generic[L, R]):
                 del skips[p]
             side, value = ev.value if values is None else values[i]
             t = ev.time
-            if t is None and op.needs_time:
-                await self._stream.dead_letter(ev, "no event time: a join by event time needs it")
-                continue
-            if not op.on_event(side, ev.key, t, ev.offset, value):
-                await self._late_event(ev, value, op)
+            try:
+                if t is None and op.needs_time:
+                    reason = "no event time: a join by event time needs it"
+                    await self._stream.dead_letter(ev, reason)
+                    continue
+                if not op.on_event(side, ev.key, t, ev.offset, value):
+                    await self._late_event(ev, value, op)
+            except Exception:
+                stream = self._stream
+                stream.current = stream._held = ev
+                if i + 1 < len(events):
+                    self._rest = (events, values, i + 1)
+                raise
             if op.results:
                 ready.extend((r, ev) for r in op.results)
                 op.results.clear()

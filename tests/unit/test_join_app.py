@@ -305,3 +305,44 @@ async def test_system_wait_joins_what_waits_once_a_partition_is_quiet() -> None:
         await wait_for(lambda: bool(found.sink.values), timeout=10)  # type: ignore[attr-defined]
         await run.finish()
     assert found.sink.values == [("x", "Ann")]  # type: ignore[attr-defined]
+
+
+class FlakyLate:
+    """A late output that refuses one value (raises), and keeps the others."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    async def send(self, key: Any, value: Any) -> None:
+        if value["id"] == 4:
+            raise RuntimeError("late output refused id 4")
+        self.values.append(value["id"])
+
+
+async def test_a_late_output_that_raises_dead_letters_that_event_and_the_join_goes_on() -> None:
+    app = af.App("flaky")
+    left: af.Topic[Any] = app.topic("left", key=lambda v: v["k"], time="t", time_unit="ms")
+    right: af.Topic[Any] = app.topic("right", key=lambda v: v["k"], time="t", time_unit="ms")
+    late = FlakyLate()
+    join = interval_join(
+        left, right, name="lr", lower=timedelta(0), upper=timedelta(seconds=1), late=late
+    )
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic)
+    async def pairs(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.left["id"], j.right["id"]))
+
+    async with TestRun(app) as run:
+        await run.send("left", {"k": "a", "t": 50_000, "id": 1})
+        await run.send("right", {"k": "a", "t": 50_500, "id": 2})
+        await wait_for(lambda: bool(found.sink.values))  # type: ignore[attr-defined]
+        for i, t in ((3, 1_000), (4, 2_000), (5, 3_000)):  # late, in one slice
+            await run.send("right", {"k": "a", "t": t, "id": i})
+        await run.send("right", {"k": "a", "t": 50_900, "id": 6})
+        await run.finish()
+        dead = [reason_of(r) for r in run.dead_letters()]
+    assert found.sink.values == [(1, 2), (1, 6)]  # type: ignore[attr-defined]
+    assert late.values == [3, 5]
+    assert len(dead) == 1 and "late output refused id 4" in dead[0]
