@@ -9,6 +9,7 @@ both runs together are exactly the batch join's: no match missing, none twice.
 from __future__ import annotations
 
 import asyncio
+import random
 import tempfile
 from datetime import timedelta
 from typing import Any
@@ -346,3 +347,30 @@ async def test_a_late_output_that_raises_dead_letters_that_event_and_the_join_go
     assert found.sink.values == [(1, 2), (1, 6)]  # type: ignore[attr-defined]
     assert late.values == [3, 5]
     assert len(dead) == 1 and "late output refused id 4" in dead[0]
+
+
+async def test_a_takeover_between_two_workers_keeps_the_table_and_finds_the_batch_matches() -> None:
+    rng = random.Random(5)
+    times = sorted(rng.sample(range(20_000), 600))
+    events: list[Ev] = [
+        (rng.randrange(2), rng.choice("abcdefgh"), t, i) for i, t in enumerate(times)
+    ]
+    events.sort(key=lambda e: e[2] + rng.randrange(WAIT_MS))
+    broker = MemoryBroker()
+    worker_b, found_b = make_app("table", None, "left")
+    worker_a, found_a = make_app("table", None, "left")
+    async with TestRun(worker_b, broker=broker) as run_b:
+        await produce(run_b, events[:200])
+        await wait_for(lambda: worker_b.metrics.get("events_in") >= 200)
+        async with TestRun(worker_a, broker=broker) as run_a:  # takes half the partitions
+            await wait_for(lambda: worker_a.metrics.get("state.restored_shards") >= 1)
+            await produce(run_a, events[200:400])
+            await run_b.stop()  # B leaves: A takes its partitions over, table and all
+            await produce(run_a, events[400:])
+            await run_a.finish()
+    got = sorted(
+        found_b.values + found_a.values, key=lambda p: (p[0], -1 if p[1] is None else p[1])
+    )
+    expected = batch_as_of(events, "left")
+    assert got == sorted(expected, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
+    assert worker_a.metrics.get("late_events") == worker_b.metrics.get("late_events") == 0
