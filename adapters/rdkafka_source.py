@@ -50,7 +50,7 @@ from adapters.kafka_health import BrokerHealth
 from adapters.kafka_source import KafkaSourceError
 from adapters.rdkafka_bridge import CONNECTION_CODES, error_callback, soon, wait_for_loop
 from adapters.rdkafka_config import consumer_config, describe_error
-from asyncflow.checkpoint import CommitFailed
+from asyncflow.checkpoint import CommitFailed, TransactionAborted
 from asyncflow.errors import BrokerUnavailable
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, Record, TopicPartition
 
@@ -214,6 +214,15 @@ class RdKafkaSource:
 
     # -- the polling thread ---------------------------------------------------------------------
     def _poll_loop(self) -> None:
+        try:
+            self._poll()
+        except BaseException as exc:  # the thread must not die silently
+            log.exception("the Kafka polling thread failed")
+            self._error = exc
+            if self._loop is not None:
+                soon(self._loop, self._arrived.set)
+
+    def _poll(self) -> None:
         loop = self._loop
         assert loop is not None
         while self._running:
@@ -318,9 +327,6 @@ class RdKafkaSource:
         if self._stopping or self._loop is None:
             self._owned = {}
             return
-        if consumer.assignment_lost():
-            self._on_lost(consumer, partitions)
-            return
         parts = self._drop(partitions)
         if parts and self._listener is not None:
             self._call(self._listener.on_revoked(parts), "revoke")
@@ -354,7 +360,8 @@ class RdKafkaSource:
         try:
             wait_for_loop(self._loop, coro, serve=self._run_calls)
         except Exception as exc:  # noqa: BLE001 - handed to the core by the next fetch()
-            log.error("the partition listener failed on %s: %s", what, exc)
+            if not isinstance(exc, TransactionAborted):  # its one line is the worker's error
+                log.error("the partition listener failed on %s: %s", what, exc)
             self._error = exc
             soon(self._loop, self._arrived.set)
 

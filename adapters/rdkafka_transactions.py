@@ -73,6 +73,8 @@ class KafkaTransactions:
         producer.before_send = self.before_send
         self.committed = 0
         """Transactions committed by this worker."""
+        self.failure: Exception | None = None
+        """Why the last commit failed (then the worker stops; nothing more is written)."""
 
     @property
     def pending(self) -> bool:
@@ -84,9 +86,15 @@ class KafkaTransactions:
         return self.producer.transactional_id or ""
 
     async def before_send(self) -> None:
-        """Wait while a commit is under way, then make sure a transaction is open."""
+        """Wait while a commit or an abort is under way, then make sure a transaction is open.
+
+        After a failed commit every write raises that commit's error: nothing more
+        goes out on this producer.
+        """
         while not self._idle.is_set():
             await self._idle.wait()
+        if self.failure is not None:
+            raise self.failure
         self.begin()
 
     def begin(self) -> None:
@@ -107,21 +115,19 @@ class KafkaTransactions:
         session = self.settings.session_timeout_ms / 1000
         group = getattr(source, "group_id", "?")
         if stalled > session:
-            await self.abort("frozen")
-            raise Fenced(
+            raise await self._fail(Fenced(
                 f"fenced: this worker (transactional id {self.transactional_id!r}) was frozen "
                 f"for {stalled:.1f}s, longer than session_timeout_ms={self.settings.session_timeout_ms}, "
                 f"so group {group} may have given its partitions to another worker: its "
                 "transaction is aborted, nothing of it is committed, and it stops"
-            )
+            ))
         owns = getattr(source, "owns", None)
         if positions and owns is not None and not owns(positions):
-            await self.abort("partitions moved")
-            raise Fenced(
+            raise await self._fail(Fenced(
                 f"fenced: partitions of this worker (transactional id {self.transactional_id!r}) "
                 f"were assigned to another member of group {group}: its transaction is aborted, "
                 "nothing of it is committed, and it stops"
-            )
+            ))
         if not positions and not self.open:
             return
         self._idle.clear()  # sends wait from here until the commit is over
@@ -160,28 +166,48 @@ class KafkaTransactions:
                     raise
         except KafkaException as exc:
             error = self._fenced_or_aborted(exc, "committing the checkpoint's transaction")
-            await self.abort(str(error))
-            raise error from None
+            raise await self._fail(error) from None
         self.open = False
         self.committed += 1
         self.metrics.incr("transactions")
         self.metrics.histogram("transaction_commit_seconds").observe(time.monotonic() - began)
 
+    async def _fail(self, error: Exception) -> Exception:
+        """Abort, and make every later write raise ``error``; returns it (to raise)."""
+        if self.failure is None:
+            self.failure = error
+        await self.abort(str(error))
+        return error
+
     async def abort(self, reason: str) -> None:
-        """Abort the open transaction (its records are never seen by ``read_committed`` readers)."""
+        """Abort the open transaction (its records are never seen by ``read_committed`` readers).
+
+        Writes wait meanwhile; a failed abort is logged (librdkafka's own state
+        then says what the next call may do).
+        """
         if not self.open:
             return
-        self.open = False
         producer = self.producer.producer
         if producer is None:
+            self.open = False
             return
-        self.metrics.incr("transactions_aborted")
+        was_idle = self._idle.is_set()
+        self._idle.clear()
         try:
-            await asyncio.to_thread(
-                producer.abort_transaction, self.settings.request_timeout_ms / 1000
-            )
-        except KafkaException as exc:
-            log.debug("aborting the transaction (%s) failed: %s", reason, describe_error(exc))
+            while self.producer.queuing:
+                self.producer.queued.clear()
+                await self.producer.queued.wait()
+            self.metrics.incr("transactions_aborted")
+            try:
+                await asyncio.to_thread(
+                    producer.abort_transaction, self.settings.request_timeout_ms / 1000
+                )
+            except KafkaException as exc:
+                log.debug("aborting the transaction (%s) failed: %s", reason, describe_error(exc))
+            self.open = False
+        finally:
+            if was_idle:
+                self._idle.set()
 
     def _fenced_or_aborted(self, exc: KafkaException, doing: str) -> Exception:
         err: Any = exc.args[0] if exc.args else None

@@ -151,9 +151,12 @@ class Checkpointer:
         source: Source,
         metrics: Metrics,
         transactions: Transactions | None = None,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self.transactions = transactions
         """Exactly-once: the broker's transactions (``None``: at-least-once)."""
+        self.gate = gate
+        """Exactly-once: set while the reader may dispatch (cleared while a cut is taken)."""
         self.dispatcher = dispatcher
         self.lanes = lanes
         self.flush = flush
@@ -262,10 +265,19 @@ class Checkpointer:
     ) -> bool:
         """Steps 1 to 4 (under the lock): barrier, outputs, changelogs, local stores."""
         state = self.state
+        if self.transactions is not None:
+            # the cut must have no gap: every record at or before it is processed before the
+            # barrier and nothing after it is (other lanes may be ahead of a parked slice)
+            cuts = await self._gapless_cut(timeout)
+            if cuts is None:
+                return False
+            cut, marks = cuts
         active = [lane for lane in self.lanes if lane not in self.finished]
         barrier = self._barrier = Barrier(len(active))
         for lane in active:
             self.lanes[lane].put_barrier(barrier)
+        if self.gate is not None:
+            self.gate.set()
         self.step = "lanes"
         try:
             if timeout is None:
@@ -312,6 +324,36 @@ class Checkpointer:
         self.step = ""  # (left as it is when cut short: what it was waiting for)
         self._last_cut = cut
         return True
+
+    async def _gapless_cut(
+        self, timeout: float | None
+    ) -> tuple[dict[Hashable, int], dict[Hashable, int | None]] | None:
+        """Exactly-once: hold the reader until no slice is parked; the cut and marks then.
+
+        Lanes run a partition's records in key order, not in offset order: a slice
+        parked for a full lane leaves a gap below records other lanes process. A
+        cut below such a gap would commit outputs of records it does not cover (a
+        replay would write them again), so the reader dispatches nothing until the
+        parked slices are in their lanes. ``None`` (gate open again) if that takes
+        longer than ``timeout``.
+        """
+        dispatcher = self.dispatcher
+        gate = self.gate
+        if gate is not None:
+            gate.clear()
+        self.step = "lanes"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while dispatcher.has_parked:
+            if deadline is not None and time.monotonic() > deadline:
+                if gate is not None:
+                    gate.set()
+                self.last_error = "slices parked for full lanes did not drain in time"
+                log.warning("checkpoint abandoned: %s (%.1fs)", self.last_error, timeout or 0)
+                self.metrics.incr("checkpoints_abandoned")
+                return None
+            await asyncio.sleep(0.002)
+        marks = dispatcher.broadcast_watermark()
+        return dispatcher.cut(), marks
 
     async def _take_in_transaction(
         self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], tx: Transactions

@@ -110,6 +110,9 @@ class SourceRunner:
             runtime.dead_letters.raw,
             max_time_ahead_ms=app.max_time_ahead_ms,
         )
+        self.gate = asyncio.Event()
+        """Exactly-once: the reader dispatches only while it is set (see ``Checkpointer.gate``)."""
+        self.gate.set()
         self.checkpointer = Checkpointer(
             dispatcher=self.dispatcher,
             lanes=lanes,
@@ -118,6 +121,7 @@ class SourceRunner:
             source=source,
             metrics=app.metrics,
             transactions=transactions,
+            gate=self.gate if transactions is not None else None,
         )
         self.ended = asyncio.Event()
         self._reading = True
@@ -144,7 +148,10 @@ class SourceRunner:
         """Take back their queued events, checkpoint, then give up their state."""
         gone = set(partitions)
         log.info("revoking %s: checkpointing", _fmt(partitions))
-        self.dispatcher.take_back(gone)
+        if self.checkpointer.transactions is None:
+            # exactly-once drains what the lanes hold instead: a cut below records other
+            # lanes already processed would commit outputs it does not cover
+            self.dispatcher.take_back(gone)
         done = await self.checkpointer.checkpoint(
             timeout=self.runtime.app.drain_timeout, only=gone
         )
@@ -187,9 +194,12 @@ class SourceRunner:
         ends = self.runtime.ends
         by_topic = ends.active and callable(getattr(source, "topic_exhausted", None))
         fetch_timeout = min(0.2, self.runtime.app.watermark_interval)
+        gate = self.gate
         while self._reading:
             batches = await source.fetch(fetch_timeout)
             if batches:
+                if not gate.is_set():
+                    await gate.wait()  # exactly-once: a checkpoint takes a gapless cut
                 for b in batches:
                     dispatcher.dispatch(b)
                 dispatcher.broadcast_watermark()
@@ -640,11 +650,16 @@ class Runtime:
                 await asyncio.gather(*aux, return_exceptions=True)
                 for r in runners:
                     if not r.ended.is_set():
-                        # a stop, not the end of the input: what no lane has started waits
-                        # for the replay instead of holding up the shutdown
-                        taken = r.dispatcher.take_back()
-                        if taken:
-                            log.info("stopping: %d queued events left for the replay", taken)
+                        if r.checkpointer.transactions is not None:
+                            # exactly-once: the lanes drain what they hold (no take-back, which
+                            # would leave the last cut below records other lanes processed)
+                            await _drain_parked(r, left())
+                        else:
+                            # a stop, not the end of the input: what no lane has started
+                            # waits for the replay instead of holding up the shutdown
+                            taken = r.dispatcher.take_back()
+                            if taken:
+                                log.info("stopping: %d queued events left for the replay", taken)
                         r.dispatcher.close_lanes()
                 if lane_tasks:
                     _, pending = await asyncio.wait(lane_tasks, timeout=left())
@@ -837,6 +852,18 @@ _STUCK = {
     "commit": "the source did not answer the last commit in time",
 }
 """Why a stop's checkpoint did not finish, by the step it was waiting in."""
+
+
+async def _drain_parked(runner: SourceRunner, timeout: float) -> None:
+    """Exactly-once stop: wait for parked slices to enter their lanes; else no last commit."""
+    deadline = time.monotonic() + timeout
+    while runner.dispatcher.has_parked:
+        if time.monotonic() > deadline:
+            runner.dispatcher.take_back()
+            runner.checkpointer.failed = True  # its cut would have a gap: commit nothing
+            runner.checkpointer.last_error = "parked events did not enter their lanes in time"
+            return
+        await asyncio.sleep(0.005)
 
 
 async def _finish(tasks: list[asyncio.Task[Any]], timeout: float) -> bool:

@@ -13,6 +13,9 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
     E2E_LANE_RATE    transform: events/s per lane, 0 = unthrottled; slow: sink events/s
     E2E_COMMIT_INTERVAL  seconds between periodic commits (the app's default if unset)
     E2E_TTL          dedup: seconds a seen key is remembered (table ttl)
+    E2E_CLIENT       Kafka client: aiokafka (default) | rdkafka
+    E2E_GUARANTEE    processing_guarantee: at_least_once (default) | exactly_once
+    E2E_TRANSACTIONAL_ID  exactly-once: the worker's transactional id (stable per worker)
 
 Modes:
 
@@ -105,6 +108,9 @@ class Config:
     lane_rate: float = 0.0
     commit_interval: float | None = None
     ttl: float = 0.0
+    client: str = "aiokafka"
+    guarantee: str = "at_least_once"
+    transactional_id: str | None = None
     broker: str | None = None  # None: ASYNCFLOW_BROKER or --broker
     extra: dict[str, Any] = field(default_factory=dict)  # more App(...) arguments, in-process
 
@@ -121,6 +127,9 @@ class Config:
             lane_rate=float(env.get("E2E_LANE_RATE", "0")),
             commit_interval=float(commit) if commit else None,
             ttl=float(env.get("E2E_TTL", "0")),
+            client=env.get("E2E_CLIENT", "aiokafka"),
+            guarantee=env.get("E2E_GUARANTEE", "at_least_once"),
+            transactional_id=env.get("E2E_TRANSACTIONAL_ID") or None,
         )
 
     def env(self) -> dict[str, str]:
@@ -138,6 +147,12 @@ class Config:
             out["E2E_COMMIT_INTERVAL"] = str(self.commit_interval)
         if self.ttl:
             out["E2E_TTL"] = str(self.ttl)
+        if self.client != "aiokafka":
+            out["E2E_CLIENT"] = self.client
+        if self.guarantee != "at_least_once":
+            out["E2E_GUARANTEE"] = self.guarantee
+        if self.transactional_id:
+            out["E2E_TRANSACTIONAL_ID"] = self.transactional_id
         return out
 
 
@@ -184,12 +199,20 @@ def amount(seq: int) -> int:
 
 def build(cfg: Config) -> af.App:
     """The app ``cfg`` describes (see the module docstring)."""
+    options = dict(TEST_OPTIONS)
+    if cfg.client != "aiokafka":
+        options["client"] = cfg.client
+    if cfg.transactional_id:
+        options["transactional_id"] = cfg.transactional_id
+    extra = dict(cfg.extra)
+    if cfg.guarantee != "at_least_once":
+        extra.setdefault("processing_guarantee", cfg.guarantee)
     app = af.App(
         cfg.app_id,
         broker=cfg.broker,
-        broker_options=dict(TEST_OPTIONS),
+        broker_options=options,
         commit_interval=cfg.commit_interval,
-        **cfg.extra,
+        **extra,
     )
     source = app.topic(
         cfg.input,
