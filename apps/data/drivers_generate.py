@@ -16,6 +16,7 @@ import csv
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 FIRST = [
     "Ana",
@@ -85,9 +86,9 @@ def rows(seed: int = 16, drivers: int = 150) -> list[dict[str, str]]:
     """The roster's rows, sorted by update time."""
     rng = random.Random(seed)
     start, month = datetime(2019, 2, 1), timedelta(days=31)
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for n in range(drivers):
-        row = {
+        row: dict[str, Any] = {
             "driver_id": f"D{n:03d}",
             "updated": start + timedelta(seconds=rng.randrange(27 * 86_400)),
             "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
