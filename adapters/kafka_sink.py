@@ -212,9 +212,7 @@ class KafkaSink:
                         h = hashes[key] = murmur2(key) & 0x7FFFFFFF
                     p = h % n
             elif not 0 <= p < n:
-                raise SinkError(
-                    f"partition {p} does not exist in Kafka topic {topic!r} ({n} partitions)"
-                )
+                raise no_partition(p, topic, n)
             group = groups.get((topic, p))
             if group is None:
                 groups[(topic, p)] = [record]
@@ -269,10 +267,7 @@ class KafkaSink:
                 chunk = []
             size = estimate(r.key, r.value, headers)
             if size > limit:
-                refused.append(Rejected(r, (
-                    f"a record of {size} bytes (key, value and headers) is larger than "
-                    f"max_request_size={limit}; send smaller records, or raise max_request_size "
-                    "in the broker URL and the topic's max.message.bytes")))
+                refused.append(Rejected(r, too_large_reason(size, limit)))
                 continue
             batch.append(key=r.key, value=r.value, timestamp=r.timestamp, headers=headers)
             chunk.append(r)
@@ -333,6 +328,24 @@ async def _close_connections(producer: Any) -> None:
             await producer.client.close()
     except (TimeoutError, KafkaError, OSError) as exc:
         log.debug("closing the Kafka producer's connections failed: %s", exc)
+
+
+def too_large_reason(size: int, limit: int) -> str:
+    """The dead-letter reason of a record over ``max_request_size`` (both clients).
+
+    Example:
+        >>> too_large_reason(20_000, 10_000)[:40]
+        'a record of 20000 bytes (key, value and '
+    """
+    return (f"a record of {size} bytes (key, value and headers) is larger than "
+            f"max_request_size={limit}; send smaller records, or raise max_request_size "
+            "in the broker URL and the topic's max.message.bytes")
+
+
+def no_partition(partition: int, topic: str, partitions: int) -> SinkError:
+    """The error of a record for a partition its topic does not have (both clients)."""
+    return SinkError(f"partition {partition} does not exist in Kafka topic {topic!r} "
+                     f"({partitions} partitions)")
 
 
 def refused_reason(detail: str, topic: str, partition: int) -> str:

@@ -100,9 +100,9 @@ class RdKafkaBroker(KafkaBroker):
 
     async def _metadata(self) -> Any:
         admin = self._admin_rd_client()
-        timeout = self.settings.request_timeout_ms / 1000
+        timeout = min(self.settings.request_timeout_ms, self.settings.connect_timeout_ms) / 1000
         try:
-            return await asyncio.to_thread(admin.list_topics, timeout=min(timeout, 10.0))
+            return await asyncio.to_thread(admin.list_topics, timeout=timeout)
         except KafkaException as exc:
             raise BrokerUnavailable(self.url, describe_error(exc)) from None
 

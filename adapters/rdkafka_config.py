@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,19 @@ __all__ = [
 ]
 
 _SECRETS = frozenset({"sasl.password", "ssl.key.password"})
+
+_LOG = logging.getLogger("asyncflow.kafka.librdkafka")
+
+
+class _QuietLog:
+    """librdkafka's log lines, at debug level: what users need (an outage, a fatal error)
+    comes as one line from ``BrokerHealth`` and the error callbacks instead."""
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        _LOG.debug(fmt, *args)
+
+
+_QUIET = _QuietLog()
 
 PARTITIONER = "murmur2_random"
 """librdkafka's partitioner that picks what Kafka's Java client picks for a key."""
@@ -55,6 +69,7 @@ def common(settings: KafkaSettings) -> dict[str, Any]:
         "retry.backoff.ms": settings.retry_backoff_ms,
         "security.protocol": settings.security_protocol,
         "log.connection.close": False,
+        "logger": _QUIET,
     }
     if settings.security_protocol.endswith("SSL"):
         if settings.ssl_cafile is not None:

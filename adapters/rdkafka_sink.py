@@ -19,14 +19,21 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+
+from confluent_kafka import KafkaException
 
 from adapters.kafka_config import KafkaSettings
 from adapters.kafka_health import BrokerHealth
-from adapters.kafka_sink import refused_reason, unacknowledged
+from adapters.kafka_sink import no_partition, refused_reason, too_large_reason, unacknowledged
+from adapters.rdkafka_config import describe_error
 from adapters.rdkafka_producer import RdProducer, is_connection_failure
 from asyncflow.errors import SinkError
 from asyncflow.protocols import Rejected, SinkRecord
+
+_RECORD_OVERHEAD = 70
+"""Bytes a record batch adds around one record (what ``max_request_size`` is checked with)."""
 
 
 class RdKafkaSink:
@@ -53,6 +60,8 @@ class RdKafkaSink:
         self.linger = settings.linger_ms / 1000
         self._owns = producer is None
         self.producer = producer or RdProducer(settings, self.url, self.health, what="producer")
+        self._counts: dict[str, int] = {}
+        self._keyless_next: dict[str, int] = {}
 
     async def start(self) -> None:
         """Connect the producer; ``BrokerUnavailable`` if the cluster is unreachable."""
@@ -64,10 +73,11 @@ class RdKafkaSink:
             return None
         if self.producer.producer is None and not self._owns:
             raise SinkError("RdKafkaSink.write() before start(); start the sink first")
-        failures = await self.producer.send(records)
+        records, rejected = await self._prepare(records)
+        failures = await self.producer.send(records) if records else []
         if not failures:
             self.health.ok()
-            return []
+            return rejected
         refused = [f for f in failures if f.refused]
         others = [f for f in failures if not f.refused]
         if others:
@@ -78,8 +88,80 @@ class RdKafkaSink:
                                  first.record.partition if first.record.partition is not None
                                  else -1, first.reason, self.url,
                                  self.settings.request_timeout_ms)
-        return [Rejected(f.record, refused_reason(f.reason, f.record.topic or "?",
-                                                  f.record.partition or 0)) for f in refused]
+        return rejected + [Rejected(f.record, refused_reason(f.reason, f.record.topic or "?",
+                                                             f.record.partition or 0))
+                           for f in refused]
+
+    async def _prepare(
+        self, records: Sequence[SinkRecord]
+    ) -> tuple[Sequence[SinkRecord], list[Rejected]]:
+        """Check the records (topic, bytes, partition, size); keyless ones get their partition.
+
+        Keyless records of one write share a partition of their topic, and writes
+        rotate over the partitions (as the aiokafka sink does). Keyed ones are
+        left to librdkafka's Java-compatible partitioner.
+        """
+        limit = self.settings.max_request_size
+        out: list[SinkRecord] | None = None
+        rejected: list[Rejected] = []
+        keyless: dict[str, int] = {}
+        for i, r in enumerate(records):
+            topic, key, value = r.topic, r.key, r.value
+            if topic is None:
+                raise SinkError("a Kafka sink record has no topic; set SinkRecord.topic")
+            if (key is not None and key.__class__ is not bytes) or (
+                    value is not None and value.__class__ is not bytes):
+                raise SinkError(
+                    f"Kafka records need bytes keys and values (got {type(key).__name__} and "
+                    f"{type(value).__name__}); encode them with the topic's codec before writing"
+                )
+            size = (len(key) if key else 0) + (len(value) if value else 0) + _RECORD_OVERHEAD
+            if r.headers:
+                size += sum(len(k) + len(v) for k, v in r.headers)
+            replaced: SinkRecord | None = None
+            if size > limit:
+                rejected.append(Rejected(r, too_large_reason(size - _RECORD_OVERHEAD, limit)))
+            elif r.partition is not None:
+                n = await self._count(topic)
+                if not 0 <= r.partition < n:
+                    raise no_partition(r.partition, topic, n)
+            elif key is None:
+                p = keyless.get(topic)
+                if p is None:
+                    n = await self._count(topic)
+                    p = keyless[topic] = self._keyless_next.get(topic, 0) % n
+                    self._keyless_next[topic] = p + 1
+                replaced = SinkRecord(None, value, topic, r.headers, r.timestamp, p)
+            else:
+                if out is not None:
+                    out.append(r)
+                continue
+            if out is None:
+                out = list(records[:i])
+            if replaced is not None:
+                out.append(replaced)
+            elif size <= limit:
+                out.append(r)
+        return (records if out is None else out), rejected
+
+    async def _count(self, topic: str) -> int:
+        n = self._counts.get(topic)
+        if n is None:
+            producer = await self.producer.start()
+            timeout = self.settings.request_timeout_ms / 1000
+            try:
+                metadata = await asyncio.to_thread(producer.list_topics, topic, timeout)
+            except KafkaException as exc:
+                raise SinkError(f"cannot write to Kafka topic {topic!r} on {self.url}: "
+                                f"{describe_error(exc)}") from None
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None or not found.partitions:
+                raise SinkError(
+                    f"cannot write to Kafka topic {topic!r} on {self.url}: it does not exist; "
+                    f"create it (`asyncflow topics create {topic} --partitions N`)"
+                )
+            n = self._counts[topic] = len(found.partitions)
+        return n
 
     async def stop(self) -> None:
         """Deliver what is in flight (within ``request_timeout_ms``) and close an own producer."""

@@ -11,6 +11,9 @@ fetch responses, so both aiokafka and librdkafka hand out aborted records there
 whether it is transactional; a transaction's records are held until its control
 record says commit (kept) or abort (dropped).
 
+``client`` and ``broker`` are fixtures that run an adapter test with both Kafka
+clients (import them into the test module).
+
 ``EosPool`` is ``state_workers.Pool`` for exactly-once workers: every worker
 name gets a stable ``transactional_id`` (``<app>-<name>``), so a restarted
 worker's ``init_transactions`` aborts what its killed predecessor left open, as
@@ -22,15 +25,18 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 
+from adapters.kafka import KafkaBroker
 from tests.integration.kafka.apps_for_tests import SENTINEL, Worker
+from tests.integration.kafka.broker import TEST_OPTIONS
 from tests.integration.kafka.state_workers import Pool
 
 READ_COMMITTED = aiokafka_fetcher.READ_COMMITTED
@@ -159,5 +165,22 @@ class EosPool(Pool):
         return super().start(name, state)
 
 
-def worker_log_dir(tmp_path: Path) -> Path:
-    return tmp_path
+# -- both Kafka clients for the adapter tests ---------------------------------------------
+
+CLIENTS = ("aiokafka", "rdkafka")
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    """The Kafka client an adapter test runs with (each test runs with both)."""
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def broker(kafka_url: str, client: str) -> AsyncIterator[KafkaBroker]:
+    """The session broker through ``client`` (the test options, as ``conftest.broker``)."""
+    b = KafkaBroker(kafka_url, {**TEST_OPTIONS, "client": client})
+    try:
+        yield b
+    finally:
+        await b.close()

@@ -10,9 +10,13 @@ import pytest
 from adapters.kafka import KafkaBroker
 from asyncflow.errors import BrokerUnavailable, TopicMissing
 from asyncflow.protocols import PartitionListener, TopicSpec
+from tests.integration.kafka import eos_workers
 from tests.integration.kafka.broker import TEST_OPTIONS, free_port, unique_name
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+broker = eos_workers.broker  # every test taking ``broker`` runs with both clients
+client = eos_workers.client
 
 
 class NoListener:
@@ -77,8 +81,10 @@ def assert_one_line(exc: BaseException, started: float) -> None:
     assert "\n" not in message and "s3cret" not in message
 
 
-async def test_unreachable_broker_fails_source_start_quickly_with_one_line() -> None:
-    broker = KafkaBroker(unreachable_url(), TEST_OPTIONS)
+async def test_unreachable_broker_fails_source_start_quickly_with_one_line(
+    client: str,
+) -> None:
+    broker = KafkaBroker(unreachable_url(), dict(TEST_OPTIONS, client=client))
     source = broker.source([TopicSpec("t")], "g")
     listener: PartitionListener = NoListener()
     started = time.monotonic()
@@ -88,8 +94,10 @@ async def test_unreachable_broker_fails_source_start_quickly_with_one_line() -> 
     await source.stop()
 
 
-async def test_unreachable_broker_fails_sink_start_and_topic_calls_quickly() -> None:
-    broker = KafkaBroker(unreachable_url(), TEST_OPTIONS)
+async def test_unreachable_broker_fails_sink_start_and_topic_calls_quickly(
+    client: str,
+) -> None:
+    broker = KafkaBroker(unreachable_url(), dict(TEST_OPTIONS, client=client))
     for call in (broker.sink().start, broker.list_topics):
         started = time.monotonic()
         with pytest.raises(BrokerUnavailable) as info:

@@ -12,6 +12,7 @@ import pytest
 
 from adapters.kafka import KafkaBroker, KafkaSource
 from asyncflow.protocols import Partition, Source, TopicPartition, TopicSpec
+from tests.integration.kafka import eos_workers
 from tests.integration.kafka.broker import (
     TEST_OPTIONS,
     committed,
@@ -23,6 +24,9 @@ from tests.integration.kafka.broker import (
 )
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+broker = eos_workers.broker  # every test taking ``broker`` runs with both clients
+client = eos_workers.client
 
 
 class FakeCore:
@@ -210,11 +214,12 @@ async def test_commit_skips_partitions_this_member_does_not_own(
     assert (await committed(kafka_bootstrap, group, topic4, 4))[0] == 1
 
 
-async def test_fetch_survives_a_broker_restart_and_catches_up() -> None:
+async def test_fetch_survives_a_broker_restart_and_catches_up(client: str) -> None:
     with start_tansu() as tansu:
         topic = await create_topic(tansu.bootstrap, partitions=2)
         await produce(tansu.bootstrap, topic, [(None, b"before", p) for p in range(2)])
-        options = dict(TEST_OPTIONS, request_timeout_ms="3000", retry_backoff_ms="50")
+        options = dict(TEST_OPTIONS, request_timeout_ms="3000", retry_backoff_ms="50",
+                       client=client)
         broker = KafkaBroker(tansu.url, options)
         core = FakeCore()
         source = broker.source([TopicSpec(topic, partitions=2)], unique_name("g"))
