@@ -98,7 +98,9 @@ class KafkaBroker:
     )
     """Why this broker cannot run ``processing_guarantee="exactly_once"`` (the runtime says it)."""
 
-    def __new__(cls, url: str, options: Mapping[str, str] | None = None) -> KafkaBroker:
+    def __new__(
+        cls, url: str, options: Mapping[str, str] | None = None, *args: Any, **kwargs: Any
+    ) -> KafkaBroker:
         """``client=rdkafka`` makes an ``adapters.rdkafka.RdKafkaBroker`` (same interface)."""
         if cls is KafkaBroker and KafkaSettings.parse(url, options).client == "rdkafka":
             from adapters.rdkafka import RdKafkaBroker

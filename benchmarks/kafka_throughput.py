@@ -13,6 +13,14 @@ input:
 * ``asyncflow``: the same pipeline as an asyncflow app (``run_asyncflow_case``):
   a JSON topic, ``stream.filter(...).map(...)`` in 4 lanes (``ASYNCFLOW_BENCH_LANES``),
   ``await topic.send(key, value)`` per output.
+* ``asyncflow-rdkafka``: ``asyncflow`` on the librdkafka client (``client=rdkafka``),
+  at-least-once; ratio against the baseline.
+* ``asyncflow-rdkafka-eos``: the same with ``processing_guarantee="exactly_once"``:
+  every checkpoint (commit interval 1 s) is one transaction; the clock stops when the
+  transaction holding the last outputs has committed (only then can a
+  ``read_committed`` consumer see them). Its row also gives the read-to-committed
+  latency (p50/p99 from ``processing_seconds``, bucket bounds) and the mean
+  transaction commit time; its ratio is against ``asyncflow-rdkafka``.
 * ``asyncflow-metrics``: ``asyncflow`` with its web view on (``--web-port``) and
   ``/metrics`` and ``/api/status`` scraped every 0.5 s while it runs; its ratio is
   against ``asyncflow`` (metrics on / metrics off), not the baseline.
@@ -61,6 +69,8 @@ Usage:
     .venv/bin/python benchmarks/kafka_throughput.py --events 200000 --json --repeat 5
     .venv/bin/python benchmarks/kafka_throughput.py --cases windowed-baseline,windowed-asyncflow
     .venv/bin/python benchmarks/kafka_throughput.py --cases asyncflow,asyncflow-metrics --repeat 5
+    .venv/bin/python benchmarks/kafka_throughput.py \
+        --cases aiokafka-baseline,asyncflow,asyncflow-rdkafka,asyncflow-rdkafka-eos
 """
 
 from __future__ import annotations
@@ -135,6 +145,9 @@ class CaseResult:
     ratio: float | None = None
     peak_rss_mb: float | None = None
     results: int | None = None  # windowed cases: the results produced (and checked)
+    latency_p50_ms: float | None = None  # exactly-once: read to committed
+    latency_p99_ms: float | None = None
+    commit_ms: float | None = None  # exactly-once: mean transaction commit
 
 
 def reading(i: int, rng: random.Random) -> tuple[bytes, bytes, float]:
@@ -355,7 +368,32 @@ async def _scrape_forever(app: Any) -> None:
             await scraper.wait()
 
 
-async def run_asyncflow_case(w: Workload, web: bool = False) -> tuple[float, int, str]:
+async def run_rdkafka_case(w: Workload) -> tuple[float, int, str]:
+    """``asyncflow`` on the librdkafka client, at-least-once."""
+    return await run_asyncflow_case(w, client="rdkafka")
+
+
+async def run_rdkafka_eos_case(w: Workload) -> tuple[float, int, str]:
+    """``asyncflow`` on the librdkafka client, exactly-once (a transaction per checkpoint)."""
+    return await run_asyncflow_case(w, client="rdkafka", guarantee="exactly_once")
+
+
+LATENCY: dict[str, float] = {}
+"""What the exactly-once case measured besides its time (read into its report row)."""
+
+
+def _quantile(buckets: list[tuple[float, int]], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` (seconds)."""
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return bound
+    return float("nan")
+
+
+async def run_asyncflow_case(
+    w: Workload, web: bool = False, client: str = "aiokafka", guarantee: str = "at_least_once"
+) -> tuple[float, int, str]:
     """The same pipeline as an asyncflow app; returns (seconds, records produced, output topic).
 
     Reads ``w.input_topic`` as a fresh group, keeps ``value >= 0``, writes
@@ -375,8 +413,11 @@ async def run_asyncflow_case(w: Workload, web: bool = False) -> tuple[float, int
             "enable_idempotence": "false",
             "session_timeout_ms": str(SESSION_TIMEOUT_MS),
             "heartbeat_interval_ms": "500",
+            "client": client,
         },
+        processing_guarantee=guarantee,
     )
+    exactly_once = guarantee == "exactly_once"
     readings: af.Topic[dict[str, Any]] = app.topic(
         w.input_topic, partitions=PARTITIONS, create=False
     )
@@ -412,7 +453,18 @@ async def run_asyncflow_case(w: Workload, web: bool = False) -> tuple[float, int
             if scraper is not None and scraper.done():
                 scraper.result()
             await asyncio.sleep(0.002)
+        if exactly_once:  # visible to read_committed consumers once their transaction commits
+            commits = metrics.get("commits")
+            while metrics.get("commits") <= commits:
+                if worker.done():
+                    worker.result()
+                await asyncio.sleep(0.002)
         finished = time.perf_counter()
+        if exactly_once:
+            latency = metrics.histogram("processing_seconds").buckets()
+            commit = metrics.histogram("transaction_commit_seconds")
+            LATENCY.update(p50=_quantile(latency, 0.5), p99=_quantile(latency, 0.99),
+                           commit=commit.sum / max(commit.count, 1))
     finally:
         if scraper is not None:
             scraper.cancel()
@@ -594,6 +646,8 @@ CASES = {
     "aiokafka-baseline": run_baseline,
     "asyncflow": run_asyncflow_case,
     "asyncflow-metrics": run_asyncflow_metrics_case,
+    "asyncflow-rdkafka": run_rdkafka_case,
+    "asyncflow-rdkafka-eos": run_rdkafka_eos_case,
     "windowed-baseline": run_windowed_baseline,
     "windowed-asyncflow": run_windowed_asyncflow,
 }
@@ -601,6 +655,8 @@ BASELINE_OF = {
     "aiokafka-baseline": "aiokafka-baseline",
     "asyncflow": "aiokafka-baseline",
     "asyncflow-metrics": "asyncflow",  # the cost of metrics on: against metrics off
+    "asyncflow-rdkafka": "aiokafka-baseline",
+    "asyncflow-rdkafka-eos": "asyncflow-rdkafka",  # the cost of transactions
     "windowed-baseline": "windowed-baseline",
     "windowed-asyncflow": "windowed-baseline",
 }
@@ -622,6 +678,7 @@ def run_case_here(case: str, w: Workload) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "produced": produced,
         "output_topic": out_topic,
+        "latency": dict(LATENCY),
     }
 
 
@@ -657,12 +714,21 @@ def run_case_child(case: str, w: Workload) -> dict[str, Any] | None:
     return result
 
 
+def _latency_fields(measured: dict[str, float] | None) -> dict[str, float]:
+    if not measured:
+        return {}
+    return {"latency_p50_ms": round(measured["p50"] * 1000, 1),
+            "latency_p99_ms": round(measured["p99"] * 1000, 1),
+            "commit_ms": round(measured["commit"] * 1000, 1)}
+
+
 def report(results: list[CaseResult], as_json: bool) -> None:
     if as_json:
         for r in results:
             row = asdict(r)
-            if row["results"] is None:  # the stateless rows keep their fields
-                del row["results"]
+            for optional in ("results", "latency_p50_ms", "latency_p99_ms", "commit_ms"):
+                if row[optional] is None:  # the other rows keep their fields
+                    del row[optional]
             print(json.dumps(row), flush=True)
         return
     print(
@@ -675,6 +741,11 @@ def report(results: list[CaseResult], as_json: bool) -> None:
             f"{r.case:<20} {r.events:>9,} {r.seconds:>8.2f} {r.events_per_s:>10,.0f} "
             f"{ratio:>6} {rss:>9}"
         )
+    for r in results:
+        if r.latency_p50_ms is not None:
+            print(f"{r.case}: read to committed p50 <= {r.latency_p50_ms:g} ms, p99 <= "
+                  f"{r.latency_p99_ms:g} ms (bucket bounds); transaction commit "
+                  f"{r.commit_ms:g} ms on average")
     windowed = [r for r in results if r.results is not None]
     if windowed:
         print(
@@ -723,6 +794,7 @@ def main() -> None:
         peak: dict[str, float] = {}
         produced: dict[str, int] = {}
         runs: dict[str, list[float]] = {}
+        latency: dict[str, dict[str, float]] = {}
         for _ in range(args.repeat):  # alternate the cases; the best time of each counts
             for case in (c for c in CASES if c in args.cases):
                 measured = run_case_child(case, workload)
@@ -734,6 +806,8 @@ def main() -> None:
                 runs.setdefault(case, []).append(round(measured["seconds"], 3))
                 peak[case] = max(peak.get(case, 0.0), measured["peak_rss_mb"])
                 produced[case] = measured["produced"]
+                if measured.get("latency") and measured["seconds"] <= best[case]:
+                    latency[case] = measured["latency"]
         results: list[CaseResult] = []
         for case, seconds in best.items():
             rate = args.events / seconds
@@ -749,6 +823,7 @@ def main() -> None:
                     ratio=None if baseline is None else round(rate / baseline, 3),
                     peak_rss_mb=round(peak[case], 1),
                     results=produced[case] if case in WINDOWED else None,
+                    **_latency_fields(latency.get(case)),
                 )
             )
         report(results, args.json)
