@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable, Mapping
+from functools import partial
 from typing import Any
 
 import pytest
@@ -185,7 +186,7 @@ def totals_app(broker: TransactionalMemory) -> af.App:
     async def add(stream: af.Stream[Any]) -> None:
         total = stream.state(totals)
         async for n in stream:
-            await out.send(None, total.update(lambda t, n=n: t + n))
+            await out.send(None, total.update(partial(add, n)))
 
     return app
 
