@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Hashable, Mapping
 from functools import partial
+from operator import add
 from typing import Any
 
 import pytest
@@ -183,7 +184,7 @@ def totals_app(broker: TransactionalMemory) -> af.App:
     out: af.Topic[Any] = app.topic("out")
 
     @app.agent(numbers)
-    async def add(stream: af.Stream[Any]) -> None:
+    async def running_total(stream: af.Stream[Any]) -> None:
         total = stream.state(totals)
         async for n in stream:
             await out.send(None, total.update(partial(add, n)))
