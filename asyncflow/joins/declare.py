@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 from weakref import WeakKeyDictionary
 
 from asyncflow.channels import Topic
@@ -183,6 +183,46 @@ def _ms(d: timedelta, what: str) -> int:
     return int(d.total_seconds() * 1000)
 
 
+@overload
+def join_table(
+    stream: Topic[L],
+    table: Topic[R],
+    *,
+    name: str,
+    how: Literal["inner"] = "inner",
+    as_of: AsOf = "event_time",
+    wait: timedelta = timedelta(0),
+    stream_key: Callable[[L], Hashable] | None = None,
+    table_key: Callable[[R], Hashable] | None = None,
+    deleted: Callable[[R], bool] | None = None,
+    stream_where: Callable[[L], bool] | None = None,
+    table_where: Callable[[R], bool] | None = None,
+    late: LateSink | None = None,
+    system_wait: timedelta | None = None,
+    partitions: int | None = None,
+) -> TableJoin[L, R]: ...
+
+
+@overload
+def join_table(
+    stream: Topic[L],
+    table: Topic[R],
+    *,
+    name: str,
+    how: Literal["left"],
+    as_of: AsOf = "event_time",
+    wait: timedelta = timedelta(0),
+    stream_key: Callable[[L], Hashable] | None = None,
+    table_key: Callable[[R], Hashable] | None = None,
+    deleted: Callable[[R], bool] | None = None,
+    stream_where: Callable[[L], bool] | None = None,
+    table_where: Callable[[R], bool] | None = None,
+    late: LateSink | None = None,
+    system_wait: timedelta | None = None,
+    partitions: int | None = None,
+) -> TableJoin[L, R | None]: ...
+
+
 def join_table(
     stream: Topic[L],
     table: Topic[R],
@@ -199,14 +239,15 @@ def join_table(
     late: LateSink | None = None,
     system_wait: timedelta | None = None,
     partitions: int | None = None,
-) -> TableJoin[L, R]:
+) -> TableJoin[L, Any]:
     """Join each event of ``stream`` with the value ``table`` has for its key.
 
     ``table`` is a topic of updates (a compacted topic: the last update of a
     key is its value); its values are kept per key in durable state, in the
     partition of the join topic the key lives in, so they survive restarts
     and follow a partition to another worker. ``how="inner"`` drops stream
-    events whose key has no value; ``"left"`` yields them with ``right=None``.
+    events whose key has no value; ``"left"`` yields them with ``right=None``
+    (the results are typed ``Joined[L, R]`` and ``Joined[L, R | None]``).
 
     ``as_of="event_time"`` (default) joins each event with the table's value
     *at the event's time*: the latest update with an event time at or before

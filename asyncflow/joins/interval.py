@@ -18,7 +18,7 @@ Example:
     >>> _ = op.on_event(1, "u1", 12_000, 2, "too late a buy")
     >>> [(j.left, j.right, j.time) for j in op.results]
     [('click', 'buy', 5000)]
-    >>> op.on_watermark(11_500); op.size   # only the late buy can still match
+    >>> op.on_watermark(11_500); op.size   # the click and the buy at 5 s are gone
     1
 """
 
