@@ -18,7 +18,7 @@ argument                          environment variable            default       
 ``drain_timeout`` (s)                                             10.0            finite >= 0
 ``shutdown_timeout`` (s)                                          30.0            finite > 0
 ``watermark_interval`` (s)                                        0.2             finite >= 0.001
-``processing_guarantee``          ``ASYNCFLOW_PROCESSING_GUARANTEE``  at_least_once  see below
+``processing_guarantee``          see below                       at_least_once   see below
 ================================  ==============================  ==============  ==================
 
 Every setting is checked when the ``App`` is built: a value out of range
@@ -33,10 +33,10 @@ process, a temporary directory of the run's own), ``state_store`` is
 ``rocksdb``, ``lmdb``, ``sqlite`` or ``memory``. ``max_time_ahead`` bounds how
 far one event's time may be ahead of its partition's event time and of the
 wall clock (``none`` turns the guard off); an event beyond it is a dead letter.
-``processing_guarantee`` is ``at_least_once`` or ``exactly_once``: each
-checkpoint is then one broker transaction holding the outputs, the state's
-changelog records, the dead letters and the input offsets (Kafka with
-``client=rdkafka`` only; see ``docs/exactly-once.md``).
+``processing_guarantee`` (``ASYNCFLOW_PROCESSING_GUARANTEE``) is ``at_least_once`` or
+``exactly_once``: with the latter each checkpoint is one broker transaction
+holding the outputs, the state's changelog records, the dead letters and the
+input offsets (Kafka with ``client=rdkafka`` only; see ``docs/exactly-once.md``).
 
 Example:
     >>> import asyncflow as af
