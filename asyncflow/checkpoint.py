@@ -264,20 +264,27 @@ class Checkpointer:
         self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], timeout: float | None
     ) -> bool:
         """Steps 1 to 4 (under the lock): barrier, outputs, changelogs, local stores."""
+        try:
+            if self.transactions is not None:
+                # the cut must have no gap: every record at or before it is processed before
+                # the barrier and nothing after it is (other lanes may be ahead of a parked slice)
+                cuts = await self._gapless_cut(timeout)
+                if cuts is None:
+                    return False
+                cut, marks = cuts
+            return await self._take_behind_barrier(cut, marks, timeout)
+        finally:
+            if self.gate is not None:
+                self.gate.set()  # exactly-once: the reader dispatches again once committed
+
+    async def _take_behind_barrier(
+        self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], timeout: float | None
+    ) -> bool:
         state = self.state
-        if self.transactions is not None:
-            # the cut must have no gap: every record at or before it is processed before the
-            # barrier and nothing after it is (other lanes may be ahead of a parked slice)
-            cuts = await self._gapless_cut(timeout)
-            if cuts is None:
-                return False
-            cut, marks = cuts
         active = [lane for lane in self.lanes if lane not in self.finished]
         barrier = self._barrier = Barrier(len(active))
         for lane in active:
             self.lanes[lane].put_barrier(barrier)
-        if self.gate is not None:
-            self.gate.set()
         self.step = "lanes"
         try:
             if timeout is None:
@@ -334,8 +341,10 @@ class Checkpointer:
         parked for a full lane leaves a gap below records other lanes process. A
         cut below such a gap would commit outputs of records it does not cover (a
         replay would write them again), so the reader dispatches nothing until the
-        parked slices are in their lanes. ``None`` (gate open again) if that takes
-        longer than ``timeout``.
+        parked slices are in their lanes; it stays held until the transaction is
+        over (the lanes wait for it anyway, and a record dead-lettered while it
+        commits would go into it). ``None`` (gate open again) if the parked slices
+        take longer than ``timeout``.
         """
         dispatcher = self.dispatcher
         gate = self.gate

@@ -110,6 +110,8 @@ class SourceRunner:
             runtime.dead_letters.raw,
             max_time_ahead_ms=app.max_time_ahead_ms,
         )
+        self.owned: set[Hashable] = set()
+        """Partitions assigned here now."""
         self.gate = asyncio.Event()
         """Exactly-once: the reader dispatches only while it is set (see ``Checkpointer.gate``)."""
         self.gate.set()
@@ -130,6 +132,7 @@ class SourceRunner:
         """Restore the partitions' state, then let the dispatcher read them."""
         log.info("assigned %s", _fmt(partitions))
         parts = list(partitions)
+        self.owned.update(parts)
         self.checkpointer.lost.difference_update(parts)
         committed: dict[Hashable, int | None] = {}
         if isinstance(self.source, CommittedPositions) and self.runtime.state.has_state:
@@ -147,6 +150,7 @@ class SourceRunner:
     async def on_revoked(self, partitions: Collection[Hashable]) -> None:
         """Take back their queued events, checkpoint, then give up their state."""
         gone = set(partitions)
+        self.owned.difference_update(gone)
         log.info("revoking %s: checkpointing", _fmt(partitions))
         if self.checkpointer.transactions is None:
             # exactly-once drains what the lanes hold instead: a cut below records other
@@ -171,6 +175,7 @@ class SourceRunner:
         the last checkpoint is replayed by the new owner.
         """
         gone = set(partitions)
+        self.owned.difference_update(gone)
         tx = self.checkpointer.transactions
         if tx is not None:
             # their outputs may be in the open transaction: it must never commit
@@ -200,6 +205,8 @@ class SourceRunner:
             if batches:
                 if not gate.is_set():
                     await gate.wait()  # exactly-once: a checkpoint takes a gapless cut
+                    # partitions revoked meanwhile: their records are their new owner's
+                    batches = [b for b in batches if b.partition in self.owned]
                 for b in batches:
                     dispatcher.dispatch(b)
                 dispatcher.broadcast_watermark()
