@@ -74,7 +74,7 @@ class TableJoinOperator:
     __slots__ = (
         "_deleted",
         "_heap",
-        "_multi",
+        "_stale",
         "as_of",
         "dirty",
         "how",
@@ -104,10 +104,11 @@ class TableJoinOperator:
         """Whether events without an event time cannot be joined (dead letters)."""
         self.versions: dict[Hashable, list[list[Any]]] = {}
         """Per key, the table's versions ``[time, seq, value]`` in (time, seq) order."""
-        self.pending: dict[Hashable, list[list[Any]]] = {}
-        """Per key, stream events ``[time, seq, value]`` waiting for the watermark."""
-        self._heap: list[tuple[int, int, Hashable]] = []
-        self._multi: set[Hashable] = set()  # keys with more than one version
+        self.pending: dict[Hashable, int] = {}
+        """Per key, how many stream events wait for the watermark (they are in ``_heap``)."""
+        self._heap: list[tuple[int, int, Hashable, Any]] = []  # (time, seq, key, value)
+        # (time from which a key's oldest version is hidden, seq, key): what to prune when
+        self._stale: list[tuple[int, int, Hashable]] = []
         self.watermark: int | None = None
         self.results: list[Joined[Any, Any]] = []
         self.dirty: set[Hashable] = set()
@@ -128,8 +129,9 @@ class TableJoinOperator:
         wm = self.watermark
         if wm is not None and time < wm:
             return False
-        insort(self.pending.setdefault(key, []), [time, seq, value], key=_order)
-        heapq.heappush(self._heap, (time, seq, key))
+        pending = self.pending
+        pending[key] = pending.get(key, 0) + 1
+        heapq.heappush(self._heap, (time, seq, key, value))
         self.dirty.add(key)
         return True
 
@@ -144,8 +146,7 @@ class TableJoinOperator:
         if vs is None:
             vs = self.versions[key] = []
         insort(vs, [time, seq, value], key=_order)
-        if len(vs) > 1:
-            self._multi.add(key)
+        self._due(key, vs)
         wm = self.watermark
         if wm is not None and time is not None and time < wm:
             self.late_updates += 1
@@ -160,7 +161,9 @@ class TableJoinOperator:
         heap = self._heap
         while heap and heap[0][0] < watermark:
             self._pop_next()
-        for key in list(self._multi):
+        stale = self._stale
+        while stale and stale[0][0] <= watermark:
+            key = heapq.heappop(stale)[2]
             vs = self.versions.get(key)
             if vs is not None:
                 self._prune(key, vs, watermark)
@@ -175,13 +178,15 @@ class TableJoinOperator:
         self.watermark = watermark
 
     def _pop_next(self) -> None:
-        time, seq, key = heapq.heappop(self._heap)
-        waiting = self.pending[key]
-        item = waiting.pop(0)
-        if not waiting:
-            del self.pending[key]
+        time, _, key, value = heapq.heappop(self._heap)
+        pending = self.pending
+        left = pending[key] - 1
+        if left:
+            pending[key] = left
+        else:
+            del pending[key]
         self.dirty.add(key)
-        self._emit(key, time, item[2], self._as_of(key, time))
+        self._emit(key, time, value, self._as_of(key, time))
 
     def _as_of(self, key: Hashable, time: int) -> Any:
         vs = self.versions.get(key)
@@ -211,18 +216,33 @@ class TableJoinOperator:
         if keep:
             del vs[:keep]
             self.dirty.add(key)
-        if len(vs) <= 1:
-            self._multi.discard(key)
-            if vs and vs[0][2] is DELETED and key not in self.pending:
-                del self.versions[key]
-                self.dirty.add(key)
+        if len(vs) == 1 and vs[0][2] is DELETED and key not in self.pending:
+            del self.versions[key]  # a lone deletion reads as no value: nothing to keep
+            self.dirty.add(key)
+        else:
+            self._due(key, vs)
+
+    def _due(self, key: Hashable, vs: list[list[Any]]) -> None:
+        """Note when the key's versions can next be pruned (its second version's time)."""
+        if len(vs) > 1:
+            t = vs[1][0]
+            heapq.heappush(self._stale, (-(2**63) if t is None else t, vs[1][1], key))
+        elif vs and vs[0][2] is DELETED:
+            t = vs[0][0]
+            heapq.heappush(self._stale, (-(2**63) if t is None else t, vs[0][1], key))
 
     # -- state ----------------------------------------------------------------------
     def export(self) -> list[tuple[Hashable, list[Item] | None]]:
         """The keys changed since the last export and their items (``None``: nothing left)."""
         out: list[tuple[Hashable, list[Item] | None]] = []
-        for key in self.dirty:
-            items: list[Item] = [(0, t, s, v) for t, s, v in self.pending.get(key, ())]
+        dirty, pending = self.dirty, self.pending
+        waiting: dict[Hashable, list[Item]] = {}
+        if any(key in pending for key in dirty):  # the heap is short: what ``wait`` holds
+            for t, seq, key, value in self._heap:
+                if key in dirty:
+                    waiting.setdefault(key, []).append((0, t, seq, value))
+        for key in dirty:
+            items = sorted(waiting.get(key, ()), key=lambda i: (i[1], i[2]))
             items.extend((1, t, s, v) for t, s, v in self.versions.get(key, ()))
             out.append((key, items or None))
         self.dirty = set()
@@ -233,12 +253,13 @@ class TableJoinOperator:
         for side, t, seq, value in items:
             if side == 0:
                 assert t is not None
-                self.pending.setdefault(key, []).append([t, seq, value])
-                heapq.heappush(self._heap, (t, seq, key))
+                self.pending[key] = self.pending.get(key, 0) + 1
+                heapq.heappush(self._heap, (t, seq, key, value))
             else:
                 self.versions.setdefault(key, []).append([t, seq, value])
-        if len(self.versions.get(key, ())) > 1:
-            self._multi.add(key)
+        vs = self.versions.get(key)
+        if vs:
+            self._due(key, vs)
 
     @property
     def size(self) -> int:
