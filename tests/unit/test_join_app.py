@@ -8,7 +8,6 @@ both runs together are exactly the batch join's: no match missing, none twice.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import tempfile
 from datetime import timedelta
@@ -109,7 +108,7 @@ async def run_with_restart(kind: str, events: list[Ev], how: Any, cut: int) -> l
         app, found = make_app(kind, state_dir, how)
         async with TestRun(app, broker=broker) as run:
             await produce(run, events[:cut])
-            await asyncio.sleep(0.01)
+            await wait_for(lambda: app.metrics.get("events_in") >= cut)  # the inputs are read
             await run.stop()
         got.extend(found.values)
         app, found = make_app(kind, state_dir, how)
@@ -119,6 +118,17 @@ async def run_with_restart(kind: str, events: list[Ev], how: Any, cut: int) -> l
             assert [reason_of(r) for r in run.dead_letters()] == []
         got.extend(found.values)
     return sorted(got, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
+
+
+def watermark_of(join: Any) -> int | None:
+    """The highest watermark a join's operators have reached (on any lane and partition)."""
+    marks = [
+        op.watermark
+        for joined in list(join._streams.values())
+        for op in joined._ops.values()
+        if op.watermark is not None
+    ]
+    return max(marks, default=None)
 
 
 SETTINGS = settings(
@@ -165,7 +175,7 @@ async def test_a_late_event_goes_to_the_late_output_and_is_not_matched() -> None
         await run.send("left", {"k": "a", "t": 1_000, "id": 1})
         await run.send("right", {"k": "a", "t": 50_000, "id": 2})  # both sides reach 50 s
         await run.send("left", {"k": "a", "t": 60_000, "id": 3})
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: (watermark_of(join) or 0) > 11_000)  # left 1 (1 s + 10 s) gone
         await run.send("right", {"k": "a", "t": 2_000, "id": 4})  # late: left 1 is forgotten
         await run.finish()
     assert found.sink.values == []  # type: ignore[attr-defined]
