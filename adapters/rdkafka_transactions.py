@@ -82,6 +82,11 @@ class KafkaTransactions:
         return self.open
 
     @property
+    def timeout(self) -> float:
+        """Seconds the coordinator keeps a silent transaction open (``transaction_timeout_ms``)."""
+        return self.settings.transaction_timeout_ms / 1000
+
+    @property
     def transactional_id(self) -> str:
         return self.producer.transactional_id or ""
 

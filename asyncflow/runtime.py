@@ -539,6 +539,9 @@ class Runtime:
             changelog_partitions=max(topics, default=1),
             metrics=app.metrics,
             exactly_once=self.transactions is not None,
+            # a restore's read_committed waits out a dead worker's open transaction, which
+            # the coordinator aborts after its timeout
+            restore_timeout=max(60.0, float(getattr(self.transactions, "timeout", 0.0)) + 30.0),
         )
         for table in app.tables.values():
             self.state.declare_table(table)

@@ -188,7 +188,13 @@ class TableShard:
         return meta
 
     async def persist_local(self, staged: Staged, meta: dict[str, bytes]) -> None:
-        """The local half of ``persist``: the changes and ``meta`` into the store, atomically."""
+        """The local half of ``persist``: the changes and ``meta`` into the store, atomically.
+
+        Nothing if the shard was let go meanwhile (its partition was lost while the
+        changelog was written): its next owner restores from the changelog.
+        """
+        if self.closed:
+            return
         if "marker_pos" in meta:
             self.marker_pos = int(meta["marker_pos"])
         if isinstance(self.store, MemoryStore) or not getattr(self.store, "write_in_thread", True):
