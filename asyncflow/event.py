@@ -26,13 +26,14 @@ import msgspec
 T = TypeVar("T")
 
 
-class Event(msgspec.Struct, Generic[T], eq=False, gc=False):
+class Event(msgspec.Struct, Generic[T], eq=False):
     """One decoded record: key, value, event time (ms), headers and source position.
 
     One is made per record read, so it is a C struct (``msgspec.Struct``,
-    built in about a third of a Python class's time) that the garbage collector
-    does not track: an event must not be part of a reference cycle (a value
-    that refers back to its own event). Events compare by identity.
+    built in about a third of a Python class's time). Events compare by
+    identity. The garbage collector still tracks them (``gc=False`` measured
+    faster but let a Kafka worker's memory climb from 160 to 400 MB: events
+    held in the lanes are what makes the young generation fill and collect).
 
     Example:
         >>> Event("k", 1, time=5, partition="p0", offset=3).offset

@@ -48,6 +48,19 @@ async def test_a_field_in_milliseconds_is_read_as_milliseconds_when_the_topic_sa
     assert await counts(broker, time="t", time_unit="ms") == ([(0, 2), (5000, 1)], [])
 
 
+async def test_a_time_just_before_a_window_end_stays_in_that_window_as_a_batch_would_place_it() -> None:
+    # 4.9998 s is before 5 s: floored to the millisecond, not rounded up into [5, 10)
+    broker = MemoryBroker()
+    load(broker, [{"t": 4.9998}, {"t": 5.0}, {"t": 1.001}])
+    assert await counts(broker, time="t") == ([(0, 2), (5000, 1)], [])
+
+
+async def test_a_record_time_just_before_a_window_end_stays_in_that_window() -> None:
+    broker = MemoryBroker()
+    load(broker, [{"id": "a", "time": 4.9998}, {"id": "a", "time": 5.0}])
+    assert await counts(broker, value_type=Reading) == ([(0, 1), (5000, 1)], [])
+
+
 async def test_milliseconds_read_as_seconds_are_dead_letters_that_name_the_field_and_the_unit() -> None:
     broker = MemoryBroker()
     load(broker, [{"t": 1_700_000_000_000}, {"t": 1_700_000_000}])
