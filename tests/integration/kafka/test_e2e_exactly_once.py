@@ -15,6 +15,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,13 +62,13 @@ async def topics(bootstrap: str) -> tuple[str, str]:
     return src, out
 
 
-def check_copies(outputs: list[dict[str, object]], n: int, keys: int) -> None:
+def check_copies(outputs: list[dict[str, Any]], n: int, keys: int) -> None:
     """Every input event in exactly one output: none lost, none twice."""
     copies = Counter((o["p"], o["o"]) for o in outputs)
     twice = {pos: c for pos, c in copies.items() if c > 1}
     if twice:
-        by: Counter[tuple[object, ...]] = Counter()
-        writers: dict[tuple[object, object], list[object]] = {}
+        by: Counter[tuple[Any, ...]] = Counter()
+        writers: dict[tuple[Any, Any], list[Any]] = {}
         for o in outputs:
             writers.setdefault((o["p"], o["o"]), []).append(o["pid"])
         for pos in twice:
@@ -113,7 +114,7 @@ async def test_a_copy_app_and_a_windowed_app_killed_20_times_each_write_every_re
         EosPool(kafka_url, win_cfg, tmp_path / "window") as windows,
         Tail(kafka_bootstrap, win_out, PARTITIONS) as tail,
     ):
-        reports: list[SoakReport] = await asyncio.gather(
+        reports: tuple[SoakReport, SoakReport] = await asyncio.gather(
             kill_soak(copies, ["w0", "w1"], kills=KILLS, rng=random.Random(seed),
                       produce_chunk=copy_chunk, pace=0.5, early_share=0.4, spread=1.0),
             kill_soak(windows, ["w0", "w1"], kills=KILLS, rng=random.Random(seed + 1),
