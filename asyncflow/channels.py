@@ -365,9 +365,15 @@ class Topic(Channel[T], Output):
     def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
         push, name = writer.push, self.name
         encode_key, encode = self.key_codec.encode, self.codec.encode
+        text_keys = type(self.key_codec) is StrCodec  # a str key is its UTF-8: no call for it
 
         def send(key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
-            kb = None if key is None else (key if isinstance(key, bytes) else encode_key(key))
+            if key is None:
+                kb = None
+            elif text_keys and type(key) is str:
+                kb = key.encode()
+            else:
+                kb = key if isinstance(key, bytes) else encode_key(key)
             return push(SinkRecord(kb, encode(value), name, headers))
 
         return send
