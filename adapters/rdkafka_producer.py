@@ -192,6 +192,24 @@ class RdProducer:
         failures, _ = await self.deliver(records, topic=topic, partition=partition)
         return failures
 
+    async def queue(self, records: Sequence[SinkRecord]) -> list[Failure]:
+        """Queue ``records`` without waiting for their delivery: the ones refused at once.
+
+        For a transactional producer: ``commit_transaction`` waits for every
+        record and fails (the transaction aborts) if one was not delivered.
+        """
+        producer = await self.start()
+        if self.before_send is not None:
+            await self.before_send()
+        self.queuing += 1
+        try:
+            failures, _ = await self._deliver(producer, records, None, None, wait=False)
+            return failures
+        finally:
+            self.queuing -= 1
+            if not self.queuing:
+                self.queued.set()
+
     async def deliver(self, records: Sequence[SinkRecord], *, topic: str | None = None,
                       partition: int | None = None) -> tuple[list[Failure], int]:
         """Queue ``records``, wait for their delivery reports: the failures, the last offset.
@@ -212,11 +230,11 @@ class RdProducer:
                 self.queued.set()
 
     async def _deliver(self, producer: Any, records: Sequence[SinkRecord], topic: str | None,
-                       partition: int | None) -> tuple[list[Failure], int]:
+                       partition: int | None, wait: bool = True) -> tuple[list[Failure], int]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Failure]] = loop.create_future()
         write = _Write(loop, future, len(records) + 1)
-        report = write.report
+        report = write.report if wait else None
         produce = producer.produce
         immediate: list[Failure] = []
         for r in records:
@@ -242,13 +260,16 @@ class RdProducer:
                     err = exc.args[0]
                     immediate.append(Failure(r, err.code(), describe_error(exc),
                                              err.code() in REFUSED_CODES))
-                    _count_down(write)
+                    if wait:
+                        _count_down(write)
                     break
                 except TypeError as exc:
                     raise SinkError(
                         f"Kafka records need bytes keys and values ({exc}); encode them with "
                         "the topic's codec before writing"
                     ) from None
+        if not wait:
+            return immediate, -1
         _count_down(write)  # the extra one: every record is queued
         failures = await future
         return immediate + failures, write.last_offset

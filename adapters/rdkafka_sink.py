@@ -6,9 +6,12 @@ picks what Kafka's Java client picks (``adapters.kafka_sink.kafka_partition``);
 they are (too large, invalid) come back as ``Rejected`` with the same reason
 the aiokafka sink gives; everything else that fails after librdkafka's
 retries raises ``SinkError``. Under exactly-once the producer is the worker's
-transactional one: what ``write`` returns is acknowledged but becomes visible
-to ``read_committed`` consumers only when the checkpoint's transaction
-commits.
+transactional one and ``write`` returns once the records are queued: they are
+durable, and visible to ``read_committed`` consumers, when the checkpoint's
+transaction commits (which waits for each of them, and aborts if one was not
+delivered, Kafka's rule for a transaction: so a record the broker refuses
+stops the worker; ``max_request_size`` at most the topics' ``max.message.bytes``
+lets the sink refuse oversize records itself, to the dead letters).
 
 Example:
     >>> from adapters.kafka_config import KafkaSettings
@@ -74,7 +77,12 @@ class RdKafkaSink:
         if self.producer.producer is None and not self._owns:
             raise SinkError("RdKafkaSink.write() before start(); start the sink first")
         records, rejected = await self._prepare(records)
-        failures = await self.producer.send(records) if records else []
+        if self.producer.transactional_id is not None:
+            # exactly-once: durable means committed; the checkpoint's commit waits for every
+            # record and aborts if one was not delivered
+            failures = await self.producer.queue(records) if records else []
+        else:
+            failures = await self.producer.send(records) if records else []
         if not failures:
             self.health.ok()
             return rejected

@@ -9,8 +9,9 @@ inside rebalance callbacks while it waits for the core) and hands back the
 result. It and hands each
 poll's records to the loop grouped by partition, one ``call_soon_threadsafe``
 per poll. At most ``_HANDOVER`` polls wait there: beyond that the thread
-pauses every partition and keeps polling (so rebalances and heartbeats go
-on) until the core has taken them. Rebalances are eager (``range,roundrobin``):
+waits for the core to take them (still running the calls the loop queues;
+librdkafka heartbeats in its own threads). Pausing the partitions instead
+would make librdkafka drop what it prefetched and fetch it again. Rebalances are eager (``range,roundrobin``):
 librdkafka calls the revoke callback in the polling thread, which hands the
 core's ``on_revoked`` (drain and checkpoint) to the loop and waits for it
 before librdkafka releases the partitions; ``on_assigned`` (restore) likewise
@@ -111,7 +112,6 @@ class RdKafkaSource:
         self._ready: list[list[RawBatch]] = []
         self._arrived = asyncio.Event()
         self._taken = threading.Event()
-        self._held = False
         self._paused: set[tuple[str, int]] = set()
         self._owned: dict[tuple[str, int], TopicPartition] = {}
         self._error: BaseException | None = None
@@ -235,8 +235,10 @@ class RdKafkaSource:
                 self._run_calls()
                 with self._lock:
                     full = len(self._ready) >= _HANDOVER
-                if full != self._held:
-                    self._hold(full)
+                if full:  # the core has enough to do: wait for it (calls are still served)
+                    self._taken.wait(_POLL)
+                    self._taken.clear()
+                    continue
                 messages = self.consumer.consume(
                     num_messages=self.fetch_max or self.settings.max_poll_records, timeout=_POLL
                 )
@@ -247,22 +249,6 @@ class RdKafkaSource:
                 continue
             if messages:
                 self._hand_over(messages, loop)
-            elif self._held:
-                self._taken.wait(_POLL)
-                self._taken.clear()
-
-    def _hold(self, hold: bool) -> None:
-        """Pause every partition while the core has polls waiting; resume what it did not pause."""
-        consumer = self.consumer
-        assigned = consumer.assignment()
-        if hold:
-            if assigned:
-                consumer.pause(assigned)
-        else:
-            again = [tp for tp in assigned if (tp.topic, tp.partition) not in self._paused]
-            if again:
-                consumer.resume(again)
-        self._held = hold
 
     def _hand_over(self, messages: list[Any], loop: asyncio.AbstractEventLoop) -> None:
         grouped: dict[tuple[str, int], list[Record]] = {}
@@ -319,7 +305,6 @@ class RdKafkaSource:
                  for tp in partitions}
         self._owned = parts
         self._paused.clear()
-        self._held = False
         if parts and self._listener is not None:
             self._call(self._listener.on_assigned(list(parts.values())), "assign")
 
@@ -407,12 +392,7 @@ class RdKafkaSource:
         if tps:
             self._paused.difference_update((tp.topic, tp.partition) for tp in tps)
             consumer = self.consumer
-
-            def resume() -> None:
-                if not self._held:
-                    consumer.resume(tps)
-
-            self._later(resume)
+            self._later(lambda: consumer.resume(tps))
 
     def _assigned(self, partitions: Iterable[Partition]) -> list[KafkaTP]:
         if self.consumer is None:
