@@ -47,6 +47,27 @@ _RETRY_PAUSE = 0.1
 """Seconds ``read`` waits (within its timeout) after a transient error before returning ``[]``."""
 
 
+def invalid_record(topic: str, partition: int, reason: str) -> SinkError:
+    """The error of a changelog record that is not bytes (both clients).
+
+    Example:
+        >>> str(invalid_record("c", 0, "a str"))[:48]
+        "a changelog record for topic 'c' partition 0 is "
+    """
+    return SinkError(
+        f"a changelog record for topic {topic!r} partition {partition} is not valid "
+        f"({reason}); changelog keys and values must be bytes (value None for a delete)"
+    )
+
+
+def no_partition(topic: str, url: str, partition: int, partitions: int) -> SinkError:
+    """The error of an append to a partition the changelog topic lacks (both clients)."""
+    return SinkError(
+        f"changelog topic {topic!r} on {url} has no partition {partition} "
+        f"({partitions} partitions); it needs one partition per source partition"
+    )
+
+
 class KafkaChangelog:
     """Appends to and reads back changelog partitions (one producer, one group-less consumer).
 
@@ -136,10 +157,7 @@ class KafkaChangelog:
                 key=record.key, value=record.value, timestamp=record.timestamp, headers=headers
             )
         except (TypeError, ValueError) as exc:
-            raise SinkError(
-                f"a changelog record for topic {topic!r} partition {partition} is not valid "
-                f"({exc}); changelog keys and values must be bytes (value None for a delete)"
-            ) from None
+            raise invalid_record(topic, partition, str(exc)) from None
         return added is not None
 
     async def _check_partition(self, producer: Any, topic: str, partition: int) -> None:
@@ -151,10 +169,7 @@ class KafkaChangelog:
                 f"{self.url}: {describe(exc)}; create it first (ensure_changelogs)"
             ) from None
         if partition not in parts:
-            raise SinkError(
-                f"changelog topic {topic!r} on {self.url} has no partition {partition} "
-                f"({len(parts)} partitions); it needs one partition per source partition"
-            )
+            raise no_partition(topic, self.url, partition, len(parts))
 
     async def _send(
         self,

@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTP
 
+from adapters.kafka_changelog import invalid_record, no_partition
 from adapters.kafka_config import KafkaSettings
 from adapters.kafka_health import BrokerHealth
 from adapters.kafka_source import KafkaSourceError
@@ -58,6 +59,7 @@ class RdKafkaChangelog:
         self._reader: Any = None
         self._read_lock = asyncio.Lock()
         self._append_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._counts: dict[str, int] = {}
         self._reading: tuple[str, int] | None = None
         self._next: int | None = None
 
@@ -78,6 +80,14 @@ class RdKafkaChangelog:
         lock = self._append_locks.get(key)
         if lock is None:
             lock = self._append_locks[key] = asyncio.Lock()
+        for r in records:
+            if r.key.__class__ is not bytes or (r.value is not None
+                                                 and r.value.__class__ is not bytes):
+                raise invalid_record(topic, partition, f"key {type(r.key).__name__}, value "
+                                     f"{type(r.value).__name__}")
+        count = await self._partitions(producer, topic, partition)
+        if not 0 <= partition < count:
+            raise no_partition(topic, self.url, partition, count)
         async with lock:
             failures, last = await producer.deliver(records, topic=topic, partition=partition)
         if failures:
@@ -89,6 +99,29 @@ class RdKafkaChangelog:
                 f"{len(failures)} of them may be missing"
             )
         return last
+
+    async def _partitions(self, producer: RdProducer, topic: str, partition: int) -> int:
+        """The changelog topic's partition count (asked once per topic)."""
+        count = self._counts.get(topic)
+        if count is None:
+            client = await producer.start()
+            try:
+                metadata = await asyncio.to_thread(
+                    client.list_topics, topic, self.settings.request_timeout_ms / 1000
+                )
+            except KafkaException as exc:
+                raise SinkError(
+                    f"cannot append to changelog topic {topic!r} partition {partition} on "
+                    f"{self.url}: {describe_error(exc)}; create it first (ensure_changelogs)"
+                ) from None
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                raise SinkError(
+                    f"cannot append to changelog topic {topic!r} partition {partition} on "
+                    f"{self.url}: it does not exist; create it first (ensure_changelogs)"
+                )
+            count = self._counts[topic] = len(found.partitions)
+        return count
 
     async def read(
         self, topic: str, partition: int, start: int, *, timeout: float, max_records: int = 10_000
