@@ -153,6 +153,8 @@ def _builder(cls: type[Record], kinds: list[str]) -> Callable[[Any], Any]:
         "_set_ms": Record.__dict__[_TIME_SLOT].__set__,
     }
     lines = ["def build(s):", "    self = _new(_cls)"]
+    # fields are stored as plain attributes unless the class has a __setattr__ of its own
+    plain_setattr = cls.__setattr__ is object.__setattr__
     for i, (f, kind) in enumerate(zip(cls._fields, kinds, strict=True)):
         if kind == "time":
             assert lazy is not None
@@ -169,12 +171,14 @@ def _builder(cls: type[Record], kinds: list[str]) -> Callable[[Any], Any]:
                 f"    _s{i}(self, v)",
             ]
             continue
-        setter = _slot_setter(cls, f)
-        ns[f"_s{i}"] = setter
         if kind == "datetime":
+            ns[f"_s{i}"] = _slot_setter(cls, f)
             ns[f"_n{i}"] = f
             lines += [f"    v = s.{f}", f"    _s{i}(self, None if v is None else _parse_time(v, _n{i})[0])"]
+        elif plain_setattr:  # a slot store in bytecode: no call per field
+            lines.append(f"    self.{f} = s.{f}")
         else:
+            ns[f"_s{i}"] = _slot_setter(cls, f)
             lines.append(f"    _s{i}(self, s.{f})")
     lines.append("    return self")
     exec("\n".join(lines), ns)  # noqa: S102 - generated from the class's own field names

@@ -122,3 +122,33 @@ def test_a_record_whose_annotations_resolve_after_the_class_still_has_its_event_
     r = codec.decode(b'{"id": "a", "time": 2}')
     assert (r.id, event_time_ms(r)) == ("a", 2000)
     assert "compiled_decode" in codec.decode.__code__.co_filename
+
+
+class Guarded(af.Record):
+    """A record that refuses attribute changes once it is built."""
+
+    id: str
+    value: float
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+
+def test_a_record_with_its_own_setattr_is_built_without_calling_it() -> None:
+    decode = compiled_decoder(Guarded, fallback=None)
+    assert decode is not None
+    got = decode(b'{"id": "g1", "value": 2.5}')
+    assert (got.id, got.value) == ("g1", 2.5)
+    with pytest.raises(AttributeError, match="read-only"):
+        got.value = 3.0
+
+
+def test_a_plain_record_is_built_by_attribute_stores_with_every_field_set() -> None:
+    decode = compiled_decoder(Reading, fallback=None)
+    assert decode is not None
+    doc = {"id": "r", "temperature": 1.5, "count": 2, "ok": True, "status": "OK",
+           "time": 1_700_000_000, "note": "n"}
+    got = decode(orjson.dumps(doc))
+    assert got == Reading.decode_obj(doc)
+    assert (got.id, got.temperature, got.count, got.ok, got.note, got.extra) == (
+        "r", 1.5, 2, True, "n", None)
