@@ -104,11 +104,13 @@ class JsonCodec(Generic[T]):
 
         decode = compiled_decoder(record_type, fallback=python_decode) or python_decode
         self.decode = decode
+        many = getattr(decode, "many", None)  # the compiled decoder's batch loop
+        if many is None:
 
-        def decode_many(datas: list[bytes]) -> list[Any]:
-            return list(map(decode, datas))
+            def many(datas: list[bytes]) -> list[Any]:
+                return list(map(decode, datas))
 
-        self.decode_many = decode_many
+        self.decode_many = many
 
     def encode(self, value: T) -> bytes:
         # a right-sized copy: orjson's result keeps a ~4 KB allocation alive behind it,

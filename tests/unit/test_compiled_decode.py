@@ -152,3 +152,18 @@ def test_a_plain_record_is_built_by_attribute_stores_with_every_field_set() -> N
     assert got == Reading.decode_obj(doc)
     assert (got.id, got.temperature, got.count, got.ok, got.note, got.extra) == (
         "r", 1.5, 2, True, "n", None)
+
+
+def test_a_batch_decodes_to_the_records_and_errors_of_one_record_at_a_time() -> None:
+    decode = compiled_decoder(Reading, fallback=python_decode)
+    assert decode is not None
+    good = {"id": "r", "temperature": 1.5, "count": 2, "ok": True, "status": "OK",
+            "time": "2024-03-01T12:00:00Z", "seen": "2024-03-01T12:00:01+00:00"}
+    odd = {**good, "temperature": 2}  # an int where a float goes: msgspec takes it as the record does
+    batch = [orjson.dumps(good), orjson.dumps(odd)]
+    assert decode.many(batch) == [decode(b) for b in batch]  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError) as one:
+        decode(orjson.dumps({**good, "status": "MAYBE"}))
+    with pytest.raises(DecodeError) as many:
+        decode.many([*batch, orjson.dumps({**good, "status": "MAYBE"})])  # type: ignore[attr-defined]
+    assert str(many.value) == str(one.value)
