@@ -34,6 +34,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from adapters.kafka import KafkaBroker
+from adapters.rdkafka_bridge import refuse_fast
 from adapters.rdkafka_changelog import RdKafkaChangelog
 from adapters.rdkafka_config import admin_config, describe_error
 from adapters.rdkafka_producer import RdProducer
@@ -99,6 +100,8 @@ class RdKafkaBroker(KafkaBroker):
         return self._admin_rd
 
     async def _metadata(self) -> Any:
+        if self._admin_rd is None:
+            await refuse_fast(self.settings, self.url)
         admin = self._admin_rd_client()
         timeout = min(self.settings.request_timeout_ms, self.settings.connect_timeout_ms) / 1000
         try:

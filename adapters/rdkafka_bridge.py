@@ -37,7 +37,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError
 
+from adapters.kafka_config import KafkaSettings
 from adapters.kafka_health import BrokerHealth
+from asyncflow.errors import BrokerUnavailable
 
 log = logging.getLogger("asyncflow.kafka")
 
@@ -103,3 +105,27 @@ def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -
 
 
 soon = _soon
+
+
+async def refuse_fast(settings: KafkaSettings, url: str) -> None:
+    """``BrokerUnavailable`` at once if every bootstrap server refuses a TCP connection.
+
+    librdkafka would retry until its timeout; aiokafka says so at once, and so
+    does this. A server that accepts (or does not answer) is left to the client.
+    """
+    timeout = settings.connect_timeout_ms / 1000
+    for server in settings.bootstrap_servers:
+        host, _, port = server.rpartition(":")
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        except (ConnectionRefusedError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                return
+            continue
+        except TimeoutError:
+            return
+        writer.close()
+        return
+    servers = ", ".join(settings.bootstrap_servers)
+    raise BrokerUnavailable(url, f"no bootstrap server accepted a connection ({servers})")

@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from adapters.kafka_config import KafkaSettings
 from adapters.kafka_health import BrokerHealth
-from adapters.rdkafka_bridge import CONNECTION_CODES, error_callback, soon
+from adapters.rdkafka_bridge import CONNECTION_CODES, error_callback, refuse_fast, soon
 from adapters.rdkafka_config import describe_error, producer_config
 from asyncflow.errors import BrokerUnavailable, ConfigError, SinkError
 from asyncflow.protocols import SinkRecord
@@ -130,6 +130,7 @@ class RdProducer:
             if self.producer is not None:
                 return self.producer
             loop = asyncio.get_running_loop()
+            await refuse_fast(self.settings, self.url)
             conf = producer_config(self.settings, transactional_id=self.transactional_id)
             conf["error_cb"] = error_callback(loop, self.health, self.what)
             if self.acks_all:

@@ -49,7 +49,13 @@ from confluent_kafka import TopicPartition as KafkaTP
 from adapters.kafka_config import KafkaSettings
 from adapters.kafka_health import BrokerHealth
 from adapters.kafka_source import KafkaSourceError
-from adapters.rdkafka_bridge import CONNECTION_CODES, error_callback, soon, wait_for_loop
+from adapters.rdkafka_bridge import (
+    CONNECTION_CODES,
+    error_callback,
+    refuse_fast,
+    soon,
+    wait_for_loop,
+)
 from adapters.rdkafka_config import consumer_config, describe_error
 from asyncflow.checkpoint import CommitFailed, TransactionAborted
 from asyncflow.errors import BrokerUnavailable
@@ -153,6 +159,7 @@ class RdKafkaSource:
         self._listener = listener
         loop = self._loop = asyncio.get_running_loop()
         self._arrived = asyncio.Event()
+        await refuse_fast(self.settings, self.url)
         conf = consumer_config(self.settings, self.group_id, read_committed=self.read_committed)
         conf["error_cb"] = error_callback(loop, self.health, f"consumer of {self.group_id}")
         consumer = Consumer(conf)
