@@ -9,7 +9,9 @@ import time
 from collections.abc import AsyncIterator, Collection
 
 import pytest
+import pytest_asyncio
 
+from adapters import kafka_source
 from adapters.kafka import KafkaBroker, KafkaSource
 from asyncflow.protocols import Partition, Source, TopicPartition, TopicSpec
 from tests.integration.kafka import eos_workers
@@ -160,6 +162,58 @@ async def test_pause_stops_a_partition_and_resume_restarts_it(
         source.resume([paused])
         await read_until(core, 200)
     assert core.read[paused] == list(range(50))
+
+
+@pytest_asyncio.fixture
+async def aiokafka_broker(kafka_url: str) -> AsyncIterator[KafkaBroker]:
+    b = KafkaBroker(kafka_url, dict(TEST_OPTIONS))
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_a_held_partition_keeps_what_aiokafka_prefetched_for_it(
+    aiokafka_broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    # aiokafka's own pause drops a paused partition's prefetched records (fetched again
+    # on resume): a full lane holds its partitions in the source instead
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 30))
+    core = FakeCore()
+    everything = [TopicPartition(topic4, p) for p in range(4)]
+    async with running(aiokafka_broker, topic4, unique_name("g"), core) as source:
+        await wait_for(lambda: len(core.assigned) == 4, message="assignment")
+        source.pause(everything)
+        for _ in range(3):
+            assert await core.fetch_once(0.2) == 0
+        assert not source._consumer.paused()  # held here, not in the client
+        source.resume(everything)
+        await read_until(core, 120)
+    assert all(core.read[p] == list(range(30)) for p in everything)
+
+
+async def test_partitions_held_for_long_are_paused_in_the_client_and_the_source_keeps_polling(
+    aiokafka_broker: KafkaBroker, kafka_bootstrap: str, topic4: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka_source, "HOLD_AT_CLIENT_AFTER", 0.3)
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 20))
+    core = FakeCore()
+    everything = [TopicPartition(topic4, p) for p in range(4)]
+    async with running(aiokafka_broker, topic4, unique_name("g"), core) as source:
+        await wait_for(lambda: len(core.assigned) == 4, message="assignment")
+        source.pause(everything)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # nothing comes, but fetch goes on polling
+            assert await core.fetch_once(0.1) == 0
+        assert len(source._consumer.paused()) == 4
+        source.resume(everything[:2])
+        await read_until(core, 40)
+        assert set(core.read) == set(everything[:2])
+        source.resume(everything[2:])
+        await read_until(core, 80)
+        assert not source._consumer.paused()
+    assert all(core.read[p] == list(range(20)) for p in everything)
 
 
 async def test_two_members_split_partitions_and_the_survivor_takes_all(
