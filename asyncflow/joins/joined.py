@@ -10,8 +10,10 @@ State: the operator's buffered items of each key changed since the last
 checkpoint are exported, encoded (``asyncflow.joins.results.pack``), as the
 table ``<name>-join`` (key ``[lane, key]``; a tombstone when a key holds
 nothing), so they go to the local store and the changelog with the offsets
-like any window state. When a partition is assigned, its operator is rebuilt
-from the restored entries and watermark, and events the restored state
+like any window state. When a partition is assigned, each lane's operator is
+rebuilt from the restored entries of the keys it now gets (an entry a lane
+wrote before the lane count changed moves to its key's new lane) and the
+restored watermark, and events the restored state
 already reflects (offsets at or before the one it applied) are skipped: a
 restart or a takeover goes on where the last checkpoint was, and no match is
 found twice for what that checkpoint covered.
@@ -113,6 +115,7 @@ class JoinedStream(Generic[L, R]):
     __slots__ = (
         "_codecs",
         "_ended",
+        "_moved",
         "_quiet",
         "_read",
         "_rest",
@@ -156,6 +159,7 @@ class JoinedStream(Generic[L, R]):
         self._ready: deque[tuple[Joined[Any, Any], Event[Any]]] = deque()
         self._read: dict[Hashable, int] = {}  # per partition, the last offset read
         self._rest: tuple[list[Event[Any]], list[Any] | None, int] | None = None
+        self._moved: dict[Hashable, list[bytes]] = {}  # entries of other lanes' keys, to drop
         self._ended = False
         self.table = name
         state = getattr(stream._lane, "state", None)
@@ -173,10 +177,18 @@ class JoinedStream(Generic[L, R]):
         shard = await state.window_shard(self.table, partition)
         if shard.frontier is not None:
             op.set_watermark(shard.frontier - self._wait)
-        codecs = self._codecs
-        for kb, vb in shard.lane_items(lane.index, lane.lanes, lane_of):
-            _, key = decode_key(kb)
+        codecs, index, lanes = self._codecs, lane.index, lane.lanes
+        moved: list[bytes] = []
+        for kb, vb in shard.store.items():  # this lane's keys: where the dispatcher sends them now
+            stored, key = decode_key(kb)
+            if lane_of(key, lanes) != index:
+                continue
             op.load(key, unpack(vb, codecs))
+            if stored != index:  # written by another lane (the lane count changed): move it
+                moved.append(kb)
+                op.dirty.add(key)
+        if moved:
+            self._moved[partition] = moved
         if shard.applied is not None:
             self._skip[partition] = shard.applied
             self._read[partition] = shard.applied
@@ -193,12 +205,15 @@ class JoinedStream(Generic[L, R]):
                     (encode_key((lane, key)), None if items is None else pack(items, codecs))
                     for key, items in op.export()
                 ]
+        for p, moved in self._moved.items():
+            out.setdefault(p, []).extend((kb, None) for kb in moved)
+        self._moved = {}
         return out
 
     @property
     def dirty(self) -> bool:
         """Whether any key's buffered items changed since the last export."""
-        return any(op.dirty for op in self._ops.values())
+        return bool(self._moved) or any(op.dirty for op in self._ops.values())
 
     def drop_partitions(self, partitions: Collection[Hashable]) -> None:
         """Forget revoked partitions (their state went with the checkpoint)."""
@@ -207,6 +222,7 @@ class JoinedStream(Generic[L, R]):
             self._skip.pop(p, None)
             self._read.pop(p, None)
             self._seen.pop(p, None)
+            self._moved.pop(p, None)
 
     def operator(self, partition: Hashable) -> JoinOperator | None:
         """The operator of a partition (for inspection and tests)."""

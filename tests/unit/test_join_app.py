@@ -2,7 +2,7 @@
 
 Both inputs are produced in a random order that stays within the join's
 ``wait``; the worker is stopped half way (drain, checkpoint, commit) and a new
-worker with the same local store (SQLite) and broker reads on. The outputs of
+worker with the same local store (SQLite) and broker, and one lane more, reads on. The outputs of
 both runs together are exactly the batch join's: no match missing, none twice.
 """
 
@@ -59,7 +59,9 @@ def batch_as_of(events: list[Ev], how: str) -> list[tuple[int, int | None]]:
     return sorted(out)
 
 
-def make_app(kind: str, state_dir: str | None, how: Any = "inner") -> tuple[af.App, CaptureSink]:
+def make_app(
+    kind: str, state_dir: str | None, how: Any = "inner", lanes: int = 2
+) -> tuple[af.App, CaptureSink]:
     app = af.App(
         "joins",
         state_dir=state_dir,
@@ -88,7 +90,7 @@ def make_app(kind: str, state_dir: str | None, how: Any = "inner") -> tuple[af.A
     found = CaptureSink("found")
     out = app.sink(found)
 
-    @app.agent(join.topic, concurrency=2)
+    @app.agent(join.topic, concurrency=lanes)
     async def pairs(stream: af.Stream[Any]) -> None:
         async for j in join.joined(stream):
             await out.send(j.key, (j.left["id"], None if j.right is None else j.right["id"]))
@@ -111,7 +113,7 @@ async def run_with_restart(kind: str, events: list[Ev], how: Any, cut: int) -> l
             await wait_for(lambda: app.metrics.get("events_in") >= cut)  # the inputs are read
             await run.stop()
         got.extend(found.values)
-        app, found = make_app(kind, state_dir, how)
+        app, found = make_app(kind, state_dir, how, lanes=3)  # state moves to other lanes
         async with TestRun(app, broker=broker) as run:
             await produce(run, events[cut:])
             await run.finish()
@@ -416,3 +418,27 @@ async def test_state_ahead_of_the_committed_offsets_finds_no_match_twice() -> No
             )
         expected = batch_interval(events) if kind == "interval" else batch_as_of(events, "left")
         assert sorted(first, key=str) == sorted(expected, key=str)
+
+
+async def test_as_of_latest_joins_each_event_at_once_with_the_value_read_before_it() -> None:
+    app = af.App("latest")
+    rides: af.Topic[Any] = app.topic("rides", key=lambda r: r["d"])  # no event time needed
+    drivers: af.Topic[Any] = app.topic("drivers", key=lambda d: d["id"])
+    join = join_table(rides, drivers, name="rd", how="left", as_of="latest")
+    found = app.sink(CaptureSink("found"))
+
+    @app.agent(join.topic)
+    async def enrich(stream: af.Stream[Any]) -> None:
+        async for j in join.joined(stream):
+            await found.send(j.key, (j.left["r"], j.right and j.right["name"]))
+
+    async with TestRun(app) as run:
+        await run.send("drivers", {"id": 1, "name": "Ann"})
+        await wait_for(lambda: app.metrics.get("events_in") >= 2)  # read and forwarded
+        await run.send("rides", {"r": "x", "d": 1})
+        await wait_for(lambda: bool(found.sink.values))  # type: ignore[attr-defined]
+        await run.send("drivers", {"id": 1, "name": "Ann B."})
+        await wait_for(lambda: app.metrics.get("events_in") >= 6)
+        await run.send("rides", {"r": "y", "d": 1})
+        await run.finish()
+    assert found.sink.values == [("x", "Ann"), ("y", "Ann B.")]  # type: ignore[attr-defined]
