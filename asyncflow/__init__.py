@@ -7,7 +7,7 @@ semantics; bounded lane queues pause sources instead of growing.
 ``import asyncflow as af`` gives the user API (``__all__``, what ``help``
 lists): the app and its declarations, typed records, streams, windows and
 aggregates, state, outputs and sinks, error policies, async lookups, codecs,
-clocks and errors. Tests use ``asyncflow.testing``; connectors live in the
+clocks and errors, joins. Tests use ``asyncflow.testing``; connectors live in the
 ``adapters`` package. A few names the connectors and runtime exchange
 (``Broker``, ``Source``, ``RawBatch``, ``TopicSpec``, ``TopicPartition``,
 ``Watermark``, ``Agent``...) are importable from here too, for code written
@@ -43,6 +43,7 @@ from asyncflow.errors import (
     TopicMissing,
 )
 from asyncflow.event import Event, Watermark  # noqa: F401 - Watermark: not in __all__
+from asyncflow.joins import IntervalJoin, Joined, JoinedStream, TableJoin, interval_join, join_table
 from asyncflow.memory import MemoryBroker
 from asyncflow.protocols import (  # noqa: F401 - Broker, RawBatch, Source, TopicPartition, TopicSpec: not in __all__
     Broker,
@@ -91,6 +92,8 @@ __all__ = [
     "Stream", "WindowedStream", "WindowResult", "Tumbling", "Hopping", "Session",
     "ProcessingTumbling", "ProcessingHopping", "to_epoch_ms",
     "Aggregate", "Count", "Sum", "Mean", "Min", "Max", "First", "Last", "Collect", "fold", "reduce",
+    # joins
+    "join_table", "interval_join", "TableJoin", "IntervalJoin", "JoinedStream", "Joined",
     # async lookups
     "AsyncMapped", "Cache", "InFlight",
     # error policies

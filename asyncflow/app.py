@@ -69,6 +69,7 @@ from asyncflow.state.table import Table
 from asyncflow.stream import Stream
 
 if TYPE_CHECKING:
+    from asyncflow.joins import Join
     from asyncflow.runtime import Runtime
 
 T = TypeVar("T")
@@ -418,7 +419,7 @@ class App:
 
     def agent(
         self,
-        channel: Channel[Any],
+        channel: Channel[Any] | Join[Any, Any],
         *,
         concurrency: int = 1,
         sink: Output | list[Output] | None = None,
@@ -441,6 +442,10 @@ class App:
             'stop'
         """
         sinks = [] if sink is None else (sink if isinstance(sink, list) else [sink])
+        from asyncflow.joins import Join as JoinType
+
+        if isinstance(channel, JoinType):  # a join: its agents read its internal topic
+            channel = channel.topic
 
         def register(fn: Callable[[Stream[Any]], Any]) -> Callable[[Stream[Any]], Any]:
             agent = Agent(

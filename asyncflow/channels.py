@@ -37,9 +37,11 @@ from asyncflow.writer import SinkWriter
 
 if TYPE_CHECKING:
     from asyncflow.app import App
+    from asyncflow.joins import IntervalJoin, TableJoin
     from asyncflow.state.table import Table
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _time_getter(
@@ -184,6 +186,47 @@ class Channel(Generic[T]):
         if app is None:
             raise ConfigError(f"{self.name!r} belongs to no app: declare it with app.topic(...)")
         return repartition(app, self, name, key_fn, partitions=partitions)
+
+    def join_table(self, table: Topic[R], *, name: str, **options: Any) -> TableJoin[T, R]:
+        """Join each event of this topic with ``table``'s value for its key (``asyncflow.joins``).
+
+        ``options`` are ``asyncflow.joins.join_table``'s (``how``, ``as_of``, ``wait``...).
+
+        Example:
+            >>> import asyncflow as af
+            >>> app = af.App("taxi")
+            >>> rides = app.topic("rides", key=lambda r: r["driver"])
+            >>> drivers = app.topic("drivers", key=lambda d: d["id"])
+            >>> rides.join_table(drivers, name="ride-drivers", how="left").topic.name
+            'taxi-ride-drivers-join'
+        """
+        from asyncflow.joins import join_table
+
+        if not isinstance(self, Topic):
+            raise ConfigError(f"{self.name!r} is not a topic of the app's broker: it cannot be joined")
+        return join_table(self, table, name=name, **options)
+
+    def interval_join(self, other: Topic[R], *, name: str, **options: Any) -> IntervalJoin[T, R]:
+        """Join this topic's events with ``other``'s close in time (``asyncflow.joins``).
+
+        ``options`` are ``asyncflow.joins.interval_join``'s (``lower``, ``upper``, ``wait``...).
+
+        Example:
+            >>> import asyncflow as af
+            >>> from datetime import timedelta
+            >>> app = af.App("ads")
+            >>> views = app.topic("views", key=lambda v: v["u"])
+            >>> clicks = app.topic("clicks", key=lambda c: c["u"])
+            >>> j = views.interval_join(clicks, name="vc", lower=timedelta(0),
+            ...                         upper=timedelta(minutes=5))
+            >>> j.upper_ms
+            300000
+        """
+        from asyncflow.joins import interval_join
+
+        if not isinstance(self, Topic):
+            raise ConfigError(f"{self.name!r} is not a topic of the app's broker: it cannot be joined")
+        return interval_join(self, other, name=name, **options)
 
     def key_of(self, value: T) -> Hashable:
         """The key of a value under this channel's key function."""

@@ -49,6 +49,7 @@ from asyncflow.metrics import Metrics
 if TYPE_CHECKING:
     from asyncflow.agent import Retry
     from asyncflow.async_map import AsyncMapped, Cache, InFlight, Order
+    from asyncflow.joins import Join, JoinedStream
     from asyncflow.state.keyed import KeyedState
     from asyncflow.state.manager import StateManager
     from asyncflow.state.table import Table
@@ -342,6 +343,26 @@ class Stream(Generic[T]):
             self._windows[slot] = ws
             self._lane.windows.append(ws)
         return ws
+
+    def joined(self, join: Join[U, V]) -> JoinedStream[U, V]:
+        """The results of ``join`` on this lane (``asyncflow.joins``): ``Joined(key, left, right, time)``.
+
+        Call it once, before the loop, in an agent that reads the join
+        (``@app.agent(join)``); the same stream gets the same results back
+        when the agent body restarts after an error.
+
+        Example:
+            >>> import asyncflow as af
+            >>> app = af.App("taxi")
+            >>> rides = app.topic("rides", key=lambda r: r["driver"], time="t")
+            >>> drivers = app.topic("drivers", key=lambda d: d["id"], time="t")
+            >>> ride_drivers = af.join_table(rides, drivers, name="ride-drivers", how="left")
+            >>> @app.agent(ride_drivers)
+            ... async def enrich(stream):
+            ...     async for j in stream.joined(ride_drivers):
+            ...         print(j.left, j.right)
+        """
+        return join.joined(self)
 
     def map_async(
         self,
