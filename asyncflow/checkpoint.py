@@ -260,12 +260,26 @@ class Checkpointer:
             self.metrics.histogram("checkpoint_seconds").observe(seconds)
         return done and committed
 
+    @property
+    def gapless(self) -> bool:
+        """Whether cuts must have no gap: under exactly-once, and whenever there is state.
+
+        Lanes run a partition's records in key order: while a slice waits for
+        a full lane (parked) or was taken back, other lanes go on with later
+        records of the same partition. A cut below the gap leaves state that
+        reflects records past its offset, and the replay would apply them twice
+        (a running total too high after a restart or a rebalance); exactly-once
+        would commit outputs the cut does not cover. A stateless app needs no
+        gapless cut (its outputs may repeat under at-least-once).
+        """
+        return self.transactions is not None or self.state.has_state
+
     async def _take(
         self, cut: dict[Hashable, int], marks: dict[Hashable, int | None], timeout: float | None
     ) -> bool:
         """Steps 1 to 4 (under the lock): barrier, outputs, changelogs, local stores."""
         try:
-            if self.transactions is not None:
+            if self.gapless:
                 # the cut must have no gap: every record at or before it is processed before
                 # the barrier and nothing after it is (other lanes may be ahead of a parked slice)
                 cuts = await self._gapless_cut(timeout)
@@ -285,6 +299,8 @@ class Checkpointer:
         barrier = self._barrier = Barrier(len(active))
         for lane in active:
             self.lanes[lane].put_barrier(barrier)
+        if self.transactions is None and self.gate is not None:
+            self.gate.set()  # at-least-once: what is read from now on is behind the barrier
         self.step = "lanes"
         try:
             if timeout is None:
@@ -335,7 +351,7 @@ class Checkpointer:
     async def _gapless_cut(
         self, timeout: float | None
     ) -> tuple[dict[Hashable, int], dict[Hashable, int | None]] | None:
-        """Exactly-once: hold the reader until no slice is parked; the cut and marks then.
+        """Hold the reader until no slice is parked; the cut and marks then (see ``gapless``).
 
         Lanes run a partition's records in key order, not in offset order: a slice
         parked for a full lane leaves a gap below records other lanes process. A

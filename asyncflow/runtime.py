@@ -123,7 +123,7 @@ class SourceRunner:
             source=source,
             metrics=app.metrics,
             transactions=transactions,
-            gate=self.gate if transactions is not None else None,
+            gate=self.gate,
         )
         self.ended = asyncio.Event()
         self._reading = True
@@ -152,9 +152,10 @@ class SourceRunner:
         gone = set(partitions)
         self.owned.difference_update(gone)
         log.info("revoking %s: checkpointing", _fmt(partitions))
-        if self.checkpointer.transactions is None:
-            # exactly-once drains what the lanes hold instead: a cut below records other
-            # lanes already processed would commit outputs it does not cover
+        if not self.checkpointer.gapless:
+            # with state (or exactly-once) the lanes drain what they hold instead: a cut
+            # below records other lanes already processed would leave state ahead of it
+            # (exactly-once: commit outputs it does not cover)
             self.dispatcher.take_back(gone)
         done = await self.checkpointer.checkpoint(
             timeout=self.runtime.app.drain_timeout, only=gone
@@ -660,9 +661,10 @@ class Runtime:
                 await asyncio.gather(*aux, return_exceptions=True)
                 for r in runners:
                     if not r.ended.is_set():
-                        if r.checkpointer.transactions is not None:
-                            # exactly-once: the lanes drain what they hold (no take-back, which
-                            # would leave the last cut below records other lanes processed)
+                        if r.checkpointer.gapless:
+                            # state or exactly-once: the lanes drain what they hold (no
+                            # take-back, which would leave the last cut below records other
+                            # lanes processed)
                             await _drain_parked(r, left())
                         else:
                             # a stop, not the end of the input: what no lane has started
