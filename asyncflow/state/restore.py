@@ -170,6 +170,8 @@ async def restore_shard(
                     meta["offset"] = str(marker["offset"]).encode()
                 if marker.get("frontier") is not None:
                     meta["frontier"] = str(marker["frontier"]).encode()
+                if marker.get("lanes") is not None:
+                    meta["lanes"] = str(marker["lanes"]).encode()
                 if len(trusted) >= FLUSH_EVERY:
                     store.write(list(trusted.items()), meta)
                     trusted.clear()

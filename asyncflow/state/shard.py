@@ -81,6 +81,7 @@ class Staged:
     frontier: int | None
     checkpoint_id: str
     meta: dict[str, bytes] = field(default_factory=dict)
+    lanes: int | None = None
 
 
 class TableShard:
@@ -89,7 +90,8 @@ class TableShard:
     ``applied`` is the source offset the restored state already reflects:
     events at or before it are not applied again (a replay after a crash
     between the changelog write and the offset commit). ``checkpointed`` is
-    the offset of the last checkpoint persisted here.
+    the offset of the last checkpoint persisted here. ``lanes`` is the lane
+    count window entries (stored as ``[lane, key]``) were laid out for.
 
     Example:
         >>> TableShard("t", 0, MemoryStore(), None).applied is None
@@ -102,6 +104,7 @@ class TableShard:
         "checkpointed",
         "compensation",
         "frontier",
+        "lanes",
         "marker_id",
         "marker_pos",
         "partition",
@@ -125,6 +128,7 @@ class TableShard:
         self.applied: int | None = None
         self.checkpointed: int | None = None
         self.frontier: int | None = None
+        self.lanes: int | None = None
         self.marker_id: str | None = None
         self.marker_pos: int | None = None
         self.compensation: dict[bytes, bytes | None] = {}
@@ -137,6 +141,7 @@ class TableShard:
         self.applied = _int(store.meta("offset"))
         self.checkpointed = self.applied
         self.frontier = _int(store.meta("frontier"))
+        self.lanes = _int(store.meta("lanes"))
         marker = store.meta("marker_id")
         self.marker_id = marker.decode() if marker is not None else None
         self.marker_pos = _int(store.meta("marker_pos"))
@@ -158,7 +163,7 @@ class TableShard:
             offset = self.checkpointed
         if frontier is None:
             frontier = self.frontier
-        return Staged(changes, offset, frontier, checkpoint_id)
+        return Staged(changes, offset, frontier, checkpoint_id, lanes=self.lanes)
 
     async def persist(self, staged: Staged) -> None:
         """Write one staged checkpoint: changelog (changes, then the marker), then the store."""
@@ -176,11 +181,15 @@ class TableShard:
             meta["offset"] = str(staged.offset).encode()
         if staged.frontier is not None:
             meta["frontier"] = str(staged.frontier).encode()
+        if staged.lanes is not None:
+            meta["lanes"] = str(staged.lanes).encode()
         target = self.changelog
         if target is not None:
             marker: dict[str, Any] = {
                 "id": staged.checkpoint_id, "offset": staged.offset, "frontier": staged.frontier,
             }
+            if staged.lanes is not None:
+                marker["lanes"] = staged.lanes
             records = [target.record(k, v) for k, v in staged.changes]
             records.append(target.record(MARKER_KEY, orjson.dumps(marker)))
             position = await target.broker.append(target.topic, target.partition, records)
@@ -208,19 +217,45 @@ class TableShard:
     def lane_items(self, lane: int, lanes: int, lane_of: Any) -> list[tuple[bytes, bytes]]:
         """The restored entries of one lane (window state is stored as ``[lane, key]``).
 
-        The store is scanned once; each lane then takes its own entries. An
-        entry of a lane that no longer exists (fewer lanes than before) goes to
-        the lane its key hashes to.
+        The store is scanned once; each lane then takes its own entries. With
+        as many lanes as the entries were laid out for, an entry stays in its
+        stored lane (it was there because its events were). After the lane
+        count changed (the agent's ``concurrency``), an entry goes to the lane
+        its key routes to now, and the next checkpoint moves it there in the
+        store too (deleting the old entry), so that state and routing agree
+        at every later restart. Stores from before the lane count was kept
+        keep the stored lane while it exists.
+
+        Example:
+            >>> from asyncflow.keys import lane_of
+            >>> from asyncflow.state.codec import encode_key
+            >>> shard = TableShard("w", 0, MemoryStore(), None)
+            >>> shard.store.write([(encode_key((0, "k")), b"[]")], {"lanes": b"1"})
+            >>> shard.load_meta()
+            >>> moved = lane_of("k", 4)
+            >>> shard.lane_items(moved, 4, lane_of) == [(encode_key((moved, "k")), b"[]")]
+            True
+            >>> shard.lanes, len(shard.compensation)  # the old entry deleted, the new one written
+            (4, 2)
         """
         if self._lanes is None:
-            from asyncflow.state.codec import decode_key
+            from asyncflow.state.codec import decode_key, encode_key
 
+            stored_count = self.lanes
             grouped: dict[int, list[tuple[bytes, bytes]]] = {}
             for kb, vb in self.store.items():
                 stored_lane, key = decode_key(kb)
-                owner = stored_lane if 0 <= stored_lane < lanes else lane_of(key, lanes)
+                if stored_count == lanes or (stored_count is None and 0 <= stored_lane < lanes):
+                    owner = stored_lane
+                else:
+                    owner = lane_of(key, lanes)
+                    if owner != stored_lane:
+                        self.compensation[kb] = None
+                        kb = encode_key((owner, key))
+                        self.compensation[kb] = vb
                 grouped.setdefault(owner, []).append((kb, vb))
             self._lanes = grouped
+            self.lanes = lanes
         return self._lanes.pop(lane, [])
 
     def close(self) -> None:

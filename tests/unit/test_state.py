@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 import asyncflow as af
 from asyncflow.memory import MemoryBroker
@@ -74,13 +75,13 @@ def windows_of(rows: list[dict[str, Any]]) -> dict[tuple[str, int], int]:
     return dict(out)
 
 
-def windows_app(sink: CaptureSink, **settings: Any) -> af.App:
+def windows_app(sink: CaptureSink, lanes: int = 3, **settings: Any) -> af.App:
     app = af.App("windows", **settings)
     topic = app.topic("readings", key=lambda r: r["sensor"], time=lambda r: r["t"] / 1000,
                       partitions=4)
     out = app.sink(sink)
 
-    @app.agent(topic, concurrency=3)
+    @app.agent(topic, concurrency=lanes)
     async def count(stream: af.Stream[dict[str, Any]]) -> None:
         windows = stream.window(af.Tumbling(timedelta(milliseconds=SIZE_MS)),
                                 wait=timedelta(seconds=10), aggregate=af.Count())
@@ -129,6 +130,31 @@ async def test_a_restart_in_the_middle_of_windows_emits_every_window_once_with_i
     assert len(got) == len(set(got)), "a window was emitted twice"
     assert {(k, s): n for k, s, n in got} == windows_of(rows)
     assert app.metrics.get("late_events") == app2.metrics.get("late_events") == 0
+
+
+@pytest.mark.parametrize("lanes", [(3, 4), (4, 2), (3, 4, 4, 3)], ids=lambda ls: "->".join(map(str, ls)))
+@pytest.mark.parametrize("local", [False, True], ids=["changelog", "local-store"])
+async def test_windows_stay_whole_when_the_lane_count_changes_between_restarts(
+    lanes: tuple[int, ...], local: bool, tmp_path: Path
+) -> None:
+    broker = MemoryBroker()
+    rows = readings()
+    settings = {"state_dir": str(tmp_path)} if local else {}
+    chunks = [rows[i * len(rows) // len(lanes):(i + 1) * len(rows) // len(lanes)]
+              for i in range(len(lanes))]
+    sinks = [CaptureSink("out") for _ in lanes]
+    for i, (n, chunk, sink) in enumerate(zip(lanes, chunks, sinks, strict=True)):
+        async with TestRun(windows_app(sink, lanes=n, **settings), broker=broker) as run:
+            await send_readings(run, chunk)
+            if i == len(lanes) - 1:
+                await run.finish()
+            else:
+                half = len(chunk) // 2
+                await wait_for(lambda: run.app.metrics.get("events_in") >= half)  # noqa: B023
+                await run.stop()
+    got = emitted(*sinks)
+    assert len(got) == len({(k, s) for k, s, _ in got}), "a window was emitted twice"
+    assert {(k, s): n for k, s, n in got} == windows_of(rows)
 
 
 async def test_a_takeover_between_two_workers_gives_complete_windows_and_no_late_events() -> None:
