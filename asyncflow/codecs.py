@@ -34,6 +34,21 @@ def _default(value: Any) -> Any:
     return to_builtins(value) if not isinstance(value, type) else str(value)
 
 
+RIGHT_SIZED = orjson.OPT_APPEND_NEWLINE
+"""The orjson option behind a cheap right-sized copy: ``orjson.dumps(v, option=RIGHT_SIZED)[:-1]``.
+
+What ``orjson.dumps`` returns holds a ~4 KB allocation however short the
+text: thousands of them waiting in a sink buffer are megabytes, and made and
+freed at that rate they cost ~3 us each. A slice is a new object of exactly
+its size; ending the text with a newline and slicing it off copies it in one
+step (~90 ns), where ``bytes(memoryview(...))`` takes ~330 ns.
+
+Example:
+    >>> orjson.dumps({"a": 1}, option=RIGHT_SIZED)[:-1]
+    b'{"a":1}'
+"""
+
+
 def dumps(value: Any) -> bytes:
     """JSON-encode a value, records and dataclasses included.
 
@@ -113,9 +128,9 @@ class JsonCodec(Generic[T]):
         self.decode_many = many
 
     def encode(self, value: T) -> bytes:
-        # a right-sized copy: orjson's result keeps a ~4 KB allocation alive behind it,
-        # which adds up while records wait in sink buffers
-        return bytes(memoryview(orjson.dumps(value, default=_default)))
+        # a right-sized copy (RIGHT_SIZED): orjson's result keeps a ~4 KB allocation alive
+        # behind it, which adds up while records wait in sink buffers
+        return orjson.dumps(value, default=_default, option=RIGHT_SIZED)[:-1]
 
 
 class RawCodec:

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from asyncflow.codecs import RIGHT_SIZED
 from asyncflow.protocols import RawRecord, SinkRecord, TopicSpec
 from asyncflow.watermarks import PartitionWatermarks
 
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asyncflow.repartition")
 
-_JSON_KEY_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS
+_JSON_KEY_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS | RIGHT_SIZED
 MARK_HEADER = "asyncflow.watermark"
 """The header of a watermark marker in a repartition topic: ``<source>/<source count>``."""
 ORIGIN_HEADER = "asyncflow.origin"
@@ -100,7 +101,7 @@ def repartition_key_bytes(key: Any) -> bytes:
     if key is None:
         raise ValueError("the repartition key is None: every event needs a key to be routed by")
     # right-sized: orjson's own result keeps a ~4 KB allocation alive behind it, per record
-    return bytes(memoryview(orjson.dumps(key, option=_JSON_KEY_OPTIONS)))
+    return orjson.dumps(key, option=_JSON_KEY_OPTIONS)[:-1]
 
 
 def internal_topic_name(app_id: str, name: str) -> str:

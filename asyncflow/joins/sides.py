@@ -171,12 +171,7 @@ class SideForwarder:
                     if where is not None and not where(ev.value):
                         continue
                     k = key(ev.value)
-                    # right-sized: orjson's own result keeps a ~4 KB allocation behind it
-                    kb = (
-                        k.encode()
-                        if type(k) is str
-                        else bytes(memoryview(repartition_key_bytes(k)))
-                    )
+                    kb = repartition_key_bytes(k)  # right-sized already
                     vb = tag + encode(ev.value)
                 except Exception as exc:  # noqa: BLE001 - this value's problem: a dead letter
                     await stream.dead_letter(

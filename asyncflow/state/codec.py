@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from asyncflow.codecs import Codec
+from asyncflow.codecs import RIGHT_SIZED, Codec
 from asyncflow.records import Record
 
 _BYTES = b"\x00"
@@ -61,6 +61,8 @@ def _tuples(value: Any) -> Any:
     return value
 
 
+_VALUE_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | RIGHT_SIZED
+
 def encode_key(key: Any) -> bytes:
     """The bytes a key is stored under.
 
@@ -71,7 +73,7 @@ def encode_key(key: Any) -> bytes:
     if type(key) is bytes:
         return _BYTES + key
     # a right-sized copy: what orjson returns keeps a ~4 KB allocation alive behind it
-    return bytes(memoryview(orjson.dumps(key, default=_default)))
+    return orjson.dumps(key, default=_default, option=RIGHT_SIZED)[:-1]
 
 
 def decode_key(data: bytes) -> Any:
@@ -143,18 +145,16 @@ class JsonValues(Codec[Any]):
         # a right-sized copy (see encode_key): state values are kept until written
         try:
             try:
-                data = orjson.dumps(value, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+                data = orjson.dumps(value, default=_default, option=_VALUE_OPTIONS)
             except TypeError as exc:
                 if "Dict key must be str" not in str(exc):
                     raise
-                data = orjson.dumps(
-                    _keyed_maps(value), default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME
-                )
+                data = orjson.dumps(_keyed_maps(value), default=_default, option=_VALUE_OPTIONS)
         except orjson.JSONEncodeError as exc:
             if isinstance(exc.__cause__, TypeError):
                 raise exc.__cause__ from None  # _default's reason: what cannot be kept, and why
             raise
-        return bytes(memoryview(data))
+        return data[:-1]
 
     def decode(self, data: bytes) -> Any:
         value = orjson.loads(data)
