@@ -20,8 +20,12 @@ run: setup
 
 # The whole suite: lint, types, unit tests (memory broker, doctests) and integration
 # tests (Tansu Kafka broker, moto server, local SSE server — all started by fixtures).
+# Three pytest-xdist workers, each with its own servers: most of the suite waits on brokers,
+# group joins and killed processes rather than computing, so three share two cores well
+# (measured: 13.3 min serially, 6.7 min with -n 3).
+PYTEST_PARALLEL ?= -n 3 --dist worksteal
 test: setup lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 lint: setup
 	$(BIN)/ruff check asyncflow adapters apps tests benchmarks docs/_hooks
@@ -33,7 +37,7 @@ unit: setup
 	$(BIN)/pytest tests/unit asyncflow
 
 integration: setup
-	$(BIN)/pytest tests/integration
+	$(BIN)/pytest $(PYTEST_PARALLEL) tests/integration
 
 bench: setup
 	$(BIN)/python benchmarks/memory_pipeline.py
