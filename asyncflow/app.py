@@ -11,7 +11,7 @@ argument                          environment variable            default       
 ``lane_capacity`` (events)        ``ASYNCFLOW_LANE_CAPACITY``     2000            integer >= 1
 ``commit_interval`` (s)           ``ASYNCFLOW_COMMIT_INTERVAL``   1.0             finite >= 0.001
 ``idle_timeout`` (s)              ``ASYNCFLOW_IDLE_TIMEOUT``      10.0            finite >= 0
-``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         2000            integer >= 1
+``fetch_max`` (records)           ``ASYNCFLOW_FETCH_MAX``         10000           integer >= 1
 ``state_dir``                     ``ASYNCFLOW_STATE_DIR``         see below       a directory
 ``state_store``                   ``ASYNCFLOW_STATE_STORE``       ``rocksdb``     see below
 ``max_time_ahead`` (s)            ``ASYNCFLOW_MAX_TIME_AHEAD``    86400 (1 day)   finite > 0, none
@@ -249,7 +249,7 @@ class App:
         self.idle_timeout = seconds_setting(
             "idle_timeout", "ASYNCFLOW_IDLE_TIMEOUT", idle_timeout, 10.0, zero_ok=True
         )
-        self.fetch_max = int_setting("fetch_max", "ASYNCFLOW_FETCH_MAX", fetch_max, 2000)
+        self.fetch_max = int_setting("fetch_max", "ASYNCFLOW_FETCH_MAX", fetch_max, 10_000)
         self.dead_letter_target: str | Sink = dead_letter or f"{id}-dead-letters"
         self.clock: Clock = clock or SystemClock()
         self.drain_timeout = seconds_setting(

@@ -333,7 +333,7 @@ class MemorySource:
     """A member of a consumer group on the memory broker (satisfies ``Source``)."""
 
     def __init__(
-        self, broker: MemoryBroker, topics: list[str], group_id: str, fetch_max: int = 2000
+        self, broker: MemoryBroker, topics: list[str], group_id: str, fetch_max: int = 10_000
     ) -> None:
         self.broker = broker
         self.topics = topics
