@@ -63,6 +63,7 @@ def _tuples(value: Any) -> Any:
 
 _VALUE_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | RIGHT_SIZED
 
+
 def encode_key(key: Any) -> bytes:
     """The bytes a key is stored under.
 
