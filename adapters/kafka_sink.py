@@ -3,7 +3,9 @@
 One ``write`` groups its records by topic and partition, fills one producer
 batch after another per partition (``create_batch`` / ``append`` /
 ``send_batch``), keeps every partition's batches in flight at once, and
-returns when the broker has acknowledged all of them. Keyed records go to the
+returns when the broker has acknowledged all of them (``submit`` is the same
+in two steps: the writer hands the next batch over while this one waits for
+its acknowledgements, as a hand-written loop does). Keyed records go to the
 partition the Java client would pick (``murmur2(key) & 0x7fffffff % n``);
 keyless records of one write go to one partition, the next write to the next
 one (sticky, round-robin across writes).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -116,9 +118,29 @@ class KafkaSink:
         Within a partition the records keep their order, except records of a
         batch the broker refused, which are sent again one by one after the
         others. Returns the refused records (see the module docstring).
+        ``submit`` and then awaiting what it returns is the same in two steps.
+        """
+        return await (await self.submit(records))
+
+    async def submit(
+        self, records: Sequence[SinkRecord]
+    ) -> Coroutine[Any, Any, list[Rejected] | None]:
+        """Hand ``records`` to the producer; return what to await for their acknowledgement.
+
+        Returns once every record is in a producer batch, so records of one
+        ``submit`` reach each partition before those of the next: the core's
+        writer submits the next batch while this one is unacknowledged. Awaiting
+        the result gives what ``write`` returns (it raises ``SinkError`` as
+        ``write`` does); records over ``max_request_size`` are refused at once.
+
+        Example:
+            >>> async def two_in_flight(sink: KafkaSink) -> None:  # doctest: +SKIP
+            ...     first = await sink.submit([SinkRecord(b"k", b"1", topic="t")])
+            ...     second = await sink.submit([SinkRecord(b"k", b"2", topic="t")])
+            ...     await first, await second  # b"1" is before b"2" in partition of b"k"
         """
         if not records:
-            return None
+            return _nothing_refused()
         if self._producer is None:
             raise SinkError("KafkaSink.write() before start(); start the sink first")
         try:
@@ -133,6 +155,16 @@ class KafkaSink:
             *(self._send(topic, p, recs, refused) for (topic, p), recs in groups.items()),
             return_exceptions=True,
         )
+        return self._acknowledged(groups, sends, refused, len(records))
+
+    async def _acknowledged(
+        self,
+        groups: dict[tuple[str, int], list[SinkRecord]],
+        sends: list[Any],
+        refused: list[Rejected],
+        total: int,
+    ) -> list[Rejected]:
+        """Wait for a submitted write's batches; resend refused batches record by record."""
         pending: list[tuple[str, int, list[SinkRecord], Any]] = []
         failures: list[tuple[str, int, int, BaseException]] = []
         for ((topic, p), recs), sent in zip(groups.items(), sends, strict=True):
@@ -149,7 +181,7 @@ class KafkaSink:
                 else:
                     failures.append((topic, p, len(chunk), result))
         if failures:
-            raise self._error(failures, len(records))
+            raise self._error(failures, total)
         for topic, p, chunk, error in again:
             refused.extend(await self._one_by_one(topic, p, chunk, error))
         return refused
@@ -374,6 +406,10 @@ def unacknowledged(
         f"partition {partition} on {url}: {reason}) after the producer's retries "
         f"(request_timeout_ms={timeout_ms}); is the broker up and does the topic accept writes?"
     )
+
+
+async def _nothing_refused() -> list[Rejected] | None:
+    return None
 
 
 def _refusal(exc: BaseException) -> str | None:

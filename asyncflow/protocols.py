@@ -207,7 +207,10 @@ class Sink(Protocol):
     covers. Optional attributes tune the core's batching: ``max_batch``
     (records per write, default 500) and ``linger`` (seconds to wait for a
     fuller batch, default 0: write as soon as the previous write is done, see
-    ``asyncflow.writer``).
+    ``asyncflow.writer``). A sink whose client keeps order across requests may
+    also have ``async submit(records)``: hand the records over in order and
+    return an awaitable of what ``write`` would return; the writer then sends
+    the next batch before the previous one is acknowledged.
     """
 
     name: str

@@ -16,6 +16,13 @@ Records a write returns as ``Rejected`` (refused for what they are) go to
 done, so a flush that returns has them in the dead-letter writer's buffer; a
 writer without ``on_rejected`` fails as it would on an error.
 
+A sink that can pipeline (it has ``submit``: hand records to its client in
+order, return an awaitable of their acknowledgement) gets the next batch
+while the previous one is still unacknowledged, up to ``PIPELINE_DEPTH``
+writes in flight: their records reach the client in the order they were
+sent, and they count as written (``flush``) in that order, each once
+acknowledged. A plain ``write`` keeps one write in flight.
+
 Example:
     >>> import asyncio
     >>> from asyncflow.protocols import SinkRecord
@@ -40,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from operator import attrgetter
 from typing import Any
@@ -51,6 +58,14 @@ from asyncflow.observe.traces import carry_traceparent, start_write_span
 from asyncflow.protocols import Rejected, Sink, SinkRecord
 
 log = logging.getLogger("asyncflow.sink")
+
+PIPELINE_DEPTH = 2
+"""Writes a pipelining sink (one with ``submit``) may have unacknowledged at once.
+
+Two keep the client busy: one batch waits for its acknowledgement while the
+next is handed over (measured on Kafka: the lanes waited for the writer's
+buffer 15-20 times per 500,000 events with one write in flight, 3-5 with two).
+"""
 
 
 class SinkWriter:
@@ -91,6 +106,15 @@ class SinkWriter:
         self._write_seconds = self.metrics.histogram("sink_write_seconds", (self.name,))
         self.tracer: Any = None
         """An OpenTelemetry tracer (``asyncflow.observe.traces``) or ``None``: no spans."""
+        self._submit: Callable[[list[SinkRecord]], Awaitable[Awaitable[Any]]] | None = getattr(
+            sink, "submit", None)
+        # submitted writes not yet acknowledged, oldest first: (records, acknowledgement,
+        # when submitted, span); the settler (a task of ``run``) awaits them in order
+        self._in_flight: deque[tuple[list[SinkRecord], Awaitable[Any], float, Any]] = deque()
+        self._settler: asyncio.Task[None] | None = None
+        self._submitted = asyncio.Event()  # a write joined _in_flight, or run is finishing
+        self._slot = asyncio.Event()  # a write left _in_flight (or the writer failed)
+        self._finishing = False
 
     @property
     def buffered(self) -> int:
@@ -205,39 +229,57 @@ class SinkWriter:
             raise SinkError(f"sink {self.name} failed: {self._failed}") from self._failed
 
     async def run(self) -> None:
-        """The flush loop; runs until ``close`` and an empty buffer."""
+        """The flush loop; runs until ``close``, an empty buffer and every write acknowledged."""
         await self.sink.start()
-        turned = False  # whether the lanes had a turn since the first record came in
+        settler = None
+        if self._submit is not None:
+            settler = self._settler = asyncio.create_task(self._settle_loop())
         try:
-            while True:
-                if not self._records:
-                    if self._closed:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                urgent = self._flush_now or self._closed
-                if not urgent and len(self._records) < self.max_batch:
-                    remaining = self._first_at + self.linger - time.monotonic()
-                    if remaining > 0:
-                        self._wake.clear()
-                        try:
-                            async with asyncio.timeout(remaining):
-                                await self._wake.wait()
-                        except TimeoutError:
-                            pass
-                        continue
-                    if not turned:
-                        # one turn of the loop: every lane that has events now adds its outputs
-                        # to this batch; then nothing waits for a batch that may never fill
-                        turned = True
-                        await asyncio.sleep(0)
-                        continue
-                turned = False
-                await self._write_buffered()
+            await self._fill_loop()
+            if settler is not None:
+                self._finishing = True
+                self._submitted.set()
+                await settler  # raises the failure of an acknowledgement
         finally:
+            if settler is not None:
+                self._settler = None
+                if not settler.done():
+                    settler.cancel()
+                await asyncio.gather(settler, return_exceptions=True)
+                self._abandon_in_flight()
             self._room.set()
             self._progress.set()
+
+    async def _fill_loop(self) -> None:
+        """Take the buffer to the sink whenever it holds a batch or the lanes had their turn."""
+        turned = False  # whether the lanes had a turn since the first record came in
+        while True:
+            self._raise_if_failed()
+            if not self._records:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            urgent = self._flush_now or self._closed
+            if not urgent and len(self._records) < self.max_batch:
+                remaining = self._first_at + self.linger - time.monotonic()
+                if remaining > 0:
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(remaining):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                if not turned:
+                    # one turn of the loop: every lane that has events now adds its outputs
+                    # to this batch; then nothing waits for a batch that may never fill
+                    turned = True
+                    await asyncio.sleep(0)
+                    continue
+            turned = False
+            await self._write_buffered()
 
     async def _write_buffered(self) -> None:
         records = self._records
@@ -246,9 +288,13 @@ class SinkWriter:
         self._flush_now = False
         self._room.set()
         step = self.max_batch
+        pipelined = self._settler is not None
         try:
             for i in range(0, len(records), step):
                 chunk = records[i : i + step]
+                if pipelined:
+                    await self._submit_chunk(chunk)
+                    continue
                 began = time.monotonic()
                 span = None if self.tracer is None else start_write_span(
                     self.tracer, self.name, chunk)
@@ -257,21 +303,92 @@ class SinkWriter:
                 finally:
                     if span is not None:
                         span.end()
-                self._write_seconds.observe(time.monotonic() - began)
-                if refused:
-                    self._refused(refused)
-                self._written += len(chunk)
-                self._progress.set()
-                self.metrics.incr(f"sink.{self.name}.written", len(chunk))
-                self._count_out(chunk)
+                self._acknowledged(chunk, refused, began)
         except SinkError as exc:
-            self._failed = exc
-            self._progress.set()
+            self._fail(exc)
             raise
         except Exception as exc:
+            raise self._fail(exc) from exc
+
+    async def _submit_chunk(self, chunk: list[SinkRecord]) -> None:
+        """Hand ``chunk`` to a pipelining sink once fewer than ``PIPELINE_DEPTH`` are in flight."""
+        assert self._submit is not None
+        while len(self._in_flight) >= PIPELINE_DEPTH:
+            self._slot.clear()
+            await self._slot.wait()
+            self._raise_if_failed()
+        began = time.monotonic()
+        span = None if self.tracer is None else start_write_span(self.tracer, self.name, chunk)
+        try:
+            acknowledgement = await self._submit(chunk)
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
+        self._in_flight.append((chunk, acknowledgement, began, span))
+        self._submitted.set()
+
+    async def _settle_loop(self) -> None:
+        """Await the submitted writes' acknowledgements in order; count each as written."""
+        in_flight = self._in_flight
+        while True:
+            if not in_flight:
+                if self._finishing:
+                    return
+                self._submitted.clear()
+                await self._submitted.wait()
+                continue
+            chunk, acknowledgement, began, span = in_flight[0]
+            try:
+                refused = await acknowledgement
+                in_flight.popleft()
+                if span is not None:
+                    span.end()
+                self._acknowledged(chunk, refused, began)
+            except SinkError as exc:  # what is still in flight is abandoned by run
+                self._fail(exc)
+                raise
+            except Exception as exc:
+                raise self._fail(exc) from exc
+            self._slot.set()
+
+    def _acknowledged(self, chunk: list[SinkRecord], refused: Any, began: float) -> None:
+        """A write is done: its refused records to ``on_rejected``, then it counts as written."""
+        self._write_seconds.observe(time.monotonic() - began)
+        if refused:
+            self._refused(refused)
+        self._written += len(chunk)
+        self._progress.set()
+        self.metrics.incr(f"sink.{self.name}.written", len(chunk))
+        self._count_out(chunk)
+
+    def _fail(self, exc: Exception) -> SinkError:
+        """Remember the sink's failure (``send`` and ``flush`` raise it from now on)."""
+        error = exc if isinstance(exc, SinkError) else SinkError(
+            f"sink {self.name} failed to write a batch: {exc}")
+        if self._failed is None:
             self._failed = exc
-            self._progress.set()
-            raise SinkError(f"sink {self.name} failed to write a batch: {exc}") from exc
+        self._progress.set()
+        self._slot.set()
+        self._wake.set()
+        return error
+
+    def _raise_if_failed(self) -> None:
+        failed = self._failed
+        if failed is not None:
+            if isinstance(failed, SinkError):
+                raise failed
+            raise SinkError(f"sink {self.name} failed to write a batch: {failed}") from failed
+
+    def _abandon_in_flight(self) -> None:
+        """The writer stops with writes unacknowledged: no checkpoint covers them (replayed)."""
+        for _, acknowledgement, _, span in self._in_flight:
+            close = getattr(acknowledgement, "close", None)
+            if close is not None:
+                close()  # a coroutine never awaited: no warning about it
+            if span is not None:
+                span.end()
+        self._in_flight.clear()
 
     def _count_out(self, chunk: list[SinkRecord]) -> None:
         """``events_out`` by (sink, topic), counted per chunk (in C: ``Counter`` over ``map``)."""
