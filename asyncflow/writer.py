@@ -64,7 +64,7 @@ PIPELINE_DEPTH = 2
 
 Two keep the client busy: one batch waits for its acknowledgement while the
 next is handed over (measured on Kafka: the lanes waited for the writer's
-buffer 15-20 times per 500,000 events with one write in flight, 3-5 with two).
+buffer 15-20 times per 500,000 events with one write in flight, 0-5 with two).
 """
 
 
