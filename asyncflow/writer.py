@@ -364,21 +364,26 @@ class SinkWriter:
 
     def _fail(self, exc: Exception) -> SinkError:
         """Remember the sink's failure (``send`` and ``flush`` raise it from now on)."""
-        error = exc if isinstance(exc, SinkError) else SinkError(
-            f"sink {self.name} failed to write a batch: {exc}")
         if self._failed is None:
             self._failed = exc
         self._progress.set()
         self._slot.set()
         self._wake.set()
-        return error
+        return self._as_sink_error(exc)
+
+    def _as_sink_error(self, exc: BaseException) -> SinkError:
+        if isinstance(exc, SinkError):
+            return exc
+        return SinkError(f"sink {self.name} failed to write a batch: {exc}")
 
     def _raise_if_failed(self) -> None:
         failed = self._failed
-        if failed is not None:
-            if isinstance(failed, SinkError):
-                raise failed
-            raise SinkError(f"sink {self.name} failed to write a batch: {failed}") from failed
+        if failed is None:
+            return
+        error = self._as_sink_error(failed)
+        if error is failed:
+            raise error
+        raise error from failed
 
     def _abandon_in_flight(self) -> None:
         """The writer stops with writes unacknowledged: no checkpoint covers them (replayed)."""

@@ -55,12 +55,18 @@ async def turns(n: int = 20) -> None:
         await asyncio.sleep(0)
 
 
-async def test_the_next_batch_is_handed_over_while_the_previous_one_is_unacknowledged() -> None:
+def running_writer(records: int) -> tuple[PipeliningSink, SinkWriter, asyncio.Task[None]]:
+    """A running writer in front of a ``PipeliningSink``, holding ``records`` values 0, 1, ..."""
     sink = PipeliningSink()
     writer = SinkWriter(sink)
     run = asyncio.create_task(writer.run())
-    for v in range(6):
+    for v in range(records):
         writer.add(SinkRecord("k", v))
+    return sink, writer, run
+
+
+async def test_the_next_batch_is_handed_over_while_the_previous_one_is_unacknowledged() -> None:
+    sink, writer, run = running_writer(6)
     flush = asyncio.create_task(writer.flush())
     await turns()
     assert sink.submitted == [[0, 1], [2, 3]]  # two in flight, nothing acknowledged yet
@@ -85,11 +91,7 @@ async def test_the_next_batch_is_handed_over_while_the_previous_one_is_unacknowl
 
 
 async def test_closing_waits_for_every_batch_in_flight() -> None:
-    sink = PipeliningSink()
-    writer = SinkWriter(sink)
-    run = asyncio.create_task(writer.run())
-    for v in range(3):
-        writer.add(SinkRecord("k", v))
+    sink, writer, run = running_writer(3)
     writer.close()
     await turns()
     assert sink.submitted == [[0, 1], [2]]
@@ -101,11 +103,7 @@ async def test_closing_waits_for_every_batch_in_flight() -> None:
 
 
 async def test_a_failed_acknowledgement_stops_the_writer_and_nothing_in_flight_counts() -> None:
-    sink = PipeliningSink()
-    writer = SinkWriter(sink)
-    run = asyncio.create_task(writer.run())
-    for v in range(4):
-        writer.add(SinkRecord("k", v))
+    sink, writer, run = running_writer(4)
     flush = asyncio.create_task(writer.flush())
     await turns()
     sink.acks[1].set_result(None)
@@ -120,11 +118,7 @@ async def test_a_failed_acknowledgement_stops_the_writer_and_nothing_in_flight_c
 
 
 async def test_a_cancelled_writer_abandons_what_is_in_flight_without_counting_it() -> None:
-    sink = PipeliningSink()
-    writer = SinkWriter(sink)
-    run = asyncio.create_task(writer.run())
-    for v in range(4):
-        writer.add(SinkRecord("k", v))
+    sink, writer, run = running_writer(4)
     await turns()
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
