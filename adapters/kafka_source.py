@@ -7,7 +7,8 @@ partitions it awaits ``listener.on_revoked(partitions)``; the core drains and
 calls ``commit`` from inside that call, which works because the member still
 belongs to the old generation at that point. Until ``on_assigned`` has returned,
 ``fetch`` returns ``[]`` (after its timeout), so the core never sees a record of
-a partition it has not been told about.
+a partition it has not been told about; nor one aiokafka handed over before a
+revoke began (the new assignment reads it again from the committed offsets).
 
 Backpressure (``pause``) holds partitions back in the source, not in the
 client: ``fetch`` asks aiokafka for the other partitions only
@@ -111,6 +112,8 @@ class KafkaSource:
         self._owned: dict[KafkaTP, TopicPartition] = {}
         self._ready = asyncio.Event()
         self._stash: dict[Any, list[Any]] = {}
+        self._revocations = 0
+        """Revokes begun so far: what a ``getmany`` drained before one belongs to the old owner."""
         self._listener_error: BaseException | None = None
         self._failures = 0
         self.fetch_max: int | None = None
@@ -171,13 +174,20 @@ class KafkaSource:
                     wanted = [tp for tp in self._owned if tp not in self._held]
             try:
                 async with asyncio.timeout(timeout + _FETCH_GRACE):
-                    data = await self._getmany(wanted, timeout)
+                    data, drained_at = await self._getmany(wanted, timeout)
             except TimeoutError:
                 return []  # a rebalance began while waiting; the next fetch waits for it
             except ConsumerStoppedError:
                 return []  # stop() ran while this fetch waited
             except KafkaError as exc:
                 await self._fetch_failed(exc, timeout)
+                return []
+            if drained_at != self._revocations:
+                # taken from aiokafka's buffer before a revoke that began while this task
+                # waited to run again: the partitions' next owner (this member too, if they
+                # come back) reads them again from the committed offsets
+                log.debug("dropping %d records fetched before the rebalance",
+                          sum(len(r) for r in data.values()))
                 return []
             if not self._ready.is_set():
                 # a rebalance finished inside getmany but the core has not heard of it yet
@@ -219,8 +229,17 @@ class KafkaSource:
             )
         await asyncio.sleep(delay)
 
-    async def _getmany(self, wanted: list[KafkaTP], timeout: float) -> dict[KafkaTP, list[Any]]:
-        """aiokafka's ``getmany`` of ``wanted`` (all partitions when empty).
+    async def _getmany(
+        self, wanted: list[KafkaTP], timeout: float
+    ) -> tuple[dict[KafkaTP, list[Any]], int]:
+        """aiokafka's ``getmany`` of ``wanted`` (all partitions when empty), and when it drained.
+
+        When: the count of revokes begun at the moment the records left
+        aiokafka's buffer. The fetch task resumes a turn of the event loop or
+        more after that, and a revoke (even the whole rebalance) may run in
+        between: those records were read for the old assignment, and aiokafka
+        reads them again from the committed offsets for the new one. Handed
+        to the core, they would be applied twice.
 
         While some partitions are held back, a ``resume`` cuts the wait short,
         so a partition let go again is read at once, not after ``timeout``
@@ -230,12 +249,9 @@ class KafkaSource:
         consumer = self._consumer
         ms = int(timeout * 1000)
         if not wanted or not self._held:
-            result: dict[KafkaTP, list[Any]] = await consumer.getmany(
-                timeout_ms=ms, max_records=self.fetch_max)
-            return result
+            return await self._drain(consumer, (), ms)
         self._resumed.clear()
-        fetch = asyncio.ensure_future(
-            consumer.getmany(*wanted, timeout_ms=ms, max_records=self.fetch_max))
+        fetch = asyncio.ensure_future(self._drain(consumer, wanted, ms))
         resumed = asyncio.ensure_future(self._resumed.wait())
         try:
             await asyncio.wait((fetch, resumed), return_when=asyncio.FIRST_COMPLETED)
@@ -245,9 +261,18 @@ class KafkaSource:
                 fetch.cancel()
                 await asyncio.gather(fetch, return_exceptions=True)
         if fetch.cancelled():
-            return {}
-        got: dict[KafkaTP, list[Any]] = fetch.result()
+            return {}, self._revocations
+        got: tuple[dict[KafkaTP, list[Any]], int] = fetch.result()
         return got
+
+    async def _drain(
+        self, consumer: Any, wanted: Sequence[KafkaTP], ms: int
+    ) -> tuple[dict[KafkaTP, list[Any]], int]:
+        # getmany returns in the same step as it takes the records: the count read here is
+        # the one they were taken under
+        data: dict[KafkaTP, list[Any]] = await consumer.getmany(
+            *wanted, timeout_ms=ms, max_records=self.fetch_max)
+        return data, self._revocations
 
     async def _wait_for_resume(self, timeout: float) -> bool:
         """Every partition is held back: wait for a ``resume``; whether to fetch after all.
@@ -461,6 +486,7 @@ class KafkaSource:
 
     async def _revoked(self, revoked: Collection[KafkaTP]) -> None:
         self._ready.clear()
+        self._revocations += 1
         self._stash = {}
         parts = [self._owned.get(tp) or _from_kafka(tp) for tp in revoked]
         try:
