@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -97,6 +98,16 @@ class LaneContext:
         self.state = state
         self.finished = finished
         self.windows: list[Any] = []
+
+
+TURN_EVERY = 1024
+"""Values a per-item ``async for`` takes before the lane gives the event loop a turn.
+
+A lane runs its queued slices back to back while they last; under a backlog
+that is thousands of events, and meanwhile the writer cannot hand the outputs
+already made to the sink, nor another lane start. A turn every 1,024 values
+lets them in (one comparison per value, one task switch per 1,024).
+"""
 
 
 async def _no_dead_letter(event: Event[Any], reason: str) -> None:
@@ -601,6 +612,7 @@ class Stream(Generic[T]):
         restarts after an error goes on where this loop stopped.
         """
         skip = SKIP
+        budget = TURN_EVERY  # values until the next turn of the event loop, across slices
         while True:
             buf = self._buf
             pos = self._pos
@@ -618,6 +630,10 @@ class Stream(Generic[T]):
                     if value is skip:
                         continue
                     yield value
+                    budget -= 1
+                    if not budget:  # the writer and the other lanes get a turn
+                        budget = TURN_EVERY
+                        await asyncio.sleep(0)
                     if self._buf is not buf or self._pushed_back:
                         break
                 continue

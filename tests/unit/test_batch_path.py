@@ -10,6 +10,7 @@ dropped.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from datetime import timedelta
@@ -24,6 +25,7 @@ from asyncflow.chain import FILTER, KEY, MAP, SKIP, compile_chain
 from asyncflow.event import Event
 from asyncflow.keys import CACHE_LIMIT, HashCache, RawKeyCache, key_hash
 from asyncflow.memory import MemoryBroker
+from asyncflow.stream import TURN_EVERY
 from asyncflow.testing import CaptureSink, TestRun, reason_of, stream_of
 from asyncflow.windows import Aggregate
 
@@ -388,3 +390,32 @@ async def test_a_memory_broker_serves_one_event_loop_after_another() -> None:
     first = await count_once()
     second = await asyncio.get_running_loop().run_in_executor(None, asyncio.run, count_once())
     assert (first, second) == (1, 0)  # the group committed what the first run read
+
+
+async def test_a_lane_working_through_a_large_slice_gives_the_event_loop_a_turn_now_and_then() -> None:
+    """The writer and the other lanes are not locked out while one lane works through a backlog."""
+    app = af.App("turns")
+    numbers = app.topic("numbers", partitions=1)
+    ticks = 0
+    seen: list[int] = []  # the ticker's count when each value was handled
+
+    @app.agent(numbers)
+    async def count(stream: af.Stream[Any]) -> None:
+        async for _ in stream:
+            seen.append(ticks)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    events = 5 * TURN_EVERY
+    async with TestRun(app) as run:
+        task = asyncio.create_task(ticker())
+        await run.send_many("numbers", range(events))  # one fetch, one slice
+        await run.finish()
+        task.cancel()
+    assert len(seen) == events
+    turns = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b > a)
+    assert turns >= events // TURN_EVERY - 1
