@@ -101,7 +101,7 @@ class LaneContext:
 
 
 TURN_EVERY = 1024
-"""Values a per-item ``async for`` takes before the lane gives the event loop a turn.
+"""Values a lane hands its agent (per item or in ``batches()``) before the event loop gets a turn.
 
 A lane runs its queued slices back to back while they last; under a backlog
 that is thousands of events, and meanwhile the writer cannot hand the outputs
@@ -490,6 +490,7 @@ class Stream(Generic[T]):
             yield events
 
     async def _slices(self) -> AsyncIterator[list[T]]:
+        budget = TURN_EVERY  # values until the next turn of the event loop, across slices
         while True:
             try:
                 events = await self._next_slice()
@@ -530,6 +531,10 @@ class Stream(Generic[T]):
                     yield values
                 finally:
                     self._batch_events = None
+                budget -= len(values)
+                if budget <= 0:  # as in the per-item loop: the writer and the other lanes
+                    budget = TURN_EVERY
+                    await asyncio.sleep(0)
             if failed is not None:
                 self._held = self.current = bad
                 raise failed

@@ -13,6 +13,9 @@ input:
 * ``asyncflow``: the same pipeline as an asyncflow app (``run_asyncflow_case``):
   a JSON topic, ``stream.filter(...).map(...)`` in 4 lanes (``ASYNCFLOW_BENCH_LANES``),
   ``await topic.send(key, value)`` per output.
+* ``asyncflow-batches``: the same pipeline through the batch API: ``async for batch
+  in stream.filter(...).map(...).batches()`` and ``await topic.send_many(...)`` per
+  lane slice (what a user who wants throughput writes); ratio against the baseline.
 * ``asyncflow-rdkafka``: ``asyncflow`` on the librdkafka client (``client=rdkafka``),
   at-least-once; ratio against the baseline.
 * ``asyncflow-rdkafka-eos``: the same with ``processing_guarantee="exactly_once"``:
@@ -391,8 +394,17 @@ def _quantile(buckets: list[tuple[float, int]], q: float) -> float:
     return float("nan")
 
 
+async def run_asyncflow_batches_case(w: Workload) -> tuple[float, int, str]:
+    """``asyncflow`` through the batch API: a lane slice at a time, ``send_many`` per slice."""
+    return await run_asyncflow_case(w, batches=True)
+
+
 async def run_asyncflow_case(
-    w: Workload, web: bool = False, client: str = "aiokafka", guarantee: str = "at_least_once"
+    w: Workload,
+    web: bool = False,
+    client: str = "aiokafka",
+    guarantee: str = "at_least_once",
+    batches: bool = False,
 ) -> tuple[float, int, str]:
     """The same pipeline as an asyncflow app; returns (seconds, records produced, output topic).
 
@@ -427,12 +439,23 @@ async def run_asyncflow_case(
     def fahrenheit(r: dict[str, Any]) -> dict[str, Any]:
         return {"id": r["id"], "fahrenheit": r["value"] * 1.8 + 32.0, "time": r["time"]}
 
-    @app.agent(readings, concurrency=LANES)
-    async def convert(stream: af.Stream[dict[str, Any]]) -> None:
-        async for reading in stream.filter(lambda r: r["value"] >= 0).map(fahrenheit):
-            if not started:
-                started.append(time.perf_counter())
-            await converted.send(reading["id"], reading)
+    if batches:
+
+        @app.agent(readings, concurrency=LANES)
+        async def convert_batches(stream: af.Stream[dict[str, Any]]) -> None:
+            async for batch in stream.filter(lambda r: r["value"] >= 0).map(fahrenheit).batches():
+                if not started:
+                    started.append(time.perf_counter())
+                await converted.send_many([(r["id"], r) for r in batch])
+
+    else:
+
+        @app.agent(readings, concurrency=LANES)
+        async def convert(stream: af.Stream[dict[str, Any]]) -> None:
+            async for reading in stream.filter(lambda r: r["value"] >= 0).map(fahrenheit):
+                if not started:
+                    started.append(time.perf_counter())
+                await converted.send(reading["id"], reading)
 
     metrics = app.metrics
     scraper = None
@@ -645,6 +668,7 @@ async def run_windowed_asyncflow(w: Workload) -> tuple[float, int, str]:
 CASES = {
     "aiokafka-baseline": run_baseline,
     "asyncflow": run_asyncflow_case,
+    "asyncflow-batches": run_asyncflow_batches_case,
     "asyncflow-metrics": run_asyncflow_metrics_case,
     "asyncflow-rdkafka": run_rdkafka_case,
     "asyncflow-rdkafka-eos": run_rdkafka_eos_case,
@@ -654,6 +678,7 @@ CASES = {
 BASELINE_OF = {
     "aiokafka-baseline": "aiokafka-baseline",
     "asyncflow": "aiokafka-baseline",
+    "asyncflow-batches": "aiokafka-baseline",
     "asyncflow-metrics": "asyncflow",  # the cost of metrics on: against metrics off
     "asyncflow-rdkafka": "aiokafka-baseline",
     "asyncflow-rdkafka-eos": "asyncflow-rdkafka",  # the cost of transactions

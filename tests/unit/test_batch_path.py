@@ -419,3 +419,37 @@ async def test_a_lane_working_through_a_large_slice_gives_the_event_loop_a_turn_
     assert len(seen) == events
     turns = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b > a)
     assert turns >= events // TURN_EVERY - 1
+
+
+async def test_a_batch_agent_working_through_queued_slices_gives_the_event_loop_a_turn_now_and_then() -> None:
+    """The batch API as the per-item loop: a backlog of slices does not lock the writer out."""
+    broker = MemoryBroker()
+    broker.create_topic("numbers", partitions=1)
+    events = 5 * TURN_EVERY
+    for n in range(events):
+        broker.produce("numbers", str(n).encode())
+    broker.end("numbers")
+    app = af.App("turns", broker=broker, fetch_max=100, lane_capacity=2 * events)
+    numbers = app.topic("numbers", partitions=1)
+    ticks = 0
+    seen: list[int] = []  # the ticker's count when each batch was handled
+
+    @app.agent(numbers)
+    async def count(stream: af.Stream[Any]) -> None:
+        async for batch in stream.batches():
+            seen.extend(ticks for _ in batch)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await app.run(stop_when_idle=True)
+    finally:
+        task.cancel()
+    assert len(seen) == events
+    turns = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b > a)
+    assert turns >= events // TURN_EVERY - 1
