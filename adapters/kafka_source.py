@@ -22,6 +22,10 @@ against 0.73 and 81 MB this way). Only when every partition has been held for
 ``fetch`` can go on polling (a consumer that stops polling for
 ``max_poll_interval_ms`` leaves its group).
 
+Records reach the core as aiokafka decoded them (``adapters.kafka_records``),
+not copied once more into a ``ConsumerRecord`` each: 10-15% of a worker's
+time at 1,000,000 events.
+
 Example:
     >>> from adapters.kafka import KafkaBroker
     >>> from asyncflow.protocols import TopicSpec
@@ -53,6 +57,7 @@ from aiokafka.protocol.group import JoinGroupRequest
 
 from adapters.kafka_config import KafkaSettings, describe, start_client, stop_consumer
 from adapters.kafka_health import BrokerHealth, is_connection_error
+from adapters.kafka_records import hand_over_decoded_records
 from asyncflow.checkpoint import CommitFailed
 from asyncflow.errors import AsyncflowError, BrokerUnavailable
 from asyncflow.protocols import Partition, PartitionListener, RawBatch, TopicPartition
@@ -138,6 +143,7 @@ class KafkaSource:
         except BaseException:
             self.health.unwatch(self)
             raise
+        hand_over_decoded_records(consumer)  # before any partition is assigned
         self._consumer = consumer
         consumer.subscribe(topics=self.topics, listener=_Rebalance(self))
 

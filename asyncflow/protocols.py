@@ -40,7 +40,8 @@ class RawRecord(Protocol):
 
     ``offset`` orders records within a partition (Kafka offset, Kinesis sequence
     number as an int, a counter for SSE). ``timestamp`` is epoch milliseconds
-    (or ``None``). aiokafka's ``ConsumerRecord`` satisfies this protocol as is.
+    (or ``None``). aiokafka's ``ConsumerRecord`` satisfies this protocol as is,
+    as do the decoded records its fetcher builds it from.
     """
 
     @property

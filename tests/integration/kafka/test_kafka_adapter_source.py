@@ -18,6 +18,7 @@ from tests.integration.kafka import eos_workers
 from tests.integration.kafka.broker import (
     TEST_OPTIONS,
     committed,
+    consume,
     create_topic,
     produce,
     start_tansu,
@@ -295,6 +296,37 @@ async def test_records_taken_before_a_revoke_are_not_handed_over_after_it(
     assert held[0] > 0
     for tp in everything:
         assert reads(tp) == list(range(n)), (tp, a.read.get(tp), b.read.get(tp))
+
+
+async def test_records_come_as_aiokafka_decoded_them_with_every_field_a_plain_consumer_sees(
+    aiokafka_broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    """The source skips aiokafka's ConsumerRecord copy (hand_over_decoded_records): what it
+    hands over must still say what a plain aiokafka consumer reads (offset, key, value,
+    timestamp, headers), keyed and keyless, with and without headers."""
+    items = [(f"k{i % 7}".encode() if i % 3 else None, f"v{i}".encode(), i % 4)
+             for i in range(40)]
+    await produce(kafka_bootstrap, topic4, items[:20])
+    await produce(kafka_bootstrap, topic4, items[20:], headers=[("trace", b"t-1"), ("n", b"")])
+    plain = await consume(kafka_bootstrap, topic4, 40)
+    expected = {(r.partition, r.offset): (r.key, r.value, r.timestamp, list(r.headers))
+                for r in plain}
+    core = FakeCore()
+    got: dict[tuple[int, int], tuple[object, ...]] = {}
+    kinds: set[str] = set()
+    async with running(aiokafka_broker, topic4, unique_name("g"), core) as source:
+        await wait_for(lambda: len(core.assigned) == 4, message="assignment")
+        deadline = time.monotonic() + 20
+        while len(got) < 40:
+            assert time.monotonic() < deadline, f"read {len(got)} of 40 records"
+            for batch in await source.fetch(0.2):
+                assert isinstance(batch.partition, TopicPartition)
+                for r in batch.records:
+                    kinds.add(type(r).__name__)
+                    got[(batch.partition.partition, r.offset)] = (
+                        r.key, r.value, r.timestamp, list(r.headers))
+    assert got == expected
+    assert "ConsumerRecord" not in kinds  # the copy was skipped
 
 
 async def test_commit_skips_partitions_this_member_does_not_own(
