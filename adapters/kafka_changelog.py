@@ -35,6 +35,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError, OffsetOutOfRangeEr
 
 from adapters.kafka_config import KafkaSettings, describe, start_client, stop_consumer
 from adapters.kafka_health import BrokerHealth, is_connection_error
+from adapters.kafka_records import hand_over_decoded_records
 from adapters.kafka_source import KafkaSourceError
 from asyncflow.errors import SinkError
 from asyncflow.protocols import RawRecord, SinkRecord
@@ -353,5 +354,6 @@ class KafkaChangelog:
             if self._reader is None:
                 reader = AIOKafkaConsumer(**self.settings.reader_args())
                 await start_client(reader, self.url, self.settings)
+                hand_over_decoded_records(reader)  # a restore reads without the copy too
                 self._reader = reader
         return self._reader
