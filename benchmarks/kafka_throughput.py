@@ -689,7 +689,7 @@ BASELINE_OF = {
     "windowed-asyncflow": "windowed-baseline",
 }
 WINDOWED = frozenset({"windowed-baseline", "windowed-asyncflow"})
-BASELINES = frozenset({"aiokafka-baseline", "windowed-baseline"})
+HAND_WRITTEN = frozenset(case for case, base in BASELINE_OF.items() if case == base)
 
 
 def expected_outputs(case: str, w: Workload) -> int:
@@ -702,7 +702,7 @@ def run_case_here(case: str, w: Workload) -> dict[str, Any]:
     A hand-written loop runs with the worker's garbage-collector setting
     (``GC_YOUNG_THRESHOLD``), as a tuned loop would; the worker sets its own.
     """
-    if case in BASELINES:
+    if case in HAND_WRITTEN:
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     seconds, produced, out_topic = asyncio.run(CASES[case](w))
     expected = expected_outputs(case, w)
