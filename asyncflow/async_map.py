@@ -375,8 +375,12 @@ class AsyncMapped(Generic[U]):
             stream._batch_events = None
 
     # -- the operator ---------------------------------------------------------------
-    async def _next_events(self) -> tuple[list[Event[Any]], list[Any]] | Watermark:
+    async def _next_events(
+        self, *, columns: bool = False
+    ) -> tuple[list[Event[Any]], list[Any]] | Watermark:
         """The next results ready by the order rule, or the next watermark in its place.
+
+        (Results are events: ``columns`` asks for nothing else here.)
 
         Raises ``StopAsyncIteration`` once the input ended and everything is
         handed out; with ``on_failure="raise"``, a failed lookup's error with

@@ -4,7 +4,8 @@
 runs, the synchronous steps are compiled into straight-line Python, the way
 ``dataclasses`` and ``namedtuple`` build their methods: no loop over the
 steps, no dispatch on their kind, one call per event (``one``) or one call per
-lane slice (``many``). Both keep the chain's rules:
+lane slice (``many``; ``columns`` for a slice's values alone, when every step
+is a ``map`` or a ``filter``). They keep the chain's rules:
 
 - a ``filter`` that says no, or a ``stateful_map`` step that returns ``None``,
   drops the event (``SKIP`` from ``one``);
@@ -26,6 +27,10 @@ Example:
     >>> chain.many(stream, [Event("k", n) for n in range(4)], values, done)
     >>> values
     [20, 30]
+    >>> out, kept = [], []
+    >>> chain.columns(stream, [0, 1, 2, 3], out, kept)
+    >>> out, kept
+    ([20, 30], [2, 3])
 """
 
 from __future__ import annotations
@@ -60,17 +65,24 @@ class Chain:
         5
     """
 
-    __slots__ = ("many", "one", "steps")
+    __slots__ = ("columns", "many", "one", "steps")
 
     def __init__(
         self,
         steps: tuple[Step, ...],
         one: Callable[[Any, Event[Any]], Any],
         many: Callable[[Any, list[Event[Any]], list[Any], list[Event[Any]]], None],
+        columns: Callable[[Any, list[Any], list[Any], list[int]], None] | None = None,
     ) -> None:
         self.steps = steps
         self.one = one
         self.many = many
+        self.columns = columns
+        """For chains of ``map`` and ``filter`` only: ``columns(stream, values, out, kept)``
+        runs the chain over a slice's values alone (no events), appending each surviving
+        value to ``out`` and its index to ``kept``; when a step raises,
+        ``stream._failed_index`` is the index it raised on. ``None`` for chains whose steps
+        need the event (``key_by``, ``stateful_map``)."""
 
 
 def compile_chain(steps: tuple[Step, ...]) -> Chain:
@@ -92,16 +104,16 @@ def compile_chain(steps: tuple[Step, ...]) -> Chain:
     factory = _factories.get(kinds)
     if factory is None:
         factory = _factories[kinds] = _factory(kinds)
-    one, many = factory(*(fn for _, fn in steps))
-    return Chain(steps, one, many)
+    one, many, columns = factory(*(fn for _, fn in steps))
+    return Chain(steps, one, many, columns)
 
 
-_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any]]] = {}
+_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any, Any]]] = {}
 """Generated code per sequence of step kinds (a handful per app)."""
 
 
-def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any]]:
-    """Generate ``make(f0, f1, ...) -> (one, many)`` for a sequence of step kinds."""
+def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any]]:
+    """Generate ``make(f0, f1, ...) -> (one, many, columns)`` for a sequence of step kinds."""
     rekeys = KEY in kinds
     stateful = STATEFUL in kinds
 
@@ -153,12 +165,33 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any]]:
         "            stream._failed_src = src",
         "            raise",
         "",
-        "    return one, many",
+        *(
+            [
+                "    columns = None",
+            ]
+            if stateful or rekeys
+            else [
+                "    def columns(stream, values, out, kept):",
+                "        add_value = out.append",
+                "        add_index = kept.append",
+                "        i = -1",
+                "        try:",
+                "            for i, value in enumerate(values):",
+                *body("continue", "                "),
+                "                add_value(value)",
+                "                add_index(i)",
+                "        except BaseException:",
+                "            stream._failed_index = i",
+                "            raise",
+            ]
+        ),
+        "",
+        "    return one, many, columns",
     ]
     namespace: dict[str, Any] = {}
     env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
     exec(compile("\n".join(code) + "\n", f"<chain {kinds}>", "exec"), env, namespace)  # noqa: S102
-    make: Callable[..., tuple[Any, Any]] = namespace["make"]
+    make: Callable[..., tuple[Any, Any, Any]] = namespace["make"]
     return make
 
 

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, cast
 
 from asyncflow.channels import Channel
@@ -42,6 +43,7 @@ from asyncflow.metrics import Metrics
 from asyncflow.observe.traces import read_span
 from asyncflow.protocols import RawBatch, RawRecord, Source
 from asyncflow.repartition import KeySpread, RepartitionMarks
+from asyncflow.slices import LaneSlice
 from asyncflow.watermarks import PartitionWatermarks
 
 log = logging.getLogger("asyncflow.dispatch")
@@ -50,6 +52,9 @@ READ_LOG_MAX = 4096
 """Batches remembered per partition for the processing-latency histogram (older ones go)."""
 
 DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
+
+Part = list[Event[Any]] | LaneSlice
+"""What a lane gets of a batch: its events, or its columns when the whole batch is the lane's."""
 
 
 class Route:
@@ -106,7 +111,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_time_ahead_ms = max_time_ahead_ms
         self._dead_letter = dead_letter
-        self._parked: dict[LaneQueue, deque[tuple[Hashable, list[Event[Any]]]]] = {}
+        self._parked: dict[LaneQueue, deque[tuple[Hashable, Part]]] = {}
         self._blocked: dict[Hashable, set[LaneQueue]] = {}
         self._pending_time: dict[Hashable, int] = {}
         self._read_to: dict[Hashable, int] = {}
@@ -175,6 +180,7 @@ class Dispatcher:
         consumers = route.consumers
         limit = self._time_limit(partition)
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
+        columns: tuple[int, LaneSlice] | None = None  # the whole batch for one lane, as is
         max_time: int | None = None
         fast = self._decode_all(route, records)
         if fast is not None:
@@ -192,15 +198,19 @@ class Dispatcher:
         elif len(consumers) == 1:  # the common case: one agent reads the topic
             lane_parts = parts[0]
             n = len(lane_parts)
-            if n == 1:
-                lane_parts[0] = [
-                    Event(key, value, t, rec.headers, partition, rec.offset)
-                    for rec, value, (key, _), t in zip(records, values, pairs, times, strict=True)
-                ]
-            else:
-                appends = [part.append for part in lane_parts]
-                for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
-                    appends[h % n](Event(key, value, t, rec.headers, partition, rec.offset))
+            keys = list(map(_key_of_pair, pairs))
+            lane = 0
+            if n > 1:
+                lanes_of = [h % n for _, h in pairs]
+                lane = lanes_of[0]
+                if lanes_of.count(lane) != len(lanes_of):  # the batch's keys go to several lanes
+                    appends = [part.append for part in lane_parts]
+                    for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
+                                                     strict=True):
+                        appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
+                    lane = -1
+            if lane >= 0:  # all to one lane: the columns as they are, no event per record
+                columns = (lane, LaneSlice(partition, keys, values, times, records))
         else:
             for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
                 ev = Event(key, value, t, rec.headers, partition, rec.offset)
@@ -211,8 +221,11 @@ class Dispatcher:
         for labels in route.in_keys:
             incr_labeled("events_in", labels, len(records))
         blocked = self._blocked.get(partition)
-        for parts_c, lanes in zip(parts, consumers, strict=True):
-            for part, q in zip(parts_c, lanes, strict=True):
+        handed = cast("list[list[Part]]", parts)
+        if columns is not None:
+            handed[0][columns[0]] = columns[1]
+        for handed_c, lanes in zip(handed, consumers, strict=True):
+            for part, q in zip(handed_c, lanes, strict=True):
                 if not part:
                     continue
                 if q in self._parked or not q.has_room(len(part)):
@@ -380,7 +393,7 @@ class Dispatcher:
         cut = dict(self._read_to)
         for parked in self._parked.values():
             for p, part in parked:
-                first = part[0].offset - 1
+                first = (part.first_offset if type(part) is LaneSlice else part[0].offset) - 1
                 if first < cut.get(p, first + 1):
                     cut[p] = first
         for p, first in self._dropped_from.items():
@@ -402,7 +415,7 @@ class Dispatcher:
         for q in self._all_lanes:
             dropped.extend(q.drop_where(lambda e: gone(e.partition)))
         for q, parked in list(self._parked.items()):
-            keep: deque[tuple[Hashable, list[Event[Any]]]] = deque()
+            keep: deque[tuple[Hashable, Part]] = deque()
             for p, part in parked:
                 if gone(p):
                     dropped.extend(part)
@@ -454,6 +467,10 @@ class Dispatcher:
         """End of input: lanes finish once they have drained."""
         for q in self._all_lanes:
             q.close()
+
+
+_key_of_pair = itemgetter(0)
+"""The key of a ``(key, hash)`` pair."""
 
 
 def _iso(ms: int) -> str:

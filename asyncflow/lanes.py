@@ -1,4 +1,4 @@
-"""Bounded lane queues: batches of events and watermarks, in order, for one lane.
+"""Bounded lane queues: batches of events (lists or ``LaneSlice`` columns) and watermarks, in order.
 
 A lane queue is measured in events, not batches; watermarks and checkpoint
 barriers travel in it too, in order with the events, and take no room. The dispatcher never blocks
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncflow.event import Watermark
+from asyncflow.slices import LaneSlice
 
 
 class LaneClosed(Exception):
@@ -55,8 +56,8 @@ class LaneQueue:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""
         return self.size + n <= self.maxsize or self.size == 0
 
-    def put(self, batch: list[Any]) -> None:
-        """Append a batch of events (call ``has_room`` first)."""
+    def put(self, batch: list[Any] | LaneSlice) -> None:
+        """Append a batch of events, or a ``LaneSlice`` (call ``has_room`` first)."""
         self._items.append(batch)
         size = self.size + len(batch)
         self.size = size
@@ -105,7 +106,7 @@ class LaneQueue:
             finally:
                 self._getter = None
         item = items.popleft()
-        if type(item) is list:
+        if type(item) is list or type(item) is LaneSlice:
             size = self.size - len(item)
             self.size = size
             if size <= self.low and self.on_room is not None:
@@ -131,6 +132,8 @@ class LaneQueue:
         """Remove queued events matching ``predicate`` (revoked partitions); returns them."""
         dropped: list[Any] = []
         for i, item in enumerate(self._items):
+            if type(item) is LaneSlice:
+                item = self._items[i] = item.events()  # the same events, as a list
             if type(item) is list:
                 keep = [e for e in item if not predicate(e)]
                 if len(keep) != len(item):

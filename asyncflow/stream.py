@@ -46,6 +46,7 @@ from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneClosed, LaneQueue
 from asyncflow.metrics import Metrics
+from asyncflow.slices import LaneSlice
 
 if TYPE_CHECKING:
     from asyncflow.agent import Retry
@@ -153,9 +154,12 @@ class Stream(Generic[T]):
         self._sync_ops = True
         self._chain: Chain = NO_STEPS
         self._failed_src: Event[Any] | None = None
+        self._failed_index = -1  # where Chain.columns raised
         self._failed: tuple[Exception, Event[Any] | None] | None = None
         self._held: Event[Any] | None = None
         self._batch_events: list[Event[Any]] | None = None
+        self._batch_cols: tuple[LaneSlice, list[int] | None] | None = None
+        """The batch being handled as columns: its slice and the indices kept (``None``: all)."""
         self._pushed_back: list[Event[Any]] = []
         self._barrier: Barrier | None = None
         self._window_key: Any = _NO_KEY
@@ -485,21 +489,64 @@ class Stream(Generic[T]):
 
     async def _event_slices(self) -> AsyncIterator[list[Event[T]]]:
         async for _ in self._slices():
-            events = self._batch_events
-            assert events is not None
-            yield events
+            yield self._batch_event_list()
+
+    def _batch_event_list(self) -> list[Event[Any]]:
+        """The events of the batch being handled (made from its columns if it came as such)."""
+        cols = self._batch_cols
+        if cols is not None:
+            lane_slice, kept = cols
+            events = lane_slice.events()
+            return list(events) if kept is None else [events[i] for i in kept]
+        batch = self._batch_events
+        assert batch is not None
+        return batch
 
     async def _slices(self) -> AsyncIterator[list[T]]:
         budget = TURN_EVERY  # values until the next turn of the event loop, across slices
         while True:
             try:
-                events = await self._next_slice()
+                got = await self._next_slice(columns=True)
             except StopAsyncIteration:
                 return
             values: list[T] = []
             done: list[Event[Any]] = []
             failed: Exception | None = None
             bad: Event[Any] | None = None
+            if isinstance(got, LaneSlice):
+                cols = got
+                run = self._chain.columns if self._sync_ops else None
+                if not self._ops or run is not None:  # the columns alone: no event per record
+                    kept: list[int] | None = None
+                    if not self._ops:
+                        values = list(cols.values)
+                    else:
+                        kept = []
+                        try:
+                            run(self, cols.values, values, kept)  # type: ignore[misc]
+                        except Exception as exc:  # noqa: BLE001 - to the error policy below
+                            all_events = cols.events()
+                            i = self._failed_index
+                            failed, bad = exc, all_events[i]
+                            self._pushed_back.extend(reversed(all_events[i + 1 :]))
+                    if values:
+                        self._batch_cols = (cols, kept)
+                        self.current = cols.event(len(cols) - 1 if kept is None else kept[-1])
+                        try:
+                            yield values
+                        finally:
+                            self._batch_cols = None
+                        budget -= len(values)
+                        if budget <= 0:
+                            budget = TURN_EVERY
+                            await asyncio.sleep(0)
+                    if failed is not None:
+                        self._held = self.current = bad
+                        raise failed
+                    continue
+                events = cols.events()
+            else:
+                events = got
             if not self._ops:
                 values = [e.value for e in events]
                 done = events
@@ -539,8 +586,11 @@ class Stream(Generic[T]):
                 self._held = self.current = bad
                 raise failed
 
-    async def _next_slice(self) -> list[Event[Any]]:
-        """Every event the lane holds or gets next from its queue (barriers handled between)."""
+    async def _next_slice(self, columns: bool = False) -> list[Event[Any]] | LaneSlice:
+        """Every event the lane holds or gets next from its queue (barriers handled between).
+
+        With ``columns``, a batch the lane got as a ``LaneSlice`` comes back as it is.
+        """
         while True:
             if self._pushed_back:
                 events = self._pushed_back[::-1]
@@ -550,7 +600,10 @@ class Stream(Generic[T]):
             if pos < len(buf):
                 self._buf, self._pos = [], 0
                 return buf[pos:] if pos else buf
-            await self._refill()  # a batch, or a watermark (which a slice does not carry)
+            # a batch, or a watermark (which a slice does not carry)
+            got = await self._refill(columns=columns)
+            if type(got) is LaneSlice:
+                return got
 
     async def _batches(self, size: int, timeout: float) -> AsyncIterator[list[T]]:
         while True:
@@ -594,6 +647,10 @@ class Stream(Generic[T]):
 
     def _take_in_flight(self) -> list[Event[Any]]:
         """The events being handled when the agent body raised (the error policy's to handle)."""
+        if self._batch_cols is not None:
+            events = self._batch_event_list()
+            self._batch_cols = None
+            return events
         batch = self._batch_events
         if batch is not None:
             self._batch_events = None
@@ -751,13 +808,17 @@ class Stream(Generic[T]):
             if got is not _FILLED:
                 return got
 
-    async def _refill(self, timeout: float | None = None, stop_at_barrier: bool = False) -> Any:
+    async def _refill(
+        self, timeout: float | None = None, stop_at_barrier: bool = False, columns: bool = False
+    ) -> Any:
         """Wait for the lane's next batch of events (then ``_FILLED``), or a watermark.
 
         ``None`` when ``timeout`` passed with nothing; ``_BARRIER`` with
         ``stop_at_barrier`` when a checkpoint barrier is next. Any other
         barrier is handled here: the lane waits at it until the checkpoint has
-        taken the state.
+        taken the state. A batch that came as a ``LaneSlice`` is returned as it
+        is with ``columns`` (the caller takes all of it); else its events fill
+        the buffer.
         """
         while True:
             barrier = self._barrier
@@ -779,12 +840,16 @@ class Stream(Generic[T]):
                 continue
             if got is None or type(got) is Watermark:
                 return got
+            if type(got) is LaneSlice:
+                if columns:
+                    return got
+                got = got.events()
             self._buf, self._pos = got, 0
             return _FILLED
 
     async def _next_events(
-        self, stop_at_barrier: bool = False, wait: bool = True
-    ) -> tuple[list[Event[Any]], list[Any] | None] | Watermark | Any:
+        self, stop_at_barrier: bool = False, wait: bool = True, columns: bool = False
+    ) -> tuple[list[Event[Any]] | LaneSlice, list[Any] | None] | Watermark | Any:
         """The lane's next slice after map/filter/key_by, or the next watermark.
 
         With ``stop_at_barrier``, ``_BARRIER`` comes back when a checkpoint
@@ -798,7 +863,9 @@ class Stream(Generic[T]):
         ``_refill``. If a step raises on an event, the events before it come
         back first, the ones after it are delivered again later, and the next
         call raises the error with the failing event as ``current``.
-        Raises ``StopAsyncIteration`` at the end of the input.
+        Raises ``StopAsyncIteration`` at the end of the input. With ``columns``,
+        a batch that came as a ``LaneSlice`` comes back as one (the part of it
+        the chain kept) when the chain has only ``map`` and ``filter`` steps.
         """
         self._held = None
         failed = self._failed
@@ -816,12 +883,22 @@ class Stream(Generic[T]):
                 if pos >= len(buf):
                     if not wait:
                         return _BARRIER if stop_at_barrier and self._barrier is not None else None
-                    got = await self._refill(stop_at_barrier=stop_at_barrier)
-                    if got is _FILLED or got is None:
+                    got = await self._refill(stop_at_barrier=stop_at_barrier, columns=columns)
+                    if type(got) is LaneSlice:
+                        through = self._columns_through_chain(got)
+                        if through is None:  # the chain needs the events
+                            events = got.events()
+                        elif len(through[0]) == 0:
+                            continue  # the filters kept nothing
+                        else:
+                            return through
+                    elif got is _FILLED or got is None:
                         continue
-                    return cast(Watermark, got)
-                self._buf, self._pos = [], 0
-                events = buf[pos:] if pos else buf
+                    else:
+                        return cast(Watermark, got)
+                else:
+                    self._buf, self._pos = [], 0
+                    events = buf[pos:] if pos else buf
             if not self._ops:
                 return events, None
             values: list[Any] = []
@@ -852,6 +929,40 @@ class Stream(Generic[T]):
                         values.append(res.value)
             if done:
                 return done, values
+
+    def _columns_through_chain(
+        self, cols: LaneSlice
+    ) -> tuple[list[Event[Any]] | LaneSlice, list[Any] | None] | None:
+        """A ``LaneSlice`` through the chain as columns; ``None`` if the chain needs events.
+
+        Returns what ``_next_events`` does: the slice (or the part of it the
+        filters kept) and the values after the chain; ``([], [])`` when nothing
+        passed. If a step raises, the events after it are delivered again
+        later, those before it come back first, and the error is raised at
+        once (nothing passed before it) or by the next call.
+        """
+        if not self._ops:
+            return cols, None
+        run = self._chain.columns if self._sync_ops else None
+        if run is None:
+            return None
+        values: list[Any] = []
+        kept: list[int] = []
+        try:
+            run(self, cols.values, values, kept)
+        except Exception as exc:
+            events = cols.events()
+            i = self._failed_index
+            self._pushed_back.extend(reversed(events[i + 1 :]))
+            if not kept:
+                self._held = self.current = events[i]
+                raise
+            self._failed = (exc, events[i])
+            self._held = None
+            return [events[j] for j in kept], values
+        if len(kept) == len(cols):
+            return cols, values
+        return cols.take(kept), values
 
     async def _arrive_at_barrier(self) -> None:
         """Arrive at the barrier ``_BARRIER`` announced (everything before it is handled)."""

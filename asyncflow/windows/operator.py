@@ -200,6 +200,45 @@ class WindowOperator(_OperatorBase):
             raise
         return n
 
+    def on_columns(
+        self,
+        keys: Sequence[Any],
+        times: Sequence[int | None],
+        values: Sequence[Any],
+        start: int,
+    ) -> int:
+        """``on_slice`` for one partition's events given as columns (``asyncflow.slices``).
+
+        ``keys[i]``, ``times[i]`` and ``values[i]`` are the ``i``-th event's;
+        adds them from ``start``, stops before the first without an event time
+        or late, and returns its index (``len(values)`` when it took them all).
+        If the aggregate raises, ``failed_at`` is the index of the event it
+        raised on.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from asyncflow.windows import Tumbling, Count
+            >>> op = WindowOperator(Tumbling(timedelta(seconds=5)), Count())
+            >>> op.on_watermark(10_000, wall_ms=0)
+            >>> op.on_columns(["k", "k", "k"], [11_000, 12_000, 1_000], [1, 1, 1], 0)
+            2
+        """
+        n = len(values)
+        on_event = self.on_event
+        i = start
+        try:
+            for i in range(start, n):
+                t = times[i]
+                if t is None:
+                    return i
+                if not on_event(keys[i], t, values[i]):
+                    self.late.pop()  # the caller handles it one at a time
+                    return i
+        except BaseException:
+            self.failed_at = i
+            raise
+        return n
+
     def on_watermark(self, time_ms: int | None, wall_ms: int) -> None:
         """Advance to the event-time frontier ``time_ms`` (``None``: not known yet) at ``wall_ms``.
 
@@ -448,6 +487,50 @@ class _TumblingOperator(_AlignedOperator):
                 acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
                 acc = add(create() if acc is _NONE else acc, ev.value if values is None else values[i], t)
                 bucket[key] = acc
+                dirty.add(key)
+                if end <= fired or updates:
+                    results.append(WindowResult(key, end - size, end, result(acc), end <= fired))
+        except BaseException:
+            self.failed_at = i
+            raise
+        return n
+
+
+    def on_columns(
+        self,
+        keys: Sequence[Any],
+        times: Sequence[int | None],
+        values: Sequence[Any],
+        start: int,
+    ) -> int:
+        size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
+        n = len(values)
+        if start >= n:
+            return n
+        wm = self._wm
+        results = self.results
+        result = self._result
+        late_end = wm + 1 - lateness  # a window ending at or before this is closed
+        fired = wm + 1  # a window ending at or before this has fired
+        last_end = None
+        bucket: Any = None
+        i = start
+        try:
+            for i in range(start, n):
+                t = times[i]
+                if t is None:
+                    return i
+                end = t - (t - offset) % size + size
+                if end != last_end:  # events in time order mostly share their window
+                    if end <= late_end:
+                        return i  # late: on_event says so
+                    bucket = panes.get(end)
+                    if bucket is None:
+                        bucket = self._open(end)
+                    last_end = end
+                key = keys[i]
+                acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
+                bucket[key] = acc = add(create() if acc is _NONE else acc, values[i], t)
                 dirty.add(key)
                 if end <= fired or updates:
                     results.append(WindowResult(key, end - size, end, result(acc), end <= fired))

@@ -17,8 +17,9 @@ with keys times open windows, never with events.
 
 Contract with the stream (``asyncflow.stream.Stream`` provides it):
 
-- ``await stream._next_events()`` returns a lane slice (events and their
-  values after the stream's map/filter/key_by) or a ``Watermark``, and raises
+- ``await stream._next_events(columns=True)`` returns a lane slice (events,
+  or a ``LaneSlice`` of columns, and their values after the stream's
+  map/filter/key_by) or a ``Watermark``, and raises
   ``StopAsyncIteration`` at the end of a bounded input. A slice is added to
   the windows in one pass. The stream handles checkpoint barriers itself, and
   is asked for more only once this windowed stream has no result left to hand
@@ -58,6 +59,7 @@ from asyncflow.clock import SystemClock
 from asyncflow.event import Event, Watermark
 from asyncflow.keys import lane_of
 from asyncflow.metrics import Metrics
+from asyncflow.slices import LaneSlice
 from asyncflow.state.codec import JSON_VALUES, decode_key, encode_key
 from asyncflow.windows.aggregates import Aggregate
 from asyncflow.windows.assigners import WindowAssigner, from_epoch_ms
@@ -87,8 +89,13 @@ class WindowSource(Protocol):
     @property
     def metrics(self) -> Metrics: ...
 
-    async def _next_events(self) -> tuple[list[Event[Any]], list[Any] | None] | Watermark:
-        """The next lane slice ``(events, values after map/filter)``, or a watermark."""
+    async def _next_events(
+        self, *, columns: bool = False
+    ) -> tuple[list[Event[Any]] | LaneSlice, list[Any] | None] | Watermark:
+        """The next lane slice ``(events, values after map/filter)``, or a watermark.
+
+        With ``columns``, the events may come as a ``LaneSlice`` (one partition's).
+        """
         ...
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None: ...
@@ -289,7 +296,7 @@ class WindowedStream:
             if self._ended:
                 raise StopAsyncIteration
             try:
-                got = await stream._next_events()
+                got = await stream._next_events(columns=True)
             except StopAsyncIteration:
                 # the lane closed: after a final watermark the windows are flushed already; on
                 # a stop (SIGTERM, rebalance) open windows stay in state and resume after it
@@ -298,13 +305,15 @@ class WindowedStream:
             if type(got) is Watermark:
                 await self._on_watermark(got)
                 continue
-            events, values = cast("tuple[list[Event[Any]], list[Any] | None]", got)
+            events, values = cast("tuple[list[Event[Any]] | LaneSlice, list[Any] | None]", got)
             await self._add(events, values, 0)
         result = ready.popleft()
         stream._window_key = result.key
         return result
 
-    async def _add(self, events: list[Event[Any]], values: list[Any] | None, start: int) -> None:
+    async def _add(
+        self, events: list[Event[Any]] | LaneSlice, values: list[Any] | None, start: int
+    ) -> None:
         """Add a lane slice's events (from ``start``) to their partitions' windows.
 
         Runs of events the operator takes as they are go through
@@ -313,8 +322,21 @@ class WindowedStream:
         state) is handled alone. The results go to ``_ready``. If an
         aggregate raises, the event is the stream's current one (for the
         agent's error policy) and the events after it wait in ``_rest``: the
-        next ``__anext__`` adds them first.
+        next ``__anext__`` adds them first. A ``LaneSlice`` goes through
+        ``WindowOperator.on_columns`` (no event made per record) up to the
+        first event it stops at; from there on, as events.
         """
+        event_time = self._config["assigner"].is_event_time
+        if isinstance(events, LaneSlice):
+            if event_time:
+                start = await self._add_columns(events, values, start)
+                if start >= len(events):
+                    return
+            events = events.events()  # the rest one at a time, from the first it stopped at
+        await self._add_events(events, values, start)
+
+    async def _add_events(self, events: list[Event[Any]], values: list[Any] | None, start: int) -> None:
+        """``_add`` for events in a list: runs through ``on_slice``, the others one at a time."""
         ops = self._ops
         skips = self._skip
         ready = self._ready
@@ -366,6 +388,37 @@ class WindowedStream:
             if op.results:
                 ready.extend(op.results)
                 op.results.clear()
+
+    async def _add_columns(self, cols: LaneSlice, values: list[Any] | None, start: int) -> int:
+        """Add a ``LaneSlice`` from ``start`` through ``WindowOperator.on_columns``.
+
+        Returns where the operator stopped (``len(cols)`` when it took them
+        all): the event there goes the way of ``_add``'s one-at-a-time path.
+        """
+        p = cols.partition
+        op = self._ops.get(p)
+        if op is None:
+            op = await self._open(p)
+        skips = self._skip
+        n = len(cols)
+        if skips and p in skips:
+            skip = skips[p]
+            records = cols.records
+            while start < n and records[start].offset <= skip:
+                start += 1  # the restored state has this event already
+            if start == n:
+                return n
+            del skips[p]
+        try:
+            stopped = op.on_columns(cols.keys, cols.times, cols.values if values is None else values,
+                                    start)
+        except Exception:
+            self._failed(cols.events(), values, op.failed_at)
+            raise
+        if op.results:
+            self._ready.extend(op.results)
+            op.results.clear()
+        return stopped
 
     def _failed(self, events: list[Event[Any]], values: list[Any] | None, i: int) -> None:
         """An aggregate raised on ``events[i]``: it goes to the error policy, the rest waits."""

@@ -49,8 +49,8 @@ class FakeStream:
         self._window_key: Any = None
         self.ended = False  # the final watermark was handed out
 
-    async def _next_events(self) -> tuple[list[Event[Any]], None] | Watermark:
-        """One event a slice, so a test can act between two events."""
+    async def _next_events(self, *, columns: bool = False) -> tuple[list[Event[Any]], None] | Watermark:
+        """One event a slice, so a test can act between two events (as events, not columns)."""
         while self._items:
             item = self._items.popleft()
             if isinstance(item, Watermark):

@@ -1,0 +1,304 @@
+"""Lane slices as columns: a batch that is all one lane's reaches it without an event per record.
+
+When every record of a fetched batch goes to the same lane, the dispatcher
+hands the lane the decoded keys, values and times as they are (a
+``LaneSlice``); ``stream.batches()`` and the windows work on those columns.
+What must hold is what held with events: the same values, windows, dead
+letters, cuts and take-backs, whichever form a lane got.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncflow as af
+from asyncflow.chain import FILTER, KEY, MAP, compile_chain
+from asyncflow.channels import Channel
+from asyncflow.clock import ManualClock
+from asyncflow.dispatch import Dispatcher, Route
+from asyncflow.event import Event
+from asyncflow.keys import lane_of
+from asyncflow.lanes import LaneQueue
+from asyncflow.memory import MemoryBroker
+from asyncflow.metrics import Metrics
+from asyncflow.protocols import RawBatch, Record, TopicPartition
+from asyncflow.slices import LaneSlice
+from asyncflow.testing import CaptureSink, TestRun, reason_of
+from asyncflow.watermarks import PartitionWatermarks
+from asyncflow.windows import Count, Hopping, Mean, Session, Tumbling, WindowOperator
+
+
+class NoSource:
+    def pause(self, partitions: Any) -> None: ...
+    def resume(self, partitions: Any) -> None: ...
+
+
+def dispatcher(lanes: list[LaneQueue]) -> Dispatcher:
+    return Dispatcher(
+        NoSource(),  # type: ignore[arg-type]
+        {"t": Route(Channel("t"), [lanes])},
+        PartitionWatermarks(None),
+        ManualClock(),
+        Metrics(),
+        lambda *a: None,
+    )
+
+
+def records(keys: list[str], first: int = 0) -> list[Record]:
+    return [
+        Record(first + i, k.encode(), orjson.dumps({"n": first + i}), 1_000 + i, (("h", b"1"),))
+        for i, k in enumerate(keys)
+    ]
+
+
+def as_tuples(events: list[Event[Any]]) -> list[tuple[Any, ...]]:
+    return [(e.key, e.value, e.time, tuple(e.headers), e.partition, e.offset) for e in events]
+
+
+P0 = TopicPartition("t", 0)
+
+
+def test_a_batch_all_for_one_lane_reaches_it_as_columns_with_the_events_it_stands_for() -> None:
+    lane = LaneQueue(1_000)
+    d = dispatcher([lane])
+    recs = records(["a", "b", "a"], first=7)
+    d.dispatch(RawBatch("t", P0, recs))
+    (item,) = lane._items
+    assert type(item) is LaneSlice and len(item) == 3 and lane.size == 3
+    assert as_tuples(item.events()) == [
+        ("a", {"n": 7}, 1_000, (("h", b"1"),), P0, 7),
+        ("b", {"n": 8}, 1_001, (("h", b"1"),), P0, 8),
+        ("a", {"n": 9}, 1_002, (("h", b"1"),), P0, 9),
+    ]
+    assert item.event(1).offset == 8 and item.events() is item.events()
+
+
+def test_a_batch_spread_over_lanes_reaches_each_as_its_events_in_order() -> None:
+    lanes = [LaneQueue(1_000) for _ in range(2)]
+    d = dispatcher(lanes)
+    keys = [f"k{i}" for i in range(40)]
+    d.dispatch(RawBatch("t", P0, records(keys)))
+    for i, q in enumerate(lanes):
+        (item,) = q._items
+        assert type(item) is list
+        assert [e.key for e in item] == [k for k in keys if lane_of(k, 2) == i]
+        assert [e.offset for e in item] == sorted(e.offset for e in item)
+
+
+def test_columns_parked_for_a_full_lane_hold_the_cut_and_are_taken_back_whole() -> None:
+    lane = LaneQueue(2)
+    d = dispatcher([lane])
+    d.dispatch(RawBatch("t", P0, records(["a", "a"], first=0)))  # fills the lane
+    d.dispatch(RawBatch("t", P0, records(["a", "a", "a"], first=2)))  # parked: no room
+    assert d.paused == {P0}
+    assert d.cut() == {P0: 1}  # the parked columns (offsets 2-4) are beyond the cut
+    assert d.take_back() == 5  # both slices: the queued one and the parked one
+    assert d.cut() == {}
+    assert lane.size == 0
+
+
+def test_a_revoke_takes_queued_columns_out_of_the_lane() -> None:
+    lane = LaneQueue(100)
+    d = dispatcher([lane])
+    d.dispatch(RawBatch("t", P0, records(["a", "b"], first=3)))
+    assert d.take_back([P0]) == 2
+    assert lane.size == 0
+    assert d.cut() == {P0: 2}  # what came before the slice, not the slice (offsets 3 and 4)
+
+
+MAP_FILTER_STEPS = st.lists(
+    st.sampled_from(
+        [
+            (MAP, lambda v: v * 3 + 1),
+            (MAP, lambda v: v // 2),
+            (FILTER, lambda v: v % 3 != 0),
+            (FILTER, lambda v: v > -5),
+        ]
+    ),
+    max_size=6,
+)
+
+
+class Holder:
+    current: Event[Any] | None = None
+    _held: Event[Any] | None = None
+    _failed_src: Event[Any] | None = None
+    _failed_index = -1
+
+
+@settings(max_examples=200, deadline=None)
+@given(MAP_FILTER_STEPS, st.lists(st.integers(-50, 50), max_size=30))
+def test_a_chain_over_columns_keeps_what_it_keeps_over_events(
+    steps: list[Any], values: list[int]
+) -> None:
+    chain = compile_chain(tuple(steps))
+    events = [Event("k", v, i, (), "p0", i) for i, v in enumerate(values)]
+    by_events: list[Any] = []
+    done: list[Event[Any]] = []
+    chain.many(Holder(), events, by_events, done)
+    out: list[Any] = []
+    kept: list[int] = []
+    assert chain.columns is not None
+    chain.columns(Holder(), values, out, kept)
+    assert out == by_events
+    assert [events[i] for i in kept] == done
+
+
+def test_a_chain_over_columns_says_where_a_step_raised_and_one_with_key_by_needs_events() -> None:
+    chain = compile_chain(((MAP, lambda v: 10 // v),))
+    holder = Holder()
+    out: list[Any] = []
+    kept: list[int] = []
+    try:
+        assert chain.columns is not None
+        chain.columns(holder, [1, 2, 0, 5], out, kept)
+    except ZeroDivisionError:
+        pass
+    assert out == [10, 5] and kept == [0, 1] and holder._failed_index == 2
+    assert compile_chain(((KEY, len),)).columns is None
+
+
+ASSIGNERS = [
+    Tumbling(timedelta(seconds=5)),
+    Hopping(timedelta(seconds=10), timedelta(seconds=5)),
+    Session(timedelta(seconds=3)),
+]
+
+EVENTS = st.lists(
+    st.tuples(st.sampled_from("abc"), st.integers(0, 40_000), st.one_of(st.none(), st.integers(0, 9))),
+    max_size=60,
+)
+
+
+def through_events(op: WindowOperator, batches: list[list[tuple[str, int, Any]]]) -> Any:
+    for batch in batches:
+        for key, t, value in batch:
+            op.on_event(key, t, value)
+        op.on_watermark(max((t for _, t, _ in batch), default=None), wall_ms=0)
+    op.flush_all()
+    return [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results], op.late
+
+
+def through_columns(op: WindowOperator, batches: list[list[tuple[str, int, Any]]]) -> Any:
+    for batch in batches:
+        keys = [k for k, _, _ in batch]
+        times = [t for _, t, _ in batch]
+        values = [v for _, _, v in batch]
+        i = 0
+        while i < len(batch):  # where on_columns stops, the event goes alone, as the stream does
+            i = op.on_columns(keys, times, values, i)
+            if i < len(batch):
+                op.on_event(keys[i], times[i], values[i])
+                i += 1
+        op.on_watermark(max(times, default=None), wall_ms=0)
+    op.flush_all()
+    return [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results], op.late
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(ASSIGNERS), st.lists(EVENTS, max_size=5), st.booleans())
+def test_windows_fed_columns_give_what_they_give_fed_one_event_at_a_time(
+    assigner: Any, batches: list[list[tuple[str, int, Any]]], mean: bool
+) -> None:
+    def make() -> WindowOperator:
+        aggregate = Mean() if mean else Count()
+        return WindowOperator(assigner, aggregate, wait=timedelta(seconds=2),
+                              lateness=timedelta(seconds=1))
+
+    assert through_columns(make(), batches) == through_events(make(), batches)
+
+
+def produce(broker: MemoryBroker, topic: str, docs: list[dict[str, Any]]) -> None:
+    broker.create_topic(topic, 1)
+    for d in docs:
+        broker.produce(topic, orjson.dumps(d), str(d["k"]).encode(), (), d["t"])
+    broker.end(topic)
+
+
+async def run_pipeline(docs: list[dict[str, Any]], lanes: int) -> tuple[list[Any], list[Any], int]:
+    """Batches through map/filter and a window beside them, with ``lanes`` lanes."""
+    broker = MemoryBroker()
+    produce(broker, "in", docs)
+    app = af.App(f"columns-{lanes}", broker=broker, fetch_max=7)
+    numbers = app.topic("in")
+    out = app.sink(CaptureSink("out"))
+    windows = app.sink(CaptureSink("windows"))
+
+    @app.agent(numbers, concurrency=lanes, on_error="dead_letter")
+    async def transform(stream: af.Stream[dict[str, Any]]) -> None:
+        async for batch in stream.map(lambda d: {**d, "inv": 60 // d["n"]}).filter(
+            lambda d: d["n"] % 3 != 1
+        ).batches():
+            await out.send_many([(stream.current.key, (b["k"], b["t"], b["inv"])) for b in batch])
+
+    @app.agent(numbers, concurrency=lanes)
+    async def count(stream: af.Stream[dict[str, Any]]) -> None:
+        async for w in stream.window(Tumbling(timedelta(seconds=5)), aggregate=Mean("n")):
+            await windows.send(w.key, (w.key, w.start_ms, w.value))
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = len(run.dead_letters())
+    return sorted(out.sink.values), sorted(windows.sink.values), dead
+
+
+async def test_a_pipeline_gives_the_same_outputs_whether_its_lanes_get_columns_or_events() -> None:
+    docs = [{"k": f"s{i % 5}", "n": i % 13, "t": 1_000 * (i // 2)} for i in range(120)]
+    one_lane = await run_pipeline(docs, lanes=1)  # every batch a lane's whole: columns
+    three_lanes = await run_pipeline(docs, lanes=3)  # batches spread over lanes: events
+    assert one_lane == three_lanes
+    transformed, windows, dead = one_lane
+    # an independent computation: the same map, filter and means by hand
+    assert transformed == sorted(
+        (d["k"], d["t"], 60 // d["n"]) for d in docs if d["n"] != 0 and d["n"] % 3 != 1
+    )
+    assert dead == sum(1 for d in docs if d["n"] == 0)  # 60 // 0 raised: each a dead letter
+    sums: dict[tuple[str, int], list[int]] = {}
+    for d in docs:
+        acc = sums.setdefault((d["k"], d["t"] // 5_000 * 5_000), [0, 0])
+        acc[0] += d["n"]
+        acc[1] += 1
+    assert windows == sorted((k, start, total / n) for (k, start), (total, n) in sums.items())
+
+
+async def test_an_agent_that_raises_on_a_batch_of_columns_dead_letters_what_it_was_given() -> None:
+    broker = MemoryBroker()
+    produce(broker, "in", [{"k": "a", "n": n, "t": n} for n in range(6)])  # one slice
+    app = af.App("columns-raise", broker=broker)
+    numbers = app.topic("in")
+
+    @app.agent(numbers, on_error="dead_letter")
+    async def refuse(stream: af.Stream[dict[str, Any]]) -> None:
+        async for batch in stream.filter(lambda d: d["n"] % 2 == 0).batches():
+            raise RuntimeError(f"refused {len(batch)}")
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert [orjson.loads(d.value)["n"] for d in dead] == [0, 2, 4]  # the kept ones, as read
+    assert all("refused 3" in reason_of(d) for d in dead)
+
+
+async def test_a_late_event_inside_a_slice_of_columns_is_a_dead_letter_and_the_rest_count() -> None:
+    broker = MemoryBroker()
+    times = [0, 20_000, 21_000, 22_000, 1_000, 23_000]  # 1,000 comes after the watermark passed it
+    produce(broker, "in", [{"k": "a", "t": t} for t in times])
+    app = af.App("columns-late", broker=broker, fetch_max=3)
+    readings = app.topic("in")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(readings)
+    async def count(stream: af.Stream[dict[str, Any]]) -> None:
+        async for w in stream.window(Tumbling(timedelta(seconds=5)), aggregate=Count()):
+            await out.send(w.key, (w.start_ms, w.value))
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert sorted(out.sink.values) == [(0, 1), (20_000, 4)]
+    assert len(dead) == 1 and "late event" in reason_of(dead[0])
