@@ -43,7 +43,7 @@ from asyncflow.metrics import Metrics
 from asyncflow.observe.traces import read_span
 from asyncflow.protocols import RawBatch, RawRecord, Source
 from asyncflow.repartition import KeySpread, RepartitionMarks
-from asyncflow.slices import LaneSlice
+from asyncflow.slices import Headers, LaneSlice
 from asyncflow.watermarks import PartitionWatermarks
 
 log = logging.getLogger("asyncflow.dispatch")
@@ -91,7 +91,12 @@ class Route:
 
 
 class Dispatcher:
-    """Feeds one source's batches into lanes, with backpressure, watermarks and cuts."""
+    """Feeds one source's batches into lanes, with backpressure, watermarks and cuts.
+
+    A lane whose consumer works on columns (``LaneQueue.takes_columns``: its
+    stream said so) gets its part of a batch as a ``LaneSlice``; any other
+    lane gets events.
+    """
 
     def __init__(
         self,
@@ -180,7 +185,7 @@ class Dispatcher:
         consumers = route.consumers
         limit = self._time_limit(partition)
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
-        columns: tuple[int, LaneSlice] | None = None  # the whole batch for one lane, as is
+        columns: list[tuple[int, LaneSlice]] = []  # (lane, its records) handed as columns
         max_time: int | None = None
         fast = self._decode_all(route, records)
         if fast is not None:
@@ -204,13 +209,24 @@ class Dispatcher:
                 lanes_of = [h % n for _, h in pairs]
                 lane = lanes_of[0]
                 if lanes_of.count(lane) != len(lanes_of):  # the batch's keys go to several lanes
-                    appends = [part.append for part in lane_parts]
-                    for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
-                                                     strict=True):
-                        appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
                     lane = -1
-            if lane >= 0:  # all to one lane: the columns as they are, no event per record
-                columns = (lane, LaneSlice(partition, keys, values, times, records))
+                    if all(q.takes_columns for q in consumers[0]):
+                        offsets, headers = _positions(records)
+                        columns = _split_columns(partition, n, lanes_of, keys, values, times,
+                                                 offsets, headers)
+                    else:
+                        appends = [part.append for part in lane_parts]
+                        for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
+                                                         strict=True):
+                            appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
+            if lane >= 0 and consumers[0][lane].takes_columns:  # all to one lane, as columns
+                offsets, headers = _positions(records)
+                columns = [(lane, LaneSlice(partition, keys, values, times, offsets, headers))]
+            elif lane >= 0:  # all to one lane, whose consumer takes events
+                lane_parts[lane] = [
+                    Event(key, value, t, rec.headers, partition, rec.offset)
+                    for rec, value, key, t in zip(records, values, keys, times, strict=True)
+                ]
         else:
             for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
                 ev = Event(key, value, t, rec.headers, partition, rec.offset)
@@ -222,8 +238,8 @@ class Dispatcher:
             incr_labeled("events_in", labels, len(records))
         blocked = self._blocked.get(partition)
         handed = cast("list[list[Part]]", parts)
-        if columns is not None:
-            handed[0][columns[0]] = columns[1]
+        for lane, lane_slice in columns:
+            handed[0][lane] = lane_slice
         for handed_c, lanes in zip(handed, consumers, strict=True):
             for part, q in zip(handed_c, lanes, strict=True):
                 if not part:
@@ -467,6 +483,44 @@ class Dispatcher:
         """End of input: lanes finish once they have drained."""
         for q in self._all_lanes:
             q.close()
+
+
+def _positions(records: Sequence[RawRecord]) -> tuple[list[int], list[Headers] | None]:
+    """The records' offsets, and their headers (``None`` in the usual case: none has any)."""
+    headers = [r.headers for r in records]
+    return [r.offset for r in records], headers if any(headers) else None
+
+
+def _split_columns(
+    partition: Hashable,
+    n: int,
+    lanes_of: list[int],
+    keys: list[Any],
+    values: list[Any],
+    times: list[int | None],
+    offsets: list[int],
+    headers: list[Headers] | None,
+) -> list[tuple[int, LaneSlice]]:
+    """A batch's columns split by lane (``lanes_of[i]`` is record ``i``'s), order kept."""
+    ks: list[list[Any]] = [[] for _ in range(n)]
+    vs: list[list[Any]] = [[] for _ in range(n)]
+    ts: list[list[int | None]] = [[] for _ in range(n)]
+    os: list[list[int]] = [[] for _ in range(n)]
+    for i, key, value, t, offset in zip(lanes_of, keys, values, times, offsets, strict=True):
+        ks[i].append(key)
+        vs[i].append(value)
+        ts[i].append(t)
+        os[i].append(offset)
+    hs: list[list[Headers]] | None = None
+    if headers is not None:
+        hs = [[] for _ in range(n)]
+        for i, h in zip(lanes_of, headers, strict=True):
+            hs[i].append(h)
+    return [
+        (i, LaneSlice(partition, ks[i], vs[i], ts[i], os[i], None if hs is None else hs[i]))
+        for i in range(n)
+        if vs[i]
+    ]
 
 
 _key_of_pair = itemgetter(0)

@@ -38,7 +38,8 @@ class LaneQueue:
     ``peak`` records the largest size reached, so tests can check the bound.
     """
 
-    __slots__ = ("_items", "size", "maxsize", "low", "peak", "_getter", "_closed", "on_room")
+    __slots__ = ("_items", "size", "maxsize", "low", "peak", "_getter", "_closed", "on_room",
+                 "takes_columns")
 
     def __init__(self, maxsize: int, on_room: Callable[[LaneQueue], None] | None = None) -> None:
         if maxsize < 1:
@@ -51,6 +52,10 @@ class LaneQueue:
         self._getter: asyncio.Future[None] | None = None
         self._closed = False
         self.on_room = on_room
+        self.takes_columns = False
+        """Whether the lane's consumer works on ``LaneSlice`` columns (``stream.batches()``,
+        windows): the stream says so when it first asks for them, and the dispatcher then
+        splits a batch spread over several lanes into columns for each, not into events."""
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""

@@ -1,16 +1,18 @@
 """Lane slices as columns: one partition's decoded records for one lane, without an event each.
 
-When every record of a fetched batch goes to the same lane (one lane, or a
-partition whose keys all hash to one lane), the dispatcher hands the lane a
-``LaneSlice``: the decoded keys, values and event times side by side, and the
-raw records they came from (for offsets and headers). Consumers that work a
+When the dispatcher can, it hands a lane a ``LaneSlice`` rather than a list of
+events: the decoded keys, values and event times side by side with the
+records' offsets (and headers, when any record has some). Consumers that work a
 slice at a time read the columns directly (window operators,
 ``stream.batches()``); anything that needs the events themselves gets them
 from ``events()``, made once, when first asked for.
 
+The raw records are not kept: what a lane holds is what it will use, so a
+queue of slices holds no more objects than a queue of events would (fewer:
+no envelope per record).
+
 Example:
-    >>> from asyncflow.protocols import Record
-    >>> s = LaneSlice("p0", ["a", "b"], [1, 2], [10, 20], [Record(5, b"a", b"1"), Record(6, b"b", b"2")])
+    >>> s = LaneSlice("p0", ["a", "b"], [1, 2], [10, 20], [5, 6])
     >>> len(s), s.first_offset, s.events()[1]
     (2, 5, Event(key='b', value=2, time=20, partition='p0', offset=6))
 """
@@ -21,25 +23,26 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 from asyncflow.event import Event
-from asyncflow.protocols import RawRecord
+
+Headers = Sequence[tuple[str, bytes]]
 
 
 class LaneSlice:
-    """One partition's records for one lane: ``keys``, ``values``, ``times`` and their ``records``.
+    """One partition's records for one lane, as columns: keys, values, times, offsets, headers.
 
-    The columns line up: ``keys[i]``, ``values[i]`` and ``times[i]`` (epoch
-    ms or ``None``) are what ``records[i]`` decoded to. ``events()`` makes the
+    The columns line up: ``keys[i]``, ``values[i]``, ``times[i]`` (epoch ms
+    or ``None``) and ``offsets[i]`` are the ``i``-th record's; ``headers`` is
+    a column too, or ``None`` when no record has any. ``events()`` makes the
     ``Event`` of each (once: the same objects on every call); ``event(i)``
     one of them without making the others.
 
     Example:
-        >>> from asyncflow.protocols import Record
-        >>> s = LaneSlice(0, ["k"], [{"v": 1}], [None], [Record(3, b"k", b"{}")])
-        >>> s.event(0).offset, s.events() is s.events()
-        (3, True)
+        >>> s = LaneSlice(0, ["k"], [{"v": 1}], [None], [3], [[("h", b"1")]])
+        >>> s.event(0).offset, s.event(0).headers, s.events() is s.events()
+        (3, [('h', b'1')], True)
     """
 
-    __slots__ = ("_events", "keys", "partition", "records", "times", "values")
+    __slots__ = ("_events", "headers", "keys", "offsets", "partition", "times", "values")
 
     def __init__(
         self,
@@ -47,13 +50,15 @@ class LaneSlice:
         keys: Sequence[Any],
         values: list[Any],
         times: Sequence[int | None],
-        records: Sequence[RawRecord],
+        offsets: Sequence[int],
+        headers: Sequence[Headers] | None = None,
     ) -> None:
         self.partition = partition
         self.keys = keys
         self.values = values
         self.times = times
-        self.records = records
+        self.offsets = offsets
+        self.headers = headers
         self._events: list[Event[Any]] | None = None
 
     def __len__(self) -> int:
@@ -62,18 +67,27 @@ class LaneSlice:
     @property
     def first_offset(self) -> int:
         """The offset of the slice's first record."""
-        return self.records[0].offset
+        return self.offsets[0]
 
     def events(self) -> list[Event[Any]]:
         """The slice as events, in order (made on the first call, then the same list)."""
         events = self._events
         if events is None:
             p = self.partition
-            events = self._events = [
-                Event(key, value, t, rec.headers, p, rec.offset)
-                for key, value, t, rec in zip(self.keys, self.values, self.times, self.records,
-                                              strict=True)
-            ]
+            headers = self.headers
+            if headers is None:
+                events = [
+                    Event(key, value, t, (), p, offset)
+                    for key, value, t, offset in zip(self.keys, self.values, self.times,
+                                                     self.offsets, strict=True)
+                ]
+            else:
+                events = [
+                    Event(key, value, t, h, p, offset)
+                    for key, value, t, offset, h in zip(self.keys, self.values, self.times,
+                                                        self.offsets, headers, strict=True)
+                ]
+            self._events = events
         return events
 
     def event(self, i: int) -> Event[Any]:
@@ -81,26 +95,27 @@ class LaneSlice:
         events = self._events
         if events is not None:
             return events[i]
-        rec = self.records[i]
-        return Event(self.keys[i], self.values[i], self.times[i], rec.headers, self.partition,
-                     rec.offset)
+        headers = () if self.headers is None else self.headers[i]
+        return Event(self.keys[i], self.values[i], self.times[i], headers, self.partition,
+                     self.offsets[i])
 
     def take(self, kept: Sequence[int]) -> LaneSlice:
         """The records at the indices ``kept`` (in their order), as a slice of their own.
 
         Example:
-            >>> from asyncflow.protocols import Record
-            >>> s = LaneSlice(0, "ab", [1, 2], [0, 0], [Record(0, None, b""), Record(1, None, b"")])
-            >>> s.take([1]).values
-            [2]
+            >>> LaneSlice(0, "ab", [1, 2], [0, 0], [7, 8]).take([1]).offsets
+            [8]
         """
-        keys, values, times, records = self.keys, self.values, self.times, self.records
+        keys, values, times, offsets, headers = (
+            self.keys, self.values, self.times, self.offsets, self.headers
+        )
         return LaneSlice(
             self.partition,
             [keys[i] for i in kept],
             [values[i] for i in kept],
             [times[i] for i in kept],
-            [records[i] for i in kept],
+            [offsets[i] for i in kept],
+            None if headers is None else [headers[i] for i in kept],
         )
 
     def __getitem__(self, i: int) -> Event[Any]:

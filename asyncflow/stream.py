@@ -844,6 +844,8 @@ class Stream(Generic[T]):
                 if columns:
                     return got
                 got = got.events()
+            elif columns and type(got) is list:
+                self._queue.takes_columns = True  # the dispatcher may split batches as columns
             self._buf, self._pos = got, 0
             return _FILLED
 

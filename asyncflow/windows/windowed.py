@@ -403,8 +403,8 @@ class WindowedStream:
         n = len(cols)
         if skips and p in skips:
             skip = skips[p]
-            records = cols.records
-            while start < n and records[start].offset <= skip:
+            offsets = cols.offsets
+            while start < n and offsets[start] <= skip:
                 start += 1  # the restored state has this event already
             if start == n:
                 return n

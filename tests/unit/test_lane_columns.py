@@ -1,10 +1,11 @@
-"""Lane slices as columns: a batch that is all one lane's reaches it without an event per record.
+"""Lane slices as columns: a lane that works a slice at a time gets no event per record.
 
-When every record of a fetched batch goes to the same lane, the dispatcher
-hands the lane the decoded keys, values and times as they are (a
-``LaneSlice``); ``stream.batches()`` and the windows work on those columns.
-What must hold is what held with events: the same values, windows, dead
-letters, cuts and take-backs, whichever form a lane got.
+A stream consumed by ``stream.batches()`` or a window tells its lane it takes
+columns; from then on the dispatcher hands that lane its part of each batch as
+the decoded keys, values, times and offsets side by side (a ``LaneSlice``).
+A lane consumed one item at a time gets events, as before. What must hold is
+what held with events: the same values, windows, dead letters, cuts and
+take-backs, whichever form a lane got.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def as_tuples(events: list[Event[Any]]) -> list[tuple[Any, ...]]:
 P0 = TopicPartition("t", 0)
 
 
-def test_a_batch_all_for_one_lane_reaches_it_as_columns_with_the_events_it_stands_for() -> None:
+def test_a_lane_taking_columns_gets_a_batch_as_columns_with_the_events_it_stands_for() -> None:
     lane = LaneQueue(1_000)
+    lane.takes_columns = True  # what a stream consumed by batches() or windows says
     d = dispatcher([lane])
     recs = records(["a", "b", "a"], first=7)
     d.dispatch(RawBatch("t", P0, recs))
@@ -76,6 +78,18 @@ def test_a_batch_all_for_one_lane_reaches_it_as_columns_with_the_events_it_stand
         ("a", {"n": 9}, 1_002, (("h", b"1"),), P0, 9),
     ]
     assert item.event(1).offset == 8 and item.events() is item.events()
+
+
+def test_a_lane_taking_items_one_at_a_time_gets_events() -> None:
+    lane = LaneQueue(1_000)
+    d = dispatcher([lane])
+    d.dispatch(RawBatch("t", P0, records(["a", "b"], first=2)))
+    (item,) = lane._items
+    assert type(item) is list
+    assert as_tuples(item) == [
+        ("a", {"n": 2}, 1_000, (("h", b"1"),), P0, 2),
+        ("b", {"n": 3}, 1_001, (("h", b"1"),), P0, 3),
+    ]
 
 
 def test_a_batch_spread_over_lanes_reaches_each_as_its_events_in_order() -> None:
@@ -90,8 +104,37 @@ def test_a_batch_spread_over_lanes_reaches_each_as_its_events_in_order() -> None
         assert [e.offset for e in item] == sorted(e.offset for e in item)
 
 
+def test_lanes_that_work_on_columns_get_a_spread_batch_as_columns_of_their_own() -> None:
+    lanes = [LaneQueue(1_000) for _ in range(2)]
+    for q in lanes:
+        q.takes_columns = True  # what a stream consumed by batches() or windows says
+    d = dispatcher(lanes)
+    keys = [f"k{i}" for i in range(40)]
+    recs = records(keys)
+    d.dispatch(RawBatch("t", P0, recs))
+    for i, q in enumerate(lanes):
+        (item,) = q._items
+        assert type(item) is LaneSlice
+        mine = [r for r, k in zip(recs, keys, strict=True) if lane_of(k, 2) == i]
+        assert as_tuples(item.events()) == [
+            (r.key.decode(), orjson.loads(r.value), r.timestamp, tuple(r.headers), P0, r.offset)
+            for r in mine
+            if r.key is not None and r.value is not None
+        ]
+
+
+async def test_a_stream_asking_for_columns_tells_its_lane() -> None:
+    from asyncflow.testing import stream_of
+
+    s = stream_of([1, 2, 3])
+    assert not s._queue.takes_columns
+    assert [b async for b in s.batches()] == [[1, 2, 3]]
+    assert s._queue.takes_columns
+
+
 def test_columns_parked_for_a_full_lane_hold_the_cut_and_are_taken_back_whole() -> None:
     lane = LaneQueue(2)
+    lane.takes_columns = True
     d = dispatcher([lane])
     d.dispatch(RawBatch("t", P0, records(["a", "a"], first=0)))  # fills the lane
     d.dispatch(RawBatch("t", P0, records(["a", "a", "a"], first=2)))  # parked: no room
@@ -104,6 +147,7 @@ def test_columns_parked_for_a_full_lane_hold_the_cut_and_are_taken_back_whole() 
 
 def test_a_revoke_takes_queued_columns_out_of_the_lane() -> None:
     lane = LaneQueue(100)
+    lane.takes_columns = True
     d = dispatcher([lane])
     d.dispatch(RawBatch("t", P0, records(["a", "b"], first=3)))
     assert d.take_back([P0]) == 2
@@ -220,8 +264,10 @@ def produce(broker: MemoryBroker, topic: str, docs: list[dict[str, Any]]) -> Non
     broker.end(topic)
 
 
-async def run_pipeline(docs: list[dict[str, Any]], lanes: int) -> tuple[list[Any], list[Any], int]:
-    """Batches through map/filter and a window beside them, with ``lanes`` lanes."""
+async def run_pipeline(
+    docs: list[dict[str, Any]], lanes: int, per_item: bool = False
+) -> tuple[list[Any], list[Any], int]:
+    """Batches (or items) through map/filter and a window beside them, with ``lanes`` lanes."""
     broker = MemoryBroker()
     produce(broker, "in", docs)
     app = af.App(f"columns-{lanes}", broker=broker, fetch_max=7)
@@ -231,9 +277,12 @@ async def run_pipeline(docs: list[dict[str, Any]], lanes: int) -> tuple[list[Any
 
     @app.agent(numbers, concurrency=lanes, on_error="dead_letter")
     async def transform(stream: af.Stream[dict[str, Any]]) -> None:
-        async for batch in stream.map(lambda d: {**d, "inv": 60 // d["n"]}).filter(
-            lambda d: d["n"] % 3 != 1
-        ).batches():
+        kept = stream.map(lambda d: {**d, "inv": 60 // d["n"]}).filter(lambda d: d["n"] % 3 != 1)
+        if per_item:  # events, one at a time
+            async for b in kept:
+                await out.send(stream.current.key, (b["k"], b["t"], b["inv"]))
+            return
+        async for batch in kept.batches():
             await out.send_many([(stream.current.key, (b["k"], b["t"], b["inv"])) for b in batch])
 
     @app.agent(numbers, concurrency=lanes)
@@ -249,9 +298,10 @@ async def run_pipeline(docs: list[dict[str, Any]], lanes: int) -> tuple[list[Any
 
 async def test_a_pipeline_gives_the_same_outputs_whether_its_lanes_get_columns_or_events() -> None:
     docs = [{"k": f"s{i % 5}", "n": i % 13, "t": 1_000 * (i // 2)} for i in range(120)]
-    one_lane = await run_pipeline(docs, lanes=1)  # every batch a lane's whole: columns
-    three_lanes = await run_pipeline(docs, lanes=3)  # batches spread over lanes: events
-    assert one_lane == three_lanes
+    one_lane = await run_pipeline(docs, lanes=1)  # columns (after the first batch: events)
+    three_lanes = await run_pipeline(docs, lanes=3)  # batches spread over lanes, as columns
+    one_by_one = await run_pipeline(docs, lanes=3, per_item=True)  # the same as events
+    assert one_lane == three_lanes == one_by_one
     transformed, windows, dead = one_lane
     # an independent computation: the same map, filter and means by hand
     assert transformed == sorted(
