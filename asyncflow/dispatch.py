@@ -54,7 +54,7 @@ READ_LOG_MAX = 4096
 DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 
 Part = list[Event[Any]] | LaneSlice
-"""What a lane gets of a batch: its events, or its columns when the whole batch is the lane's."""
+"""What a lane gets of a batch: its events, or its columns (a lane that takes them)."""
 
 
 class Route:

@@ -54,8 +54,8 @@ class LaneQueue:
         self.on_room = on_room
         self.takes_columns = False
         """Whether the lane's consumer works on ``LaneSlice`` columns (``stream.batches()``,
-        windows): the stream says so when it first asks for them, and the dispatcher then
-        splits a batch spread over several lanes into columns for each, not into events."""
+        windows): the stream says so when it first asks for them, and from then on the
+        dispatcher hands this lane its part of each batch as columns, not as events."""
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""

@@ -938,7 +938,7 @@ class Stream(Generic[T]):
         """A ``LaneSlice`` through the chain as columns; ``None`` if the chain needs events.
 
         Returns what ``_next_events`` does: the slice (or the part of it the
-        filters kept) and the values after the chain; ``([], [])`` when nothing
+        filters kept) and the values after the chain; an empty slice when nothing
         passed. If a step raises, the events after it are delivered again
         later, those before it come back first, and the error is raised at
         once (nothing passed before it) or by the next call.
