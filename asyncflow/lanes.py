@@ -138,6 +138,8 @@ class LaneQueue:
         dropped: list[Any] = []
         for i, item in enumerate(self._items):
             if type(item) is LaneSlice:
+                if not item or not predicate(item.event(0)):
+                    continue  # one partition's: all of it stays, as columns
                 item = self._items[i] = item.events()  # the same events, as a list
             if type(item) is list:
                 keep = [e for e in item if not predicate(e)]

@@ -489,7 +489,9 @@ class Stream(Generic[T]):
 
     async def _event_slices(self) -> AsyncIterator[list[Event[T]]]:
         async for _ in self._slices():
-            yield self._batch_event_list()
+            events = self._batch_event_list()
+            self.current = events[-1]  # the batch's own last event
+            yield events
 
     def _batch_event_list(self) -> list[Event[Any]]:
         """The events of the batch being handled (made from its columns if it came as such)."""
@@ -503,8 +505,20 @@ class Stream(Generic[T]):
         return batch
 
     async def _slices(self) -> AsyncIterator[list[T]]:
+        """What ``batches()`` runs: each lane slice through the chain, as one list of values.
+
+        If a step raises on an event, the values before it are yielded first and
+        the failure waits on the stream (``_failed``) to be raised by the next
+        read: so it is not lost when the body raises on those values first.
+        """
         budget = TURN_EVERY  # values until the next turn of the event loop, across slices
         while True:
+            pending = self._failed
+            if pending is not None:  # a step raised on an event after the last batch's values
+                self._failed = None
+                error, self._held = pending
+                self.current = self._held
+                raise error
             try:
                 got = await self._next_slice(columns=True)
             except StopAsyncIteration:
@@ -529,6 +543,8 @@ class Stream(Generic[T]):
                             i = self._failed_index
                             failed, bad = exc, all_events[i]
                             self._pushed_back.extend(reversed(all_events[i + 1 :]))
+                            if values:  # they go first; the next read raises
+                                self._failed, failed = (exc, bad), None
                     if values:
                         self._batch_cols = (cols, kept)
                         self.current = cols.event(len(cols) - 1 if kept is None else kept[-1])
@@ -558,6 +574,9 @@ class Stream(Generic[T]):
                     src, self._failed_src = self._failed_src, None
                     rest = events[_index_of(events, src) + 1 :]
                     self._pushed_back.extend(reversed(rest))  # delivered again next
+                    if values:  # they go first; the next read raises
+                        self._failed, failed = (exc, bad), None
+                        self._held = None
             else:
                 for i, ev in enumerate(events):
                     try:
@@ -566,6 +585,9 @@ class Stream(Generic[T]):
                         failed, bad = exc, ev
                         rest = events[i + 1 :]
                         self._pushed_back.extend(reversed(rest))  # delivered again next
+                        if values:  # they go first; the next read raises
+                            self._failed, failed = (exc, bad), None
+                            self._held = None
                         break
                     if res is None:
                         continue
@@ -844,8 +866,10 @@ class Stream(Generic[T]):
                 if columns:
                     return got
                 got = got.events()
-            elif columns and type(got) is list:
-                self._queue.takes_columns = True  # the dispatcher may split batches as columns
+            elif columns and type(got) is list and (
+                not self._ops or (self._sync_ops and self._chain.columns is not None)
+            ):  # a consumer that can work on columns, and a chain that can: say so
+                self._queue.takes_columns = True
             self._buf, self._pos = got, 0
             return _FILLED
 
@@ -956,8 +980,9 @@ class Stream(Generic[T]):
             events = cols.events()
             i = self._failed_index
             self._pushed_back.extend(reversed(events[i + 1 :]))
+            self.current = events[i]
             if not kept:
-                self._held = self.current = events[i]
+                self._held = events[i]
                 raise
             self._failed = (exc, events[i])
             self._held = None

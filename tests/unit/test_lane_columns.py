@@ -352,3 +352,37 @@ async def test_a_late_event_inside_a_slice_of_columns_is_a_dead_letter_and_the_r
         dead = run.dead_letters()
     assert sorted(out.sink.values) == [(0, 1), (20_000, 4)]
     assert len(dead) == 1 and "late event" in reason_of(dead[0])
+
+
+async def test_a_step_failing_mid_batch_is_not_lost_when_the_body_fails_on_the_values_before_it() -> None:
+    broker = MemoryBroker()
+    produce(broker, "in", [{"k": "a", "n": n, "t": n} for n in (1, 2, 0, 4, 5)])  # one slice
+    app = af.App("columns-two-failures", broker=broker)
+    numbers = app.topic("in")
+    out = app.sink(CaptureSink("out"))
+    first = True
+
+    @app.agent(numbers, on_error="dead_letter")
+    async def invert(stream: af.Stream[dict[str, Any]]) -> None:
+        nonlocal first
+        async for batch in stream.map(lambda d: 100 // d["n"]).batches():
+            if first:  # the body fails on the values before the one the map failed on
+                first = False
+                raise RuntimeError("sink down")
+            await out.send_many([(None, v) for v in batch])
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert out.sink.values == [25, 20]  # what came after the failing event
+    reasons = [(orjson.loads(d.value)["n"], reason_of(d)) for d in dead]
+    assert [n for n, _ in reasons] == [1, 2, 0]  # the batch the body failed on, then the map's
+    assert "sink down" in reasons[0][1] and "ZeroDivisionError" in reasons[2][1]
+
+
+async def test_a_lane_whose_chain_needs_events_does_not_ask_for_columns() -> None:
+    from asyncflow.testing import stream_of
+
+    s = stream_of([1, 2, 3]).key_by(lambda v: v % 2)
+    assert [b async for b in s.batches()] == [[1, 2, 3]]
+    assert not s._queue.takes_columns
