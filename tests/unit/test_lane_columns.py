@@ -244,17 +244,38 @@ def through_columns(op: WindowOperator, batches: list[list[tuple[str, int, Any]]
     return [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results], op.late
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(ASSIGNERS), st.lists(EVENTS, max_size=5), st.booleans())
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(ASSIGNERS),
+    st.lists(EVENTS, max_size=5),
+    st.sampled_from(["count", "mean", "mean of a field", "mean, updates"]),
+)
 def test_windows_fed_columns_give_what_they_give_fed_one_event_at_a_time(
-    assigner: Any, batches: list[list[tuple[str, int, Any]]], mean: bool
+    assigner: Any, batches: list[list[tuple[str, int, Any]]], kind: str
 ) -> None:
+    if kind == "mean of a field":  # Mean("v") reads the field of each dict, None skipped
+        batches = [[(k, t, {"v": v}) for k, t, v in batch] for batch in batches]
+
     def make() -> WindowOperator:
-        aggregate = Mean() if mean else Count()
+        aggregate = Count() if kind == "count" else Mean("v") if kind == "mean of a field" else Mean()
+        emit = "updates" if kind == "mean, updates" else "final"
         return WindowOperator(assigner, aggregate, wait=timedelta(seconds=2),
-                              lateness=timedelta(seconds=1))
+                              lateness=timedelta(seconds=1), emit=emit)
 
     assert through_columns(make(), batches) == through_events(make(), batches)
+
+
+def test_a_mean_fed_columns_stores_nothing_for_a_value_it_cannot_add() -> None:
+    op = WindowOperator(Tumbling(timedelta(seconds=5)), Mean("v"))
+    keys, times, values = ["a", "b", "a"], [0, 1, 2], [{"v": 1.0}, {"v": "x"}, {"v": 3.0}]
+    try:
+        op.on_columns(keys, times, values, 0)
+    except TypeError:
+        pass
+    assert op.failed_at == 1
+    assert op.on_columns(keys, times, values, 2) == 3
+    op.flush_all()
+    assert [(r.key, r.value) for r in op.results] == [("a", 2.0)]  # no window for "b"
 
 
 def produce(broker: MemoryBroker, topic: str, docs: list[dict[str, Any]]) -> None:
