@@ -495,7 +495,6 @@ class _TumblingOperator(_AlignedOperator):
             raise
         return n
 
-
     def on_columns(
         self,
         keys: Sequence[Any],
