@@ -502,6 +502,10 @@ class _TumblingOperator(_AlignedOperator):
         values: Sequence[Any],
         start: int,
     ) -> int:
+        # The loop of on_slice over columns instead of events, written out again on purpose:
+        # reading each event's fields through a shared helper would cost a call per event on
+        # the hottest loop of a window. A change to one is a change to the other;
+        # tests/unit/test_lane_columns.py holds both to on_event's results.
         size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
         n = len(values)
         if start >= n:
