@@ -244,13 +244,27 @@ def through_columns(op: WindowOperator, batches: list[list[tuple[str, int, Any]]
     return [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results], op.late
 
 
+def through_slices(op: WindowOperator, batches: list[list[tuple[str, int, Any]]]) -> Any:
+    for batch in batches:
+        events = [Event(k, v, t, (), "p0", i) for i, (k, t, v) in enumerate(batch)]
+        i = 0
+        while i < len(events):  # where on_slice stops, the event goes alone, as the stream does
+            i = op.on_slice(events, None, i)
+            if i < len(events):
+                op.on_event(events[i].key, events[i].time, events[i].value)
+                i += 1
+        op.on_watermark(max((t for _, t, _ in batch), default=None), wall_ms=0)
+    op.flush_all()
+    return [(r.key, r.start_ms, r.end_ms, r.value) for r in op.results], op.late
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.sampled_from(ASSIGNERS),
     st.lists(EVENTS, max_size=5),
     st.sampled_from(["count", "mean", "mean of a field", "mean, updates"]),
 )
-def test_windows_fed_columns_give_what_they_give_fed_one_event_at_a_time(
+def test_windows_fed_columns_or_slices_of_events_give_what_they_give_one_event_at_a_time(
     assigner: Any, batches: list[list[tuple[str, int, Any]]], kind: str
 ) -> None:
     if kind == "mean of a field":  # Mean("v") reads the field of each dict, None skipped
@@ -262,7 +276,9 @@ def test_windows_fed_columns_give_what_they_give_fed_one_event_at_a_time(
         return WindowOperator(assigner, aggregate, wait=timedelta(seconds=2),
                               lateness=timedelta(seconds=1), emit=emit)
 
-    assert through_columns(make(), batches) == through_events(make(), batches)
+    one_at_a_time = through_events(make(), batches)
+    assert through_columns(make(), batches) == one_at_a_time
+    assert through_slices(make(), batches) == one_at_a_time
 
 
 def test_a_mean_fed_columns_stores_nothing_for_a_value_it_cannot_add() -> None:
