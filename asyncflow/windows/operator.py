@@ -184,21 +184,21 @@ class WindowOperator(_OperatorBase):
         if start >= n:
             return n
         partition = events[start].partition
-        on_event = self.on_event
-        i = start
+        stop = start + 1
+        while stop < n and events[stop].partition is partition:
+            stop += 1
+        run = events[start:stop]  # the run of one partition: its columns go to on_columns
         try:
-            for i in range(start, n):
-                ev = events[i]
-                t = ev.time
-                if t is None or ev.partition is not partition:
-                    return i
-                if not on_event(ev.key, t, ev.value if values is None else values[i]):
-                    self.late.pop()  # the caller handles it one at a time
-                    return i
+            took = self.on_columns(
+                [ev.key for ev in run],
+                [ev.time for ev in run],
+                [ev.value for ev in run] if values is None else values[start:stop],
+                0,
+            )
         except BaseException:
-            self.failed_at = i
+            self.failed_at += start
             raise
-        return n
+        return start + took
 
     def on_columns(
         self,
@@ -454,47 +454,6 @@ class _TumblingOperator(_AlignedOperator):
             )
         return True
 
-
-    def on_slice(self, events: Sequence[Any], values: Sequence[Any] | None, start: int) -> int:
-        size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
-        wm = self._wm
-        n = len(events)
-        if start >= n:
-            return n
-        partition = events[start].partition
-        results = self.results
-        result = self._result
-        late_end = wm + 1 - lateness  # a window ending at or before this is closed
-        fired = wm + 1  # a window ending at or before this has fired
-        last_end = None
-        bucket: Any = None
-        i = start
-        try:
-            for i in range(start, n):
-                ev = events[i]
-                t = ev.time
-                if t is None or ev.partition is not partition:
-                    return i
-                end = t - (t - offset) % size + size
-                if end != last_end:  # events in time order mostly share their window
-                    if end <= late_end:
-                        return i  # late: on_event says so
-                    bucket = panes.get(end)
-                    if bucket is None:
-                        bucket = self._open(end)
-                    last_end = end
-                key = ev.key
-                acc = bucket.get(key, _NONE)  # nothing is stored if the aggregate raises
-                acc = add(create() if acc is _NONE else acc, ev.value if values is None else values[i], t)
-                bucket[key] = acc
-                dirty.add(key)
-                if end <= fired or updates:
-                    results.append(WindowResult(key, end - size, end, result(acc), end <= fired))
-        except BaseException:
-            self.failed_at = i
-            raise
-        return n
-
     def on_columns(
         self,
         keys: Sequence[Any],
@@ -502,10 +461,6 @@ class _TumblingOperator(_AlignedOperator):
         values: Sequence[Any],
         start: int,
     ) -> int:
-        # The loop of on_slice over columns instead of events, written out again on purpose:
-        # reading each event's fields through a shared helper would cost a call per event on
-        # the hottest loop of a window. A change to one is a change to the other;
-        # tests/unit/test_lane_columns.py holds both to on_event's results.
         size, _, offset, lateness, panes, add, updates, dirty, create = self._shape
         n = len(values)
         if start >= n:
