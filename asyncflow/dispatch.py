@@ -204,25 +204,23 @@ class Dispatcher:
             lane_parts = parts[0]
             n = len(lane_parts)
             keys = list(map(_key_of_pair, pairs))
-            lane = 0
-            if n > 1:
-                lanes_of = [h % n for _, h in pairs]
-                lane = lanes_of[0]
-                if lanes_of.count(lane) != len(lanes_of):  # the batch's keys go to several lanes
-                    lane = -1
-                    if all(q.takes_columns for q in consumers[0]):
-                        offsets, headers = _positions(records)
-                        columns = _split_columns(partition, n, lanes_of, keys, values, times,
-                                                 offsets, headers)
-                    else:
-                        appends = [part.append for part in lane_parts]
-                        for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
-                                                         strict=True):
-                            appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
-            if lane >= 0 and consumers[0][lane].takes_columns:  # all to one lane, as columns
+            lanes_of = [h % n for _, h in pairs] if n > 1 else []
+            lane = lanes_of[0] if lanes_of else 0
+            spread = lanes_of.count(lane) != len(lanes_of)  # the batch's keys go to several lanes
+            queues = consumers[0]
+            if all(q.takes_columns for q in queues) if spread else queues[lane].takes_columns:
                 offsets, headers = _positions(records)
-                columns = [(lane, LaneSlice(partition, keys, values, times, offsets, headers))]
-            elif lane >= 0:  # all to one lane, whose consumer takes events
+                columns = (
+                    _split_columns(partition, n, lanes_of, keys, values, times, offsets, headers)
+                    if spread
+                    else [(lane, LaneSlice(partition, keys, values, times, offsets, headers))]
+                )
+            elif spread:
+                appends = [part.append for part in lane_parts]
+                for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
+                                                 strict=True):
+                    appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
+            else:  # all to one lane, whose consumer takes events
                 lane_parts[lane] = [
                     Event(key, value, t, rec.headers, partition, rec.offset)
                     for rec, value, key, t in zip(records, values, keys, times, strict=True)

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
+from itertools import repeat
 from typing import Any
 
 from asyncflow.event import Event
@@ -74,20 +75,12 @@ class LaneSlice:
         events = self._events
         if events is None:
             p = self.partition
-            headers = self.headers
-            if headers is None:
-                events = [
-                    Event(key, value, t, (), p, offset)
-                    for key, value, t, offset in zip(self.keys, self.values, self.times,
-                                                     self.offsets, strict=True)
-                ]
-            else:
-                events = [
-                    Event(key, value, t, h, p, offset)
-                    for key, value, t, offset, h in zip(self.keys, self.values, self.times,
-                                                        self.offsets, headers, strict=True)
-                ]
-            self._events = events
+            headers = repeat((), len(self)) if self.headers is None else self.headers
+            events = self._events = [
+                Event(key, value, t, h, p, offset)
+                for key, value, t, offset, h in zip(self.keys, self.values, self.times,
+                                                    self.offsets, headers, strict=True)
+            ]
         return events
 
     def event(self, i: int) -> Event[Any]:

@@ -525,80 +525,66 @@ class Stream(Generic[T]):
                 return
             values: list[T] = []
             done: list[Event[Any]] = []
+            as_columns: tuple[LaneSlice, list[int] | None] | None = None  # (slice, indices kept)
             failed: Exception | None = None
             bad: Event[Any] | None = None
-            if isinstance(got, LaneSlice):
-                cols = got
-                run = self._chain.columns if self._sync_ops else None
-                if not self._ops or run is not None:  # the columns alone: no event per record
-                    kept: list[int] | None = None
-                    if not self._ops:
-                        values = list(cols.values)
-                    else:
-                        kept = []
-                        try:
-                            run(self, cols.values, values, kept)  # type: ignore[misc]
-                        except Exception as exc:  # noqa: BLE001 - to the error policy below
-                            all_events = cols.events()
-                            i = self._failed_index
-                            failed, bad = exc, all_events[i]
-                            self._pushed_back.extend(reversed(all_events[i + 1 :]))
-                            if values:  # they go first; the next read raises
-                                self._failed, failed = (exc, bad), None
-                    if values:
-                        self._batch_cols = (cols, kept)
-                        self.current = cols.event(len(cols) - 1 if kept is None else kept[-1])
-                        try:
-                            yield values
-                        finally:
-                            self._batch_cols = None
-                        budget -= len(values)
-                        if budget <= 0:
-                            budget = TURN_EVERY
-                            await asyncio.sleep(0)
-                    if failed is not None:
-                        self._held = self.current = bad
-                        raise failed
-                    continue
-                events = cols.events()
-            else:
-                events = got
-            if not self._ops:
-                values = [e.value for e in events]
-                done = events
-            elif self._sync_ops:
-                try:
-                    self._chain.many(self, events, values, done)
-                except Exception as exc:  # noqa: BLE001 - handed to the error policy below
-                    failed, bad = exc, self._held
-                    src, self._failed_src = self._failed_src, None
-                    rest = events[_index_of(events, src) + 1 :]
-                    self._pushed_back.extend(reversed(rest))  # delivered again next
-                    if values:  # they go first; the next read raises
-                        self._failed, failed = (exc, bad), None
-                        self._held = None
-            else:
-                for i, ev in enumerate(events):
+            if isinstance(got, LaneSlice) and self._takes_columns():  # no event per record
+                kept: list[int] | None = None
+                if not self._ops:
+                    values = list(got.values)
+                else:
+                    run = self._chain.columns
+                    assert run is not None
+                    kept = []
                     try:
-                        res = await self._apply_ops(ev)
+                        run(self, got.values, values, kept)
                     except Exception as exc:  # noqa: BLE001 - handed to the error policy below
-                        failed, bad = exc, ev
-                        rest = events[i + 1 :]
+                        events = got.events()
+                        i = self._failed_index
+                        failed, bad = exc, events[i]
+                        self._pushed_back.extend(reversed(events[i + 1 :]))  # delivered again
+                as_columns = (got, kept)
+            else:
+                events = got.events() if isinstance(got, LaneSlice) else got
+                if not self._ops:
+                    values = [e.value for e in events]
+                    done = events
+                elif self._sync_ops:
+                    try:
+                        self._chain.many(self, events, values, done)
+                    except Exception as exc:  # noqa: BLE001 - handed to the error policy below
+                        failed, bad = exc, self._held
+                        src, self._failed_src = self._failed_src, None
+                        rest = events[_index_of(events, src) + 1 :]
                         self._pushed_back.extend(reversed(rest))  # delivered again next
-                        if values:  # they go first; the next read raises
-                            self._failed, failed = (exc, bad), None
-                            self._held = None
-                        break
-                    if res is None:
-                        continue
-                    values.append(res.value)
-                    done.append(res)
+                else:
+                    for i, ev in enumerate(events):
+                        try:
+                            res = await self._apply_ops(ev)
+                        except Exception as exc:  # noqa: BLE001 - to the error policy below
+                            failed, bad = exc, ev
+                            rest = events[i + 1 :]
+                            self._pushed_back.extend(reversed(rest))  # delivered again next
+                            break
+                        if res is None:
+                            continue
+                        values.append(res.value)
+                        done.append(res)
+            if failed is not None and values:  # they go first; the next read raises the failure
+                self._failed, failed = (failed, bad), None
+                self._held = None
             if values:
-                self._batch_events = done
-                self.current = done[-1]
+                if as_columns is not None:
+                    self._batch_cols = as_columns
+                    lane_slice, kept = as_columns
+                    self.current = lane_slice.event(len(lane_slice) - 1 if kept is None else kept[-1])
+                else:
+                    self._batch_events = done
+                    self.current = done[-1]
                 try:
                     yield values
                 finally:
+                    self._batch_cols = None
                     self._batch_events = None
                 budget -= len(values)
                 if budget <= 0:  # as in the per-item loop: the writer and the other lanes
@@ -866,10 +852,8 @@ class Stream(Generic[T]):
                 if columns:
                     return got
                 got = got.events()
-            elif columns and type(got) is list and (
-                not self._ops or (self._sync_ops and self._chain.columns is not None)
-            ):  # a consumer that can work on columns, and a chain that can: say so
-                self._queue.takes_columns = True
+            elif columns and type(got) is list and self._takes_columns():
+                self._queue.takes_columns = True  # a consumer and a chain that work on columns
             self._buf, self._pos = got, 0
             return _FILLED
 
@@ -969,9 +953,10 @@ class Stream(Generic[T]):
         """
         if not self._ops:
             return cols, None
-        run = self._chain.columns if self._sync_ops else None
-        if run is None:
+        if not self._takes_columns():
             return None
+        run = self._chain.columns
+        assert run is not None
         values: list[Any] = []
         kept: list[int] = []
         try:
@@ -990,6 +975,10 @@ class Stream(Generic[T]):
         if len(kept) == len(cols):
             return cols, values
         return cols.take(kept), values
+
+    def _takes_columns(self) -> bool:
+        """Whether the chain runs on a slice's values alone: no steps, or ``map``/``filter`` only."""
+        return self._sync_ops and self._chain.columns is not None
 
     async def _arrive_at_barrier(self) -> None:
         """Arrive at the barrier ``_BARRIER`` announced (everything before it is handled)."""
