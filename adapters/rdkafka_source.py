@@ -15,7 +15,9 @@ would make librdkafka drop what it prefetched and fetch it again. Rebalances are
 librdkafka calls the revoke callback in the polling thread, which hands the
 core's ``on_revoked`` (drain and checkpoint) to the loop and waits for it
 before librdkafka releases the partitions; ``on_assigned`` (restore) likewise
-runs before the first record of a new partition is fetched. A member the
+runs before the first record of a new partition is fetched; every partition
+assigned is resumed (librdkafka would keep one paused across the rebalance,
+and the core forgot the full lanes it was paused for). A member the
 group dropped (a session timeout) gets ``on_lost`` instead: nothing may be
 committed for those partitions any more.
 
@@ -314,6 +316,13 @@ class RdKafkaSource:
         self._paused.clear()
         if parts and self._listener is not None:
             self._call(self._listener.on_assigned(list(parts.values())), "assign")
+        if partitions:
+            # librdkafka keeps a partition paused across a rebalance, but the core forgot why it
+            # paused one it gave up (its full lanes): a partition assigned (again) starts
+            # unpaused, or it would never be read again. Queued now, this runs once the
+            # callback returned and librdkafka assigned them, before any pause for new reads.
+            tps = [KafkaTP(tp.topic, tp.partition) for tp in partitions]
+            self._later(lambda: consumer.resume(tps))
 
     def _on_revoke(self, consumer: Any, partitions: list[KafkaTP]) -> None:
         if self._stopping or self._loop is None:

@@ -165,6 +165,34 @@ async def test_pause_stops_a_partition_and_resume_restarts_it(
     assert core.read[paused] == list(range(50))
 
 
+async def test_a_partition_paused_when_its_member_gave_it_up_is_read_once_assigned_back(
+    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
+) -> None:
+    """The core pauses a partition for its full lanes and forgets why when it is revoked."""
+    await produce(kafka_bootstrap, topic4, per_partition(topic4, 20))
+    group = unique_name("g")
+    a, b = FakeCore("a"), FakeCore("b")
+    all_partitions = {TopicPartition(topic4, p) for p in range(4)}
+    paused = TopicPartition(topic4, 0)
+    async with running(broker, topic4, group, a) as source_a:
+        await wait_for(lambda: a.assigned == all_partitions, 30, message="assignment")
+        source_a.pause([paused])  # never resumed by the core: it is revoked below
+        await read_until(a, 60)
+        async with pumping(a):
+            async with running(broker, topic4, group, b) as source_b, pumping(b):
+                await wait_for(
+                    lambda: len(a.assigned) == 2 and len(b.assigned) == 2, 30, message="split"
+                )
+                await source_b.commit({p: b.read[p][-1] for p in b.assigned if b.read.get(p)})
+            await wait_for(lambda: a.assigned == all_partitions, 30, message="all back to a")
+            await produce(kafka_bootstrap, topic4, per_partition(topic4, 5, start=20))
+            # every partition reads on, the one paused before the rebalances too
+            await wait_for(
+                lambda: all((a.read.get(p) or [-1])[-1] == 24 for p in all_partitions), 30,
+                message="every partition read to its end",
+            )
+
+
 @pytest_asyncio.fixture
 async def aiokafka_broker(kafka_url: str) -> AsyncIterator[KafkaBroker]:
     b = KafkaBroker(kafka_url, dict(TEST_OPTIONS))
