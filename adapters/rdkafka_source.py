@@ -316,13 +316,11 @@ class RdKafkaSource:
         self._paused.clear()
         if parts and self._listener is not None:
             self._call(self._listener.on_assigned(list(parts.values())), "assign")
-        if partitions:
-            # librdkafka keeps a partition paused across a rebalance, but the core forgot why it
-            # paused one it gave up (its full lanes): a partition assigned (again) starts
-            # unpaused, or it would never be read again. Queued now, this runs once the
-            # callback returned and librdkafka assigned them, before any pause for new reads.
-            tps = [KafkaTP(tp.topic, tp.partition) for tp in partitions]
-            self._later(lambda: consumer.resume(tps))
+        # librdkafka keeps a partition paused across a rebalance, but the core forgot why it
+        # paused one it gave up (its full lanes): a partition assigned (again) starts unpaused,
+        # or it would never be read again. Queued now, the resume runs once the callback
+        # returned and librdkafka assigned them, before any pause for new reads.
+        self.resume(parts.values())
 
     def _on_revoke(self, consumer: Any, partitions: list[KafkaTP]) -> None:
         if self._stopping or self._loop is None:
