@@ -84,12 +84,23 @@ class Watermark:
         self.marks = marks
 
     def of(self, partition: Hashable) -> int | None:
-        """The event time partition ``partition`` has reached (``time`` if it has no mark)."""
+        """The event time partition ``partition`` has reached.
+
+        A partition in ``marks`` has its own mark, ``None`` while nothing has
+        been read from it: the progress of other partitions, or a frontier the
+        worker reached before the partition was assigned to it, says nothing
+        about the backlog it may have. A partition without a mark (a source
+        that has no partitions) goes by ``time``.
+
+        Example:
+            >>> w = Watermark(9_000, wall=0, marks={"p0": 9_000, "new": None})
+            >>> w.of("p0"), w.of("new"), Watermark(9_000, wall=0).of(None)
+            (9000, None, 9000)
+        """
         marks = self.marks
-        if marks is None:
+        if marks is None or partition not in marks:
             return self.time
-        t = marks.get(partition, self.time)
-        return self.time if t is None else t
+        return marks[partition]
 
     def __repr__(self) -> str:
         return f"Watermark(time={self.time}, wall={self.wall}, final={self.final}, marks={self.marks})"

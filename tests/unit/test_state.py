@@ -182,6 +182,35 @@ async def test_a_takeover_between_two_workers_gives_complete_windows_and_no_late
     assert worker_a.metrics.get("late_events") == worker_b.metrics.get("late_events") == 0
 
 
+async def test_partitions_taken_over_before_their_first_event_follow_their_own_event_time() -> None:
+    # A is far ahead in event time on its own partitions when B leaves; B's partitions have
+    # had no event yet. Their backlog then starts at time 0: none of it is late for A.
+    broker = MemoryBroker()
+    rows = readings(n=2_000)
+    sink_b, sink_a = CaptureSink("out"), CaptureSink("out")
+    worker_b, worker_a = windows_app(sink_b), windows_app(sink_a)
+    async with TestRun(worker_b, broker=broker) as run_b:
+        await wait_for(lambda: worker_b.metrics.get("state.restored_shards") >= 4)
+        async with TestRun(worker_a, broker=broker) as run_a:
+            await wait_for(lambda: worker_a.metrics.get("state.restored_shards") >= 2)
+            a_source = broker._group("windows").members[-1]  # the member that joined last
+            mine = {tp.partition for tp in a_source.assigned}
+            topic, codec = broker.topic("readings"), run_a._topic("readings").key_codec
+            ahead = [r for r in rows if topic.partition_for(codec.encode(r["sensor"])) in mine]
+            behind = [r for r in rows if r not in ahead]
+            assert ahead and behind
+            await send_readings(run_a, ahead)
+            await wait_for(lambda: worker_a.metrics.get("events_in") >= len(ahead))
+            await run_b.stop()  # A takes B's partitions over: nothing read from them yet
+            await wait_for(lambda: worker_a.metrics.get("state.restored_shards") >= 4)
+            await asyncio.sleep(5 * worker_a.watermark_interval)  # marks go out meanwhile
+            await send_readings(run_a, behind)
+            await run_a.finish()
+    assert worker_a.metrics.get("late_events") == 0
+    assert {(k, s): n for k, s, n in emitted(sink_a)} == windows_of(rows)
+    assert sink_b.values == []
+
+
 async def test_state_ahead_of_the_committed_offsets_applies_no_event_twice() -> None:
     # a crash after the changelog write and before the offset commit leaves state that
     # already reflects offsets the group did not commit: their replay must not count twice

@@ -317,6 +317,24 @@ async def test_an_event_is_late_by_the_watermark_of_its_own_partition() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_partition_with_nothing_read_yet_is_not_moved_by_the_frontier_of_the_others() -> None:
+    # a worker far ahead on p0 takes p1 over; p1's mark is None until its backlog is read,
+    # and the watermark's time (the worker's frontier, carried over) says nothing about it
+    [a] = events("p0", [("a", 60_000, 1)])
+    [b0, b1] = events("p1", [("b", 1_000, 1), ("b", 2_000, 1)])
+    stream = FakeStream([
+        a, b0,  # p1's operator exists (a restored partition has one before its first event)
+        Watermark(60_000, 0, marks={"p0": 60_000, "p1": None}),
+        b1,
+        Watermark(60_000, 0, marks={"p0": 60_000, "p1": 2_000}),
+    ])
+    windows = WindowedStream(stream, Tumbling(5 * S), aggregate=Count())
+    got = sorted([summary(r) async for r in windows])
+    assert stream.dead == []
+    assert got == [("a", 60_000, 65_000, 1), ("b", 0, 5_000, 2)]
+
+
+@pytest.mark.asyncio
 async def test_drop_partitions_forgets_windows_of_revoked_partitions_only() -> None:
     [a0, b0] = events("p0", [("a", 1_000, 1), ("b", 1_000, 1)])
     [b1] = events("p1", [("b", 2_000, 1)])  # b: one event of each (re-keyed in the lane)
