@@ -4,8 +4,9 @@
 runs, the synchronous steps are compiled into straight-line Python, the way
 ``dataclasses`` and ``namedtuple`` build their methods: no loop over the
 steps, no dispatch on their kind, one call per event (``one``) or one call per
-lane slice (``many``; ``columns`` for a slice's values alone, when every step
-is a ``map`` or a ``filter``). They keep the chain's rules:
+lane slice (``many``; ``columns`` for a slice's values alone, and ``one_value``
+for one value alone, when every step is a ``map`` or a ``filter``). They keep
+the chain's rules:
 
 - a ``filter`` that says no, or a ``stateful_map`` step that returns ``None``,
   drops the event (``SKIP`` from ``one``);
@@ -31,6 +32,8 @@ Example:
     >>> chain.columns(stream, [0, 1, 2, 3], out, kept)
     >>> out, kept
     ([20, 30], [2, 3])
+    >>> chain.one_value(1) is SKIP, chain.one_value(3)
+    (True, 30)
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Chain:
         5
     """
 
-    __slots__ = ("columns", "many", "one", "steps")
+    __slots__ = ("columns", "many", "one", "one_value", "steps")
 
     def __init__(
         self,
@@ -73,6 +76,7 @@ class Chain:
         one: Callable[[Any, Event[Any]], Any],
         many: Callable[[Any, list[Event[Any]], list[Any], list[Event[Any]]], None],
         columns: Callable[[Any, list[Any], list[Any], list[int]], None] | None = None,
+        one_value: Callable[[Any], Any] | None = None,
     ) -> None:
         self.steps = steps
         self.one = one
@@ -83,6 +87,10 @@ class Chain:
         value to ``out`` and its index to ``kept``; when a step raises,
         ``stream._failed_index`` is the index it raised on. ``None`` for chains whose steps
         need the event (``key_by``, ``stateful_map``)."""
+        self.one_value = one_value
+        """For the same chains as ``columns``: ``one_value(value)``, one value through the
+        chain (``SKIP`` if a filter dropped it), for a per-item loop over a slice's values.
+        A step that raises raises through it: the caller knows which value it was."""
 
 
 def compile_chain(steps: tuple[Step, ...]) -> Chain:
@@ -104,16 +112,16 @@ def compile_chain(steps: tuple[Step, ...]) -> Chain:
     factory = _factories.get(kinds)
     if factory is None:
         factory = _factories[kinds] = _factory(kinds)
-    one, many, columns = factory(*(fn for _, fn in steps))
-    return Chain(steps, one, many, columns)
+    one, many, columns, one_value = factory(*(fn for _, fn in steps))
+    return Chain(steps, one, many, columns, one_value)
 
 
-_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any, Any]]] = {}
+_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any, Any, Any]]] = {}
 """Generated code per sequence of step kinds (a handful per app)."""
 
 
-def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any]]:
-    """Generate ``make(f0, f1, ...) -> (one, many, columns)`` for a sequence of step kinds."""
+def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any]]:
+    """Generate ``make(f0, f1, ...) -> (one, many, columns, one_value)`` for step kinds."""
     rekeys = KEY in kinds
     stateful = STATEFUL in kinds
 
@@ -167,7 +175,7 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any]]:
         "",
         *(
             [
-                "    columns = None",
+                "    columns = one_value = None",
             ]
             if stateful or rekeys
             else [
@@ -183,15 +191,19 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any]]:
                 "        except BaseException:",
                 "            stream._failed_index = i",
                 "            raise",
+                "",
+                "    def one_value(value):",
+                *body("return SKIP", "        "),
+                "        return value",
             ]
         ),
         "",
-        "    return one, many, columns",
+        "    return one, many, columns, one_value",
     ]
     namespace: dict[str, Any] = {}
     env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
     exec(compile("\n".join(code) + "\n", f"<chain {kinds}>", "exec"), env, namespace)  # noqa: S102
-    make: Callable[..., tuple[Any, Any, Any]] = namespace["make"]
+    make: Callable[..., tuple[Any, Any, Any, Any]] = namespace["make"]
     return make
 
 

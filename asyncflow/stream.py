@@ -122,6 +122,10 @@ _BARRIER: Any = object()
 _FILLED: Any = object()
 """What ``_refill`` returns once the lane's local batch holds new events."""
 
+_IN_SLICE: Event[Any] = Event(None, _NO_KEY)
+"""``_held`` while a per-item loop is on a value of a ``LaneSlice``: the event it holds
+is ``current`` (made only if someone asks, from the slice's columns)."""
+
 
 class Stream(Generic[T]):
     """An async iterator over one lane's values, with the event behind each.
@@ -167,7 +171,38 @@ class Stream(Generic[T]):
         self._window_calls = 0
         self._async_maps: dict[int, AsyncMapped[Any]] = {}
         self._async_calls = 0
-        self.current: Event[Any] | None = None
+        self._current: Event[Any] | None = None
+        self._cols: LaneSlice | None = None
+        """A lane slice the per-item loop is going through by its values (no event each)."""
+        self._cpos = 0
+        """How far into ``_cols`` the per-item loop is: its value ``_cpos - 1`` is current."""
+
+    @property
+    def current(self) -> Event[Any] | None:
+        """The event being handled: its key, value, event time, headers, partition and offset.
+
+        Made when first asked for if the lane got the event as part of a slice's
+        columns (so a loop that never asks costs no ``Event`` per record).
+
+        Example:
+            >>> from asyncflow.testing import stream_of
+            >>> import asyncio
+            >>> async def demo():
+            ...     s = stream_of(["a", "b"])
+            ...     return [(v, s.current.offset) async for v in s]
+            >>> asyncio.run(demo())
+            [('a', 0), ('b', 1)]
+        """
+        ev = self._current
+        if ev is None and self._cpos:
+            cols = self._cols
+            if cols is not None:
+                ev = self._current = cols.event(self._cpos - 1)
+        return ev
+
+    @current.setter
+    def current(self, event: Event[Any] | None) -> None:
+        self._current = event
 
     # -- building -----------------------------------------------------------------
     def _with(self, kind: int, fn: Callable[..., Any]) -> Stream[Any]:
@@ -490,7 +525,7 @@ class Stream(Generic[T]):
     async def _event_slices(self) -> AsyncIterator[list[Event[T]]]:
         async for _ in self._slices():
             events = self._batch_event_list()
-            self.current = events[-1]  # the batch's own last event
+            self._current = events[-1]  # the batch's own last event
             yield events
 
     def _batch_event_list(self) -> list[Event[Any]]:
@@ -517,7 +552,7 @@ class Stream(Generic[T]):
             if pending is not None:  # a step raised on an event after the last batch's values
                 self._failed = None
                 error, self._held = pending
-                self.current = self._held
+                self._current = self._held
                 raise error
             try:
                 got = await self._next_slice(columns=True)
@@ -577,10 +612,10 @@ class Stream(Generic[T]):
                 if as_columns is not None:
                     self._batch_cols = as_columns
                     lane_slice, kept = as_columns
-                    self.current = lane_slice.event(len(lane_slice) - 1 if kept is None else kept[-1])
+                    self._current = lane_slice.event(len(lane_slice) - 1 if kept is None else kept[-1])
                 else:
                     self._batch_events = done
-                    self.current = done[-1]
+                    self._current = done[-1]
                 try:
                     yield values
                 finally:
@@ -591,7 +626,7 @@ class Stream(Generic[T]):
                     budget = TURN_EVERY
                     await asyncio.sleep(0)
             if failed is not None:
-                self._held = self.current = bad
+                self._held = self._current = bad
                 raise failed
 
     async def _next_slice(self, columns: bool = False) -> list[Event[Any]] | LaneSlice:
@@ -640,7 +675,7 @@ class Stream(Generic[T]):
                 self._held = None
             if values:
                 self._batch_events = events
-                self.current = events[-1]
+                self._current = events[-1]
                 try:
                     yield values
                 finally:
@@ -648,7 +683,7 @@ class Stream(Generic[T]):
             if failed is not None:
                 error, event = failed
                 self._held = event
-                self.current = event
+                self._current = event
                 raise error
             if ended:
                 return
@@ -666,6 +701,9 @@ class Stream(Generic[T]):
         held = self._held
         if held is not None:
             self._held = None
+            if held is _IN_SLICE:  # a value of a slice the per-item loop is going through
+                held = self.current
+                assert held is not None
             return [held]
         return []
 
@@ -695,7 +733,7 @@ class Stream(Generic[T]):
                     ev = buf[pos]
                     pos += 1
                     self._pos = pos
-                    self._held = self.current = ev
+                    self._held = self._current = ev
                     value = ev.value if not ops else apply(self, ev)
                     if value is skip:
                         continue
@@ -705,6 +743,41 @@ class Stream(Generic[T]):
                         budget = TURN_EVERY
                         await asyncio.sleep(0)
                     if self._buf is not buf or self._pushed_back:
+                        break
+                continue
+            if pos >= n and not self._pushed_back and self._takes_columns():
+                cols = self._cols
+                if cols is None or self._cpos >= len(cols):
+                    # the lane's next slice, as columns when it came so (else events, above)
+                    try:
+                        got = await self._refill(columns=True)
+                    except StopAsyncIteration:
+                        return
+                    if type(got) is LaneSlice:
+                        self._cols, self._cpos = got, 0
+                    continue
+                # a slice by its values: the event behind one is made only if asked for
+                one = self._chain.one_value if self._ops else None
+                values = cols.values
+                i = self._cpos
+                n = len(values)
+                self._window_key = _NO_KEY
+                while i < n:
+                    value = values[i]
+                    i += 1
+                    self._cpos = i
+                    self._current = None
+                    self._held = _IN_SLICE
+                    if one is not None:
+                        value = one(value)
+                        if value is skip:
+                            continue
+                    yield value
+                    budget -= 1
+                    if not budget:
+                        budget = TURN_EVERY
+                        await asyncio.sleep(0)
+                    if self._cols is not cols or self._pushed_back:
                         break
                 continue
             try:
@@ -737,13 +810,13 @@ class Stream(Generic[T]):
                     ev = out
                     value = ev.value
                 else:
-                    self.current = ev
+                    self._current = ev
                     value = self._chain.one(self, ev)
                     if value is SKIP:
                         continue
-                    ev = self.current  # a new event if key_by changed the key
+                    ev = self._current  # a new event if key_by changed the key
             self._held = ev
-            self.current = ev
+            self._current = ev
             result: T = value
             return result
 
@@ -826,8 +899,17 @@ class Stream(Generic[T]):
         barrier is handled here: the lane waits at it until the checkpoint has
         taken the state. A batch that came as a ``LaneSlice`` is returned as it
         is with ``columns`` (the caller takes all of it); else its events fill
-        the buffer.
+        the buffer. What is left of a slice the per-item loop was going through
+        comes first (before any barrier: it was queued before it).
         """
+        cols = self._cols
+        if cols is not None:
+            rest = self._rest_of_columns(cols)
+            if rest is not None:
+                if columns:
+                    return rest
+                self._buf, self._pos = rest.events(), 0
+                return _FILLED
         while True:
             barrier = self._barrier
             if barrier is not None:
@@ -857,6 +939,20 @@ class Stream(Generic[T]):
             self._buf, self._pos = got, 0
             return _FILLED
 
+    def _rest_of_columns(self, cols: LaneSlice) -> LaneSlice | None:
+        """Let go of ``_cols``, the per-item loop's slice: what it has not reached, if any.
+
+        The current event is made first if it is one of the slice's (so it stays
+        ``current`` once the slice is gone).
+        """
+        if self._current is None:
+            self._current = self.current
+        pos, self._cpos = self._cpos, 0
+        self._cols = None
+        if pos >= len(cols):
+            return None
+        return cols.take(range(pos, len(cols))) if pos else cols
+
     async def _next_events(
         self, stop_at_barrier: bool = False, wait: bool = True, columns: bool = False
     ) -> tuple[list[Event[Any]] | LaneSlice, list[Any] | None] | Watermark | Any:
@@ -882,7 +978,7 @@ class Stream(Generic[T]):
         if failed is not None:
             self._failed = None
             error, self._held = failed
-            self.current = self._held
+            self._current = self._held
             raise error
         while True:
             if self._pushed_back:
@@ -891,7 +987,7 @@ class Stream(Generic[T]):
             else:
                 buf, pos = self._buf, self._pos
                 if pos >= len(buf):
-                    if not wait:
+                    if not wait and (self._cols is None or self._cpos >= len(self._cols)):
                         return _BARRIER if stop_at_barrier and self._barrier is not None else None
                     got = await self._refill(stop_at_barrier=stop_at_barrier, columns=columns)
                     if type(got) is LaneSlice:
@@ -965,7 +1061,7 @@ class Stream(Generic[T]):
             events = cols.events()
             i = self._failed_index
             self._pushed_back.extend(reversed(events[i + 1 :]))
-            self.current = events[i]
+            self._current = events[i]
             if not kept:
                 self._held = events[i]
                 raise
@@ -1009,14 +1105,14 @@ class Stream(Generic[T]):
         try:
             return await self._apply_ops(ev)
         except Exception:
-            self.current = ev  # the agent's error policy names and dead-letters this event
+            self._current = ev  # the agent's error policy names and dead-letters this event
             self._held = ev
             raise
 
     async def _apply_ops(self, ev: Event[Any]) -> Event[Any] | None:
         key = ev.key
         value = ev.value
-        self.current = ev
+        self._current = ev
         for kind, fn in self._ops:
             if kind == MAP:
                 value = fn(value)
@@ -1026,7 +1122,7 @@ class Stream(Generic[T]):
             elif kind == KEY:
                 key = fn(value)
                 if key is not ev.key:
-                    ev = self.current = Event(key, value, ev.time, ev.headers, ev.partition,
+                    ev = self._current = Event(key, value, ev.time, ev.headers, ev.partition,
                                               ev.offset)
             elif kind == STATEFUL:
                 value = fn(value)
@@ -1080,7 +1176,13 @@ class Stream(Generic[T]):
     @property
     def input_ended(self) -> bool:
         """Whether the lane's input ended and everything in it was taken."""
-        return self._queue.closed and self._queue.size == 0 and self._pos >= len(self._buf)
+        cols = self._cols
+        return (
+            self._queue.closed
+            and self._queue.size == 0
+            and self._pos >= len(self._buf)
+            and (cols is None or self._cpos >= len(cols))
+        )
 
 
 def _index_of(events: list[Event[Any]], event: Event[Any] | None) -> int:
