@@ -95,7 +95,8 @@ class Dispatcher:
 
     A lane whose consumer works on columns (``LaneQueue.takes_columns``: its
     stream said so) gets its part of a batch as a ``LaneSlice``; any other
-    lane gets events.
+    lane (a chain with ``key_by``, ``stateful_map`` or async steps; a topic
+    read by two agents) gets events.
     """
 
     def __init__(

@@ -54,8 +54,9 @@ class LaneQueue:
         self.on_room = on_room
         self.takes_columns = False
         """Whether the lane's consumer works on ``LaneSlice`` columns (``stream.batches()``,
-        windows): the stream says so when it first asks for them, and from then on the
-        dispatcher hands this lane its part of each batch as columns, not as events."""
+        windows, a per-item loop over ``map``/``filter`` steps): the stream says so when it
+        first asks for them, and from then on the dispatcher hands this lane its part of
+        each batch as columns, not as events."""
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""

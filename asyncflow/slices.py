@@ -2,10 +2,11 @@
 
 When the dispatcher can, it hands a lane a ``LaneSlice`` rather than a list of
 events: the decoded keys, values and event times side by side with the
-records' offsets (and headers, when any record has some). Consumers that work a
-slice at a time read the columns directly (window operators,
-``stream.batches()``); anything that needs the events themselves gets them
-from ``events()``, made once, when first asked for.
+records' offsets (and headers, when any record has some). Consumers read the
+columns directly: window operators and ``stream.batches()`` a slice at a time,
+the per-item loop a value at a time (``event(i)`` when ``stream.current`` is
+read); anything that needs the events themselves gets them from ``events()``,
+made once, when first asked for.
 
 The raw records are not kept: what a lane holds is what it will use, so a
 queue of slices holds no more objects than a queue of events would (fewer:

@@ -8,6 +8,9 @@ for efficient sinks; ``window`` aggregates over event-time windows;
 ``state(table)`` and ``stateful_map`` keep state per key.
 
 The loop awaits only when its local batch is empty: the queue carries batches.
+Over ``map``/``filter`` steps (or none) it goes through a batch's columns
+(``asyncflow.slices``) value by value, each through the steps as the loop
+reaches it; ``stream.current`` is made from the columns when it is read.
 A checkpoint barrier in the queue makes the loop wait, between two events,
 until the checkpoint has taken the lane's state (``asyncflow.checkpoint``).
 

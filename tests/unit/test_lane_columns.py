@@ -3,7 +3,8 @@
 A stream consumed by ``stream.batches()`` or a window tells its lane it takes
 columns; from then on the dispatcher hands that lane its part of each batch as
 the decoded keys, values, times and offsets side by side (a ``LaneSlice``).
-A lane consumed one item at a time gets events, as before. What must hold is
+A lane whose consumer has not asked gets events (a per-item loop asks too: see
+``test_per_item_columns``). What must hold is
 what held with events: the same values, windows, dead letters, cuts and
 take-backs, whichever form a lane got.
 """
@@ -80,7 +81,7 @@ def test_a_lane_taking_columns_gets_a_batch_as_columns_with_the_events_it_stands
     assert item.event(1).offset == 8 and item.events() is item.events()
 
 
-def test_a_lane_taking_items_one_at_a_time_gets_events() -> None:
+def test_a_lane_that_has_not_asked_for_columns_gets_events() -> None:
     lane = LaneQueue(1_000)
     d = dispatcher([lane])
     d.dispatch(RawBatch("t", P0, records(["a", "b"], first=2)))
