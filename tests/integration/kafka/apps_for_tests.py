@@ -706,7 +706,11 @@ class Tail:
         what: str = "outputs",
         alive: Sequence[Worker] = (),
     ) -> None:
-        """Wait until ``predicate(values)``; fail early if a worker in ``alive`` exits."""
+        """Wait until ``predicate(values)``; fail early if a worker in ``alive`` exits.
+
+        A predicate with an ``explain(values)`` method has its answer in the
+        failure (what is still missing).
+        """
         deadline = time.monotonic() + timeout
         while not predicate(self.values):
             if self._task is not None and self._task.done():
@@ -718,7 +722,11 @@ class Tail:
                         f"{what}:\n{w.tail()}"
                     )
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what} not reached in {timeout}s ({len(self.values)} read)")
+                explain = getattr(predicate, "explain", None)
+                detail = f": {explain(self.values)}" if explain is not None else ""
+                raise AssertionError(
+                    f"{what} not reached in {timeout}s ({len(self.values)} read){detail}"
+                )
             await asyncio.sleep(0.05)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import random
 import re
 import signal
@@ -139,6 +140,19 @@ async def dead_letters(bootstrap: str, app_id: str) -> list[tuple[str, Any]]:
         headers = {k: v.decode() for k, v in r.headers}
         out.append((headers.get("asyncflow.reason", ""), r))
     return out
+
+
+SOAK_SEED = "ASYNCFLOW_SOAK_SEED"
+"""Environment variable: the seed a soak runs with (a random one when unset)."""
+
+
+def soak_seed() -> int:
+    """The seed of a soak's kills and pacing: ``$ASYNCFLOW_SOAK_SEED``, else a random one.
+
+    A soak prints its seed; setting the variable to it replays the same plan of
+    kills (the timing of the processes around them still varies).
+    """
+    return int(os.environ.get(SOAK_SEED) or random.randrange(1 << 30))
 
 
 @dataclass

@@ -36,6 +36,7 @@ from tests.integration.kafka.state_workers import (
     SoakReport,
     alive,
     kill_soak,
+    soak_seed,
     wait_committed,
 )
 from tests.integration.kafka.test_e2e_state import (
@@ -88,7 +89,7 @@ async def test_a_copy_app_and_a_windowed_app_killed_20_times_each_write_every_re
     kafka_bootstrap: str, kafka_url: str, tmp_path: Path
 ) -> None:
     """The kill -9 soak with exactly-once: both apps at once, 2 workers each, 20 kills each."""
-    seed = random.randrange(1 << 30)
+    seed = soak_seed()
     print(f"seed {seed}")
     copy_keys, window_keys = 100, 100
     copy_src, copy_out = await topics(kafka_bootstrap)

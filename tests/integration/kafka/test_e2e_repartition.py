@@ -31,7 +31,14 @@ from tests.integration.kafka.apps_for_tests import (
     sentinel_keys,
 )
 from tests.integration.kafka.broker import create_topic, unique_name, wait_for
-from tests.integration.kafka.state_workers import PARTITIONS, Pool, alive, kill_soak, wait_committed
+from tests.integration.kafka.state_workers import (
+    PARTITIONS,
+    Pool,
+    alive,
+    kill_soak,
+    soak_seed,
+    wait_committed,
+)
 from tests.integration.kafka.test_e2e_state import (
     all_windows_out,
     check_windows,
@@ -138,7 +145,7 @@ async def test_killed_workers_of_a_repartitioned_input_lose_no_event_and_count_n
     # the readers drop the copies (origin header, per-key replay guard), so every window
     # holds each of its events exactly once, whichever worker emitted it and how often
     keys, kills = 40, 6
-    seed = random.randrange(1 << 30)
+    seed = soak_seed()
     print(f"seed {seed}")
     rng = random.Random(seed)
     src = await create_topic(kafka_bootstrap, PARTITIONS, unique_name("e2e-rk-in"))
