@@ -47,10 +47,18 @@ async def test_a_slow_sink_keeps_memory_flat_and_lanes_bounded_and_sigterm_exits
     worker = Worker(broker=kafka_url, env=cfg.env(), log_dir=tmp_path, name="bp").start()
     try:
         await worker.wait_log(r"asyncflow\.worker: assigned", 30)
-        # warm-up: the lanes have filled and the sink is writing
+        # warm-up: the sink is writing and the lanes have filled (reading has stopped for a
+        # moment: every partition is paused); on a loaded machine the sink can start well
+        # before the lanes are full, and their filling is no read ahead of the writes
         deadline = time.monotonic() + 30
-        while (s := lane_stats(worker)) is None or s[4] < 2 * 100:
+        last_in, still_since = -1, time.monotonic()
+        while True:
             assert time.monotonic() < deadline, worker.tail()
+            s = lane_stats(worker)
+            if s is not None and s[3] != last_in:
+                last_in, still_since = s[3], time.monotonic()
+            if s is not None and s[4] >= 2 * 100 and time.monotonic() - still_since >= 0.5:
+                break
             await asyncio.sleep(0.05)
 
         samples: list[tuple[float, int, int]] = []  # (RSS MB, events_in, written)
