@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from datetime import datetime
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from asyncflow.codecs import Codec, StrCodec, codec_for
@@ -318,12 +319,48 @@ class Output:
         """
         return (self._bound or self._writer()).push_many(self._records(items, headers))
 
+    def send_values(
+        self,
+        values: Iterable[Any],
+        *,
+        key: Callable[[Any], Any] | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Awaitable[Any]:
+        """Send many values at once, each with the key ``key(value)`` (none without ``key``).
+
+        ``send_many`` for what a batch gives: no ``(key, value)`` pair to build
+        per item. Buffered at once; awaiting the result waits only while the
+        sink's buffer is full.
+
+        Example:
+            >>> import asyncflow as af, asyncio
+            >>> from asyncflow.testing import CaptureSink
+            >>> app = af.App("t")
+            >>> out = app.sink(CaptureSink("results"))
+            >>> @app.task
+            ... async def produce():
+            ...     await out.send_values([{"id": "a"}, {"id": "b"}], key=lambda v: v["id"])
+            >>> asyncio.run(app.run(stop_when_idle=True))
+            >>> [(r.key, r.value) for r in out.sink.records]
+            [('a', {'id': 'a'}), ('b', {'id': 'b'})]
+        """
+        return (self._bound or self._writer()).push_many(self._value_records(values, key, headers))
+
     def _records(
         self, items: Iterable[tuple[Any, Any]], headers: Sequence[tuple[str, bytes]]
     ) -> list[SinkRecord]:
         """The records of ``send_many`` (subclasses build them without a call per item)."""
         record = self._record
         return [record(key, value, headers) for key, value in items]
+
+    def _value_records(
+        self, values: Iterable[Any], key: Callable[[Any], Any] | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> list[SinkRecord]:
+        """The records of ``send_values``."""
+        if key is None:
+            return self._records(zip(repeat(None), values), headers)
+        return self._records(((key(v), v) for v in values), headers)
 
     def _not_running(self) -> ConfigError:
         app = self._app.id if self._app is not None else "?"
@@ -451,6 +488,14 @@ class SinkOutput(Output):
         self, items: Iterable[tuple[Any, Any]], headers: Sequence[tuple[str, bytes]]
     ) -> list[SinkRecord]:
         return [SinkRecord(k, v, None, headers) for k, v in items]
+
+    def _value_records(
+        self, values: Iterable[Any], key: Callable[[Any], Any] | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> list[SinkRecord]:
+        if key is None:
+            return [SinkRecord(None, v, None, headers) for v in values]
+        return [SinkRecord(key(v), v, None, headers) for v in values]
 
     def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
         return writer.push_value

@@ -8,6 +8,12 @@ await. An event time further ahead than ``max_time_ahead`` of both the
 partition's event time and the wall clock is a dead letter too: one bad clock
 must not stall a partition's windows for good.
 
+The dispatcher works on a batch's columns (offsets, keys, values, times,
+headers side by side): a source that keeps its records so (the memory broker)
+hands them as ``RawBatch.columns``, any other batch is read into columns once
+(``RawColumns.of``). Record objects are read only on the slow paths (poison,
+a restore's skip, repartition markers, tracing).
+
 For checkpoints it keeps, per partition, the *cut*: the offset up to which
 every record read is in a lane queue (``cut``). Records the restored state
 already reflects (a replay after a crash) are dropped before decoding.
@@ -28,20 +34,27 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
+from itertools import repeat
 from typing import Any, cast
 
 from asyncflow.channels import Channel
 from asyncflow.clock import Clock
 from asyncflow.errors import DecodeError
 from asyncflow.event import Event, Watermark
-from asyncflow.keys import HashCache, RawKeyCache, key_hash, lane_of  # noqa: F401 - lane_of: the routing rule, re-exported
+from asyncflow.keys import (  # noqa: F401 - lane_of: the routing rule, re-exported
+    HashCache,
+    KeyOfRawCache,
+    LaneCache,
+    RawKeyCache,
+    key_hash,
+    lane_of,
+)
 from asyncflow.lanes import LaneQueue
 from asyncflow.metrics import Metrics
 from asyncflow.observe.traces import read_span
-from asyncflow.protocols import RawBatch, RawRecord, Source
+from asyncflow.protocols import RawBatch, RawColumns, RawRecord, Source
 from asyncflow.repartition import KeySpread, RepartitionMarks
 from asyncflow.slices import Headers, LaneSlice
 from asyncflow.watermarks import PartitionWatermarks
@@ -65,8 +78,8 @@ class Route:
     channel keyed by its values, for one key on two partitions.
     """
 
-    __slots__ = ("agents", "channel", "consumers", "hashes", "in_keys", "marks", "raw_keys",
-                 "spread")
+    __slots__ = ("agents", "channel", "consumers", "hashes", "in_keys", "key_of_raw", "lanes",
+                 "marks", "raw_keys", "spread")
 
     def __init__(
         self,
@@ -81,7 +94,16 @@ class Route:
         self.in_keys = [(channel.name, a) for a in self.agents]
         """The ``(topic, agent)`` label values of ``events_in`` (made once)."""
         self.raw_keys = RawKeyCache(channel.key_codec.decode)  # record keys: decoded once
+        self.key_of_raw = KeyOfRawCache(self.raw_keys)
         self.hashes = HashCache()  # keys from the channel's key function: hashed once
+        self.lanes: LaneCache | None = None
+        """With one agent reading the channel: each key's lane (raw keys, or the key function's)."""
+        if len(consumers) == 1:
+            raw_keys = self.raw_keys
+            self.lanes = LaneCache(
+                key_hash if channel.key_fn is not None else lambda raw: raw_keys[raw][1],
+                len(consumers[0]),
+            )
         app = channel._app
         idle = app.idle_timeout if app is not None else None
         repartitioned = channel.repartitioned_from is not None
@@ -166,17 +188,21 @@ class Dispatcher:
         read_log.append((records[-1].offset, time.monotonic(), len(records)))
         if self.tracer is not None:
             read_span(self.tracer, batch.topic, partition, records)
+        cols = batch.columns  # the records by column, if the source keeps them so
         marks = route.marks
         marked: int | None = None
         if marks is not None:  # a repartition topic: its markers say how far event time is
             # (markers the restored state has read past still say it: taken before the skip)
-            records, marked = marks.take(partition, records, self.clock.wall_ms())
+            data, marked = marks.take(partition, records, self.clock.wall_ms(),
+                                      None if cols is None else cols.keys)
+            if data is not records:
+                records, cols = data, None
         skip = self._skip_to.get(partition)
         if skip is not None and records:
             if records[-1].offset <= skip:
                 records = ()
             else:
-                records = [r for r in records if r.offset > skip]
+                records, cols = [r for r in records if r.offset > skip], None
                 del self._skip_to[partition]
         if not records:
             if marked is not None:
@@ -188,47 +214,56 @@ class Dispatcher:
         parts: list[list[list[Event[Any]]]] = [[[] for _ in c] for c in consumers]
         columns: list[tuple[int, LaneSlice]] = []  # (lane, its records) handed as columns
         max_time: int | None = None
-        fast = self._decode_all(route, records)
+        if cols is None:
+            cols = RawColumns.of(records)
+        fast = self._decode_all(route, cols)
         if fast is not None:
-            values, pairs, times = fast
+            values, keys, key_of, where, times = fast
             try:
                 max_time = max(cast("list[int]", times))
             except TypeError:  # some records have no event time
                 known = [t for t in times if t is not None]
                 max_time = max(known) if known else None
             if route.spread is not None:
-                route.spread.observe(partition, pairs[0][0])
+                route.spread.observe(partition, keys[0] if key_of is None else key_of[keys[0]])
         if fast is None or (limit is not None and max_time is not None and max_time > limit):
             # poison in the batch, or an event time too far ahead: record by record
             max_time = self._decode_each(ch, partition, records, limit, parts, consumers)
         elif len(consumers) == 1:  # the common case: one agent reads the topic
             lane_parts = parts[0]
             n = len(lane_parts)
-            keys = list(map(_key_of_pair, pairs))
-            lanes_of = [h % n for _, h in pairs] if n > 1 else []
-            lane = lanes_of[0] if lanes_of else 0
+            lanes_of = where  # each record's lane
+            lane = lanes_of[0]
             spread = lanes_of.count(lane) != len(lanes_of)  # the batch's keys go to several lanes
             queues = consumers[0]
+            offsets, headers = cols.offsets, cols.headers
             if all(q.takes_columns for q in queues) if spread else queues[lane].takes_columns:
-                offsets, headers = _positions(records)
                 columns = (
-                    _split_columns(partition, n, lanes_of, keys, values, times, offsets, headers)
+                    _split_columns(partition, n, lanes_of, keys, values, times, offsets, headers,
+                                   key_of)
                     if spread
-                    else [(lane, LaneSlice(partition, keys, values, times, offsets, headers))]
+                    else [(lane, LaneSlice(partition, keys, values, times, offsets, headers,
+                                           key_of))]
                 )
             elif spread:
+                if key_of is not None:
+                    keys = list(map(key_of.__getitem__, keys))
                 appends = [part.append for part in lane_parts]
-                for rec, value, key, i, t in zip(records, values, keys, lanes_of, times,
-                                                 strict=True):
-                    appends[i](Event(key, value, t, rec.headers, partition, rec.offset))
+                for value, key, i, t, h, offset in zip(values, keys, lanes_of, times,
+                                                       _headers_of(cols), offsets, strict=True):
+                    appends[i](Event(key, value, t, h, partition, offset))
             else:  # all to one lane, whose consumer takes events
+                if key_of is not None:
+                    keys = list(map(key_of.__getitem__, keys))
                 lane_parts[lane] = [
-                    Event(key, value, t, rec.headers, partition, rec.offset)
-                    for rec, value, key, t in zip(records, values, keys, times, strict=True)
+                    Event(key, value, t, h, partition, offset)
+                    for value, key, t, h, offset in zip(values, keys, times, _headers_of(cols),
+                                                        cols.offsets, strict=True)
                 ]
         else:
-            for rec, value, (key, h), t in zip(records, values, pairs, times, strict=True):
-                ev = Event(key, value, t, rec.headers, partition, rec.offset)
+            for value, key, h, t, hs, offset in zip(values, keys, where, times, _headers_of(cols),
+                                                    cols.offsets, strict=True):
+                ev = Event(key, value, t, hs, partition, offset)
                 for parts_c in parts:
                     parts_c[h % len(parts_c)].append(ev)
         self.metrics.incr("events_in", len(records))
@@ -266,34 +301,50 @@ class Dispatcher:
             self.watermarks.observe(partition, t, self.clock.wall_ms())
 
     def _decode_all(
-        self, route: Route, records: Sequence[RawRecord]
-    ) -> tuple[list[Any], list[tuple[Any, int]], list[int | None]] | None:
-        """Decode a batch one step at a time: values, ``(key, hash)`` pairs, times.
+        self, route: Route, cols: RawColumns
+    ) -> tuple[
+        list[Any], Sequence[Any], KeyOfRawCache | None, list[int], Sequence[int | None]
+    ] | None:
+        """Decode a batch one step at a time: values, keys, ``key_of``, where each goes, times.
 
-        ``None`` if any record fails: the batch then goes through
-        ``_decode_each``, which finds the poison. Keys repeat in a stream, so
-        they are decoded and hashed once (``RawKeyCache``, ``HashCache``).
+        Where a record goes is its lane when one agent reads the route
+        (``Route.lanes``), else its key's hash. Keys taken from the records'
+        own keys come raw when one agent reads the route (``key_of[raw]``
+        decodes one: a lane that never reads them costs no lookup); finding
+        their lanes has decoded each, so a key that does not decode has failed
+        the batch here already. ``None`` if any record fails: the batch then
+        goes through ``_decode_each``, which finds the poison. Keys repeat in a
+        stream, so they are decoded, hashed and given a lane once
+        (``RawKeyCache``, ``KeyOfRawCache``, ``HashCache``, ``LaneCache``).
         """
         ch = route.channel
         decode_many = getattr(ch.codec, "decode_many", None)
         if decode_many is None:
             return None
         try:
-            values = decode_many([r.value for r in records])
+            values = decode_many(cols.values)
             key_fn = ch.key_fn
+            lanes = route.lanes
+            key_of: KeyOfRawCache | None = None
+            keys: Sequence[Any]
             if key_fn is not None:
                 keys = list(map(key_fn, values))
-                pairs = list(zip(keys, map(route.hashes.__getitem__, keys), strict=True))
+                where = list(map((route.hashes if lanes is None else lanes).__getitem__, keys))
+            elif lanes is not None:
+                keys, key_of = cols.keys, route.key_of_raw
+                where = list(map(lanes.__getitem__, keys))
             else:
-                pairs = list(map(route.raw_keys.__getitem__, [r.key for r in records]))
+                keys = list(map(route.key_of_raw.__getitem__, cols.keys))
+                raw_keys = route.raw_keys
+                where = [raw_keys[r][1] for r in cols.keys]
             time_fn = ch.time_ms
             if time_fn is not None:
-                times: list[int | None] = list(map(time_fn, values))
+                times: Sequence[int | None] = list(map(time_fn, values))
             else:
-                times = [r.timestamp for r in records]
+                times = cols.timestamps
         except Exception:  # noqa: BLE001 - some record is poison: find it record by record
             return None
-        return values, pairs, times
+        return values, keys, key_of, where, times
 
     def _decode_each(
         self,
@@ -484,23 +535,26 @@ class Dispatcher:
             q.close()
 
 
-def _positions(records: Sequence[RawRecord]) -> tuple[list[int], list[Headers] | None]:
-    """The records' offsets, and their headers (``None`` in the usual case: none has any)."""
-    headers = [r.headers for r in records]
-    return [r.offset for r in records], headers if any(headers) else None
+def _headers_of(cols: RawColumns) -> Iterable[Headers]:
+    """The batch's headers column, ``()`` for each record when none has any."""
+    return repeat((), len(cols.values)) if cols.headers is None else cols.headers
 
 
 def _split_columns(
     partition: Hashable,
     n: int,
     lanes_of: list[int],
-    keys: list[Any],
+    keys: Sequence[Any],
     values: list[Any],
-    times: list[int | None],
-    offsets: list[int],
-    headers: list[Headers] | None,
+    times: Sequence[int | None],
+    offsets: Sequence[int],
+    headers: Sequence[Headers] | None,
+    key_of: KeyOfRawCache | None = None,
 ) -> list[tuple[int, LaneSlice]]:
-    """A batch's columns split by lane (``lanes_of[i]`` is record ``i``'s), order kept."""
+    """A batch's columns split by lane (``lanes_of[i]`` is record ``i``'s), order kept.
+
+    ``key_of``: the keys are raw, and each slice decodes its own when read.
+    """
     ks: list[list[Any]] = [[] for _ in range(n)]
     vs: list[list[Any]] = [[] for _ in range(n)]
     ts: list[list[int | None]] = [[] for _ in range(n)]
@@ -516,14 +570,12 @@ def _split_columns(
         for i, h in zip(lanes_of, headers, strict=True):
             hs[i].append(h)
     return [
-        (i, LaneSlice(partition, ks[i], vs[i], ts[i], os[i], None if hs is None else hs[i]))
+        (i, LaneSlice(partition, ks[i], vs[i], ts[i], os[i], None if hs is None else hs[i],
+                      key_of))
         for i in range(n)
         if vs[i]
     ]
 
-
-_key_of_pair = itemgetter(0)
-"""The key of a ``(key, hash)`` pair."""
 
 
 def _iso(ms: int) -> str:

@@ -107,4 +107,56 @@ class RawKeyCache(dict[bytes | None, tuple[Any, int]]):
         return pair
 
 
+class KeyOfRawCache(dict[bytes | None, Any]):
+    """Raw key bytes to the decoded key alone: ``cache[raw]``, one lookup a record.
+
+    Keeps what ``raw_keys`` (a ``RawKeyCache``) keeps: immutable keys; any
+    other is decoded again each time.
+
+    Example:
+        >>> keys = KeyOfRawCache(RawKeyCache(bytes.decode))
+        >>> keys[b"sensor-7"], keys[None]
+        ('sensor-7', None)
+    """
+
+    def __init__(self, raw_keys: RawKeyCache) -> None:
+        super().__init__()
+        self._raw_keys = raw_keys
+
+    def __missing__(self, raw: bytes | None) -> Any:
+        key = self._raw_keys[raw][0]
+        if type(key) in _IMMUTABLE or key is None:
+            if len(self) >= CACHE_LIMIT:
+                self.clear()
+            self[raw] = key
+        return key
+
+
+class LaneCache(dict[Any, int]):
+    """What goes to which of ``lanes`` lanes, looked up: ``cache[x]`` is ``hash_of(x) % lanes``.
+
+    ``x`` is a decoded key (``hash_of`` is ``key_hash``) or a record's raw
+    key (``hash_of`` looks it up in a ``RawKeyCache``): one dict hit, in C,
+    per record instead of a hash and a modulo. Starts over past ``CACHE_LIMIT``
+    entries; ``hash_of``'s errors (an unhashable key) are raised and nothing is kept.
+
+    Example:
+        >>> lanes = LaneCache(key_hash, 4)
+        >>> [lanes[k] for k in ("a", "a", 5)] == [lane_of("a", 4)] * 2 + [1]
+        True
+    """
+
+    def __init__(self, hash_of: Callable[[Any], int], lanes: int) -> None:
+        super().__init__()
+        self._hash_of = hash_of
+        self._lanes = lanes
+
+    def __missing__(self, x: Any) -> int:
+        lane = self._hash_of(x) % self._lanes
+        if len(self) >= CACHE_LIMIT:
+            self.clear()
+        self[x] = lane
+        return lane
+
+
 _IMMUTABLE = (str, bytes, int)

@@ -29,9 +29,8 @@ import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
-import msgspec
-
 from asyncflow.errors import ConfigError, TopicMissing
+from asyncflow.partition_log import MemoryRecord, PartitionLog
 from asyncflow.protocols import (
     Partition,
     PartitionListener,
@@ -45,25 +44,12 @@ from asyncflow.protocols import (
 log = logging.getLogger("asyncflow.memory")
 
 
-class MemoryRecord(msgspec.Struct, gc=False):
-    """A record stored in a memory topic (satisfies ``RawRecord``).
-
-    A C struct the garbage collector does not track: a topic holds millions.
-    """
-
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int | None
-    headers: Sequence[tuple[str, bytes]]
-
-
 class MemoryTopic:
     """Partitions of records, an end-of-input flag and a wake-up for readers."""
 
     def __init__(self, name: str, partitions: int) -> None:
         self.name = name
-        self.partitions: list[list[MemoryRecord]] = [[] for _ in range(partitions)]
+        self.partitions: list[PartitionLog] = [PartitionLog() for _ in range(partitions)]
         self.ended = False
         self.writers: set[object] = set()
         """Who still writes to the topic (``MemoryBroker.add_writer``): it is not finished before."""
@@ -167,9 +153,9 @@ class MemoryBroker:
             value = bytes(memoryview(value))
         if type(key) is bytes:
             key = bytes(memoryview(key))
-        log.append(MemoryRecord(len(log), key, value, ts, tuple(headers)))
+        offset = log.add(key, value, ts, headers)
         self._notify()
-        return p, len(log) - 1
+        return p, offset
 
     def produce_records(self, records: Sequence[SinkRecord]) -> None:
         """Append sink records (encoded by the app's codecs: right-sized bytes) in one go.
@@ -199,8 +185,7 @@ class MemoryBroker:
             p = r.partition
             log = t.partitions[t.partition_for(r.key) if p is None else p]
             ts = r.timestamp
-            log.append(MemoryRecord(len(log), r.key, r.value, now if ts is None else ts,
-                                    tuple(r.headers)))
+            log.add(r.key, r.value, now if ts is None else ts, r.headers)
         self._notify()
 
     def end(self, topic: str) -> None:
@@ -300,13 +285,9 @@ class MemoryBroker:
             t = self.topics[topic]
         log = t.partitions[partition]
         now = time.time_ns() // 1_000_000
-        offset = len(log)
-        append = log.append
+        add = log.add
         for r in records:  # changelog records come right-sized from the state codec
-            headers = r.headers
-            append(MemoryRecord(offset, r.key, r.value, now,
-                                headers if type(headers) is tuple else tuple(headers)))
-            offset += 1
+            add(r.key, r.value, now, r.headers)
         self._notify()
         return len(log) - 1
 
@@ -454,9 +435,9 @@ class MemorySource:
             log = self.broker.topics[tp.topic].partitions[tp.partition]
             pos = self._positions[tp]
             if pos < len(log):
-                chunk = log[pos : pos + self.fetch_max]
+                chunk, columns = log.read(pos, pos + self.fetch_max)
                 self._positions[tp] = pos + len(chunk)
-                out.append(RawBatch(tp.topic, tp, chunk))
+                out.append(RawBatch(tp.topic, tp, chunk, columns))
         return out
 
     @property

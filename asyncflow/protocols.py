@@ -72,19 +72,62 @@ class Record:
     headers: Sequence[tuple[str, bytes]] = ()
 
 
+@dataclass(slots=True, frozen=True)
+class RawColumns:
+    """A batch's records by column: ``offsets[i]``, ``keys[i]``, ... are record ``i``'s.
+
+    ``headers`` is ``None`` when no record has any. A source that keeps its
+    records by column (the memory broker) hands them so: the core then reads
+    no record object of the batch.
+
+    Example:
+        >>> cols = RawColumns(range(7, 9), [b"a", b"b"], [b"1", b"2"], [None, None], None)
+        >>> list(zip(cols.offsets, cols.values))
+        [(7, b'1'), (8, b'2')]
+    """
+
+    offsets: Sequence[int]
+    keys: Sequence[bytes | None]
+    values: Sequence[bytes | None]
+    timestamps: Sequence[int | None]
+    headers: Sequence[Sequence[tuple[str, bytes]]] | None
+
+    @classmethod
+    def of(cls, records: Sequence[RawRecord]) -> RawColumns:
+        """The columns of record objects (what the core does when a source hands none).
+
+        Example:
+            >>> RawColumns.of([Record(0, b"k", b"1", 5)])
+            RawColumns(offsets=[0], keys=[b'k'], values=[b'1'], timestamps=[5], headers=None)
+        """
+        headers = [r.headers for r in records]
+        return cls(
+            [r.offset for r in records],
+            [r.key for r in records],
+            [r.value for r in records],
+            [r.timestamp for r in records],
+            headers if any(headers) else None,
+        )
+
+
 @dataclass(slots=True)
 class RawBatch:
     """Records read from one partition, in offset order.
 
+    ``columns``, when a source sets it, holds the same records by column
+    (``RawColumns``); ``records`` must then still give them one by one (the
+    core reads them so only on its slow paths: poison, restore, tracing).
+
     Example:
         >>> b = RawBatch("sensors", TopicPartition("sensors", 0), [Record(0, None, b"1")])
-        >>> len(b.records)
-        1
+        >>> len(b.records), b.columns
+        (1, None)
     """
 
     topic: str
     partition: Partition
     records: Sequence[RawRecord]
+    columns: RawColumns | None = None
 
 
 class PartitionListener(Protocol):

@@ -437,10 +437,16 @@ class RepartitionMarks:
         self._sized: set[Hashable] = set()  # partitions told how many sources there are
 
     def take(
-        self, partition: Hashable, records: Sequence[RawRecord], wall_ms: int
+        self, partition: Hashable, records: Sequence[RawRecord], wall_ms: int,
+        keys: Sequence[bytes | None] | None = None,
     ) -> tuple[Sequence[RawRecord], int | None]:
-        """The batch's data records, and the partition's event time after its markers."""
-        if all(r.key is not None for r in records):
+        """The batch's data records, and the partition's event time after its markers.
+
+        ``records`` itself when the batch holds no marker (a marker has no key:
+        ``keys``, the records' keys if the caller has them as a column, tells so
+        without reading a record).
+        """
+        if None not in keys if keys is not None else all(r.key is not None for r in records):
             return records, None
         sources = self._of.get(partition)
         if sources is None:

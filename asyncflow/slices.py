@@ -10,7 +10,10 @@ made once, when first asked for.
 
 The raw records are not kept: what a lane holds is what it will use, so a
 queue of slices holds no more objects than a queue of events would (fewer:
-no envelope per record).
+no envelope per record). Keys may come raw (the records' key bytes, with the
+route's cache of decoded keys, ``key_of``): they are decoded when first read,
+so a consumer that never reads them (``batches()`` over map and filter, the
+per-item loop) costs no key lookup per record.
 
 Example:
     >>> s = LaneSlice("p0", ["a", "b"], [1, 2], [10, 20], [5, 6])
@@ -20,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -44,7 +47,8 @@ class LaneSlice:
         (3, [('h', b'1')], True)
     """
 
-    __slots__ = ("_events", "headers", "keys", "offsets", "partition", "times", "values")
+    __slots__ = ("_events", "_key_of", "_keys", "headers", "offsets", "partition", "times",
+                 "values")
 
     def __init__(
         self,
@@ -54,9 +58,12 @@ class LaneSlice:
         times: Sequence[int | None],
         offsets: Sequence[int],
         headers: Sequence[Headers] | None = None,
+        key_of: Mapping[Any, Any] | None = None,
     ) -> None:
         self.partition = partition
-        self.keys = keys
+        self._keys = keys
+        self._key_of = key_of
+        """With raw ``keys``: their decoded keys, ``key_of[raw]`` (``None``: ``keys`` are decoded)."""
         self.values = values
         self.times = times
         self.offsets = offsets
@@ -65,6 +72,21 @@ class LaneSlice:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    @property
+    def keys(self) -> Sequence[Any]:
+        """The records' keys, decoded on the first read if the slice came with raw ones.
+
+        Example:
+            >>> s = LaneSlice(0, [b"a"], [1], [None], [0], key_of={b"a": "a"})
+            >>> s.event(0).key, s.keys
+            ('a', ['a'])
+        """
+        key_of = self._key_of
+        if key_of is not None:
+            self._keys = list(map(key_of.__getitem__, self._keys))
+            self._key_of = None
+        return self._keys
 
     @property
     def first_offset(self) -> int:
@@ -90,7 +112,8 @@ class LaneSlice:
         if events is not None:
             return events[i]
         headers = () if self.headers is None else self.headers[i]
-        return Event(self.keys[i], self.values[i], self.times[i], headers, self.partition,
+        key = self._keys[i] if self._key_of is None else self._key_of[self._keys[i]]
+        return Event(key, self.values[i], self.times[i], headers, self.partition,
                      self.offsets[i])
 
     def take(self, kept: Sequence[int]) -> LaneSlice:
@@ -101,7 +124,7 @@ class LaneSlice:
             [8]
         """
         keys, values, times, offsets, headers = (
-            self.keys, self.values, self.times, self.offsets, self.headers
+            self._keys, self.values, self.times, self.offsets, self.headers
         )
         return LaneSlice(
             self.partition,
@@ -110,6 +133,7 @@ class LaneSlice:
             [times[i] for i in kept],
             [offsets[i] for i in kept],
             None if headers is None else [headers[i] for i in kept],
+            self._key_of,
         )
 
     def __getitem__(self, i: int) -> Event[Any]:

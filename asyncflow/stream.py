@@ -496,7 +496,7 @@ class Stream(Generic[T]):
         map/filter/key_by/stateful_map apply per value as in the per-item
         loop. ``stream.current`` is the batch's last event. If the agent body
         raises while handling a batch, its error policy takes the whole batch.
-        Send the results with ``output.send_many(...)``.
+        Send the results with ``output.send_values(batch)`` (or ``send_many`` of pairs).
 
         Example:
             >>> from asyncflow.testing import stream_of

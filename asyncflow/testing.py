@@ -36,7 +36,8 @@ from asyncflow.clock import ManualClock
 from asyncflow.errors import SinkError
 from asyncflow.event import Event, Watermark
 from asyncflow.lanes import LaneQueue
-from asyncflow.memory import MemoryBroker, MemoryRecord
+from asyncflow.memory import MemoryBroker
+from asyncflow.partition_log import MemoryRecord
 from asyncflow.protocols import Rejected, SinkRecord
 from asyncflow.stream import LaneContext, Stream
 

@@ -9,7 +9,7 @@ that its peak RSS is its own:
   counts batches; offsets are committed as usual.
 - ``pipeline_record``: the same with a typed ``af.Record`` value type.
 - ``batches_dict`` / ``batches_record``: the same pipelines through the batch
-  API (``async for batch in stream...batches()`` and ``out.send_many(...)``).
+  API (``async for batch in stream...batches()`` and ``out.send_values(batch)``).
 
 The baseline of each is the best hand-written asyncio loop over the same raw
 records: batches of 1,000 through an ``asyncio.Queue``, orjson for dicts (for
@@ -122,7 +122,7 @@ async def run_framework(
         @app.agent(readings, concurrency=4)
         async def pipeline(stream: af.Stream[Any]) -> None:
             async for batch in stream.map(to_celsius).filter(keep).batches():
-                await out.send_many([(None, v) for v in batch])
+                await out.send_values(batch)
 
     else:
 
