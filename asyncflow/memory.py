@@ -30,7 +30,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from asyncflow.errors import ConfigError, TopicMissing
-from asyncflow.partition_log import MemoryRecord, PartitionLog
+from asyncflow.partition_log import (
+    MemoryRecord as MemoryRecord,  # re-exported: where it lived before
+)
+from asyncflow.partition_log import PartitionLog
 from asyncflow.protocols import (
     Partition,
     PartitionListener,
