@@ -5,7 +5,7 @@ record's offset is its position. A reader takes a range as ``RawColumns``
 (list slices, no object per record) and, beside them, a view that makes a
 ``MemoryRecord`` only for a record someone asks for: the dispatcher's fast
 path reads columns only, its slow paths (poison, restore, tracing) records.
-Five pointers a record instead of a record object each (about half the memory).
+Four pointers a record (key, value, timestamp, headers) instead of a record object each.
 
 Example:
     >>> log = PartitionLog()
