@@ -258,7 +258,7 @@ class Dispatcher:
                 lane_parts[lane] = [
                     Event(key, value, t, h, partition, offset)
                     for value, key, t, h, offset in zip(values, keys, times, _headers_of(cols),
-                                                        cols.offsets, strict=True)
+                                                        offsets, strict=True)
                 ]
         else:
             for value, key, h, t, hs, offset in zip(values, keys, where, times, _headers_of(cols),

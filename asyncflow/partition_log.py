@@ -93,13 +93,17 @@ class PartitionLog(Sequence[MemoryRecord]):
     @overload
     def __getitem__(self, i: slice) -> list[MemoryRecord]: ...
     def __getitem__(self, i: int | slice) -> MemoryRecord | list[MemoryRecord]:
+        return self._get(0, len(self.values), i)
+
+    def _get(self, start: int, n: int, i: int | slice) -> MemoryRecord | list[MemoryRecord]:
+        """Item ``i`` (an index or a slice) of the ``n`` records from offset ``start`` on."""
         if isinstance(i, slice):
-            return [self._record(j) for j in range(*i.indices(len(self.values)))]
+            return [self._record(start + j) for j in range(*i.indices(n))]
         if i < 0:
-            i += len(self.values)
-        if not 0 <= i < len(self.values):
-            raise IndexError(f"offset {i} is not in the partition (0 to {len(self.values) - 1})")
-        return self._record(i)
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} is not among the {n} from offset {start}")
+        return self._record(start + i)
 
     def __iter__(self) -> Iterator[MemoryRecord]:
         return self._records(0, len(self.values))
@@ -130,14 +134,7 @@ class _Range(Sequence[MemoryRecord]):
     @overload
     def __getitem__(self, i: slice) -> list[MemoryRecord]: ...
     def __getitem__(self, i: int | slice) -> MemoryRecord | list[MemoryRecord]:
-        n = self._stop - self._start
-        if isinstance(i, slice):
-            return [self._log._record(self._start + j) for j in range(*i.indices(n))]
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"record {i} is not in the batch of {n}")
-        return self._log._record(self._start + i)
+        return self._log._get(self._start, self._stop - self._start, i)
 
     def __iter__(self) -> Iterator[MemoryRecord]:
         return self._log._records(self._start, self._stop)
