@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
 from asyncflow.errors import ConfigError
@@ -22,6 +21,9 @@ from asyncflow.protocols import Broker, BrokerFactory
 def _factory(scheme: str) -> BrokerFactory:
     if scheme == "memory":
         return memory_broker
+    # importing importlib.metadata takes ~30 ms: only a worker on another broker pays it
+    from importlib.metadata import entry_points
+
     found = [ep for ep in entry_points(group="asyncflow.brokers") if ep.name == scheme]
     if not found:
         known = sorted({"memory", *(ep.name for ep in entry_points(group="asyncflow.brokers"))})
