@@ -115,10 +115,11 @@ class Route:
 class Dispatcher:
     """Feeds one source's batches into lanes, with backpressure, watermarks and cuts.
 
-    A lane whose consumer works on columns (``LaneQueue.takes_columns``: its
-    stream said so) gets its part of a batch as a ``LaneSlice``; any other
-    lane (a chain with ``key_by``, ``stateful_map`` or async steps; a topic
-    read by two agents) gets events.
+    A lane gets its part of a batch as a ``LaneSlice`` unless its consumer
+    has said it works on events (``LaneQueue.takes_columns`` is ``False``: a
+    chain with ``key_by``, ``stateful_map`` or async steps); then, and for a
+    topic read by two agents, it gets events. A lane whose consumer has not
+    asked yet gets columns, which any consumer reads.
     """
 
     def __init__(
@@ -237,7 +238,8 @@ class Dispatcher:
             spread = lanes_of.count(lane) != len(lanes_of)  # the batch's keys go to several lanes
             queues = consumers[0]
             offsets, headers = cols.offsets, cols.headers
-            if all(q.takes_columns for q in queues) if spread else queues[lane].takes_columns:
+            if (all(q.takes_columns is not False for q in queues) if spread
+                    else queues[lane].takes_columns is not False):
                 columns = (
                     _split_columns(partition, n, lanes_of, keys, values, times, offsets, headers,
                                    key_of)

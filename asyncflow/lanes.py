@@ -52,11 +52,12 @@ class LaneQueue:
         self._getter: asyncio.Future[None] | None = None
         self._closed = False
         self.on_room = on_room
-        self.takes_columns = False
+        self.takes_columns: bool | None = None
         """Whether the lane's consumer works on ``LaneSlice`` columns (``stream.batches()``,
-        windows, a per-item loop over ``map``/``filter`` steps): the stream says so when it
-        first asks for them, and from then on the dispatcher hands this lane its part of
-        each batch as columns, not as events."""
+        windows, a per-item loop over ``map``/``filter`` steps), as its stream last said:
+        ``False`` once it made events of a slice, and from then on the dispatcher hands
+        this lane events. ``None`` until the stream has read (the batches queued before
+        the agent starts): the dispatcher hands columns, which every consumer reads."""
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""

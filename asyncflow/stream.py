@@ -934,6 +934,8 @@ class Stream(Generic[T]):
             if got is None or type(got) is Watermark:
                 return got
             if type(got) is LaneSlice:
+                if not (columns and self._takes_columns()):
+                    self._queue.takes_columns = False  # it makes events of slices: hand it events
                 if columns:
                     return got
                 got = got.events()

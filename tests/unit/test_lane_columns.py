@@ -81,8 +81,22 @@ def test_a_lane_taking_columns_gets_a_batch_as_columns_with_the_events_it_stands
     assert item.event(1).offset == 8 and item.events() is item.events()
 
 
-def test_a_lane_that_has_not_asked_for_columns_gets_events() -> None:
+def test_a_lane_whose_consumer_has_not_read_yet_gets_columns_any_consumer_reads() -> None:
+    lane = LaneQueue(1_000)  # what the dispatcher fills before the agent starts
+    assert lane.takes_columns is None
+    d = dispatcher([lane])
+    d.dispatch(RawBatch("t", P0, records(["a", "b"], first=2)))
+    (item,) = lane._items
+    assert type(item) is LaneSlice
+    assert as_tuples(item.events()) == [
+        ("a", {"n": 2}, 1_000, (("h", b"1"),), P0, 2),
+        ("b", {"n": 3}, 1_001, (("h", b"1"),), P0, 3),
+    ]
+
+
+def test_a_lane_whose_consumer_works_on_events_gets_events() -> None:
     lane = LaneQueue(1_000)
+    lane.takes_columns = False  # what a stream that made events of a slice says
     d = dispatcher([lane])
     d.dispatch(RawBatch("t", P0, records(["a", "b"], first=2)))
     (item,) = lane._items
@@ -93,8 +107,28 @@ def test_a_lane_that_has_not_asked_for_columns_gets_events() -> None:
     ]
 
 
+async def test_a_lane_whose_consumer_made_events_of_a_slice_gets_events_from_then_on() -> None:
+    from asyncflow.stream import LaneContext, Stream
+
+    lane = LaneQueue(1_000)
+    d = dispatcher([lane])
+    d.dispatch(RawBatch("t", P0, records(["a", "b"], first=0)))  # queued before it reads
+    stream = Stream(lane, LaneContext("t", 0)).key_by(lambda v: v["n"])  # a chain of events
+    batches = stream.batches()
+    first = await anext(batches)
+    assert first == [{"n": 0}, {"n": 1}] and stream.current.key == 1
+    assert lane.takes_columns is False
+    d.dispatch(RawBatch("t", P0, records(["a", "b"], first=2)))
+    (item,) = lane._items
+    assert type(item) is list  # events, made once, by the dispatcher
+    assert await anext(batches) == [{"n": 2}, {"n": 3}]
+    await batches.aclose()
+
+
 def test_a_batch_spread_over_lanes_reaches_each_as_its_events_in_order() -> None:
     lanes = [LaneQueue(1_000) for _ in range(2)]
+    for q in lanes:
+        q.takes_columns = False  # consumers that work on events
     d = dispatcher(lanes)
     keys = [f"k{i}" for i in range(40)]
     d.dispatch(RawBatch("t", P0, records(keys)))
@@ -128,9 +162,9 @@ async def test_a_stream_asking_for_columns_tells_its_lane() -> None:
     from asyncflow.testing import stream_of
 
     s = stream_of([1, 2, 3])
-    assert not s._queue.takes_columns
+    assert s._queue.takes_columns is None  # not said yet
     assert [b async for b in s.batches()] == [[1, 2, 3]]
-    assert s._queue.takes_columns
+    assert s._queue.takes_columns is True
 
 
 def test_columns_parked_for_a_full_lane_hold_the_cut_and_are_taken_back_whole() -> None:

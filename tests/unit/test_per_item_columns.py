@@ -73,7 +73,7 @@ async def test_each_value_comes_with_its_own_event_as_a_plain_computation_says(
     assert len(expected) == sum(1 for n in ns if n * 10 % 3)
 
 
-async def test_a_lane_read_one_item_at_a_time_gets_columns_after_its_first_batch() -> None:
+async def test_a_lane_read_one_item_at_a_time_gets_columns_from_its_first_batch() -> None:
     broker = MemoryBroker()
     produce(broker, docs_of(list(range(40))))
     app = af.App("items-ask", broker=broker, fetch_max=4, lane_capacity=4)
@@ -88,9 +88,8 @@ async def test_a_lane_read_one_item_at_a_time_gets_columns_after_its_first_batch
     async with TestRun(app, broker=broker) as run:
         await run.finish()
     assert [v for v, _ in seen] == list(range(40))
-    flags = [cols for _, cols in seen]
-    assert flags[0] is False and flags[-1] is True  # events first (the lane had not asked yet)
-    assert flags == sorted(flags)  # then columns from the time it asked, never events again
+    # columns from the first batch on, those queued before the agent started included
+    assert all(cols for _, cols in seen)
 
 
 async def test_the_chain_runs_in_step_with_the_body_not_ahead_of_it() -> None:
