@@ -6,6 +6,9 @@ record's offset is its position. A reader takes a range as ``RawColumns``
 ``MemoryRecord`` only for a record someone asks for: the dispatcher's fast
 path reads columns only, its slow paths (poison, restore, tracing) records.
 Four pointers a record (key, value, timestamp, headers) instead of a record object each.
+Keys repeat, so a partition keeps one bytes object per distinct key (up to
+``KEYS_KEPT``): less memory, and the dispatcher's per-key lookups find the
+very object they cached, without comparing bytes.
 
 Example:
     >>> log = PartitionLog()
@@ -26,6 +29,9 @@ import msgspec
 from asyncflow.protocols import RawColumns
 
 Headers = Sequence[tuple[str, bytes]]
+
+KEYS_KEPT = 100_000
+"""Distinct keys a partition shares one object for; keys past that are stored as they come."""
 
 
 class MemoryRecord(msgspec.Struct, gc=False):
@@ -54,7 +60,7 @@ class PartitionLog(Sequence[MemoryRecord]):
         (1, (('h', b'1'),), [0])
     """
 
-    __slots__ = ("_headed", "headers", "keys", "timestamps", "values")
+    __slots__ = ("_headed", "_keys_seen", "headers", "keys", "timestamps", "values")
 
     def __init__(self) -> None:
         self.keys: list[bytes | None] = []
@@ -62,11 +68,19 @@ class PartitionLog(Sequence[MemoryRecord]):
         self.timestamps: list[int | None] = []
         self.headers: list[Headers] = []
         self._headed = 0  # how many records have headers: none in the usual case
+        self._keys_seen: dict[bytes, bytes] = {}  # each distinct key, the one object kept
 
     def add(self, key: bytes | None, value: bytes | None, timestamp: int | None,
             headers: Headers) -> int:
         """Append a record; returns its offset."""
         headers = headers if type(headers) is tuple else tuple(headers)
+        if type(key) is bytes:  # (anything else is kept as it came)
+            seen = self._keys_seen
+            kept = seen.get(key)
+            if kept is not None:
+                key = kept
+            elif len(seen) < KEYS_KEPT:
+                seen[key] = key
         self.keys.append(key)
         self.values.append(value)
         self.timestamps.append(timestamp)

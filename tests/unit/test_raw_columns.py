@@ -15,6 +15,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,6 +77,22 @@ def test_a_memory_partition_hands_a_range_by_column_and_record_by_record_alike(
         by_record.keys, by_record.values, by_record.timestamps
     )
     assert cols.headers == by_record.headers  # None when no record of the range has any
+
+
+def test_a_memory_partition_keeps_one_object_per_distinct_key_up_to_its_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncflow.partition_log as partition_log
+
+    monkeypatch.setattr(partition_log, "KEYS_KEPT", 2)
+    log = PartitionLog()
+    for i, k in enumerate([b"a", b"b", b"a", b"c", b"c", b"b"]):
+        log.add(bytes(bytearray(k)), str(i).encode(), i, ())  # a new object each time
+    _, cols = log.read(0, 6)
+    assert list(cols.keys) == [b"a", b"b", b"a", b"c", b"c", b"b"]  # what was added
+    assert cols.keys[0] is cols.keys[2] and cols.keys[1] is cols.keys[5]  # shared
+    assert cols.keys[3] is not cols.keys[4]  # past the limit: kept as they came
+    assert [r.value for r in log] == [b"0", b"1", b"2", b"3", b"4", b"5"]
 
 
 def test_a_record_outside_the_partition_or_the_range_is_an_index_error() -> None:
