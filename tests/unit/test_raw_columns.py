@@ -86,10 +86,11 @@ def test_a_memory_partition_keeps_one_object_per_distinct_key_up_to_its_limit(
 
     monkeypatch.setattr(partition_log, "KEYS_KEPT", 2)
     log = PartitionLog()
-    for i, k in enumerate([b"a", b"b", b"a", b"c", b"c", b"b"]):
+    keys = [b"key-a", b"key-b", b"key-a", b"key-c", b"key-c", b"key-b"]
+    for i, k in enumerate(keys):
         log.add(bytes(bytearray(k)), str(i).encode(), i, ())  # a new object each time
     _, cols = log.read(0, 6)
-    assert list(cols.keys) == [b"a", b"b", b"a", b"c", b"c", b"b"]  # what was added
+    assert list(cols.keys) == keys  # what was added
     assert cols.keys[0] is cols.keys[2] and cols.keys[1] is cols.keys[5]  # shared
     assert cols.keys[3] is not cols.keys[4]  # past the limit: kept as they came
     assert [r.value for r in log] == [b"0", b"1", b"2", b"3", b"4", b"5"]
