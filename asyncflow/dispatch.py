@@ -232,36 +232,35 @@ class Dispatcher:
             max_time = self._decode_each(ch, partition, records, limit, parts, consumers)
         elif len(consumers) == 1:  # the common case: one agent reads the topic
             lane_parts = parts[0]
-            n = len(lane_parts)
-            lanes_of = where  # each record's lane
-            lane = lanes_of[0]
-            spread = lanes_of.count(lane) != len(lanes_of)  # the batch's keys go to several lanes
+            lane = where[0]  # where[i]: record i's lane
+            spread = where.count(lane) != len(where)  # the batch's keys go to several lanes
             queues = consumers[0]
             offsets, headers = cols.offsets, cols.headers
             if (all(q.takes_columns is not False for q in queues) if spread
                     else queues[lane].takes_columns is not False):
                 columns = (
-                    _split_columns(partition, n, lanes_of, keys, values, times, offsets, headers,
-                                   key_of)
+                    _split_columns(partition, len(lane_parts), where, keys, values, times,
+                                   offsets, headers, key_of)
                     if spread
                     else [(lane, LaneSlice(partition, keys, values, times, offsets, headers,
                                            key_of))]
                 )
-            elif spread:
+            else:  # the consumers take events: their keys decoded now
                 if key_of is not None:
                     keys = list(map(key_of.__getitem__, keys))
-                appends = [part.append for part in lane_parts]
-                for value, key, i, t, h, offset in zip(values, keys, lanes_of, times,
-                                                       _headers_of(cols), offsets, strict=True):
-                    appends[i](Event(key, value, t, h, partition, offset))
-            else:  # all to one lane, whose consumer takes events
-                if key_of is not None:
-                    keys = list(map(key_of.__getitem__, keys))
-                lane_parts[lane] = [
-                    Event(key, value, t, h, partition, offset)
-                    for value, key, t, h, offset in zip(values, keys, times, _headers_of(cols),
-                                                        offsets, strict=True)
-                ]
+                if spread:
+                    appends = [part.append for part in lane_parts]
+                    for value, key, i, t, h, offset in zip(values, keys, where, times,
+                                                           _headers_of(cols), offsets,
+                                                           strict=True):
+                        appends[i](Event(key, value, t, h, partition, offset))
+                else:  # all to one lane
+                    lane_parts[lane] = [
+                        Event(key, value, t, h, partition, offset)
+                        for value, key, t, h, offset in zip(values, keys, times,
+                                                            _headers_of(cols), offsets,
+                                                            strict=True)
+                    ]
         else:
             for value, key, h, t, hs, offset in zip(values, keys, where, times, _headers_of(cols),
                                                     cols.offsets, strict=True):
