@@ -317,7 +317,16 @@ class KinesisSource:
                 if lease is None:
                     return
                 try:
-                    await table.release(lease)
+                    try:
+                        await table.release(lease)
+                    except LeaseLost:
+                        # a write of this worker's cut off by the stop after it reached the
+                        # table (a renewal, a commit's checkpoint) moved the counter on: the
+                        # row still names this worker, so release it as it is now
+                        current = await table.get(shard_id)
+                        if current is None or current.owner != self.worker_id:
+                            return  # taken by another worker meanwhile: nothing to give up
+                        await table.release(current)
                     self.stats.leases_released += 1
                 except LeaseLost:
                     pass

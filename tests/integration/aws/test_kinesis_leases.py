@@ -49,6 +49,9 @@ class Watch:
     """Every accepted checkpoint write of every worker, in the order they succeeded."""
 
     writes: list[Write] = field(default_factory=list)
+    stalled: set[str] = field(default_factory=set)  # workers whose writes never get an answer
+    stalls: int = 0  # writes that reached the table and then hung
+
 
     def client(self, worker: str, client: Any) -> Any:
         watch = self
@@ -64,6 +67,9 @@ class Watch:
                     shard_id = kwargs["Key"]["shard_id"]["S"]
                     loop = asyncio.get_running_loop()
                     watch.writes.append(Write(loop.time(), worker, shard_id, value["S"]))
+                if worker in watch.stalled:
+                    watch.stalls += 1
+                    await asyncio.get_running_loop().create_future()  # written, never answered
                 return response
 
         return Watched()
@@ -309,6 +315,41 @@ async def test_a_graceful_stop_hands_its_leases_over_at_once_and_nothing_is_read
         await wait_for(lambda: w2.values() >= set(range(1_000, 1_500)))
     assert not w2.values() & set(range(1_000))  # w2 resumed at w1's checkpoints
     assert w1.source.stats.leases_released == 2
+
+
+async def test_a_write_cut_off_by_the_stop_after_it_reached_the_table_does_not_keep_the_lease(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    # a renewal (or a commit's checkpoint) cancelled between its write and its answer leaves
+    # the worker a counter behind the table's: the release at stop still gives the lease up
+    kinesis = aws("kinesis")
+    stream, app = unique("cutoff"), unique("app")
+    [shard] = await create_stream(kinesis, stream, 1)
+    watch = Watch()
+    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
+    w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch, **long))
+    w2 = Worker(
+        "w2", make_source(moto_endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long)
+    )
+    async with running([w1, w2]):
+        await start(w1)
+        placed = await put_values(kinesis, stream, range(100))
+        last = str(placed[shard][-1])
+        await wait_for(lambda: any(w.checkpoint == last for w in watch.writes))
+        watch.stalled.add("w1")
+        await wait_for(lambda: watch.stalls > 0)  # a renewal is written; its answer never comes
+        await start(w2)
+        assert w1.task is not None
+        w1.task.cancel()
+        await asyncio.gather(w1.task, return_exceptions=True)
+        w1.task = None
+        watch.stalled.discard("w1")
+        await w1.source.stop()  # cancels the hung renewal, then releases
+        await wait_for(lambda: sorted(w2.source.held_leases) == [shard], timeout=20)
+        await put_values(kinesis, stream, range(100, 150))
+        await wait_for(lambda: w2.values() >= set(range(100, 150)))
+    assert w1.source.stats.leases_released == 1
+    assert not w2.values() & set(range(100))  # w2 resumed at w1's checkpoint
 
 
 async def test_children_are_read_only_after_their_parent_is_checkpointed_at_shard_end(
