@@ -293,7 +293,7 @@ class KinesisSource:
             raise
 
     async def stop(self, *, release: bool = True) -> None:
-        """Stop the readers, release the leases held (commit first: stop does not), close.
+        """Stop the readers, release this worker's leases (commit first: stop does not), close.
 
         ``release=False`` keeps the leases (they expire after ``lease_duration``).
         """
@@ -301,46 +301,60 @@ class KinesisSource:
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-        if release and self._table is not None and self._leases:
-            await self._release_all()
+        if release and self._table is not None and self._stack is not None:
+            await self._release_all()  # a row may name this worker with nothing held here
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
 
     async def _release_all(self) -> None:
+        """Give up every lease the table shows in this worker's name.
+
+        The table says which, not this worker's copies: a write that the stop
+        cut off after it reached the table (a renewal or a commit's checkpoint
+        moved the counter on, a take made this worker the owner) left a copy
+        behind its row, and a release against that copy would be refused, the
+        lease held until it expired.
+        """
         table = self._table
         assert table is not None
+        self._leases.clear()  # nothing more is written under them
+        self._written_at.clear()
+        try:
+            rows = await table.load()
+        except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
+            log.warning(
+                "kinesis %s: could not read the lease table to release the leases of worker "
+                "%s (they expire after %.0f s): %s",
+                self.stream,
+                self.worker_id,
+                self.leases.lease_duration,
+                describe(exc),
+            )
+            return
 
-        async def release(shard_id: str) -> None:
-            async with self._lease_lock(shard_id):
-                lease = self._leases.pop(shard_id, None)
-                if lease is None:
-                    return
+        async def release(lease: Lease) -> None:
+            async with self._lease_lock(lease.shard_id):
                 try:
-                    try:
-                        await table.release(lease)
-                    except LeaseLost:
-                        # a write of this worker's cut off by the stop after it reached the
-                        # table (a renewal, a commit's checkpoint) moved the counter on: the
-                        # row still names this worker, so release it as it is now
-                        current = await table.get(shard_id)
-                        if current is None or current.owner != self.worker_id:
-                            return  # taken by another worker meanwhile: nothing to give up
-                        await table.release(current)
+                    await table.release(lease)
                     self.stats.leases_released += 1
                 except LeaseLost:
-                    pass
+                    pass  # taken meanwhile: nothing to give up
                 except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
                     log.warning(
                         "kinesis %s: could not release the lease of %s (it expires "
                         "after %.0f s): %s",
                         self.stream,
-                        shard_id,
+                        lease.shard_id,
                         self.leases.lease_duration,
                         describe(exc),
                     )
 
-        await asyncio.gather(*(release(s) for s in sorted(self._leases)))
+        mine = sorted(
+            (lease for lease in rows.values() if lease.owner == self.worker_id),
+            key=lambda lease: lease.shard_id,
+        )
+        await asyncio.gather(*(release(lease) for lease in mine))
         log.info("kinesis %s: worker %s released its leases", self.stream, self.worker_id)
 
     def pause(self, partitions: Iterable[Partition]) -> None:
