@@ -91,6 +91,18 @@ class LeaseTable(ShardTable):
         leases = (lease_from_item(item) for item in await self._rows())
         return {lease.shard_id: lease for lease in leases}
 
+    async def get(self, shard_id: str) -> Lease | None:
+        """The lease of one shard, read consistently; ``None`` when it has no row."""
+        response = await self._call(
+            "get_item",
+            f"GetItem of shard {shard_id}",
+            TableName=self.table,
+            Key=self._key(shard_id),
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return None if item is None else lease_from_item(item)
+
     async def add_missing(self, shards: Iterable[ShardInfo], known: Iterable[str]) -> int:
         """Create a row (nobody's lease) for each listed shard not in ``known``; returns how many.
 

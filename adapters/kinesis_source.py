@@ -74,6 +74,14 @@ from .kinesis_stream import check_stream, list_shards
 
 log = logging.getLogger("adapters.kinesis")
 
+RELEASE_ATTEMPTS = 5
+"""Tries to release one lease at stop while its row keeps changing in this worker's name.
+
+A write the stop cut off may still reach the table after the release read
+its row (a renewal and a commit's checkpoint may both be on their way), so
+the release reads the row again and retries, at most this many times.
+"""
+
 
 def default_worker_id() -> str:
     """``host-pid-random``: unique per process, readable in the lease table.
@@ -314,7 +322,8 @@ class KinesisSource:
         cut off after it reached the table (a renewal or a commit's checkpoint
         moved the counter on, a take made this worker the owner) left a copy
         behind its row, and a release against that copy would be refused, the
-        lease held until it expired.
+        lease held until it expired. A cut-off request may also reach the
+        table only after the read: then the release reads the row again.
         """
         table = self._table
         assert table is not None
@@ -333,19 +342,32 @@ class KinesisSource:
             )
             return
 
-        async def release(lease: Lease) -> None:
-            async with self._lease_lock(lease.shard_id):
+        async def release(seen: Lease) -> None:
+            shard_id = seen.shard_id
+            lease: Lease | None = seen
+            async with self._lease_lock(shard_id):
                 try:
-                    await table.release(lease)
-                    self.stats.leases_released += 1
-                except LeaseLost:
-                    pass  # taken meanwhile: nothing to give up
+                    # a request cut off on its way may still reach the table after the read
+                    # and move the counter again: read again while the row names this worker
+                    for _ in range(RELEASE_ATTEMPTS):
+                        if lease is None or lease.owner != self.worker_id:
+                            return  # taken meanwhile: nothing to give up
+                        try:
+                            await table.release(lease)
+                        except LeaseLost:
+                            lease = await table.get(shard_id)
+                            continue
+                        self.stats.leases_released += 1
+                        return
+                    raise AsyncflowError(
+                        f"its row changed under each of {RELEASE_ATTEMPTS} release attempts"
+                    )
                 except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
                     log.warning(
                         "kinesis %s: could not release the lease of %s (it expires "
                         "after %.0f s): %s",
                         self.stream,
-                        lease.shard_id,
+                        shard_id,
                         self.leases.lease_duration,
                         describe(exc),
                     )
