@@ -21,8 +21,9 @@ every parent is checkpointed at ``SHARD_END``: per-key order holds across a
 split or a merge, whichever worker reads what. ``commit`` stores the acked
 sequence number per shard under its lease (``SHARD_END`` once a closed shard
 is fully processed, after which the shard is revoked and its lease let go);
-``stop`` releases every lease it holds (the core's last checkpoint came
-before), so another worker takes them at once rather than after expiry.
+``stop`` releases every lease the lease table shows in this worker's name
+(the core's last checkpoint came before), so another worker takes them at
+once rather than after expiry.
 
 Example:
     >>> src = KinesisSource("clicks", app_name="sessions", region="us-east-1", worker_id="w1")

@@ -47,13 +47,17 @@ class Write:
 
 @dataclass
 class Watch:
-    """Every accepted checkpoint write of every worker, in the order they succeeded."""
+    """Every accepted checkpoint write of every worker, in the order they succeeded.
+
+    Also the checkpoint writes a stop cut off before their answer came (the table
+    may have them or not), and, for the workers named in ``stalled``, writes that
+    reach the table and whose answer never comes back.
+    """
 
     writes: list[Write] = field(default_factory=list)
-    cut_off: list[Write] = field(default_factory=list)  # cancelled unanswered: in or not
-    stalled: set[str] = field(default_factory=set)  # workers whose writes never get an answer
+    cut_off: list[Write] = field(default_factory=list)
+    stalled: set[str] = field(default_factory=set)
     stalls: int = 0  # writes that reached the table and then hung
-
 
     def client(self, worker: str, client: Any) -> Any:
         watch = self
