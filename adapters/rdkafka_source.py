@@ -6,9 +6,11 @@ librdkafka's synchronous group requests made from another thread while one
 is inside ``consume`` never return (confluent-kafka 2.16), so the loop
 queues them to the polling thread, which runs them between polls (and
 inside rebalance callbacks while it waits for the core) and hands back the
-result. It and hands each
+result. It hands each
 poll's records to the loop grouped by partition, one ``call_soon_threadsafe``
-per poll. At most ``_HANDOVER`` polls wait there: beyond that the thread
+per poll. Records of a paused partition polled before librdkafka's pause
+took hold (or still waiting for the core when it paused) are held back until
+it resumes: a paused partition delivers nothing. At most ``_HANDOVER`` polls wait there: beyond that the thread
 waits for the core to take them (still running the calls the loop queues;
 librdkafka heartbeats in its own threads). Pausing the partitions instead
 would make librdkafka drop what it prefetched and fetch it again. Rebalances are eager (``range,roundrobin``):
@@ -121,6 +123,8 @@ class RdKafkaSource:
         self._arrived = asyncio.Event()
         self._taken = threading.Event()
         self._paused: set[tuple[str, int]] = set()
+        self._held: dict[tuple[str, int], list[RawBatch]] = {}
+        """Polled records of paused partitions, handed out again at ``resume`` (under ``_lock``)."""
         self._owned: dict[tuple[str, int], TopicPartition] = {}
         self._error: BaseException | None = None
         self._last_poll = time.monotonic()
@@ -285,11 +289,18 @@ class RdKafkaSource:
             except (KafkaException, RuntimeError):
                 continue
             highs[key] = high
-        batches = [RawBatch(k[0], owned.get(k) or TopicPartition(*k), recs)
-                   for k, recs in grouped.items()]
-        if batches:
-            with self._lock:
+        batches = []
+        with self._lock:
+            paused, held = self._paused, self._held
+            for k, recs in grouped.items():
+                batch = RawBatch(k[0], owned.get(k) or TopicPartition(*k), recs)
+                if k in paused:  # polled before the pause took hold: kept for the resume
+                    held.setdefault(k, []).append(batch)
+                else:
+                    batches.append(batch)
+            if batches:
                 self._ready.append(batches)
+        if batches:
             soon(loop, self._arrived.set)
 
     def _fail(self, exc: KafkaException) -> None:
@@ -313,7 +324,8 @@ class RdKafkaSource:
         parts = {(tp.topic, tp.partition): TopicPartition(tp.topic, tp.partition)
                  for tp in partitions}
         self._owned = parts
-        self._paused.clear()
+        with self._lock:
+            self._paused.clear()
         if parts and self._listener is not None:
             self._call(self._listener.on_assigned(list(parts.values())), "assign")
         # librdkafka keeps a partition paused across a rebalance, but the core forgot why it
@@ -349,6 +361,8 @@ class RdKafkaSource:
         """Forget polls not handed to the core yet for these partitions; their core names."""
         gone = {(tp.topic, tp.partition) for tp in partitions}
         with self._lock:
+            for k in gone:
+                self._held.pop(k, None)
             self._ready = [[b for b in poll if (b.topic, _number(b.partition)) not in gone]
                            for poll in self._ready]
             self._ready = [poll for poll in self._ready if poll]
@@ -396,7 +410,22 @@ class RdKafkaSource:
         """Stop delivering records of these partitions (ignored for ones not assigned here)."""
         tps = self._assigned(partitions)
         if tps:
-            self._paused.update((tp.topic, tp.partition) for tp in tps)
+            keys = {(tp.topic, tp.partition) for tp in tps}
+            with self._lock:
+                self._paused.update(keys)
+                held = self._held
+                ready = []
+                for poll in self._ready:  # what waits for the core waits for the resume now
+                    kept = []
+                    for b in poll:
+                        k = (b.topic, _number(b.partition))
+                        if k in keys:
+                            held.setdefault(k, []).append(b)
+                        else:
+                            kept.append(b)
+                    if kept:
+                        ready.append(kept)
+                self._ready = ready
             consumer = self.consumer
             self._later(lambda: consumer.pause(tps))
 
@@ -404,7 +433,14 @@ class RdKafkaSource:
         """Deliver records of these partitions again (ignored for ones not assigned here)."""
         tps = self._assigned(partitions)
         if tps:
-            self._paused.difference_update((tp.topic, tp.partition) for tp in tps)
+            keys = sorted({(tp.topic, tp.partition) for tp in tps})
+            with self._lock:
+                self._paused.difference_update(keys)
+                back = [b for k in keys for b in self._held.pop(k, ())]
+                if back:  # before anything polled after the resume: nothing was, while paused
+                    self._ready.append(back)
+            if back and self._loop is not None:
+                soon(self._loop, self._arrived.set)
             consumer = self.consumer
             self._later(lambda: consumer.resume(tps))
 
