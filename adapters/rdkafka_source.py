@@ -6,22 +6,24 @@ librdkafka's synchronous group requests made from another thread while one
 is inside ``consume`` never return (confluent-kafka 2.16), so the loop
 queues them to the polling thread, which runs them between polls (and
 inside rebalance callbacks while it waits for the core) and hands back the
-result. It hands each
-poll's records to the loop grouped by partition, one ``call_soon_threadsafe``
-per poll. Records of a paused partition polled before librdkafka's pause
-took hold (or still waiting for the core when it paused) are held back until
-it resumes: a paused partition delivers nothing. At most ``_HANDOVER`` polls wait there: beyond that the thread
-waits for the core to take them (still running the calls the loop queues;
-librdkafka heartbeats in its own threads). Pausing the partitions instead
-would make librdkafka drop what it prefetched and fetch it again. Rebalances are eager (``range,roundrobin``):
-librdkafka calls the revoke callback in the polling thread, which hands the
-core's ``on_revoked`` (drain and checkpoint) to the loop and waits for it
-before librdkafka releases the partitions; ``on_assigned`` (restore) likewise
-runs before the first record of a new partition is fetched; every partition
-assigned is resumed (librdkafka would keep one paused across the rebalance,
-and the core forgot the full lanes it was paused for). A member the
-group dropped (a session timeout) gets ``on_lost`` instead: nothing may be
-committed for those partitions any more.
+result. It hands each poll's records to the loop grouped by partition, one
+``call_soon_threadsafe`` per poll. At most ``_HANDOVER`` polls wait for the
+core: beyond that the thread waits for the core to take them (still running
+the calls the loop queues; librdkafka heartbeats in its own threads).
+Pausing the partitions instead would make librdkafka drop what it prefetched
+and fetch it again. A paused partition delivers nothing: its records polled
+before librdkafka's pause took hold, or still waiting for the core when it
+paused, are held back until it resumes.
+
+Rebalances are eager (``range,roundrobin``): librdkafka calls the revoke
+callback in the polling thread, which hands the core's ``on_revoked`` (drain
+and checkpoint) to the loop and waits for it before librdkafka releases the
+partitions; ``on_assigned`` (restore) likewise runs before the first record
+of a new partition is fetched; every partition assigned is resumed
+(librdkafka would keep one paused across the rebalance, and the core forgot
+the full lanes it was paused for). A member the group dropped (a session
+timeout) gets ``on_lost`` instead: nothing may be committed for those
+partitions any more.
 
 The thread also measures the longest gap between its polls: a worker that
 was paused (SIGSTOP, a VM freeze) for longer than the session timeout may
