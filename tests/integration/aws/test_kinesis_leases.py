@@ -165,6 +165,25 @@ async def start(worker: Worker) -> None:
     worker.task = asyncio.create_task(worker.run())
 
 
+def release_only_pair(
+    endpoint: str, stream: str, app: str, watch: Watch
+) -> tuple[Worker, Worker]:
+    """w1 and w2 with leases far longer than a test, w2 never stealing: only a release by
+    w1 lets w2 take its leases."""
+    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
+    w1 = Worker("w1", make_source(endpoint, stream, app, "w1", watch, **long))
+    w2 = Worker("w2", make_source(endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long))
+    return w1, w2
+
+
+async def stop_loop(worker: Worker) -> None:
+    """Cancel a worker's core loop (its source keeps running until stopped)."""
+    assert worker.task is not None
+    worker.task.cancel()
+    await asyncio.gather(worker.task, return_exceptions=True)
+    worker.task = None
+
+
 async def lease_rows(aws: Callable[[str], Any], source: KinesisSource) -> dict[str, Lease]:
     table = LeaseTable(
         aws("dynamodb"),
@@ -311,22 +330,14 @@ async def test_a_graceful_stop_hands_its_leases_over_at_once_and_nothing_is_read
     stream, app = unique("handover"), unique("app")
     shards = await create_stream(kinesis, stream, 2)
     watch = Watch()
-    # leases far longer than the test, and w2 does not steal: only a release lets it take them
-    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
-    w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch, **long))
-    w2 = Worker(
-        "w2", make_source(moto_endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long)
-    )
+    w1, w2 = release_only_pair(moto_endpoint, stream, app, watch)
     async with running([w1, w2]):
         await start(w1)
         await put_values(kinesis, stream, range(1_000))
         await wait_for(lambda: w1.values() >= set(range(1_000)))
         await start(w2)
         assert w2.source.held_leases == {}  # nothing expires, nothing is stolen
-        assert w1.task is not None
-        w1.task.cancel()
-        await asyncio.gather(w1.task, return_exceptions=True)
-        w1.task = None
+        await stop_loop(w1)
         await w1.source.stop()  # its last commit was made by its loop: release only
         await wait_for(lambda: sorted(w2.source.held_leases) == shards, timeout=20)
         await put_values(kinesis, stream, range(1_000, 1_500))
@@ -344,11 +355,7 @@ async def test_a_write_cut_off_by_the_stop_after_it_reached_the_table_does_not_k
     stream, app = unique("cutoff"), unique("app")
     [shard] = await create_stream(kinesis, stream, 1)
     watch = Watch()
-    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
-    w1 = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch, **long))
-    w2 = Worker(
-        "w2", make_source(moto_endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long)
-    )
+    w1, w2 = release_only_pair(moto_endpoint, stream, app, watch)
     async with running([w1, w2]):
         await start(w1)
         placed = await put_values(kinesis, stream, range(100))
@@ -357,10 +364,7 @@ async def test_a_write_cut_off_by_the_stop_after_it_reached_the_table_does_not_k
         watch.stalled.add("w1")
         await wait_for(lambda: watch.stalls > 0)  # a renewal is written; its answer never comes
         await start(w2)
-        assert w1.task is not None
-        w1.task.cancel()
-        await asyncio.gather(w1.task, return_exceptions=True)
-        w1.task = None
+        await stop_loop(w1)
         watch.stalled.discard("w1")
         await w1.source.stop()  # cancels the hung renewal, then releases
         await wait_for(lambda: sorted(w2.source.held_leases) == [shard], timeout=20)

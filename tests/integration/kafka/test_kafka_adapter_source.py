@@ -154,33 +154,15 @@ async def test_pause_stops_a_partition_and_resume_restarts_it(
     paused = TopicPartition(topic4, 0)
     async with running(broker, topic4, unique_name("g"), core) as source:
         await wait_for(lambda: len(core.assigned) == 4, message="assignment")
+        # not a check: the client fetches ahead of the core meanwhile, and what it holds of
+        # the paused partition (librdkafka's poll hand-over, aiokafka's fetcher) waits too
+        await asyncio.sleep(1.0)
         source.pause([paused])
         await read_until(core, 150)
         for _ in range(3):  # the other partitions are exhausted: nothing may come now
             await core.fetch_once(0.2)
         assert paused not in core.read
         assert core.count() == 150
-        source.resume([paused])
-        await read_until(core, 200)
-    assert core.read[paused] == list(range(50))
-
-
-async def test_a_partition_paused_after_its_records_were_polled_delivers_none_until_resumed(
-    broker: KafkaBroker, kafka_bootstrap: str, topic4: str
-) -> None:
-    # the client fetches ahead of the core: records of a partition paused once they are in its
-    # buffers (librdkafka's poll hand-over, aiokafka's fetcher) wait there for the resume
-    await produce(kafka_bootstrap, topic4, per_partition(topic4, 50))
-    core = FakeCore()
-    paused = TopicPartition(topic4, 0)
-    async with running(broker, topic4, unique_name("g"), core) as source:
-        await wait_for(lambda: len(core.assigned) == 4, message="assignment")
-        await asyncio.sleep(1.0)  # not a check: lets the client fetch ahead before the pause
-        source.pause([paused])
-        await read_until(core, 150)
-        for _ in range(3):
-            await core.fetch_once(0.2)
-        assert paused not in core.read
         source.resume([paused])
         await read_until(core, 200)
         for _ in range(3):
