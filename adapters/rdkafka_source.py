@@ -365,10 +365,24 @@ class RdKafkaSource:
         with self._lock:
             for k in gone:
                 self._held.pop(k, None)
-            self._ready = [[b for b in poll if (b.topic, _number(b.partition)) not in gone]
-                           for poll in self._ready]
-            self._ready = [poll for poll in self._ready if poll]
+            self._take_ready(gone)
         return [self._owned.get(k) or TopicPartition(*k) for k in sorted(gone)]
+
+    def _take_ready(self, keys: Collection[tuple[str, int]]) -> list[RawBatch]:
+        """Take the batches of these partitions out of the polls waiting (``_lock`` held)."""
+        taken: list[RawBatch] = []
+        ready = []
+        for poll in self._ready:
+            kept = []
+            for b in poll:
+                if (b.topic, _number(b.partition)) in keys:
+                    taken.append(b)
+                else:
+                    kept.append(b)
+            if kept:
+                ready.append(kept)
+        self._ready = ready
+        return taken
 
     def _call(self, coro: Any, what: str) -> None:
         assert self._loop is not None
@@ -415,19 +429,8 @@ class RdKafkaSource:
             keys = {(tp.topic, tp.partition) for tp in tps}
             with self._lock:
                 self._paused.update(keys)
-                held = self._held
-                ready = []
-                for poll in self._ready:  # what waits for the core waits for the resume now
-                    kept = []
-                    for b in poll:
-                        k = (b.topic, _number(b.partition))
-                        if k in keys:
-                            held.setdefault(k, []).append(b)
-                        else:
-                            kept.append(b)
-                    if kept:
-                        ready.append(kept)
-                self._ready = ready
+                for b in self._take_ready(keys):  # what waits for the core waits for the resume
+                    self._held.setdefault((b.topic, _number(b.partition)), []).append(b)
             consumer = self.consumer
             self._later(lambda: consumer.pause(tps))
 
