@@ -75,12 +75,14 @@ from .kinesis_stream import check_stream, list_shards
 
 log = logging.getLogger("adapters.kinesis")
 
-RELEASE_ATTEMPTS = 5
-"""Tries to release one lease at stop while its row keeps changing in this worker's name.
+HELD_WRITE_ATTEMPTS = 5
+"""Tries of one write under a lease while its row keeps changing in this worker's name.
 
-A write the stop cut off may still reach the table after the release read
-its row (a renewal and a commit's checkpoint may both be on their way), so
-the release reads the row again and retries, at most this many times.
+A request this worker gave up on (cut off by a stop, or timed out) may still
+reach the table and move the lease's counter on behind this worker's copy.
+A release at stop, a renewal and a checkpoint refused for that reason read
+the row again and, while it still names this worker, retry against it, at
+most this many times.
 """
 
 
@@ -345,24 +347,14 @@ class KinesisSource:
 
         async def release(seen: Lease) -> None:
             shard_id = seen.shard_id
-            lease: Lease | None = seen
             async with self._lease_lock(shard_id):
                 try:
                     # a request cut off on its way may still reach the table after the read
-                    # and move the counter again: read again while the row names this worker
-                    for _ in range(RELEASE_ATTEMPTS):
-                        if lease is None or lease.owner != self.worker_id:
-                            return  # taken meanwhile: nothing to give up
-                        try:
-                            await table.release(lease)
-                        except LeaseLost:
-                            lease = await table.get(shard_id)
-                            continue
-                        self.stats.leases_released += 1
-                        return
-                    raise AsyncflowError(
-                        f"its row changed under each of {RELEASE_ATTEMPTS} release attempts"
-                    )
+                    # and move the counter again: _write_held reads the row again then
+                    await self._write_held(seen, table.release)
+                    self.stats.leases_released += 1
+                except LeaseLost:
+                    return  # taken meanwhile: nothing to give up
                 except (AsyncflowError, ClientError, BotoCoreError, TimeoutError) as exc:
                     log.warning(
                         "kinesis %s: could not release the lease of %s (it expires "
@@ -483,8 +475,14 @@ class KinesisSource:
             if not _advances(lease.checkpoint, checkpoint):
                 return
             sent = asyncio.get_running_loop().time()
+
+            async def write(held: Lease) -> Lease:
+                if not _advances(held.checkpoint, checkpoint):
+                    return held  # a checkpoint of this worker's it gave up on got there first
+                return await table.checkpoint(held, checkpoint)
+
             try:
-                written = await table.checkpoint(lease, checkpoint)
+                written = await self._write_held(lease, write)
             except LeaseLost:
                 self._leases.pop(shard_id, None)  # nothing more is written under it
                 self._written_at.pop(shard_id, None)
@@ -492,6 +490,35 @@ class KinesisSource:
             if shard_id in self._leases:
                 self._leases[shard_id] = written
                 self._written_at[shard_id] = sent
+
+    async def _write_held(
+        self, lease: Lease, write: Callable[[Lease], Coroutine[Any, Any, Lease]]
+    ) -> Lease:
+        """``write(lease)`` under a held lease, past a counter moved by this worker's own writes.
+
+        A renewal or checkpoint this worker gave up on (it timed out, or a stop
+        cut it off) may have reached the table all the same, even after a later
+        read: the row's counter is then ahead of this worker's copy and the
+        write (a renewal, a checkpoint, a release) is refused. While the row still names
+        this worker, nobody else took the lease, so the write is tried again
+        against the row (``HELD_WRITE_ATTEMPTS`` times at most), instead of the
+        lease being dropped and its shard left unread until it expires.
+        ``LeaseLost`` once the row names another owner, or none.
+        """
+        table = self._table
+        assert table is not None
+        for _ in range(HELD_WRITE_ATTEMPTS):
+            try:
+                return await write(lease)
+            except LeaseLost:
+                row = await table.get(lease.shard_id)
+                if row is None or row.owner != self.worker_id:
+                    raise
+                lease = row
+        raise AsyncflowError(
+            f"the lease row of shard {lease.shard_id} changed under each of {HELD_WRITE_ATTEMPTS} "
+            "writes in this worker's name"
+        )
 
     def _lease_lock(self, shard_id: str) -> asyncio.Lock:
         lock = self._lease_locks.get(shard_id)
@@ -618,7 +645,7 @@ class KinesisSource:
                     return
                 sent = loop.time()  # the lease lasts from the write's start, not its answer
                 try:
-                    written = await table.renew(lease)
+                    written = await self._write_held(lease, table.renew)
                 except LeaseLost:
                     # no checkpoint is tried under it from now on; the reader stops below
                     self._leases.pop(shard_id, None)

@@ -50,14 +50,17 @@ class Watch:
     """Every accepted checkpoint write of every worker, in the order they succeeded.
 
     Also the checkpoint writes a stop cut off before their answer came (the table
-    may have them or not), and, for the workers named in ``stalled``, writes that
-    reach the table and whose answer never comes back.
+    may have them or not), for the workers named in ``stalled``, writes that
+    reach the table and whose answer never comes back, and for those named in
+    ``lose_answers``, that many renewals that reach the table and time out.
     """
 
     writes: list[Write] = field(default_factory=list)
     cut_off: list[Write] = field(default_factory=list)
     stalled: set[str] = field(default_factory=set)
     stalls: int = 0  # writes that reached the table and then hung
+    lose_answers: dict[str, int] = field(default_factory=dict)
+    answers_lost: int = 0
 
     def client(self, worker: str, client: Any) -> Any:
         watch = self
@@ -81,6 +84,10 @@ class Watch:
                 if worker in watch.stalled:
                     watch.stalls += 1
                     await asyncio.get_running_loop().create_future()  # written, never answered
+                if value is None and watch.lose_answers.get(worker, 0) > 0:
+                    watch.lose_answers[worker] -= 1
+                    watch.answers_lost += 1
+                    raise TimeoutError("the answer never came")  # but the table has the write
                 return response
 
         return Watched()
@@ -372,6 +379,32 @@ async def test_a_write_cut_off_by_the_stop_after_it_reached_the_table_does_not_k
         await wait_for(lambda: w2.values() >= set(range(100, 150)))
     assert w1.source.stats.leases_released == 1
     assert not w2.values() & set(range(100))  # w2 resumed at w1's checkpoint
+
+
+async def test_a_renewal_that_timed_out_after_it_reached_the_table_does_not_cost_the_lease(
+    moto_endpoint: str, aws: Callable[[str], Any], unique: Callable[[str], str]
+) -> None:
+    # the table counted the renewal, the worker never heard: its next write is refused against
+    # its old counter; the row still names it, so it goes on from the row and keeps reading
+    kinesis = aws("kinesis")
+    stream, app = unique("lostanswer"), unique("app")
+    [shard] = await create_stream(kinesis, stream, 1)
+    watch = Watch()
+    worker = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch,
+                                      lease_duration=600.0, lease_renewal_interval=0.2))
+    async with running([worker]):
+        await start(worker)
+        placed = await put_values(kinesis, stream, range(100))
+        await wait_for(lambda: worker.source.held_leases.get(shard, None) is not None
+                       and worker.source.held_leases[shard].checkpoint == str(placed[shard][-1]))
+        watch.lose_answers["w1"] = 3
+        await wait_for(lambda: watch.answers_lost == 3)
+        counter = (await lease_rows(aws, worker.source))[shard].counter
+        await wait_for(lambda: worker.source.held_leases[shard].counter > counter)  # renewed
+        await put_values(kinesis, stream, range(100, 150))
+        await wait_for(lambda: worker.values() >= set(range(150)))
+        assert list(worker.source.held_leases) == [shard]
+        assert worker.recorder.events == [("assigned", [shard])]  # never lost, never retaken
 
 
 async def test_children_are_read_only_after_their_parent_is_checkpointed_at_shard_end(
