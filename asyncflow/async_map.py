@@ -212,6 +212,17 @@ class AsyncMapped(Generic[U]):
 
     ``stream.current`` is the event whose result is being handled (its value
     is the result). Made by ``Stream.map_async``; see the module docstring.
+
+    Example:
+        >>> import asyncio
+        >>> from asyncflow.testing import stream_of
+        >>> async def square(v):
+        ...     return v * v
+        >>> async def demo():
+        ...     mapped = stream_of([1, 2, 3]).map_async(square)
+        ...     return isinstance(mapped, AsyncMapped), [b async for b in mapped.batches()]
+        >>> asyncio.run(demo())
+        (True, [[1, 4, 9]])
     """
 
     def __init__(
@@ -302,6 +313,7 @@ class AsyncMapped(Generic[U]):
         return self._taken
 
     async def dead_letter(self, event: Event[Any], reason: str) -> None:
+        """Send ``event`` to the dead letters with ``reason`` (as ``Stream.dead_letter``)."""
         await self._stream.dead_letter(event, reason)
 
     def __aiter__(self) -> AsyncIterator[U]:

@@ -247,6 +247,14 @@ class Output:
     output itself (``_fast_send``: the same behaviour in one or two Python calls
     instead of four, since ``send`` runs once per output record); unbinding
     takes it away again.
+
+    Example:
+        >>> import asyncflow as af
+        >>> from asyncflow.testing import CaptureSink
+        >>> app = af.App("a")
+        >>> outputs = [app.topic("alerts"), app.sink(CaptureSink("db"))]
+        >>> [isinstance(o, Output) for o in outputs], [o.name for o in outputs]
+        ([True, True], ['alerts', 'db'])
     """
 
     name: str

@@ -14,9 +14,18 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Reads wall time in epoch milliseconds."""
+    """Reads wall time in epoch milliseconds.
 
-    def wall_ms(self) -> int: ...
+    Example:
+        >>> from asyncflow.clock import ManualClock, SystemClock
+        >>> clocks: list[Clock] = [SystemClock(), ManualClock(5)]
+        >>> clocks[1].wall_ms()
+        5
+    """
+
+    def wall_ms(self) -> int:
+        """Now, in milliseconds since the epoch."""
+        ...
 
 
 class SystemClock:
@@ -30,6 +39,7 @@ class SystemClock:
     __slots__ = ()
 
     def wall_ms(self) -> int:
+        """The machine's time now, in epoch milliseconds."""
         return time.time_ns() // 1_000_000
 
 
@@ -47,6 +57,7 @@ class ManualClock:
         self._now = wall_ms
 
     def wall_ms(self) -> int:
+        """Where the clock was last moved to, in epoch milliseconds."""
         return self._now
 
     def advance(self, seconds: float) -> None:

@@ -153,18 +153,38 @@ class RedactingFilter(logging.Filter):
 
 
 class AsyncflowError(Exception):
-    """Base of every error asyncflow reports to users; its message never shows a secret."""
+    """Base of every error asyncflow reports to users; its message never shows a secret.
+
+    Example:
+        >>> str(AsyncflowError("cannot reach kafka://app:s3cret@broker:9092"))
+        'cannot reach kafka://app:***@broker:9092'
+    """
 
     def __init__(self, *args: object) -> None:
         super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(AsyncflowError):
-    """A setting, URL or argument is wrong; the message names it and the accepted forms."""
+    """A setting, URL or argument is wrong; the message names it and the accepted forms.
+
+    Example:
+        >>> import asyncflow as af
+        >>> try:
+        ...     af.App("a", lane_capacity=0)
+        ... except af.ConfigError as exc:
+        ...     print("lane_capacity" in str(exc))
+        True
+    """
 
 
 class BrokerUnavailable(AsyncflowError):
-    """The broker or service could not be reached."""
+    """The broker or service could not be reached.
+
+    Example:
+        >>> err = BrokerUnavailable("kafka://u:pw@localhost:9092", "connection refused")
+        >>> err.url, err.reason
+        ('kafka://u:***@localhost:9092', 'connection refused')
+    """
 
     def __init__(self, url: str, reason: str) -> None:
         url = redact_url(url)
@@ -176,7 +196,12 @@ class BrokerUnavailable(AsyncflowError):
 
 
 class TopicMissing(AsyncflowError):
-    """A topic does not exist and creating it is not allowed."""
+    """A topic does not exist and creating it is not allowed.
+
+    Example:
+        >>> TopicMissing("orders", "kafka://localhost:9092").topic
+        'orders'
+    """
 
     def __init__(self, topic: str, url: str) -> None:
         super().__init__(
@@ -187,15 +212,48 @@ class TopicMissing(AsyncflowError):
 
 
 class SinkError(AsyncflowError):
-    """A sink could not write a batch after its retries; the worker stops without acking it."""
+    """A sink could not write a batch after its retries; the worker stops without acking it.
+
+    Example:
+        >>> isinstance(SinkError("table 'avg': throttled 8 times"), AsyncflowError)
+        True
+    """
 
 
 class DecodeError(AsyncflowError):
-    """A record is not valid for its topic's type: malformed bytes or a field of the wrong type."""
+    """A record is not valid for its topic's type: malformed bytes or a field of the wrong type.
+
+    Example:
+        >>> from asyncflow.codecs import JsonCodec
+        >>> try:
+        ...     JsonCodec().decode(b"{oops")
+        ... except DecodeError as exc:
+        ...     print(str(exc).split(":")[0])
+        malformed JSON
+    """
 
 
 class AgentError(AsyncflowError):
-    """An agent raised and its error policy is to stop the worker."""
+    """An agent raised and its error policy is to stop the worker.
+
+    Example:
+        >>> import asyncio, asyncflow as af
+        >>> from asyncflow.testing import TestRun
+        >>> app = af.App("a")
+        >>> @app.agent(app.topic("in"), on_error="stop")
+        ... async def fails(stream):
+        ...     async for v in stream:
+        ...         raise ValueError(f"cannot handle {v}")
+        >>> async def main():
+        ...     async with TestRun(app) as run:
+        ...         await run.send_many("in", [1])
+        ...         await run.finish()
+        >>> try:
+        ...     asyncio.run(main())
+        ... except* af.AgentError as group:  # the worker's task group raises it
+        ...     print(str(group.exceptions[0]).split(":")[0])
+        agent 'fails' failed on key=None at TopicPartition(topic='in', partition=0)@0
+    """
 
 
 class CommitFailed(AsyncflowError):

@@ -121,6 +121,7 @@ class MemoryBroker:
             self.topics[name] = MemoryTopic(name, partitions)
 
     def topic(self, name: str) -> MemoryTopic:
+        """The topic ``name``; ``TopicMissing`` if it was never created."""
         t = self.topics.get(name)
         if t is None:
             raise TopicMissing(name, self.url)
@@ -251,12 +252,15 @@ class MemoryBroker:
 
     # -- the Broker protocol ------------------------------------------------------------
     def source(self, topics: Sequence[TopicSpec], group_id: str) -> MemorySource:
+        """A consumer of ``topics`` in group ``group_id`` (the group shares the partitions)."""
         return MemorySource(self, [t.name for t in topics], group_id)
 
     def sink(self) -> MemorySink:
+        """A producer to this broker's topics."""
         return MemorySink(self)
 
     async def ensure_topics(self, topics: Sequence[TopicSpec]) -> None:
+        """Create the missing ``topics`` that may be created; ``TopicMissing`` for the others."""
         for spec in sorted(topics, key=lambda s: s.partitions_like is not None):
             if spec.name not in self.topics:
                 if not spec.create:
@@ -265,6 +269,7 @@ class MemoryBroker:
                 self.create_topic(spec.name, len(like.partitions) if like else spec.partitions)
 
     async def list_topics(self) -> dict[str, int]:
+        """Every topic's name and partition count."""
         return {name: len(t.partitions) for name, t in self.topics.items()}
 
     # -- changelogs (the ChangelogBroker protocol) ---------------------------------------
@@ -304,6 +309,7 @@ class MemoryBroker:
         return log[start : start + max_records]
 
     async def close(self) -> None:
+        """Nothing to release: the topics stay readable after an app stops."""
         pass
 
     def _group(self, group_id: str) -> _Group:

@@ -255,15 +255,47 @@ class Sink(Protocol):
     also have ``async submit(records)``: hand the records over in order and
     return an awaitable of what ``write`` would return; the writer then sends
     the next batch before the previous one is acknowledged.
+
+    Example (a sink that keeps the values in a list and refuses negative ones):
+        >>> import asyncio, asyncflow as af
+        >>> from asyncflow.testing import TestRun
+        >>> class Totals:
+        ...     name = "totals"
+        ...     max_batch = 100
+        ...     def __init__(self): self.rows = []
+        ...     async def start(self): ...
+        ...     async def write(self, records):
+        ...         self.rows += [r.value for r in records if r.value >= 0]
+        ...         return [Rejected(r, "negative") for r in records if r.value < 0]
+        ...     async def stop(self): ...
+        >>> app = af.App("a")
+        >>> totals = Totals()
+        >>> out = app.sink(totals)
+        >>> @app.agent(app.topic("in"))
+        ... async def copy(stream):
+        ...     async for v in stream:
+        ...         await out.send(None, v)
+        >>> async def main():
+        ...     async with TestRun(app) as run:
+        ...         await run.send_many("in", [1, -2, 3])
+        ...         await run.finish()
+        >>> asyncio.run(main()); totals.rows, isinstance(totals, Sink)
+        ([1, 3], True)
     """
 
     name: str
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Connect; called once before the first ``write``."""
+        ...
 
-    async def write(self, records: Sequence[SinkRecord]) -> Sequence[Rejected] | None: ...
+    async def write(self, records: Sequence[SinkRecord]) -> Sequence[Rejected] | None:
+        """Make ``records`` durable; return the ones refused for what they are."""
+        ...
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Disconnect; called once after the last ``write``."""
+        ...
 
 
 @dataclass(slots=True, frozen=True)

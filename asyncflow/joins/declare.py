@@ -112,7 +112,16 @@ class Join(Generic[L, R]):
 
 
 class TableJoin(Join[L, R]):
-    """A stream–table join (what ``join_table`` declares): results ``Joined[L, R | None]``."""
+    """A stream–table join (what ``join_table`` declares): results ``Joined[L, R | None]``.
+
+    Example:
+        >>> import asyncflow as af
+        >>> app = af.App("a")
+        >>> j = af.join_table(app.topic("rides", key=lambda r: r["d"]),
+        ...                   app.topic("drivers", key=lambda d: d["id"]), name="rd")
+        >>> isinstance(j, TableJoin), j.how
+        (True, 'inner')
+    """
 
     def __init__(
         self,
@@ -136,7 +145,17 @@ class TableJoin(Join[L, R]):
 
 
 class IntervalJoin(Join[L, R]):
-    """An interval join (what ``interval_join`` declares): results ``Joined[L, R]``."""
+    """An interval join (what ``interval_join`` declares): results ``Joined[L, R]``.
+
+    Example:
+        >>> import asyncflow as af
+        >>> app = af.App("a")
+        >>> j = af.interval_join(app.topic("views", key=lambda v: v["u"]),
+        ...                      app.topic("buys", key=lambda b: b["u"]), name="vb",
+        ...                      lower=timedelta(seconds=-5), upper=timedelta(0))
+        >>> isinstance(j, IntervalJoin), j.lower_ms, j.upper_ms
+        (True, -5000, 0)
+    """
 
     def __init__(
         self,

@@ -110,6 +110,30 @@ class JoinedStream(Generic[L, R]):
     sides' values in state; ``wait`` is how far events may be out of order
     (the watermark is the partition's event time minus ``wait``); ``late``
     receives late events; ``name`` is the table the state is checkpointed as.
+
+    Example (each ride with the driver's name as of the ride's time):
+        >>> import asyncio, asyncflow as af
+        >>> from asyncflow.testing import TestRun
+        >>> app = af.App("taxi")
+        >>> rides = app.topic("rides", key=lambda r: r["driver"], time="t")
+        >>> drivers = app.topic("drivers", key=lambda d: d["id"], time="t")
+        >>> j = af.join_table(rides, drivers, name="rd", how="left")
+        >>> out = app.topic("named")
+        >>> @app.agent(j.topic)
+        ... async def name_rides(stream):
+        ...     joined = j.joined(stream)
+        ...     assert isinstance(joined, JoinedStream)
+        ...     async for r in joined:
+        ...         await out.send(r.key, [r.left["ride"], r.right and r.right["name"]])
+        >>> async def main():
+        ...     async with TestRun(app) as run:
+        ...         await run.send_many("drivers", [{"id": "d1", "name": "Ann", "t": 0}])
+        ...         await run.send_many("rides", [{"driver": "d1", "ride": 7, "t": 10},
+        ...                                       {"driver": "d2", "ride": 8, "t": 11}])
+        ...         await run.finish()
+        ...         return sorted(run.outputs("named"))
+        >>> asyncio.run(main())
+        [[7, 'Ann'], [8, None]]
     """
 
     __slots__ = (
