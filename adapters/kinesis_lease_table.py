@@ -6,7 +6,9 @@ checkpoint: a row written by an earlier version is a lease nobody holds. The
 lease attributes follow the Kinesis Client Library's names: ``leaseOwner``
 (absent when nobody holds it), ``leaseCounter`` (a number, +1 at every
 write), ``checkpoint``, ``ownerSwitchesSinceCheckpoint`` and
-``parentShardIds``. Writes are ``UpdateItem`` calls conditional on the owner
+``parentShardIds``, and ``leaseHolder``: a token of the process that
+wrote the row last in the owner's name (a renewal or checkpoint that timed out
+but reached the table is then known as this process's own). Writes are ``UpdateItem`` calls conditional on the owner
 and counter this worker last saw: a take loses to whoever wrote first, and a
 renewal, a checkpoint or a release by a worker whose lease was taken fails
 with ``LeaseLost``. Stop the workers of an earlier version before starting
@@ -19,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -52,7 +55,7 @@ def lease_from_item(item: dict[str, Any]) -> Lease:
     Example:
         >>> lease_from_item({"shard_id": {"S": "s1"}, "checkpoint": {"S": "7"},
         ...                  "leaseCounter": {"N": "3"}, "parentShardIds": {"L": [{"S": "s0"}]}})
-        Lease(shard_id='s1', owner=None, counter=3, checkpoint='7', parents=('s0',), owner_switches=0)
+        Lease(shard_id='s1', owner=None, counter=3, checkpoint='7', parents=('s0',), owner_switches=0, holder=None)
     """
     owner = item.get("leaseOwner", {}).get("S")
     checkpoint = item.get("checkpoint", {}).get("S")
@@ -64,6 +67,7 @@ def lease_from_item(item: dict[str, Any]) -> Lease:
         checkpoint=checkpoint,
         parents=parents,
         owner_switches=int(item.get("ownerSwitchesSinceCheckpoint", {}).get("N", "0")),
+        holder=item.get("leaseHolder", {}).get("S"),
     )
 
 
@@ -82,6 +86,11 @@ class LeaseTable(ShardTable):
     """
 
     kind = "lease"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # this client's token, written as leaseHolder with every write in an owner's name
+        self.holder = secrets.token_hex(8)
 
     def _key(self, shard_id: str) -> dict[str, Any]:
         return {"stream": {"S": self.stream}, "shard_id": {"S": shard_id}}
@@ -148,7 +157,7 @@ class LeaseTable(ShardTable):
         what: str,
     ) -> Lease:
         """Write ``owner`` (``None`` removes it) and counter + 1, if owner and counter are as seen."""
-        names = {"#o": "leaseOwner", "#c": "leaseCounter", "#u": "updated_at"}
+        names = {"#o": "leaseOwner", "#c": "leaseCounter", "#u": "updated_at", "#h": "leaseHolder"}
         values: dict[str, Any] = {
             ":next": {"N": str(lease.counter + 1)},
             ":now": {"S": datetime.now(UTC).isoformat()},
@@ -156,10 +165,11 @@ class LeaseTable(ShardTable):
         sets = ["#c = :next", "#u = :now"]
         removes: list[str] = []
         if owner is None:
-            removes.append("#o")
+            removes += ["#o", "#h"]
         else:
-            sets.append("#o = :owner")
+            sets += ["#o = :owner", "#h = :holder"]
             values[":owner"] = {"S": owner}
+            values[":holder"] = {"S": self.holder}
         if checkpoint is not None:
             names["#k"] = "checkpoint"
             sets.append("#k = :ckpt")
@@ -203,6 +213,7 @@ class LeaseTable(ShardTable):
             checkpoint if checkpoint is not None else lease.checkpoint,
             lease.parents,
             switches if switches is not None else lease.owner_switches,
+            self.holder if owner is not None else None,
         )
 
     async def take(self, lease: Lease, worker_id: str) -> Lease:

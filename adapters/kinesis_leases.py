@@ -44,7 +44,10 @@ class Lease:
     hand-over, or finished); ``counter`` grows at every write (take, renewal,
     checkpoint, release); ``checkpoint`` is the last processed sequence
     number, ``SHARD_END`` or ``None``; ``parents`` are the shard's parents;
-    ``owner_switches`` counts owner changes since the last checkpoint.
+    ``owner_switches`` counts owner changes since the last checkpoint;
+    ``holder`` is the token of the process that wrote the lease last under
+    ``owner`` (two processes given the same worker id tell their writes apart
+    by it).
 
     Example:
         >>> Lease("shardId-000000000001", "worker-a", 3, checkpoint="42").owner
@@ -57,6 +60,7 @@ class Lease:
     checkpoint: str | None = None
     parents: tuple[str, ...] = ()
     owner_switches: int = 0
+    holder: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,6 +245,7 @@ class KinesisSource:
         self._watch = ExpiryWatch(self.leases.lease_duration)
         self._table_failing = False  # the last look at the lease table failed (logged once)
         self._renewals_failing: set[str] = set()  # shards whose last renewal failed (logged)
+        self._shared_id_logged = False  # another live process has this worker id (logged once)
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._kinesis: Any = None
@@ -319,7 +320,7 @@ class KinesisSource:
             await stack.aclose()
 
     async def _release_all(self) -> None:
-        """Give up every lease the table shows in this worker's name.
+        """Give up every lease the table shows in this worker's name, written by this process.
 
         The table says which, not this worker's copies: a write that the stop
         cut off after it reached the table (a renewal or a commit's checkpoint
@@ -365,8 +366,12 @@ class KinesisSource:
                         describe(exc),
                     )
 
-        mine = sorted(
-            (lease for lease in rows.values() if lease.owner == self.worker_id),
+        mine = sorted(  # not the rows another process given this worker id wrote since
+            (
+                lease
+                for lease in rows.values()
+                if lease.owner == self.worker_id and lease.holder == table.holder
+            ),
             key=lambda lease: lease.shard_id,
         )
         await asyncio.gather(*(release(lease) for lease in mine))
@@ -498,12 +503,14 @@ class KinesisSource:
 
         A renewal or checkpoint this worker gave up on (it timed out, or a stop
         cut it off) may have reached the table all the same, even after a later
-        read: the row's counter is then ahead of this worker's copy and the
-        write (a renewal, a checkpoint, a release) is refused. While the row still names
-        this worker, nobody else took the lease, so the write is tried again
-        against the row (``HELD_WRITE_ATTEMPTS`` times at most), instead of the
-        lease being dropped and its shard left unread until it expires.
-        ``LeaseLost`` once the row names another owner, or none.
+        read: the row's counter is then ahead of this worker's copy and the next
+        write (a renewal, a checkpoint, a release) is refused. While the row
+        still names this worker and was last written by this process
+        (``Lease.holder``: another process may have been given the same worker
+        id), nobody else took the lease: the write is tried again against the
+        row (``HELD_WRITE_ATTEMPTS`` times at most) instead of the lease being
+        dropped and its shard left unread until it expires. ``LeaseLost`` once
+        the row names another owner or holder, or none.
         """
         table = self._table
         assert table is not None
@@ -512,12 +519,28 @@ class KinesisSource:
                 return await write(lease)
             except LeaseLost:
                 row = await table.get(lease.shard_id)
-                if row is None or row.owner != self.worker_id:
-                    raise
+                if row is not None and row.owner == self.worker_id and row.holder != table.holder:
+                    self._log_shared_id(lease.shard_id)
+                if row is None or row.owner != self.worker_id or row.holder != table.holder:
+                    raise  # taken, or written by another process given this worker id
                 lease = row
         raise AsyncflowError(
             f"the lease row of shard {lease.shard_id} changed under each of {HELD_WRITE_ATTEMPTS} "
             "writes in this worker's name"
+        )
+
+    def _log_shared_id(self, shard_id: str) -> None:
+        """Say once that another process wrote a lease in this worker's id since it took it."""
+        if self._shared_id_logged:
+            return
+        self._shared_id_logged = True
+        log.error(
+            "kinesis %s: another process with worker_id %r wrote the lease of %s after this one "
+            "took it: give every worker process its own worker_id (or leave it unset); two "
+            "processes with one id take the shards from each other until one stops",
+            self.stream,
+            self.worker_id,
+            shard_id,
         )
 
     def _lease_lock(self, shard_id: str) -> asyncio.Lock:
@@ -698,8 +721,15 @@ class KinesisSource:
             self._plan.set_checkpoints(
                 {s: lease.checkpoint for s, lease in rows.items() if lease.checkpoint is not None}
             )
-            # a lease held here that the table shows with another owner was taken
-            gone = [s for s in self._leases if s in rows and rows[s].owner != self.worker_id]
+            # a lease held here that the table shows with another owner (or written by another
+            # process given this worker id) was taken
+            gone = [
+                s
+                for s in self._leases
+                if s in rows and (rows[s].owner, rows[s].holder) != (self.worker_id, table.holder)
+            ]
+            if any(rows[s].owner == self.worker_id for s in gone):
+                self._log_shared_id(next(s for s in gone if rows[s].owner == self.worker_id))
             if gone:
                 await self._lose_locked(gone, "another worker took it")
             ready = set(self._plan.ready())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -405,6 +406,34 @@ async def test_a_renewal_that_timed_out_after_it_reached_the_table_does_not_cost
         await wait_for(lambda: worker.values() >= set(range(150)))
         assert list(worker.source.held_leases) == [shard]
         assert worker.recorder.events == [("assigned", [shard])]  # never lost, never retaken
+
+
+async def test_a_process_given_the_worker_id_of_a_live_one_fences_it_off_its_leases(
+    moto_endpoint: str,
+    aws: Callable[[str], Any],
+    unique: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a restarted worker with a fixed worker id takes its rows back at once; the earlier process,
+    # still alive, does not take the newer one's writes for its own: it lets the shard go and
+    # says why (the two then take the shard from each other: a misconfiguration, logged)
+    kinesis = aws("kinesis")
+    stream, app = unique("sameid"), unique("app")
+    [shard] = await create_stream(kinesis, stream, 1)
+    watch = Watch()
+    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
+    old = Worker("old", make_source(moto_endpoint, stream, app, "w1", watch, **long))
+    new = Worker("new", make_source(moto_endpoint, stream, app, "w1", watch, **long))
+    async with running([old, new]):
+        await start(old)
+        await put_values(kinesis, stream, range(100))
+        await wait_for(lambda: old.values() >= set(range(100)))
+        with caplog.at_level(logging.ERROR, logger="adapters.kinesis"):
+            await start(new)
+            await wait_for(lambda: ("lost", [shard]) in old.recorder.events, timeout=20)
+        assert "another process with worker_id 'w1'" in caplog.text
+        await put_values(kinesis, stream, range(100, 150))
+        await wait_for(lambda: (old.values() | new.values()) >= set(range(150)))  # nothing lost
 
 
 async def test_children_are_read_only_after_their_parent_is_checkpointed_at_shard_end(
