@@ -6,10 +6,11 @@ checkpoint: a row written by an earlier version is a lease nobody holds. The
 lease attributes follow the Kinesis Client Library's names: ``leaseOwner``
 (absent when nobody holds it), ``leaseCounter`` (a number, +1 at every
 write), ``checkpoint``, ``ownerSwitchesSinceCheckpoint`` and
-``parentShardIds``, and ``leaseHolder``: a token of the process that
-wrote the row last in the owner's name (a renewal or checkpoint that timed out
-but reached the table is then known as this process's own). Writes are ``UpdateItem`` calls conditional on the owner
-and counter this worker last saw: a take loses to whoever wrote first, and a
+``parentShardIds``; ours adds ``leaseHolder``, a token of the process that
+wrote the row last in the owner's name (so a renewal or checkpoint that timed
+out but reached the table is known as this process's own). Writes are
+``UpdateItem`` calls conditional on the owner and counter this worker last
+saw: a take loses to whoever wrote first, and a
 renewal, a checkpoint or a release by a worker whose lease was taken fails
 with ``LeaseLost``. Stop the workers of an earlier version before starting
 these: their unconditional checkpoint writes would pass any lease.
