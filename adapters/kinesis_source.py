@@ -81,8 +81,8 @@ HELD_WRITE_ATTEMPTS = 5
 A request this worker gave up on (cut off by a stop, or timed out) may still
 reach the table and move the lease's counter on behind this worker's copy.
 A release at stop, a renewal and a checkpoint refused for that reason read
-the row again and, while it still names this worker, retry against it, at
-most this many times.
+the row again and, while it still names this worker and was last written by
+this process (``Lease.holder``), retry against it, at most this many times.
 """
 
 
