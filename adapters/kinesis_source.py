@@ -245,7 +245,8 @@ class KinesisSource:
         self._watch = ExpiryWatch(self.leases.lease_duration)
         self._table_failing = False  # the last look at the lease table failed (logged once)
         self._renewals_failing: set[str] = set()  # shards whose last renewal failed (logged)
-        self._shared_id_logged = False  # another live process has this worker id (logged once)
+        # holders of the rows another live process with this worker id wrote (``_met_rival``)
+        self._rivals: set[str] = set()
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._kinesis: Any = None
@@ -519,29 +520,51 @@ class KinesisSource:
                 return await write(lease)
             except LeaseLost:
                 row = await table.get(lease.shard_id)
-                if row is not None and row.owner == self.worker_id and row.holder != table.holder:
-                    self._log_shared_id(lease.shard_id)
-                if row is None or row.owner != self.worker_id or row.holder != table.holder:
-                    raise  # taken, or written by another process given this worker id
+                if row is None or row.owner != self.worker_id:
+                    raise  # taken
+                if row.holder != table.holder:
+                    self._met_rival(row)
+                    raise  # written by another process given this worker id
                 lease = row
         raise AsyncflowError(
             f"the lease row of shard {lease.shard_id} changed under each of {HELD_WRITE_ATTEMPTS} "
             "writes in this worker's name"
         )
 
-    def _log_shared_id(self, shard_id: str) -> None:
-        """Say once that another process wrote a lease in this worker's id since it took it."""
-        if self._shared_id_logged:
+    def _met_rival(self, row: Lease) -> None:
+        """Another live process with this worker id wrote ``row`` after this one took it.
+
+        From now on the rows that process writes are treated as another
+        worker's leases (``_pool_view``): taken when they expire or to
+        balance, not at once, so the two do not take the shards from each
+        other on every look. Said once, as an error: worker ids must differ.
+        """
+        if row.holder is None or row.holder in self._rivals:
             return
-        self._shared_id_logged = True
-        log.error(
-            "kinesis %s: another process with worker_id %r wrote the lease of %s after this one "
-            "took it: give every worker process its own worker_id (or leave it unset); two "
-            "processes with one id take the shards from each other until one stops",
-            self.stream,
-            self.worker_id,
-            shard_id,
-        )
+        if not self._rivals:
+            log.error(
+                "kinesis %s: another process with worker_id %r wrote the lease of %s after this "
+                "one took it: give every worker process its own worker_id (or leave it unset); "
+                "until then this one treats that process's leases as another worker's",
+                self.stream,
+                self.worker_id,
+                row.shard_id,
+            )
+        self._rivals.add(row.holder)
+
+    def _pool_view(self, row: Lease) -> Lease:
+        """``row`` as the balancing sees it.
+
+        A row in this worker's name that it does not hold is an earlier
+        process's (restarted with the same worker_id): nobody's, to take back
+        at once; unless a live process with this worker id wrote it
+        (``_met_rival``): then it is that process's, as another worker's.
+        """
+        if row.owner != self.worker_id or row.shard_id in self._leases:
+            return row
+        if row.holder is not None and row.holder in self._rivals:
+            return dataclasses.replace(row, owner=f"{row.owner} (process {row.holder})")
+        return dataclasses.replace(row, owner=None)
 
     def _lease_lock(self, shard_id: str) -> asyncio.Lock:
         lock = self._lease_locks.get(shard_id)
@@ -728,25 +751,23 @@ class KinesisSource:
                 for s in self._leases
                 if s in rows and (rows[s].owner, rows[s].holder) != (self.worker_id, table.holder)
             ]
-            if any(rows[s].owner == self.worker_id for s in gone):
-                self._log_shared_id(next(s for s in gone if rows[s].owner == self.worker_id))
+            for s in gone:
+                if rows[s].owner == self.worker_id:
+                    self._met_rival(rows[s])
             if gone:
                 await self._lose_locked(gone, "another worker took it")
             ready = set(self._plan.ready())
             eligible = ready | set(self._leases)
-            # a row in this worker's name that it does not hold is an earlier process's
-            # (restarted with the same worker_id): free to take back at once
-            pool = [
-                dataclasses.replace(rows[s], owner=None)
-                if rows[s].owner == self.worker_id and s not in self._leases
-                else rows[s]
-                for s in sorted(eligible)
-                if s in rows
-            ]
+            pool = [self._pool_view(rows[s]) for s in sorted(eligible) if s in rows]
+            # a view that is nobody's is free; the others expire as the table's rows do
+            is_expired = self._watch.is_expired
+            expired = {
+                v.shard_id for v in pool if is_expired(v if v.owner is None else rows[v.shard_id], now)
+            }
             wanted = leases_to_take(
                 pool,
                 self.worker_id,
-                expired=self._watch.expired(pool, now),
+                expired=expired,
                 eligible=eligible,
                 max_leases_to_steal=self.leases.max_leases_to_steal,
             )
