@@ -759,10 +759,12 @@ class KinesisSource:
             ready = set(self._plan.ready())
             eligible = ready | set(self._leases)
             pool = [self._pool_view(rows[s]) for s in sorted(eligible) if s in rows]
-            # a view that is nobody's is free; the others expire as the table's rows do
-            is_expired = self._watch.is_expired
+            # a view that is nobody's is free; the others expire as their rows in the table do
+            # (the watch saw the rows, not a rival's view of one)
             expired = {
-                v.shard_id for v in pool if is_expired(v if v.owner is None else rows[v.shard_id], now)
+                v.shard_id
+                for v in pool
+                if v.owner is None or self._watch.is_expired(rows[v.shard_id], now)
             }
             wanted = leases_to_take(
                 pool,
