@@ -32,6 +32,9 @@ from tests.integration.aws.moto import CREDENTIALS, REGION
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.integration, pytest.mark.timeout(120)]
 
+LONG_LEASE: dict[str, Any] = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
+"""Leases far longer than a test, renewed often: no loss in a test is an expiry."""
+
 LEASE = 2.0  # seconds: short, so that a takeover after expiry fits in a test, and long
 # enough that a worker slowed down by a loaded machine does not lose a lease it is renewing
 
@@ -178,9 +181,10 @@ def release_only_pair(
 ) -> tuple[Worker, Worker]:
     """w1 and w2 with leases far longer than a test, w2 never stealing: only a release by
     w1 lets w2 take its leases."""
-    long = {"lease_duration": 600.0, "lease_renewal_interval": 0.2}
-    w1 = Worker("w1", make_source(endpoint, stream, app, "w1", watch, **long))
-    w2 = Worker("w2", make_source(endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **long))
+    w1 = Worker("w1", make_source(endpoint, stream, app, "w1", watch, **LONG_LEASE))
+    w2 = Worker(
+        "w2", make_source(endpoint, stream, app, "w2", watch, max_leases_to_steal=0, **LONG_LEASE)
+    )
     return w1, w2
 
 
@@ -391,13 +395,13 @@ async def test_a_renewal_that_timed_out_after_it_reached_the_table_does_not_cost
     stream, app = unique("lostanswer"), unique("app")
     [shard] = await create_stream(kinesis, stream, 1)
     watch = Watch()
-    worker = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch,
-                                      lease_duration=600.0, lease_renewal_interval=0.2))
+    worker = Worker("w1", make_source(moto_endpoint, stream, app, "w1", watch, **LONG_LEASE))
     async with running([worker]):
         await start(worker)
         placed = await put_values(kinesis, stream, range(100))
-        await wait_for(lambda: worker.source.held_leases.get(shard, None) is not None
-                       and worker.source.held_leases[shard].checkpoint == str(placed[shard][-1]))
+        last = str(placed[shard][-1])
+        await wait_for(lambda: getattr(worker.source.held_leases.get(shard), "checkpoint", None)
+                       == last)
         watch.lose_answers["w1"] = 3
         await wait_for(lambda: watch.answers_lost == 3)
         counter = (await lease_rows(aws, worker.source))[shard].counter
