@@ -30,7 +30,6 @@ from asyncflow.records import (
     TIME_UNITS,
     Record,
     datetime_to_ms,
-    event_time_ms,
     floor_ms,
     numeric_time_ms,
 )
@@ -54,7 +53,7 @@ def _time_getter(
             try:
                 value_type.decode_obj  # noqa: B018 - resolve hints now
                 if value_type._time_field is not None:
-                    return event_time_ms
+                    return value_type._time_ms
             except Exception:  # noqa: BLE001
                 return None
         return None

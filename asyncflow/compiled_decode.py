@@ -1,14 +1,16 @@
 """Typed JSON decoding through msgspec: bytes straight to a ``Record``, checked in C.
 
-A ``Record`` whose fields have plain types (``str``, ``int``, ``float``,
-``bool``, ``dict``, ``Any``, ``Literal`` of strings or ints, ``X | None`` of
-those, ``datetime`` and ``EventTime``) gets a mirror ``msgspec.Struct``:
-msgspec parses and checks the JSON in one pass, without a dict in between,
-and a generated function moves the fields into the record (times become epoch
-ms and a lazy ``datetime``, as ``asyncflow.records`` does). On this machine
-that is 633 ns a record against 1,361 ns for orjson and the generated Python
-decoder (4 fields, ``benchmarks/memory_pipeline.py``'s reading; 231 ns for
-msgspec alone, 390 ns for orjson to a dict).
+A ``Record`` is a msgspec ``Struct``. When its fields have plain types
+(``str``, ``int``, ``float``, ``bool``, ``dict``, ``Any``, ``Literal`` of
+strings or ints, ``X | None`` of those), msgspec decodes the JSON into the
+record itself, in one pass and without a dict in between. A record with a
+``datetime`` or ``EventTime`` field gets a mirror ``Struct`` that takes the
+times as they come (epoch seconds or ISO strings), and a generated function
+builds the record from it (an event time kept as epoch ms, as
+``asyncflow.records`` does). On this machine, for ``benchmarks/memory_pipeline.py``'s
+4-field reading, the record itself costs what msgspec's bare Struct costs
+(~250-370 ns); the mirror and its build took 675-860 ns, orjson and the
+generated Python decoder ~1,360 ns.
 
 msgspec's rules for these types are ours (an ``int`` is no ``float`` for
 ``bool``, no ``float`` is an ``int``, ``1`` is a valid ``float``). Anything it
@@ -41,13 +43,13 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 
 from asyncflow.records import (
-    _LAZY,
-    _TIME_SLOT,
+    _FACTORY,
     EVENT_TIME,
     Record,
     _lazy_time,
     _parse_time,
-    numeric_time_ms,
+    _stored_time,
+    constructor_call,
 )
 
 _TIME_INPUT = int | float | str
@@ -79,11 +81,14 @@ def compiled_decoder(
     except (NameError, AttributeError, KeyError):
         return None  # unresolvable annotations: the Python decoder says what is wrong
     # as the Python decoder does: annotations unresolved when the class was made are now
-    cls._time_field = next(
+    time_field = next(
         (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
     )
+    if time_field is not None:
+        _lazy_time(cls, time_field)
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     kinds: list[str] = []  # per field: "value", "time" (the event time) or "datetime"
+    mirrored = True  # whether a mirror Struct can take every field's input and default
     for f in cls._fields:
         tp = hints[f]
         is_event_time = get_origin(tp) is Annotated and EVENT_TIME in tp.__metadata__
@@ -99,21 +104,27 @@ def compiled_decoder(
             kinds.append("value")
         else:
             return None
-        if f in cls._defaults:
-            default = cls._defaults[f]
-            if kinds[-1] == "time" or not isinstance(default, str | int | float | bool | None):
-                return None  # a defaulted event time, mutable defaults: the Python decoder's
-            if kinds[-1] == "datetime" and default is not None:
-                return None
-            fields.append((f, mirror if default is not None else Union[mirror, None], default))  # noqa: UP007
-        else:
+        if f not in cls._defaults:
             fields.append((f, mirror))
+            continue
+        default = cls._defaults[f]
+        if isinstance(default, _FACTORY):
+            default = msgspec.field(default_factory=default.factory)
+        elif not isinstance(default, str | int | float | bool | None):
+            mirrored = False
+        if kinds[-1] == "time" or (kinds[-1] == "datetime" and default is not None):
+            mirrored = False  # a defaulted event time or datetime: the Python decoder's
+        fields.append((f, mirror if default is not None else Union[mirror, None], default))  # noqa: UP007
+    if all(kind == "value" for kind in kinds):  # msgspec builds the record itself
+        return _direct(cls, fallback)
+    if not mirrored:
+        return None
+    refused = (msgspec.ValidationError, msgspec.DecodeError)
     # a mirror lives only until its fields move into the record: it is in no reference cycle,
     # so the collector need not track it (about 20 ns a record less)
     mirror_cls = msgspec.defstruct(f"_{cls.__name__}Mirror", fields, gc=False)
     structure = msgspec.json.Decoder(mirror_cls).decode
     build, many = _builder(cls, kinds, structure, fallback)
-    refused = (msgspec.ValidationError, msgspec.DecodeError)
 
     def decode(data: bytes) -> Any:
         try:
@@ -149,56 +160,67 @@ def _plain(tp: Any) -> bool:
     return False
 
 
+def _direct(cls: type[Record], fallback: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """``decode`` (with its ``many``) of a record msgspec decodes into by itself."""
+    structure = msgspec.json.Decoder(cls).decode
+    refused = (msgspec.ValidationError, msgspec.DecodeError)
+
+    def decode(data: bytes) -> Any:
+        try:
+            return structure(data)
+        except refused:
+            if fallback is None:
+                raise
+            return fallback(data)
+
+    def many(datas: list[bytes]) -> list[Any]:
+        out: list[Any] = []
+        add = out.append
+        for d in datas:
+            try:
+                add(structure(d))
+            except refused:
+                if fallback is None:
+                    raise
+                add(fallback(d))
+        return out
+
+    decode.many = many  # type: ignore[attr-defined]  # a batch at once: Codec.decode_many
+    return decode
+
+
 def _builder(
     cls: type[Record], kinds: list[str], structure: Callable[[bytes], Any],
     fallback: Callable[[bytes], Any] | None,
 ) -> tuple[Callable[[Any], Any], Callable[[list[bytes]], list[Any]]]:
     """Generate ``build(mirror) -> record`` and ``many(datas) -> records``.
 
-    ``build`` moves a parsed mirror's fields over and parses times; ``many``
-    parses and builds a whole batch in one loop (no call per record but
-    msgspec's), a record msgspec refuses going to ``fallback`` (or raising).
+    ``build`` takes a parsed mirror's fields over (times parsed) into the
+    record's constructor; ``many`` parses and builds a whole batch in one loop
+    (no call per record but msgspec's and the constructor's), a record msgspec
+    refuses going to ``fallback`` (or raising).
     """
-    lazy = _lazy_time(cls, cls._time_field) if cls._time_field is not None else None
     ns: dict[str, Any] = {
-        "_new": object.__new__,
         "_cls": cls,
-        "_LAZY": _LAZY,
+        "_stored_time": _stored_time,
         "_parse_time": _parse_time,
-        "_numeric_time_ms": numeric_time_ms,
-        "_set_ms": Record.__dict__[_TIME_SLOT].__set__,
         "_structure": structure,
         "_fallback": fallback,
         "_refused": (msgspec.ValidationError, msgspec.DecodeError),
     }
-    lines = ["    self = _new(_cls)"]
-    # fields are stored as plain attributes unless the class has a __setattr__ of its own
-    plain_setattr = cls.__setattr__ is object.__setattr__
+    lines = []
+    values = []
     for i, (f, kind) in enumerate(zip(cls._fields, kinds, strict=True)):
+        ns[f"_n{i}"] = f
         if kind == "time":
-            assert lazy is not None
-            ns[f"_s{i}"] = lazy.member.__set__
-            ns[f"_n{i}"] = f
-            lines += [
-                f"    v = s.{f}",
-                "    if type(v) is str:",
-                f"        v, ms = _parse_time(v, _n{i})",
-                "    else:",
-                f"        ms = _numeric_time_ms(v, _n{i})",
-                "        v = _LAZY",
-                "    _set_ms(self, ms)",
-                f"    _s{i}(self, v)",
-            ]
-            continue
-        if kind == "datetime":
-            ns[f"_s{i}"] = _slot_setter(cls, f)
-            ns[f"_n{i}"] = f
-            lines += [f"    v = s.{f}", f"    _s{i}(self, None if v is None else _parse_time(v, _n{i})[0])"]
-        elif plain_setattr:  # a slot store in bytecode: no call per field
-            lines.append(f"    self.{f} = s.{f}")
+            values.append(f"_stored_time(s.{f}, _n{i})")
+        elif kind == "datetime":
+            lines += [f"    v{i} = s.{f}",
+                      f"    if v{i} is not None: v{i} = _parse_time(v{i}, _n{i})[0]"]
+            values.append(f"v{i}")
         else:
-            ns[f"_s{i}"] = _slot_setter(cls, f)
-            lines.append(f"    _s{i}(self, s.{f})")
+            values.append(f"s.{f}")
+    lines.append("    self = " + constructor_call(cls, values))
     many = [
         "def many(datas):",
         "    out = []",
@@ -218,13 +240,3 @@ def _builder(
     code = ["def build(s):", *lines, "    return self", "", *many]
     exec("\n".join(code), ns)  # noqa: S102 - generated from the class's own field names
     return ns["build"], ns["many"]
-
-
-def _slot_setter(cls: type, field: str) -> Callable[[Any, Any], None]:
-    """The C-level setter of a field's slot (found along the class's bases)."""
-    for klass in cls.__mro__:
-        d = klass.__dict__.get(field)
-        if isinstance(d, types.MemberDescriptorType):
-            setter: Callable[[Any, Any], None] = d.__set__
-            return setter
-    return lambda obj, v: object.__setattr__(obj, field, v)

@@ -1,10 +1,15 @@
 """Typed records: declare fields once, decode JSON fast, reject what does not fit.
 
-A ``Record`` subclass lists its fields as annotations. Instances use slots; the
-decoder for each class is generated once, so decoding costs a type check and a
-store per field. A value that does not fit raises ``DecodeError`` naming the
-field, what was expected and what came, and the core sends the raw record to
-the dead-letter output. Unknown fields in the input are ignored.
+A ``Record`` subclass lists its fields as annotations, those with defaults
+after those without. It is a msgspec ``Struct`` (slots, a constructor in C):
+msgspec decodes JSON straight into a record of plain fields, and a record
+msgspec cannot take whole (nested records, lists, times) has a decoder
+generated once, so decoding costs a type check per field (see
+``asyncflow.compiled_decode``). A value that does not fit raises
+``DecodeError`` naming the field, what was expected and what came, and the
+core sends the raw record to the dead-letter output. Unknown fields in the
+input are ignored. ``class R(Record, kw_only=True)`` and ``frozen=True`` are
+the class options a record takes.
 
 Supported field types: ``str``, ``int``, ``float`` (ints accepted), ``bool``,
 ``datetime`` and ``EventTime`` (tz-aware datetime, ISO-8601 string with an
@@ -24,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
 import types
@@ -31,6 +37,8 @@ import typing
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+
+import msgspec
 
 from asyncflow.errors import DecodeError
 
@@ -48,7 +56,6 @@ EventTime = Annotated[datetime, EVENT_TIME]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-_TIME_SLOT = "_af_time_ms"
 MIN_TIME_MS = -62_135_596_800_000
 """0001-01-01T00:00:00Z in epoch ms: the earliest event time a ``datetime`` can hold."""
 MAX_TIME_MS = 253_402_300_799_999
@@ -102,43 +109,74 @@ def numeric_time_ms(value: float, field: str, unit: str = "s") -> int:
         f"(it would be {when}){hint}"
     )
 _MISSING: Any = object()
-_LAZY: Any = object()
-"""In an event-time slot: the datetime is made from the epoch ms when first read."""
+
+
+class _EpochMs(int):
+    """An event time as decoding stores it in its field: epoch milliseconds.
+
+    A type of its own, so a field holding one is never mistaken for epoch
+    seconds given to the constructor.
+    """
+
+    __slots__ = ()
+
+
+def _stored_time(value: Any, field: str) -> Any:
+    """What an event-time field holds for an input time: epoch ms, or the aware datetime.
+
+    A UTC time on a whole millisecond is kept as epoch ms too (reading the
+    field gives it back equal, ``isoformat`` alike); any other datetime is kept
+    as it is, its offset and microseconds included.
+    """
+    if type(value) is _EpochMs:
+        return value
+    if type(value) is int or type(value) is float:
+        return _EpochMs(numeric_time_ms(value, field))
+    dt, ms = _parse_time(value, field)
+    if dt.tzinfo is UTC and not dt.microsecond % 1000 and type(dt) is datetime:
+        return _EpochMs(ms)
+    return dt
 
 
 class _LazyTime:
     """The event-time field of a record: epoch ms inside, a ``datetime`` when read.
 
-    A numeric input time (epoch seconds) is kept as milliseconds; the
-    ``datetime`` is built only if the field is read (most pipelines only
-    window on it, which needs the milliseconds). Setting the field parses the
-    time again and updates both.
+    A numeric input time (epoch seconds) is kept as milliseconds; a
+    ``datetime`` is made from them only when the field is read (most
+    pipelines only window on it, which needs the milliseconds). An ISO string
+    is kept as the datetime it names, its offset included. Setting the field
+    checks the time and stores it the same way.
     """
 
-    __slots__ = ("member", "name", "ms")
+    __slots__ = ("member", "name")
 
-    def __init__(self, member: Any, ms: Any, name: str) -> None:
+    def __init__(self, member: Any, name: str) -> None:
         self.member = member
-        self.ms = ms
         self.name = name
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
         v = self.member.__get__(obj, owner)
-        if v is _LAZY:
-            v = _EPOCH + timedelta(milliseconds=self.ms.__get__(obj, owner))
-            self.member.__set__(obj, v)
-        return v
+        if type(v) is _EpochMs:
+            return _EPOCH + timedelta(milliseconds=v)
+        return _parse_time(v, self.name)[0]  # as given to the constructor
 
     def __set__(self, obj: Any, value: Any) -> None:
-        dt, ms = _parse_time(value, self.name)
-        self.member.__set__(obj, dt)
-        self.ms.__set__(obj, ms)
+        self.member.__set__(obj, _stored_time(value, self.name))
+
+    def ms(self, obj: Any) -> int:
+        """The epoch ms of ``obj``'s event time."""
+        v = self.member.__get__(obj)
+        if type(v) is _EpochMs:
+            return v + 0  # a plain int
+        if type(v) is int or type(v) is float:
+            return numeric_time_ms(v, self.name)
+        return _parse_time(v, self.name)[1]
 
 
-def _lazy_time(cls: type, field: str) -> _LazyTime:
-    """Put a ``_LazyTime`` over the slot of ``cls``'s event-time field (once)."""
+def _lazy_time(cls: type[Record], field: str) -> _LazyTime:
+    """Make ``field`` the event time of ``cls``: a ``_LazyTime`` over its slot (once)."""
     found = None
     for klass in cls.__mro__:
         d = klass.__dict__.get(field)
@@ -146,12 +184,48 @@ def _lazy_time(cls: type, field: str) -> _LazyTime:
             found = d
             break
     if isinstance(found, _LazyTime):
-        return found
-    if not isinstance(found, types.MemberDescriptorType):
+        lazy = found
+    elif isinstance(found, types.MemberDescriptorType):
+        lazy = _LazyTime(found, field)
+        type.__setattr__(cls, field, lazy)
+    else:
         raise TypeError(f"{cls.__name__}.{field}: an event-time field must be a plain field")
-    lazy = _LazyTime(found, Record.__dict__[_TIME_SLOT], field)
-    setattr(cls, field, lazy)
+    cls._time_field = field
+    cls._time_ms = lazy.ms
+    cls._time_lazy = lazy
     return lazy
+
+
+def _declares_event_time(ns: dict[str, Any]) -> bool:
+    """Whether a class body about to become a Record annotates a field as ``EventTime``.
+
+    Annotations still in text form are read by name: the class is not made
+    yet, so they cannot be resolved.
+    """
+    for a in ns.get("__annotations__", {}).values():
+        if isinstance(a, str) and "EventTime" in a:
+            return True
+        if EVENT_TIME in getattr(a, "__metadata__", ()):
+            return True
+    return False
+
+
+def _check_event_time(self: Any) -> None:
+    """``__post_init__`` of a record with an event time: keep it as epoch ms or aware datetime.
+
+    msgspec calls it after the constructor, so a record built in code holds
+    its time the way a decoded one does (equal, hashed and copied alike), and
+    a time that is none says so at once.
+    """
+    lazy = type(self)._time_lazy
+    if lazy is None:
+        return
+    v = lazy.member.__get__(self)
+    if type(v) is _EpochMs or (type(v) is datetime and v.tzinfo is not None):
+        return
+    lazy.member.__set__(self, _stored_time(v, lazy.name))
+
+
 R = TypeVar("R", bound="Record")
 
 
@@ -276,25 +350,77 @@ def _checker(tp: Any, field: str) -> Callable[[Any], Any]:
     raise TypeError(f"field {field!r}: asyncflow records do not support the type {tp!r}")
 
 
-class _RecordMeta(type):
-    """Gives each Record subclass slots for its annotated fields."""
-
-    def __new__(mcs, name: str, bases: tuple[type, ...], ns: dict[str, Any]) -> _RecordMeta:
-        annotations = ns.get("__annotations__", {})
-        fields = [
-            f
-            for f, a in annotations.items()
-            if not (isinstance(a, str) and a.startswith(("ClassVar", "typing.ClassVar")))
-            and get_origin(a) is not ClassVar
-        ]
-        defaults = {f: ns.pop(f) for f in fields if f in ns}
-        ns["__slots__"] = tuple(ns.get("__slots__", ())) + tuple(fields)
-        ns["_own_defaults"] = defaults
-        return super().__new__(mcs, name, bases, ns)
+class _FactoryProbe(msgspec.Struct):
+    made: list[Any] = []
 
 
-class Record(metaclass=_RecordMeta):
-    """Base class of typed stream values (slots, orjson underneath).
+_FACTORY = type(_FactoryProbe.__struct_defaults__[0])
+"""How msgspec keeps a mutable default (``[]``, ``{}``): ``.factory()`` makes a fresh one."""
+
+_CLASS_OPTIONS = ("kw_only", "frozen")
+"""The class options a ``Record`` takes (``class R(af.Record, frozen=True)``)."""
+
+
+class _RecordMeta(msgspec.StructMeta):
+    """Makes each Record subclass a msgspec Struct and notes its fields and event time."""
+
+    def __new__(
+        mcs, name: str, bases: tuple[type, ...], ns: dict[str, Any], **options: Any
+    ) -> _RecordMeta:
+        other = sorted(set(options) - set(_CLASS_OPTIONS))
+        if other:
+            raise TypeError(
+                f"{name}: a Record takes only {' and '.join(_CLASS_OPTIONS)} as class options, "
+                f"not {', '.join(other)}"
+            )
+        if options.get("frozen") and "__hash__" not in ns:
+            ns["__hash__"] = _hash_by_values  # as ``__eq__`` compares them
+        if _declares_event_time(ns):
+            own = ns.get("__post_init__")
+            if own is None:
+                ns["__post_init__"] = _check_event_time
+            else:
+
+                def __post_init__(self: Any) -> None:
+                    _check_event_time(self)
+                    own(self)
+
+                ns["__post_init__"] = __post_init__
+        cls: Any = super().__new__(mcs, name, bases, ns, **options)
+        fields: tuple[str, ...] = cls.__struct_fields__
+        given = cls.__struct_defaults__
+        cls._fields = fields
+        cls._defaults = {
+            f: d for f, d in zip(fields[len(fields) - len(given):], given, strict=True)
+            if d is not msgspec.NODEFAULT
+        }
+        cls._decoder = None
+        if fields and _resolvable(cls):
+            hints = typing.get_type_hints(cls, include_extras=True)
+            time_field = next(
+                (f for f in fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
+            )
+            if time_field is not None:
+                _lazy_time(cls, time_field)
+        result: _RecordMeta = cls
+        return result
+
+
+def _hash_by_values(self: Any) -> int:
+    """``__hash__`` of a frozen record: its fields' values as read, as ``__eq__`` compares them."""
+    return hash(tuple(getattr(self, f) for f in self._fields))
+
+
+def _no_event_time(record: Any) -> int:
+    raise TypeError(f"{type(record).__name__} has no EventTime field")
+
+
+class Record(msgspec.Struct, metaclass=_RecordMeta):
+    """Base class of typed stream values: a msgspec ``Struct``, decoded from JSON in C.
+
+    Fields are declared as annotations; those with defaults come after those
+    without (or the class says ``kw_only=True``). A record of plain fields is
+    decoded by msgspec straight from the bytes; see ``asyncflow.compiled_decode``.
 
     Example:
         >>> class Ride(Record):
@@ -304,51 +430,12 @@ class Record(metaclass=_RecordMeta):
         (Ride(id='r1', fare=0.0), 7.0)
     """
 
-    __slots__ = (_TIME_SLOT,)
     _fields: ClassVar[tuple[str, ...]] = ()
     _defaults: ClassVar[dict[str, Any]] = {}
     _time_field: ClassVar[str | None] = None
+    _time_ms: ClassVar[Callable[[Any], int]] = _no_event_time
+    _time_lazy: ClassVar[_LazyTime | None] = None
     _decoder: ClassVar[Callable[[Any], Any] | None] = None
-    _own_defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        fields: list[str] = []
-        defaults: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            if klass is Record or not issubclass(klass, Record):
-                continue
-            for f in klass.__slots__:
-                if f not in fields:
-                    fields.append(f)
-            defaults.update(klass.__dict__.get("_own_defaults", {}))
-        cls._fields = tuple(fields)
-        cls._defaults = defaults
-        cls._decoder = None
-        hints = typing.get_type_hints(cls, include_extras=True) if _resolvable(cls) else {}
-        cls._time_field = next(
-            (f for f in fields if f in hints and EVENT_TIME in getattr(hints[f], "__metadata__", ())),
-            None,
-        )
-        if cls._time_field is not None:
-            _lazy_time(cls, cls._time_field)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        fields = self._fields
-        if len(args) > len(fields):
-            raise TypeError(f"{type(self).__name__} takes {len(fields)} fields, got {len(args)}")
-        for name, value in zip(fields, args, strict=False):
-            object.__setattr__(self, name, value)
-        for name in fields[len(args) :]:
-            if name in kwargs:
-                value = kwargs.pop(name)
-            elif name in self._defaults:
-                value = self._defaults[name]
-            else:
-                raise TypeError(f"{type(self).__name__} missing field {name!r}")
-            object.__setattr__(self, name, value)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__} has no field {next(iter(kwargs))!r}")
 
     @classmethod
     def decode_obj(cls: type[R], obj: Any) -> R:
@@ -364,11 +451,10 @@ class Record(metaclass=_RecordMeta):
         return {f: getattr(self, f) for f in self._fields}
 
     def __eq__(self, other: object) -> bool:
+        # by the fields' values as read (an event time given as epoch seconds equals its datetime)
         if type(other) is not type(self):
             return NotImplemented
         return all(getattr(self, f) == getattr(other, f) for f in self._fields)
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
@@ -383,32 +469,46 @@ def _resolvable(cls: type) -> bool:
         return False
 
 
+def constructor_call(cls: type[Record], values: list[str]) -> str:
+    """Source text calling ``_cls`` with ``values`` (one per field, in field order).
+
+    Fields the constructor takes by position are given by position, the
+    others (``kw_only``) by name.
+
+    Example:
+        >>> class P(Record, kw_only=True):
+        ...     x: int
+        >>> constructor_call(P, ["v0"])
+        '_cls(x=v0)'
+    """
+    params = inspect.signature(cls).parameters
+    by_field = dict(zip(cls._fields, values, strict=True))
+    args = [by_field[n] if p.kind is p.POSITIONAL_OR_KEYWORD else f"{n}={by_field[n]}"
+            for n, p in params.items()]
+    return f"_cls({', '.join(args)})"
+
+
 def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
     """Generate a straight-line decoder for ``cls`` (once per class)."""
     hints = typing.get_type_hints(cls, include_extras=True, localns=vars(sys.modules[cls.__module__]))
-    cls._time_field = next(
+    time_field = next(
         (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
     )
-    lazy = _lazy_time(cls, cls._time_field) if cls._time_field is not None else None
+    if time_field is not None:
+        _lazy_time(cls, time_field)  # annotations unresolved when the class was made are now
     ns: dict[str, Any] = {
-        "_LAZY": _LAZY,
-        "_numeric_time_ms": numeric_time_ms,
-        "_time_set": None if lazy is None else lazy.member.__set__,
-        "_new": object.__new__,
+        "_stored_time": _stored_time,
         "_cls": cls,
-        "_set": object.__setattr__,
         "DecodeError": DecodeError,
         "_MISSING": _MISSING,
         "_parse_time": _parse_time,
         "_dict": dict,
-        "_TIME_SLOT": _TIME_SLOT,
         "_obj_msg": f"expected a JSON object for {cls.__name__}, got ",
     }
     lines = [
         "def decode(obj):",
         "    if type(obj) is not _dict:",
         "        raise DecodeError(_obj_msg + type(obj).__name__)",
-        "    self = _new(_cls)",
         "    get = obj.get",
     ]
     for i, f in enumerate(cls._fields):
@@ -417,37 +517,36 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
         ns[f"_n{i}"] = f
         ns[f"_m{i}"] = f"missing field {f!r} for {cls.__name__}"
         ns[f"_e{i}"] = f"field {f!r}: expected {getattr(base, '__name__', base)}, got "
-        lines.append(f"    v = get(_n{i}, _MISSING)")
+        v = f"v{i}"
+        lines.append(f"    {v} = get(_n{i}, _MISSING)")
         if f in cls._defaults:
-            ns[f"_d{i}"] = cls._defaults[f]
-            lines.append(f"    if v is _MISSING: v = _d{i}")
+            default = cls._defaults[f]
+            if isinstance(default, _FACTORY):
+                ns[f"_d{i}"] = default.factory
+                lines.append(f"    if {v} is _MISSING: {v} = _d{i}()")
+            else:
+                ns[f"_d{i}"] = default
+                lines.append(f"    if {v} is _MISSING: {v} = _d{i}")
             lines.append("    else:")
             ind = "        "
         else:
-            lines.append(f"    if v is _MISSING: raise DecodeError(_m{i})")
+            lines.append(f"    if {v} is _MISSING: raise DecodeError(_m{i})")
             ind = "    "
-        err = f"raise DecodeError(_e{i} + type(v).__name__)"
-        if f == cls._time_field:
-            lines.append(f"{ind}if type(v) is float or type(v) is int:")  # epoch seconds
-            lines.append(f"{ind}    ms = _numeric_time_ms(v, _n{i})")
-            lines.append(f"{ind}    v = _LAZY")
-            lines.append(f"{ind}else: v, ms = _parse_time(v, _n{i})")
-            lines.append(f"{ind}_set(self, _TIME_SLOT, ms)")
-            lines.append("    _time_set(self, v)")
-            continue
+        err = f"raise DecodeError(_e{i} + type({v}).__name__)"
+        if f == time_field:
+            lines.append(f"{ind}{v} = _stored_time({v}, _n{i})")
         elif base is str:
-            lines.append(f"{ind}if type(v) is not str: {err}")
+            lines.append(f"{ind}if type({v}) is not str: {err}")
         elif base is float:
-            lines.append(f"{ind}if type(v) is not float:")
-            lines.append(f"{ind}    if type(v) is int: v = float(v)")
+            lines.append(f"{ind}if type({v}) is not float:")
+            lines.append(f"{ind}    if type({v}) is int: {v} = float({v})")
             lines.append(f"{ind}    else: {err}")
         elif base is int:
-            lines.append(f"{ind}if type(v) is not int: {err}")
+            lines.append(f"{ind}if type({v}) is not int: {err}")
         else:
             ns[f"_c{i}"] = _checker(tp, f)
-            lines.append(f"{ind}v = _c{i}(v)")
-        lines.append(f"    _set(self, _n{i}, v)")
-    lines.append("    return self")
+            lines.append(f"{ind}{v} = _c{i}({v})")
+    lines.append("    return " + constructor_call(cls, [f"v{i}" for i in range(len(cls._fields))]))
     exec("\n".join(lines), ns)  # noqa: S102 - generated from the class's own field names
     decoder: Callable[[Any], Any] = ns["decode"]
     return decoder
@@ -462,8 +561,7 @@ def event_time_ms(record: Record) -> int:
         >>> event_time_ms(E(t=1.5))
         1500
     """
-    ms: int = getattr(record, _TIME_SLOT)
-    return ms
+    return type(record)._time_ms(record)
 
 
 def to_builtins(value: Any) -> Any:

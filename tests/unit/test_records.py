@@ -1,5 +1,7 @@
 """Typed records: fields are checked on decode; what does not fit says why."""
 
+import copy
+import pickle
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -13,8 +15,8 @@ from asyncflow.records import event_time_ms
 class Reading(af.Record):
     id: str
     value: float
-    status: Literal["OK", "WARNING", "ERROR"] = "OK"
     time: af.EventTime
+    status: Literal["OK", "WARNING", "ERROR"] = "OK"
     tags: list[str] | None = None
 
 
@@ -24,7 +26,7 @@ def decode(data: bytes) -> Reading:
 
 def test_valid_json_decodes_to_a_typed_record() -> None:
     r = decode(b'{"id": "s1", "value": 2, "time": "2024-01-01T00:00:01Z", "other": 1}')
-    assert r == Reading("s1", 2.0, "OK", datetime(2024, 1, 1, 0, 0, 1, tzinfo=UTC), None)
+    assert r == Reading("s1", 2.0, datetime(2024, 1, 1, 0, 0, 1, tzinfo=UTC), "OK", None)
     assert isinstance(r.value, float)
     assert event_time_ms(r) == 1704067201000
 
@@ -54,13 +56,79 @@ def test_records_that_do_not_fit_raise_a_decode_error_naming_the_problem(
 
 
 def test_records_use_slots_and_compare_by_value() -> None:
-    r = Reading("a", 1.0, "OK", 0)
+    r = Reading("a", 1.0, 0, "OK")
     with pytest.raises(AttributeError):
         r.unknown = 1  # type: ignore[attr-defined]
-    assert r == Reading("a", 1.0, "OK", 0)
+    assert r == Reading("a", 1.0, 0, "OK")
 
 
 def test_records_encode_to_json_and_back() -> None:
     codec = JsonCodec(Reading)
-    r = Reading("a", 1.5, "ERROR", 2, ["x"])
+    r = Reading("a", 1.5, 2, "ERROR", ["x"])
     assert codec.decode(codec.encode(r)) == r
+
+
+def test_a_record_of_plain_fields_is_decoded_by_msgspec_into_the_record_itself() -> None:
+    class Plain(af.Record):
+        id: str
+        value: float
+        tags: dict = {}  # type: ignore[type-arg]  # a bare dict: msgspec checks only that it is one
+
+    codec = JsonCodec(Plain)
+    first, second = codec.decode_many([b'{"id": "a", "value": 1}', b'{"id": "b", "value": 2.5}'])
+    assert (first, second) == (Plain("a", 1.0), Plain("b", 2.5))
+    assert first.tags == {} and first.tags is not second.tags  # a fresh default for each record
+    assert "_direct" in codec.decode.__qualname__
+
+
+def test_a_field_without_a_default_after_one_with_a_default_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match="cannot follow optional fields.*reorder.*kw_only=True"):
+
+        class Misordered(af.Record):
+            status: str = "OK"
+            id: str
+
+    class KeywordsOnly(af.Record, kw_only=True):
+        status: str = "OK"
+        id: str
+
+    assert KeywordsOnly(id="a") == JsonCodec(KeywordsOnly).decode(b'{"id": "a"}')
+    assert KeywordsOnly.decode_obj({"id": "b", "status": "ERROR"}) == KeywordsOnly(
+        id="b", status="ERROR")
+
+
+def test_class_options_other_than_kw_only_and_frozen_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="takes only kw_only and frozen as class options, not rename"):
+
+        class Renamed(af.Record, rename="camel"):  # type: ignore[call-arg]
+            id: str
+
+
+class Stamped(af.Record, frozen=True):
+    id: str
+    time: af.EventTime
+
+
+def test_an_event_time_given_to_the_constructor_is_kept_as_a_decoded_one_is() -> None:
+    as_seconds = Stamped("a", 1.5)
+    as_datetime = Stamped("a", datetime(1970, 1, 1, 0, 0, 1, 500_000, tzinfo=UTC))
+    decoded = JsonCodec(Stamped).decode(b'{"id": "a", "time": 1.5}')
+    assert as_seconds == as_datetime == decoded
+    assert hash(as_seconds) == hash(as_datetime) == hash(decoded)
+    assert event_time_ms(as_seconds) == event_time_ms(as_datetime) == event_time_ms(decoded) == 1500
+    assert pickle.loads(pickle.dumps(decoded)) == decoded
+    assert event_time_ms(copy.copy(decoded)) == 1500
+    with pytest.raises(af.DecodeError, match="field 'time': 'soon' is not an ISO-8601 time"):
+        Stamped("b", "soon")
+    with pytest.raises(af.DecodeError, match="naive datetime"):
+        Stamped("b", datetime(2024, 1, 1))
+
+
+def test_an_iso_event_time_keeps_its_offset_and_setting_the_field_checks_it() -> None:
+    r = decode(b'{"id": "a", "value": 1, "time": "2024-01-01T02:00:00+02:00"}')
+    assert r.time.isoformat() == "2024-01-01T02:00:00+02:00"
+    assert event_time_ms(r) == 1704067200000
+    r.time = 1.25
+    assert (event_time_ms(r), r.time) == (1250, datetime(1970, 1, 1, 0, 0, 1, 250_000, tzinfo=UTC))
+    with pytest.raises(af.DecodeError, match="not a time in epoch seconds"):
+        r.time = float("1e20")
