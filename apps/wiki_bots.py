@@ -93,7 +93,7 @@ class Change(af.Record):
     wiki: str
     title: str
     timestamp: af.EventTime
-    meta: dict[str, Any] = {}  # read only, so one shared default is safe
+    meta: dict[str, Any] = {}  # a fresh one for each record that has none
 
 
 def counted(change: Change) -> bool:

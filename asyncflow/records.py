@@ -31,12 +31,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import operator
 import sys
 import types
 import typing
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import msgspec
 
@@ -51,8 +62,13 @@ class _EventTimeMarker:
 
 
 EVENT_TIME = _EventTimeMarker()
-EventTime = Annotated[datetime, EVENT_TIME]
-"""Annotate one field with this to make it the record's event time."""
+if TYPE_CHECKING:
+    EventTime = Annotated[datetime, EVENT_TIME]
+else:
+    # what msgspec takes from JSON for it (epoch seconds or an ISO string): the record's
+    # __post_init__ turns that into epoch ms, and reading the field gives a datetime
+    EventTime = Annotated[int | float | str, EVENT_TIME]
+    """Annotate one field with this to make it the record's event time."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -112,40 +128,54 @@ _MISSING: Any = object()
 
 
 class _EpochMs(int):
-    """An event time as decoding stores it in its field: epoch milliseconds.
+    """An event time as a record's field holds it: epoch milliseconds.
 
     A type of its own, so a field holding one is never mistaken for epoch
-    seconds given to the constructor.
+    seconds given to the constructor (``msgspec.structs.replace`` and
+    unpickling hand the stored value to the constructor again). It is an
+    ``int`` in every other way: ``event_time_ms`` hands it over as it is.
     """
 
     __slots__ = ()
 
 
-def _stored_time(value: Any, field: str) -> Any:
-    """What an event-time field holds for an input time: epoch ms, or the aware datetime.
+class _EpochMsAt(_EpochMs):
+    """An event time given with an offset other than UTC's, or finer than a millisecond.
 
-    A UTC time on a whole millisecond is kept as epoch ms too (reading the
-    field gives it back equal, ``isoformat`` alike); any other datetime is kept
-    as it is, its offset and microseconds included.
+    Its value is the epoch ms, as for any event time; ``dt`` is the datetime
+    as it was given, which reading the field gives back.
     """
-    if type(value) is _EpochMs:
+
+    dt: datetime
+
+
+def _stored(dt: datetime, ms: int) -> _EpochMs:
+    """What an event-time field holds for an aware datetime whose epoch ms are ``ms``."""
+    if dt.tzinfo is UTC and not dt.microsecond % 1000 and type(dt) is datetime:
+        return _EpochMs(ms)  # read back equal, isoformat alike
+    at = _EpochMsAt(ms)
+    at.dt = dt
+    return at
+
+
+def _store_time(value: Any, field: str) -> _EpochMs:
+    """What an event-time field holds for a time as it may come; ``DecodeError`` for no time."""
+    if isinstance(value, _EpochMs):
         return value
     if type(value) is int or type(value) is float:
         return _EpochMs(numeric_time_ms(value, field))
-    dt, ms = _parse_time(value, field)
-    if dt.tzinfo is UTC and not dt.microsecond % 1000 and type(dt) is datetime:
-        return _EpochMs(ms)
-    return dt
+    return _stored(*_parse_time(value, field))
 
 
 class _LazyTime:
     """The event-time field of a record: epoch ms inside, a ``datetime`` when read.
 
-    A numeric input time (epoch seconds) is kept as milliseconds; a
+    Whatever time comes (epoch seconds, an ISO-8601 string, a datetime), the
+    field keeps its epoch milliseconds; from epoch seconds or a UTC time, a
     ``datetime`` is made from them only when the field is read (most
-    pipelines only window on it, which needs the milliseconds). An ISO string
-    is kept as the datetime it names, its offset included. Setting the field
-    checks the time and stores it the same way.
+    pipelines only window on it, which needs the milliseconds), and a time
+    with another offset reads back as it was given. Setting the field checks
+    the time and stores it the same way.
     """
 
     __slots__ = ("member", "name")
@@ -157,22 +187,17 @@ class _LazyTime:
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
             return self
-        v = self.member.__get__(obj, owner)
-        if type(v) is _EpochMs:
-            return _EPOCH + timedelta(milliseconds=v)
-        return _parse_time(v, self.name)[0]  # as given to the constructor
+        v = self.member.__get__(obj)
+        if type(v) is _EpochMsAt:
+            return v.dt
+        return _EPOCH + timedelta(milliseconds=_store_time(v, self.name))
 
     def __set__(self, obj: Any, value: Any) -> None:
-        self.member.__set__(obj, _stored_time(value, self.name))
+        self.member.__set__(obj, _store_time(value, self.name))
 
-    def ms(self, obj: Any) -> int:
-        """The epoch ms of ``obj``'s event time."""
-        v = self.member.__get__(obj)
-        if type(v) is _EpochMs:
-            return v + 0  # a plain int
-        if type(v) is int or type(v) is float:
-            return numeric_time_ms(v, self.name)
-        return _parse_time(v, self.name)[1]
+
+_STORED_TIME = "_af_time_ms"
+"""The class attribute that reads an event-time field's slot as stored (an ``_EpochMs``)."""
 
 
 def _lazy_time(cls: type[Record], field: str) -> _LazyTime:
@@ -191,39 +216,67 @@ def _lazy_time(cls: type[Record], field: str) -> _LazyTime:
     else:
         raise TypeError(f"{cls.__name__}.{field}: an event-time field must be a plain field")
     cls._time_field = field
-    cls._time_ms = lazy.ms
-    cls._time_lazy = lazy
+    # the slot itself under a second name: reading the epoch ms is one C-level attribute read
+    type.__setattr__(cls, _STORED_TIME, lazy.member)
+    cls._time_ms = operator.attrgetter(_STORED_TIME)
     return lazy
 
 
-def _declares_event_time(ns: dict[str, Any]) -> bool:
-    """Whether a class body about to become a Record annotates a field as ``EventTime``.
+def _is_event_time(annotation: Any) -> bool:
+    """Whether a field's annotation, resolved or still text, is ``EventTime``."""
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").rsplit(".", 1)[-1] == "EventTime"
+    return EVENT_TIME in getattr(annotation, "__metadata__", ())
 
-    Annotations still in text form are read by name: the class is not made
-    yet, so they cannot be resolved.
+
+_MIN_S = MIN_TIME_MS / 1000
+_MAX_S = MAX_TIME_MS / 1000
+
+
+def _event_time_post_init(field: str, then: Callable[[Any], None] | None) -> tuple[
+    Callable[[Any], None], Callable[[Any], None]
+]:
+    """A record's ``__post_init__`` that stores its event time as epoch ms, and its ``bind``.
+
+    msgspec calls it after the constructor and after decoding JSON straight
+    into the record, so every record holds its time alike (equal, hashed and
+    copied alike), and a time that is none says so at once. ``bind(member)``
+    gives it the field's slot once the class exists; ``then`` is the class's
+    own ``__post_init__``, called after.
     """
-    for a in ns.get("__annotations__", {}).values():
-        if isinstance(a, str) and "EventTime" in a:
-            return True
-        if EVENT_TIME in getattr(a, "__metadata__", ()):
-            return True
-    return False
+    get: Any = None
+    put: Any = None
+    floor = math.floor
+    from_iso = datetime.fromisoformat
+    epoch, ms_unit = _EPOCH, _MS
 
+    def __post_init__(self: Any) -> None:
+        # the common inputs inline (about half the time of the general path); anything else,
+        # and every input that is no time, goes through _store_time, which says what is wrong
+        v = get(self)
+        t = type(v)
+        if t is not _EpochMs and t is not _EpochMsAt:
+            if (t is float or t is int) and _MIN_S <= v <= _MAX_S:  # epoch seconds
+                put(self, _EpochMs(v * 1000 if t is int else floor(v * 1000 + 0.001)))
+            elif t is str and v[-1:] == "Z":  # ISO-8601 in UTC, as most sources send it
+                try:
+                    dt = from_iso(v)
+                except ValueError:
+                    dt = None
+                if dt is not None and not dt.microsecond % 1000:
+                    put(self, _EpochMs((dt - epoch) // ms_unit))
+                else:
+                    put(self, _store_time(v, field))
+            else:
+                put(self, _store_time(v, field))
+        if then is not None:
+            then(self)
 
-def _check_event_time(self: Any) -> None:
-    """``__post_init__`` of a record with an event time: keep it as epoch ms or aware datetime.
+    def bind(member: Any) -> None:
+        nonlocal get, put
+        get, put = member.__get__, member.__set__
 
-    msgspec calls it after the constructor, so a record built in code holds
-    its time the way a decoded one does (equal, hashed and copied alike), and
-    a time that is none says so at once.
-    """
-    lazy = type(self)._time_lazy
-    if lazy is None:
-        return
-    v = lazy.member.__get__(self)
-    if type(v) is _EpochMs or (type(v) is datetime and v.tzinfo is not None):
-        return
-    lazy.member.__set__(self, _stored_time(v, lazy.name))
+    return __post_init__, bind
 
 
 R = TypeVar("R", bound="Record")
@@ -373,19 +426,21 @@ class _RecordMeta(msgspec.StructMeta):
                 f"{name}: a Record takes only {' and '.join(_CLASS_OPTIONS)} as class options, "
                 f"not {', '.join(other)}"
             )
-        if options.get("frozen") and "__hash__" not in ns:
-            ns["__hash__"] = _hash_by_values  # as ``__eq__`` compares them
-        if _declares_event_time(ns):
-            own = ns.get("__post_init__")
-            if own is None:
-                ns["__post_init__"] = _check_event_time
-            else:
-
-                def __post_init__(self: Any) -> None:
-                    _check_event_time(self)
-                    own(self)
-
-                ns["__post_init__"] = __post_init__
+        own_times = [f for f, a in ns.get("__annotations__", {}).items() if _is_event_time(a)]
+        if len(own_times) > 1:
+            raise TypeError(f"{name}: one EventTime field at most, not {', '.join(own_times)}")
+        inherited = next((t for b in bases if (t := getattr(b, "_time_field", None))), None)
+        time_field = own_times[0] if own_times else inherited
+        bind = None
+        if time_field is not None and (own_times or "__post_init__" in ns):
+            then = ns.get("__post_init__")
+            if then is None:
+                then = next((p for b in bases if (p := getattr(b, "__post_init__", None))), None)
+                if getattr(then, "checks_event_time", False):
+                    then = None  # a base's own check, done again by this one
+            post_init, bind = _event_time_post_init(time_field, then)
+            post_init.checks_event_time = True  # type: ignore[attr-defined]
+            ns["__post_init__"] = post_init
         cls: Any = super().__new__(mcs, name, bases, ns, **options)
         fields: tuple[str, ...] = cls.__struct_fields__
         given = cls.__struct_defaults__
@@ -395,20 +450,25 @@ class _RecordMeta(msgspec.StructMeta):
             if d is not msgspec.NODEFAULT
         }
         cls._decoder = None
-        if fields and _resolvable(cls):
-            hints = typing.get_type_hints(cls, include_extras=True)
-            time_field = next(
-                (f for f in fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
-            )
-            if time_field is not None:
-                _lazy_time(cls, time_field)
+        if time_field is not None:
+            lazy = _lazy_time(cls, time_field)
+            if bind is not None:
+                bind(lazy.member)
         result: _RecordMeta = cls
         return result
 
 
-def _hash_by_values(self: Any) -> int:
-    """``__hash__`` of a frozen record: its fields' values as read, as ``__eq__`` compares them."""
-    return hash(tuple(getattr(self, f) for f in self._fields))
+def _event_time_of(cls: type[Record], hints: dict[str, Any]) -> str | None:
+    """The event-time field by the resolved annotations; it must be the one the class found."""
+    field = next(
+        (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
+    )
+    if field != cls._time_field:
+        raise TypeError(
+            f"{cls.__name__}: annotate the event-time field as af.EventTime itself "
+            "(not through another name), so the record knows it when the class is made"
+        )
+    return field
 
 
 def _no_event_time(record: Any) -> int:
@@ -434,7 +494,6 @@ class Record(msgspec.Struct, metaclass=_RecordMeta):
     _defaults: ClassVar[dict[str, Any]] = {}
     _time_field: ClassVar[str | None] = None
     _time_ms: ClassVar[Callable[[Any], int]] = _no_event_time
-    _time_lazy: ClassVar[_LazyTime | None] = None
     _decoder: ClassVar[Callable[[Any], Any] | None] = None
 
     @classmethod
@@ -450,23 +509,9 @@ class Record(msgspec.Struct, metaclass=_RecordMeta):
         """The fields as a dict (nested records stay records; see ``to_builtins``)."""
         return {f: getattr(self, f) for f in self._fields}
 
-    def __eq__(self, other: object) -> bool:
-        # by the fields' values as read (an event time given as epoch seconds equals its datetime)
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, f) == getattr(other, f) for f in self._fields)
-
     def __repr__(self) -> str:
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
         return f"{type(self).__name__}({body})"
-
-
-def _resolvable(cls: type) -> bool:
-    try:
-        typing.get_type_hints(cls, include_extras=True)
-        return True
-    except (NameError, AttributeError):
-        return False
 
 
 def constructor_call(cls: type[Record], values: list[str]) -> str:
@@ -491,17 +536,11 @@ def constructor_call(cls: type[Record], values: list[str]) -> str:
 def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
     """Generate a straight-line decoder for ``cls`` (once per class)."""
     hints = typing.get_type_hints(cls, include_extras=True, localns=vars(sys.modules[cls.__module__]))
-    time_field = next(
-        (f for f in cls._fields if EVENT_TIME in getattr(hints[f], "__metadata__", ())), None
-    )
-    if time_field is not None:
-        _lazy_time(cls, time_field)  # annotations unresolved when the class was made are now
+    time_field = _event_time_of(cls, hints)
     ns: dict[str, Any] = {
-        "_stored_time": _stored_time,
         "_cls": cls,
         "DecodeError": DecodeError,
         "_MISSING": _MISSING,
-        "_parse_time": _parse_time,
         "_dict": dict,
         "_obj_msg": f"expected a JSON object for {cls.__name__}, got ",
     }
@@ -533,8 +572,8 @@ def _build_decoder(cls: type[Record]) -> Callable[[Any], Any]:
             lines.append(f"    if {v} is _MISSING: raise DecodeError(_m{i})")
             ind = "    "
         err = f"raise DecodeError(_e{i} + type({v}).__name__)"
-        if f == time_field:
-            lines.append(f"{ind}{v} = _stored_time({v}, _n{i})")
+        if f == time_field:  # any time as it came: the record's __post_init__ checks and stores it
+            lines.append(f"{ind}pass")
         elif base is str:
             lines.append(f"{ind}if type({v}) is not str: {err}")
         elif base is float:

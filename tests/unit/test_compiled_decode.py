@@ -27,6 +27,8 @@ class Reading(af.Record):
     seen: datetime | None = None
     note: str | None = None
     extra: Any = None
+    labels: list[Any] | None = None
+    meta: dict[str, Any] = {}
 
 
 class Nested(af.Record):
@@ -58,7 +60,8 @@ JSON_VALUE = st.one_of(
     st.sampled_from(["OK", "ERROR", "x", "2024-03-01T12:00:00+00:00", "2024-03-01T12:00:00", ""]),
     st.just({"a": 1}), st.just([1]),
 )
-FIELDS = ["id", "temperature", "count", "ok", "status", "time", "seen", "note", "extra", "other"]
+FIELDS = ["id", "temperature", "count", "ok", "status", "time", "seen", "note", "extra", "labels",
+          "meta", "other"]
 
 
 @settings(max_examples=400, deadline=None)

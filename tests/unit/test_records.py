@@ -2,14 +2,17 @@
 
 import copy
 import pickle
-from datetime import UTC, datetime
-from typing import Literal
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asyncflow as af
 from asyncflow.codecs import JsonCodec
-from asyncflow.records import event_time_ms
+from asyncflow.records import datetime_to_ms, event_time_ms, numeric_time_ms
 
 
 class Reading(af.Record):
@@ -118,17 +121,80 @@ def test_an_event_time_given_to_the_constructor_is_kept_as_a_decoded_one_is() ->
     assert event_time_ms(as_seconds) == event_time_ms(as_datetime) == event_time_ms(decoded) == 1500
     assert pickle.loads(pickle.dumps(decoded)) == decoded
     assert event_time_ms(copy.copy(decoded)) == 1500
+    assert event_time_ms(msgspec.structs.replace(decoded, id="b")) == 1500  # not read as seconds
     with pytest.raises(af.DecodeError, match="field 'time': 'soon' is not an ISO-8601 time"):
         Stamped("b", "soon")
     with pytest.raises(af.DecodeError, match="naive datetime"):
         Stamped("b", datetime(2024, 1, 1))
 
 
-def test_an_iso_event_time_keeps_its_offset_and_setting_the_field_checks_it() -> None:
-    r = decode(b'{"id": "a", "value": 1, "time": "2024-01-01T02:00:00+02:00"}')
-    assert r.time.isoformat() == "2024-01-01T02:00:00+02:00"
-    assert event_time_ms(r) == 1704067200000
+def test_an_event_time_counts_in_epoch_ms_and_reads_back_as_it_was_given() -> None:
+    r = decode(b'{"id": "a", "value": 1, "time": "2024-01-01T02:00:00.0019+02:00"}')
+    assert event_time_ms(r) == 1704067200001  # the millisecond it falls in, as windows count
+    assert r.time.isoformat() == "2024-01-01T02:00:00.001900+02:00"
+    assert decode(b'{"id": "a", "value": 1, "time": "2024-01-01T00:00:00Z"}').time == datetime(
+        2024, 1, 1, tzinfo=UTC)
     r.time = 1.25
     assert (event_time_ms(r), r.time) == (1250, datetime(1970, 1, 1, 0, 0, 1, 250_000, tzinfo=UTC))
     with pytest.raises(af.DecodeError, match="not a time in epoch seconds"):
         r.time = float("1e20")
+    assert r == pickle.loads(pickle.dumps(r))
+
+
+class Base(af.Record):
+    id: str
+    time: af.EventTime
+
+
+class Derived(Base):
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError("value must not be negative")
+
+
+def test_a_derived_record_keeps_its_bases_event_time_and_its_own_post_init() -> None:
+    r = JsonCodec(Derived).decode(b'{"id": "a", "time": 2, "value": 1}')
+    assert (event_time_ms(r), r == Derived("a", 2, 1.0)) == (2000, True)
+    with pytest.raises(ValueError, match="negative"):
+        Derived("b", 1, -1.0)
+    with pytest.raises(af.DecodeError, match="field 'time'"):
+        Derived("b", "later")
+
+
+def general_time_ms(value: Any) -> tuple[str, Any]:
+    """The event time by the general rules (``numeric_time_ms``, ``datetime.fromisoformat``)."""
+    try:
+        if type(value) is int or type(value) is float:
+            return "ms", numeric_time_ms(value, "time")
+        if type(value) is str:
+            dt = datetime.fromisoformat(value)
+            if dt.tzinfo is None:
+                raise af.DecodeError("naive")
+            return "ms", datetime_to_ms(dt)
+    except (af.DecodeError, ValueError):
+        return "error", None
+    return "error", None
+
+
+def constructed_time_ms(value: Any) -> tuple[str, Any]:
+    try:
+        return "ms", event_time_ms(Stamped("a", value))
+    except af.DecodeError:
+        return "error", None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(
+    st.integers(-(10**13), 10**13),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-1e12, 1e12),
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat().replace("+00:00", "Z")),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))])).map(
+        lambda d: d.isoformat()),
+    st.sampled_from(["Z", "2024-13-01T00:00:00Z", "2024-01-01T00:00:00", "soonZ", ""]),
+    st.booleans(), st.none(),
+))
+def test_every_input_time_is_stored_as_the_general_rules_say(value: Any) -> None:
+    assert constructed_time_ms(value) == general_time_ms(value)
