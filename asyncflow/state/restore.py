@@ -25,7 +25,8 @@ that a restore trusts no checkpoint the group did not commit: a local store
 that claims offsets beyond the group's committed offset is rebuilt from the
 changelog, and a marker whose offset is beyond it (a transaction that did
 not commit, on a broker that shows aborted records) is treated like the end
-of an unfinished checkpoint. The end-of-log sentinel is written outside the
+of an unfinished checkpoint: its records are ignored, even when checkpoints
+that did commit follow it, and its keys are rewritten by the next checkpoint. The end-of-log sentinel is written outside the
 transaction (``append_now``), so the read can reach it at once.
 
 A changelog that is gone while the local store is not (a memory broker that
@@ -134,6 +135,7 @@ async def restore_shard(
 
     trusted: dict[bytes, bytes | None] = {}
     tail: dict[bytes, bytes | None] = {}
+    untrusted: set[bytes] = set()  # keys of checkpoints whose transaction did not commit
     meta: dict[str, bytes] = {}
     read = 0
     began = last_report = time.monotonic()
@@ -162,7 +164,11 @@ async def restore_shard(
                 marker = orjson.loads(rec.value or b"{}")
                 covered = marker.get("offset")
                 if limit is not None and covered is not None and covered > limit:
-                    continue  # a checkpoint whose transaction did not commit: not trusted
+                    # a checkpoint whose transaction did not commit: its records are not
+                    # trusted, even when a later checkpoint (that did commit) follows them
+                    untrusted.update(tail)
+                    tail.clear()
+                    continue
                 trusted.update(tail)
                 tail.clear()
                 meta = {"marker_id": str(marker["id"]).encode(), "marker_pos": str(rec.offset).encode()}
@@ -186,15 +192,16 @@ async def restore_shard(
             break
     if trusted or meta:
         store.write(list(trusted.items()), meta)
-    if tail:  # an unfinished checkpoint: its keys get their trusted values written again
-        shard.compensation = {k: store.get(k) for k in tail}
+    ignored = untrusted.union(tail)
+    if ignored:  # unfinished or uncommitted checkpoints: their keys get trusted values again
+        shard.compensation = {k: store.get(k) for k in ignored}
     shard.load_meta()
     _reset_if_uncommitted(shard, committed)
     if read > 1:
         log.info("restored table %s for partition %s from %s: %d records in %.2fs%s",
                  shard.table, shard.partition, "the local store and its changelog tail"
                  if trusted_local else "its changelog", read, time.monotonic() - began,
-                 f" ({len(tail)} of an unfinished checkpoint ignored)" if tail else "")
+                 f" ({len(ignored)} keys of unfinished checkpoints ignored)" if ignored else "")
     return read
 
 

@@ -122,6 +122,23 @@ def test_a_restore_ignores_a_checkpoint_beyond_the_committed_offset() -> None:
     asyncio.run(main())
 
 
+def test_an_uncommitted_checkpoint_stays_ignored_when_a_committed_one_follows_it() -> None:
+    """Checkpoint 2 was aborted; the next owner went on from offset 3 and committed offset 5."""
+    async def main() -> None:
+        broker = af.MemoryBroker()
+        await two_checkpoints(broker)
+        later = shard_on(broker)
+        await later.persist(later.stage([(b'"k"', b"3")], offset=5, frontier=None,
+                                        checkpoint_id="w-3"))
+        again = shard_on(broker)
+        await restore_shard(again, committed=5, exactly_once=True)
+        assert again.store.get(b'"k"') == b"3" and again.applied == 5
+        assert again.store.get(b'"j"') is None  # only the aborted checkpoint wrote it
+        assert again.compensation == {b'"k"': b"3", b'"j"': None}
+
+    asyncio.run(main())
+
+
 def test_a_local_store_ahead_of_the_committed_offset_is_rebuilt_from_the_changelog() -> None:
     async def main() -> None:
         broker = af.MemoryBroker()
