@@ -2,10 +2,10 @@
 
 A ``Record`` subclass lists its fields as annotations, those with defaults
 after those without. It is a msgspec ``Struct`` (slots, a constructor in C):
-msgspec decodes JSON straight into a record of plain fields, and a record
-msgspec cannot take whole (nested records, lists, times) has a decoder
-generated once, so decoding costs a type check per field (see
-``asyncflow.compiled_decode``). A value that does not fit raises
+msgspec decodes JSON straight into a record of plain fields and an event
+time, and a record msgspec cannot take whole (nested records, typed lists,
+``datetime`` fields) has a decoder generated once, so decoding costs a type
+check per field (see ``asyncflow.compiled_decode``). A value that does not fit raises
 ``DecodeError`` naming the field, what was expected and what came, and the
 core sends the raw record to the dead-letter output. Unknown fields in the
 input are ignored. ``class R(Record, kw_only=True)`` and ``frozen=True`` are
