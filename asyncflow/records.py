@@ -427,9 +427,10 @@ class _RecordMeta(msgspec.StructMeta):
                 f"not {', '.join(other)}"
             )
         own_times = [f for f, a in ns.get("__annotations__", {}).items() if _is_event_time(a)]
-        if len(own_times) > 1:
-            raise TypeError(f"{name}: one EventTime field at most, not {', '.join(own_times)}")
         inherited = next((t for b in bases if (t := getattr(b, "_time_field", None))), None)
+        times = list(dict.fromkeys([*([inherited] if inherited else []), *own_times]))
+        if len(times) > 1:
+            raise TypeError(f"{name}: one EventTime field at most, not {', '.join(times)}")
         time_field = own_times[0] if own_times else inherited
         bind = None
         if time_field is not None and (own_times or "__post_init__" in ns):

@@ -154,6 +154,19 @@ class Derived(Base):
             raise ValueError("value must not be negative")
 
 
+def test_a_record_has_one_event_time_at_most_its_bases_included() -> None:
+    with pytest.raises(TypeError, match="one EventTime field at most, not time, sent"):
+
+        class Twice(Base):
+            sent: af.EventTime
+
+    with pytest.raises(TypeError, match="one EventTime field at most, not a, b"):
+
+        class Both(af.Record):
+            a: af.EventTime
+            b: af.EventTime
+
+
 def test_a_derived_record_keeps_its_bases_event_time_and_its_own_post_init() -> None:
     r = JsonCodec(Derived).decode(b'{"id": "a", "time": 2, "value": 1}')
     assert (event_time_ms(r), r == Derived("a", 2, 1.0)) == (2000, True)
