@@ -53,6 +53,9 @@ from asyncflow.records import (
     constructor_call,
 )
 
+_REFUSED = (msgspec.ValidationError, msgspec.DecodeError)
+"""What msgspec raises for input it will not take: the Python decoder then says why."""
+
 _TIME_INPUT = int | float | str
 """What a time field may hold in JSON: epoch seconds or an ISO-8601 string."""
 
@@ -115,7 +118,6 @@ def compiled_decoder(
         return _direct(cls, fallback)
     if not mirrored:
         return None
-    refused = (msgspec.ValidationError, msgspec.DecodeError)
     # a mirror lives only until its fields move into the record: it is in no reference cycle,
     # so the collector need not track it (about 20 ns a record less)
     mirror_cls = msgspec.defstruct(f"_{cls.__name__}Mirror", fields, gc=False)
@@ -125,7 +127,7 @@ def compiled_decoder(
     def decode(data: bytes) -> Any:
         try:
             parsed = structure(data)
-        except refused:
+        except _REFUSED:
             if fallback is None:
                 raise
             return fallback(data)
@@ -161,12 +163,11 @@ def _plain(tp: Any) -> bool:
 def _direct(cls: type[Record], fallback: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     """``decode`` (with its ``many``) of a record msgspec decodes into by itself."""
     structure = msgspec.json.Decoder(cls).decode
-    refused = (msgspec.ValidationError, msgspec.DecodeError)
 
     def decode(data: bytes) -> Any:
         try:
             return structure(data)
-        except refused:
+        except _REFUSED:
             if fallback is None:
                 raise
             return fallback(data)
@@ -177,7 +178,7 @@ def _direct(cls: type[Record], fallback: Callable[[bytes], Any] | None) -> Calla
         for d in datas:
             try:
                 add(structure(d))
-            except refused:
+            except _REFUSED:
                 if fallback is None:
                     raise
                 add(fallback(d))
@@ -203,7 +204,7 @@ def _builder(
         "_parse_time": _parse_time,
         "_structure": structure,
         "_fallback": fallback,
-        "_refused": (msgspec.ValidationError, msgspec.DecodeError),
+        "_refused": _REFUSED,
     }
     lines = []
     values = []
