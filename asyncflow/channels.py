@@ -50,12 +50,7 @@ def _time_getter(
     """Build the event-time function (epoch ms) of a channel; numbers are in ``unit``."""
     if time is None:
         if isinstance(value_type, type) and issubclass(value_type, Record):
-            try:
-                value_type.decode_obj  # noqa: B018 - resolve hints now
-                if value_type._time_field is not None:
-                    return value_type._time_ms
-            except Exception:  # noqa: BLE001
-                return None
+            return value_type._time_ms if value_type._time_field is not None else None
         return None
     if isinstance(time, str):
         name = time
