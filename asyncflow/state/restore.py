@@ -26,8 +26,9 @@ that claims offsets beyond the group's committed offset is rebuilt from the
 changelog, and a marker whose offset is beyond it (a transaction that did
 not commit, on a broker that shows aborted records) is treated like the end
 of an unfinished checkpoint: its records are ignored, even when checkpoints
-that did commit follow it, and its keys are rewritten by the next checkpoint. The end-of-log sentinel is written outside the
-transaction (``append_now``), so the read can reach it at once.
+that did commit follow it, and its keys are rewritten by the next
+checkpoint. The end-of-log sentinel is written outside the transaction
+(``append_now``), so the read can reach it at once.
 
 A changelog that is gone while the local store is not (a memory broker that
 restarted, a topic deleted by hand) leaves the local store as the only copy:
