@@ -185,6 +185,7 @@ def _direct(cls: type[Record], fallback: Callable[[bytes], Any] | None) -> Calla
         return out
 
     decode.many = many  # type: ignore[attr-defined]  # a batch at once: Codec.decode_many
+    decode.fast = structure  # type: ignore[attr-defined]  # msgspec alone: Codec.decode_fast
     return decode
 
 

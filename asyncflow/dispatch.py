@@ -14,6 +14,12 @@ hands them as ``RawBatch.columns``, any other batch is read into columns once
 (``RawColumns.of``). Record objects are read only on the slow paths (poison,
 a restore's skip, repartition markers, tracing).
 
+Values nothing routes on (one agent reads the topic, keys and event times
+come from the records themselves, the lanes take columns) are not decoded
+here: the lanes get them as read and decode them just before use
+(``asyncflow.raw_values``), where they are still in the cache; their poison
+is a dead letter when the lane reaches it.
+
 For checkpoints it keeps, per partition, the *cut*: the offset up to which
 every record read is in a lane queue (``cut``). Records the restored state
 already reflects (a replay after a crash) are dropped before decoding.
@@ -34,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import Any, cast
@@ -51,20 +57,21 @@ from asyncflow.keys import (  # noqa: F401 - lane_of: the routing rule, re-expor
     key_hash,
     lane_of,
 )
-from asyncflow.lanes import LaneQueue
+from asyncflow.lanes import LaneQueue, positions
 from asyncflow.metrics import Metrics
 from asyncflow.observe.traces import read_span
 from asyncflow.protocols import RawBatch, RawColumns, RawRecord, Source
+from asyncflow.raw_values import DeadLetterRaw, ValueDecoder, can_decode_in_lane, decode_reason
 from asyncflow.repartition import KeySpread, RepartitionMarks
 from asyncflow.slices import Headers, LaneSlice
 from asyncflow.watermarks import PartitionWatermarks
+from asyncflow.writer import SinkWriter
 
 log = logging.getLogger("asyncflow.dispatch")
 
 READ_LOG_MAX = 4096
 """Batches remembered per partition for the processing-latency histogram (older ones go)."""
 
-DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 
 Part = list[Event[Any]] | LaneSlice
 """What a lane gets of a batch: its events, or its columns (a lane that takes them)."""
@@ -132,6 +139,7 @@ class Dispatcher:
         dead_letter: DeadLetterRaw,
         *,
         max_time_ahead_ms: int | None = None,
+        dead_letters_out: SinkWriter | None = None,
     ) -> None:
         self.source = source
         self.routes = routes
@@ -155,6 +163,13 @@ class Dispatcher:
         committed: the checkpointer turns them into the processing-latency histogram."""
         for q in self._all_lanes:
             q.on_room = self._on_room
+        self._in_lane: dict[str, ValueDecoder] = {
+            name: ValueDecoder(r.channel, dead_letter, dead_letters_out)
+            for name, r in routes.items()
+            if len(r.consumers) == 1 and r.lanes is not None and can_decode_in_lane(r.channel)
+        }
+        """Per route whose values nothing routes on (one agent, keys and times from the
+        records): what its lanes decode its values with, in the lane (``raw_values``)."""
 
     @property
     def lanes(self) -> list[LaneQueue]:
@@ -217,7 +232,10 @@ class Dispatcher:
         max_time: int | None = None
         if cols is None:
             cols = RawColumns.of(records)
-        fast = self._decode_all(route, cols)
+        decoder = self._in_lane.get(batch.topic)
+        if decoder is not None and not all(q.takes_columns is not False for q in consumers[0]):
+            decoder = None  # a lane that takes events gets them decoded
+        fast = self._decode_all(route, cols, decoder is not None)
         if fast is not None:
             values, keys, key_of, where, times = fast
             try:
@@ -240,10 +258,10 @@ class Dispatcher:
                     else queues[lane].takes_columns is not False):
                 columns = (
                     _split_columns(partition, len(lane_parts), where, keys, values, times,
-                                   offsets, headers, key_of)
+                                   offsets, headers, key_of, decoder)
                     if spread
                     else [(lane, LaneSlice(partition, keys, values, times, offsets, headers,
-                                           key_of))]
+                                           key_of, decoder))]
                 )
             else:  # the consumers take events: their keys decoded now
                 if key_of is not None:
@@ -302,13 +320,14 @@ class Dispatcher:
             self.watermarks.observe(partition, t, self.clock.wall_ms())
 
     def _decode_all(
-        self, route: Route, cols: RawColumns
+        self, route: Route, cols: RawColumns, in_lane: bool = False
     ) -> tuple[
         list[Any], Sequence[Any], KeyOfRawCache | None, list[int], Sequence[int | None]
     ] | None:
         """Decode a batch one step at a time: values, keys, ``key_of``, where each goes, times.
 
-        Where a record goes is its lane when one agent reads the route
+        With ``in_lane`` the values stay raw (the lane decodes them: nothing
+        here needs them). Where a record goes is its lane when one agent reads the route
         (``Route.lanes``), else its key's hash. Keys taken from the records'
         own keys come raw when one agent reads the route (``key_of[raw]``
         decodes one: a lane that never reads them costs no lookup); finding
@@ -323,7 +342,7 @@ class Dispatcher:
         if decode_many is None:
             return None
         try:
-            values = decode_many(cols.values)
+            values = cast("list[Any]", cols.values) if in_lane else decode_many(cols.values)
             key_fn = ch.key_fn
             lanes = route.lanes
             key_of: KeyOfRawCache | None = None
@@ -376,7 +395,7 @@ class Dispatcher:
                 t = time_fn(value) if time_fn is not None else rec.timestamp
                 h = key_hash(key)  # an unhashable key is this record's problem too
             except Exception as exc:  # noqa: BLE001 - any failure is this record's, not ours
-                self._dead_letter(ch.name, partition, rec, _reason(exc))
+                self._dead_letter(ch.name, partition, rec, decode_reason(exc))
                 continue
             if t is not None and limit is not None and t > limit:
                 self.metrics.incr("future_events")
@@ -478,14 +497,14 @@ class Dispatcher:
         def gone(p: Hashable) -> bool:
             return partitions is None or p in partitions
 
-        dropped: list[Event[Any]] = []
+        dropped: list[tuple[Hashable, int]] = []  # (partition, offset): nothing decoded for it
         for q in self._all_lanes:
-            dropped.extend(q.drop_where(lambda e: gone(e.partition)))
+            dropped.extend(q.drop_partitions(gone))
         for q, parked in list(self._parked.items()):
             keep: deque[tuple[Hashable, Part]] = deque()
             for p, part in parked:
                 if gone(p):
-                    dropped.extend(part)
+                    dropped.extend(positions(part))
                 else:
                     keep.append((p, part))
             if keep:
@@ -496,10 +515,10 @@ class Dispatcher:
             if gone(p):
                 del self._blocked[p]
                 self._pending_time.pop(p, None)
-        for ev in dropped:
-            first = self._dropped_from.get(ev.partition)
-            if first is None or ev.offset < first:
-                self._dropped_from[ev.partition] = ev.offset
+        for p, offset in dropped:
+            first = self._dropped_from.get(p)
+            if first is None or offset < first:
+                self._dropped_from[p] = offset
         if partitions is not None:
             self._closed.update(partitions)
         return len(dropped)
@@ -551,10 +570,12 @@ def _split_columns(
     offsets: Sequence[int],
     headers: Sequence[Headers] | None,
     key_of: KeyOfRawCache | None = None,
+    decoder: ValueDecoder | None = None,
 ) -> list[tuple[int, LaneSlice]]:
     """A batch's columns split by lane (``lanes_of[i]`` is record ``i``'s), order kept.
 
-    ``key_of``: the keys are raw, and each slice decodes its own when read.
+    ``key_of``: the keys are raw, and each slice decodes its own when read;
+    ``decoder``: the values are raw, and each slice decodes its own likewise.
     """
     ks: list[list[Any]] = [[] for _ in range(n)]
     vs: list[list[Any]] = [[] for _ in range(n)]
@@ -572,7 +593,7 @@ def _split_columns(
             hs[i].append(h)
     return [
         (i, LaneSlice(partition, ks[i], vs[i], ts[i], os[i], None if hs is None else hs[i],
-                      key_of))
+                      key_of, decoder))
         for i in range(n)
         if vs[i]
     ]
@@ -584,9 +605,3 @@ def _iso(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
     except (OverflowError, ValueError, OSError):
         return f"{ms} ms since the epoch"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, DecodeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"

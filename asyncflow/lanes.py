@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from asyncflow.event import Watermark
@@ -135,19 +135,24 @@ class LaneQueue:
                 return None
         return await self.get()
 
-    def drop_where(self, predicate: Callable[[Any], bool]) -> list[Any]:
-        """Remove queued events matching ``predicate`` (revoked partitions); returns them."""
-        dropped: list[Any] = []
-        for i, item in enumerate(self._items):
+    def drop_partitions(self, gone: Callable[[Hashable], bool]) -> list[tuple[Hashable, int]]:
+        """Remove the queued events of the partitions ``gone`` says (revoked ones).
+
+        Returns their ``(partition, offset)`` pairs. A slice is one partition's:
+        all of it goes or stays, and nothing of it is decoded.
+        """
+        dropped: list[tuple[Hashable, int]] = []
+        items = self._items
+        for i, item in enumerate(items):
             if type(item) is LaneSlice:
-                if not item or not predicate(item.event(0)):
-                    continue  # one partition's: all of it stays, as columns
-                item = self._items[i] = item.events()  # the same events, as a list
-            if type(item) is list:
-                keep = [e for e in item if not predicate(e)]
+                if item and gone(item.partition):
+                    dropped += positions(item)
+                    items[i] = []
+            elif type(item) is list:
+                keep = [e for e in item if not gone(e.partition)]
                 if len(keep) != len(item):
-                    dropped.extend(e for e in item if predicate(e))
-                    self._items[i] = keep
+                    dropped += [(e.partition, e.offset) for e in item if gone(e.partition)]
+                    items[i] = keep
         self.size -= len(dropped)
         return dropped
 
@@ -158,3 +163,16 @@ class LaneQueue:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def positions(part: list[Any] | LaneSlice) -> list[tuple[Hashable, int]]:
+    """The ``(partition, offset)`` of each record of a lane's part: events or a slice.
+
+    Example:
+        >>> from asyncflow.event import Event
+        >>> positions([Event("k", 1, partition="p", offset=3)])
+        [('p', 3)]
+    """
+    if type(part) is LaneSlice:
+        return [(part.partition, o) for o in part.offsets]
+    return [(e.partition, e.offset) for e in part]

@@ -10,7 +10,10 @@ made once, when first asked for.
 
 The raw records are not kept: what a lane holds is what it will use, so a
 queue of slices holds no more objects than a queue of events would (fewer:
-no envelope per record). Keys may come raw (the records' key bytes, with the
+no envelope per record). Values may come raw too (the records' bytes, with a
+``ValueDecoder``, when nothing routed on them: ``asyncflow.raw_values``): the
+first read of ``values`` decodes them, and a record that does not decode is a
+dead letter then and leaves the slice. Keys may come raw (the records' key bytes, with the
 route's cache of decoded keys, ``key_of``): they are decoded when first read,
 so a consumer that never reads them (``batches()`` over map and filter, the
 per-item loop) costs no key lookup per record.
@@ -25,9 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncflow.event import Event
+from asyncflow.protocols import Record
+
+if TYPE_CHECKING:
+    from asyncflow.raw_values import ValueDecoder
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -47,31 +54,94 @@ class LaneSlice:
         (3, [('h', b'1')], True)
     """
 
-    __slots__ = ("_events", "_key_of", "_keys", "headers", "offsets", "partition", "times",
-                 "values")
+    __slots__ = ("_decoder", "_events", "_key_of", "_keys", "_values", "headers", "offsets",
+                 "partition", "times")
 
     def __init__(
         self,
         partition: Hashable,
         keys: Sequence[Any],
-        values: list[Any],
+        values: Sequence[Any],
         times: Sequence[int | None],
         offsets: Sequence[int],
         headers: Sequence[Headers] | None = None,
         key_of: Mapping[Any, Any] | None = None,
+        decoder: ValueDecoder | None = None,
     ) -> None:
         self.partition = partition
         self._keys = keys
         self._key_of = key_of
         """With raw ``keys``: their decoded keys, ``key_of[raw]`` (``None``: ``keys`` are decoded)."""
-        self.values = values
+        self._values = values
+        self._decoder = decoder
+        """With raw ``values`` (the records' bytes): what decodes them (``None``: decoded)."""
         self.times = times
         self.offsets = offsets
         self.headers = headers
         self._events: list[Event[Any]] | None = None
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.offsets)
+
+    @property
+    def values(self) -> Sequence[Any]:
+        """The records' values, decoded on the first read if the slice came with raw ones.
+
+        A record that does not decode is a dead letter then, and leaves the
+        slice (all of its columns): read ``values`` before the other columns.
+
+        Example:
+            >>> from asyncflow.channels import Channel
+            >>> from asyncflow.raw_values import ValueDecoder
+            >>> dead = []
+            >>> d = ValueDecoder(Channel("t"), lambda t, p, rec, why: dead.append(rec.offset))
+            >>> s = LaneSlice(0, ["a", "b"], [b"{bad", b"2"], [None, None], [4, 5], decoder=d)
+            >>> len(s), s.values, len(s), s.offsets, dead
+            (2, [2], 1, [5], [4])
+        """
+        if self._decoder is not None:
+            self._decode()
+        return self._values
+
+    @property
+    def raw_values(self) -> Sequence[Any] | None:
+        """The records' values as read, if they are not decoded yet (else ``None``)."""
+        return self._values if self._decoder is not None else None
+
+    @property
+    def decoder(self) -> ValueDecoder | None:
+        """What decodes ``raw_values`` (``None`` once they are decoded)."""
+        return self._decoder
+
+    def _decode(self) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        raws = self._values
+        try:
+            self._values = decoder.decode_many(raws)
+        except Exception:  # noqa: BLE001 - some record is poison: find it record by record
+            self._decode_each(decoder, raws)
+        self._decoder = None
+
+    def _decode_each(self, decoder: ValueDecoder, raws: Sequence[Any]) -> None:
+        """Decode record by record: each that fails is a dead letter and leaves the slice."""
+        values: list[Any] = []
+        good: list[int] = []
+        for i, raw in enumerate(raws):
+            try:
+                values.append(decoder.decode_one(raw))
+            except Exception:  # noqa: BLE001 - this record's problem: its dead letter below
+                hs = () if self.headers is None else self.headers[i]
+                decoder.poison(self.partition, Record(self.offsets[i], self._keys[i], raw,
+                                                      self.times[i], hs))
+                continue
+            good.append(i)
+        keys, times, offsets, headers = self._keys, self.times, self.offsets, self.headers
+        self._keys = [keys[i] for i in good]
+        self.times = [times[i] for i in good]
+        self.offsets = [offsets[i] for i in good]
+        self.headers = None if headers is None else [headers[i] for i in good]
+        self._values = values
 
     @property
     def keys(self) -> Sequence[Any]:
@@ -97,24 +167,30 @@ class LaneSlice:
         """The slice as events, in order (made on the first call, then the same list)."""
         events = self._events
         if events is None:
+            values = self.values  # first: records that do not decode leave the other columns
             p = self.partition
             headers = repeat((), len(self)) if self.headers is None else self.headers
             events = self._events = [
                 Event(key, value, t, h, p, offset)
-                for key, value, t, offset, h in zip(self.keys, self.values, self.times,
+                for key, value, t, offset, h in zip(self.keys, values, self.times,
                                                     self.offsets, headers, strict=True)
             ]
         return events
 
     def event(self, i: int) -> Event[Any]:
-        """The ``i``-th record as an event (from ``events()`` once they are made)."""
+        """The ``i``-th record as an event (from ``events()`` once they are made).
+
+        Of a slice whose values are raw, only that record is decoded: ``i``
+        must be one known to decode (one the chain kept).
+        """
         events = self._events
         if events is not None:
             return events[i]
         headers = () if self.headers is None else self.headers[i]
         key = self._keys[i] if self._key_of is None else self._key_of[self._keys[i]]
-        return Event(key, self.values[i], self.times[i], headers, self.partition,
-                     self.offsets[i])
+        decoder = self._decoder
+        value = self._values[i] if decoder is None else decoder.decode_one(self._values[i])
+        return Event(key, value, self.times[i], headers, self.partition, self.offsets[i])
 
     def take(self, kept: Sequence[int]) -> LaneSlice:
         """The records at the indices ``kept`` (in their order), as a slice of their own.
@@ -123,9 +199,8 @@ class LaneSlice:
             >>> LaneSlice(0, "ab", [1, 2], [0, 0], [7, 8]).take([1]).offsets
             [8]
         """
-        keys, values, times, offsets, headers = (
-            self._keys, self.values, self.times, self.offsets, self.headers
-        )
+        values = self.values  # first: records that do not decode leave the other columns
+        keys, times, offsets, headers = self._keys, self.times, self.offsets, self.headers
         return LaneSlice(
             self.partition,
             [keys[i] for i in kept],

@@ -558,9 +558,10 @@ class Stream(Generic[T]):
                 self._current = self._held
                 raise error
             try:
-                got = await self._next_slice(columns=True)
+                got = await self._next_slice(columns=True, raw=True)
             except StopAsyncIteration:
                 return
+            decoder = got.decoder if type(got) is LaneSlice else None
             values: list[T] = []
             done: list[Event[Any]] = []
             as_columns: tuple[LaneSlice, list[int] | None] | None = None  # (slice, indices kept)
@@ -571,11 +572,9 @@ class Stream(Generic[T]):
                 if not self._ops:
                     values = list(got.values)
                 else:
-                    run = self._chain.columns
-                    assert run is not None
                     kept = []
                     try:
-                        run(self, got.values, values, kept)
+                        self._run_columns(got, values, kept)
                     except Exception as exc:  # noqa: BLE001 - handed to the error policy below
                         events = got.events()
                         i = self._failed_index
@@ -608,6 +607,9 @@ class Stream(Generic[T]):
                             continue
                         values.append(res.value)
                         done.append(res)
+            if decoder is not None and isinstance(got, LaneSlice) and got.decoder is None:
+                # decoded here: its poison is written
+                await decoder.hold()
             if failed is not None and values:  # they go first; the next read raises the failure
                 self._failed, failed = (failed, bad), None
                 self._held = None
@@ -632,10 +634,48 @@ class Stream(Generic[T]):
                 self._held = self._current = bad
                 raise failed
 
-    async def _next_slice(self, columns: bool = False) -> list[Event[Any]] | LaneSlice:
+    def _run_columns(self, got: LaneSlice, values: list[Any], kept: list[int]) -> None:
+        """The chain over a slice's values: each surviving value to ``values``, its index to ``kept``.
+
+        Raw values are decoded one at a time straight into the chain
+        (``Chain.columns_raw``): no list of them is made, and each is used, then
+        freed, while it is in the cache. At the first that does not decode the
+        slice is decoded as a whole (its poison a dead letter each, and gone
+        from it: every index before stays the same) and the chain goes on over
+        the rest. A step that raises leaves ``_failed_index`` at its value's
+        index in the slice.
+        """
+        chain = self._chain
+        raws = got.raw_values
+        decoder = got.decoder
+        if raws is not None and decoder is not None and chain.columns_raw is not None:
+            if not chain.columns_raw(self, raws, decoder.fast, values, kept):
+                return
+            start = self._failed_index  # the first value that did not decode
+        else:
+            start = 0
+        run = chain.columns
+        assert run is not None
+        rest = got.values  # decodes what is still raw
+        if start == 0:
+            run(self, rest, values, kept)
+            return
+        more: list[int] = []
+        try:
+            run(self, rest[start:], values, more)
+        except Exception:
+            self._failed_index += start
+            raise
+        finally:
+            kept += [start + j for j in more]
+
+    async def _next_slice(
+        self, columns: bool = False, raw: bool = False
+    ) -> list[Event[Any]] | LaneSlice:
         """Every event the lane holds or gets next from its queue (barriers handled between).
 
-        With ``columns``, a batch the lane got as a ``LaneSlice`` comes back as it is.
+        With ``columns``, a batch the lane got as a ``LaneSlice`` comes back as it
+        is (with ``raw``, its values perhaps not decoded yet: ``_refill``).
         """
         while True:
             if self._pushed_back:
@@ -647,7 +687,7 @@ class Stream(Generic[T]):
                 self._buf, self._pos = [], 0
                 return buf[pos:] if pos else buf
             # a batch, or a watermark (which a slice does not carry)
-            got = await self._refill(columns=columns)
+            got = await self._refill(columns=columns, raw=raw)
             if type(got) is LaneSlice:
                 return got
 
@@ -893,7 +933,8 @@ class Stream(Generic[T]):
                 return got
 
     async def _refill(
-        self, timeout: float | None = None, stop_at_barrier: bool = False, columns: bool = False
+        self, timeout: float | None = None, stop_at_barrier: bool = False, columns: bool = False,
+        raw: bool = False,
     ) -> Any:
         """Wait for the lane's next batch of events (then ``_FILLED``), or a watermark.
 
@@ -903,7 +944,10 @@ class Stream(Generic[T]):
         taken the state. A batch that came as a ``LaneSlice`` is returned as it
         is with ``columns`` (the caller takes all of it); else its events fill
         the buffer. What is left of a slice the per-item loop was going through
-        comes first (before any barrier: it was queued before it).
+        comes first (before any barrier: it was queued before it). A slice
+        that came with raw values is decoded here (its poison a dead letter
+        each, and a slice of nothing but poison skipped) unless ``raw``: the
+        caller then decodes it (``_slices``, straight into the chain).
         """
         cols = self._cols
         if cols is not None:
@@ -934,6 +978,12 @@ class Stream(Generic[T]):
             if got is None or type(got) is Watermark:
                 return got
             if type(got) is LaneSlice:
+                decoder = got.decoder
+                if decoder is not None and not raw:
+                    decoded = got.values  # its poison is a dead letter each now
+                    await decoder.hold()
+                    if not decoded:
+                        continue  # every record was poison
                 if not (columns and self._takes_columns()):
                     self._queue.takes_columns = False  # it makes events of slices: hand it events
                 if columns:

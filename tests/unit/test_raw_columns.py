@@ -156,8 +156,10 @@ def test_a_batch_by_column_reaches_the_lanes_as_the_same_batch_by_record(
         dead.append([])
         dispatcher(lanes, dead[-1]).dispatch(batch)
         got.append(lane_contents(lanes))
-    assert got[0] == got[1] and dead[0] == dead[1]
-    assert [o for o, _ in dead[0]] == sorted(i for i in poison if i < len(rows))
+    # (a lane that takes columns decodes its values itself: its poison is written as it
+    # reads them, lane by lane, so the dead letters are the same but not in one order)
+    assert got[0] == got[1] and sorted(dead[0]) == sorted(dead[1])
+    assert sorted(o for o, _ in dead[0]) == sorted(i for i in poison if i < len(rows))
     for i, lane in enumerate(got[0]):  # each record in its key's lane, in offset order
         assert all(lane_of(k, n) == i for k, *_ in lane)
         assert [r[-1] for r in lane] == sorted(r[-1] for r in lane)

@@ -1,0 +1,128 @@
+"""Values decoded in the lane: a slice's raw values, what decodes them, and where poison goes.
+
+When nothing routes on a record's value (its key and event time come from
+the record itself), the dispatcher hands a lane its values as read, and the
+lane decodes them just before it uses them. The values are then decoded in
+the lane's turn, a slice at a time (``stream.batches()`` one record at a time,
+straight into its ``map``/``filter`` chain): what is decoded is used while it
+is still in the processor's cache, and the queues hold the records' bytes,
+not the objects made of them.
+
+A record that does not decode is a dead letter with the same reason the
+dispatcher gives (``decode_reason``), written when the lane reaches it, so
+before the checkpoint that covers it; the rest of its slice goes on. A lane
+that wrote dead letters waits while their output is full (``hold``), as the
+read loop does for the dispatcher's.
+
+Example:
+    >>> from asyncflow.channels import Channel
+    >>> from asyncflow.protocols import Record
+    >>> dead = []
+    >>> d = ValueDecoder(Channel("t"), lambda topic, p, rec, why: dead.append((rec.offset, why)))
+    >>> d.decode_one(b'{"a": 1}'), d.fast(b"2")
+    ({'a': 1}, 2)
+    >>> d.poison("p0", Record(7, b"k", None))
+    >>> dead
+    [(7, 'record has no value (tombstone)')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from asyncflow.channels import Channel
+from asyncflow.errors import DecodeError
+from asyncflow.protocols import RawRecord
+
+if TYPE_CHECKING:
+    from asyncflow.writer import SinkWriter
+
+DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
+"""``dead_letter(topic, partition, record, reason)``: an input record that could not be decoded."""
+
+
+def decode_reason(exc: BaseException) -> str:
+    """The dead-letter reason for a record whose decoding raised ``exc``.
+
+    Example:
+        >>> decode_reason(DecodeError("malformed JSON")), decode_reason(KeyError("id"))
+        ('malformed JSON', "KeyError: 'id'")
+    """
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ValueDecoder:
+    """Decodes one channel's raw values for its lanes; a record that does not decode is poison.
+
+    ``fast`` decodes one value in C where the codec allows and raises on
+    anything it does not take (no reason, no fallback); ``decode_many`` and
+    ``decode_one`` decode as the dispatcher would. ``poison`` writes a record's
+    dead letter with the reason ``decode_one`` gives for it.
+
+    Example:
+        >>> from asyncflow.channels import Channel
+        >>> ValueDecoder(Channel("t"), lambda *a: None).decode_many([b"1", b"[2]"])
+        [1, [2]]
+    """
+
+    __slots__ = ("channel", "dead_letter", "dead_letters_out")
+
+    def __init__(
+        self, channel: Channel[Any], dead_letter: DeadLetterRaw,
+        dead_letters_out: SinkWriter | None = None,
+    ) -> None:
+        self.channel = channel
+        self.dead_letter = dead_letter
+        self.dead_letters_out = dead_letters_out
+        """The writer ``dead_letter`` adds to: a lane that decoded poison waits while it is
+        full (``hold``), as the read loop does for the dispatcher's."""
+
+    async def hold(self) -> None:
+        """Wait while the dead-letter output is full (a flood of poison: memory stays flat)."""
+        out = self.dead_letters_out
+        if out is not None and out.full:
+            await out.wait_for_room()
+
+    @property
+    def fast(self) -> Callable[[bytes], Any]:
+        """The codec's ``decode_fast`` (read each time: a record codec compiles its own at first use)."""
+        return self.channel.codec.decode_fast  # type: ignore[attr-defined, no-any-return]
+
+    def decode_many(self, raws: Sequence[Any]) -> list[Any]:
+        """All of ``raws`` at once; raises if any of them does not decode."""
+        return self.channel.codec.decode_many(raws)  # type: ignore[attr-defined, no-any-return]
+
+    def decode_one(self, raw: bytes | None) -> Any:
+        """One value, as the dispatcher decodes it (a missing value is a tombstone)."""
+        if raw is None:
+            raise DecodeError("record has no value (tombstone)")
+        return self.channel.codec.decode(raw)
+
+    def poison(self, partition: Hashable, record: RawRecord) -> None:
+        """``record`` does not decode: its dead letter, with the reason."""
+        try:
+            self.decode_one(record.value)
+        except Exception as exc:  # noqa: BLE001 - the reason is what we are after
+            reason = decode_reason(exc)
+        else:  # pragma: no cover - only called for a record that did not decode
+            return
+        self.dead_letter(self.channel.name, partition, record, reason)
+
+
+def can_decode_in_lane(channel: Channel[Any]) -> bool:
+    """Whether ``channel``'s values may wait for the lane: nothing routes on them.
+
+    Example:
+        >>> from asyncflow.channels import Channel
+        >>> can_decode_in_lane(Channel("t")), can_decode_in_lane(Channel("t", key=len))
+        (True, False)
+    """
+    return (
+        channel.key_fn is None
+        and channel.time_ms is None
+        and getattr(channel.codec, "decode_fast", None) is not None
+        and getattr(channel.codec, "decode_many", None) is not None
+    )
