@@ -192,13 +192,19 @@ async def test_the_current_event_of_a_batch_decoded_in_the_lane_is_its_last_kept
     assert seen == [({"n": 2}, 2)]
 
 
-async def test_a_per_item_loop_and_a_window_over_values_decoded_in_the_lane_skip_poison() -> None:
+def one_partition(values: list[bytes | None]) -> MemoryBroker:
+    """A topic ``in`` of one partition: ``values`` under key ``k``, a second apart."""
     broker = MemoryBroker()
     broker.create_topic("in", 1)
-    values: list[bytes | None] = [b'{"n": 1}', b"{bad", b'{"n": 2}', None, b'{"n": 3}']
     for i, v in enumerate(values):
         broker.produce("in", v, b"k", (), 1_000 * i)
     broker.end("in")
+    return broker
+
+
+async def test_a_per_item_loop_and_a_window_over_values_decoded_in_the_lane_skip_poison() -> None:
+    values: list[bytes | None] = [b'{"n": 1}', b"{bad", b'{"n": 2}', None, b'{"n": 3}']
+    broker = one_partition(values)
     app = af.App("others", broker=broker)
     items = app.sink(CaptureSink("items"))
 
@@ -215,11 +221,7 @@ async def test_a_per_item_loop_and_a_window_over_values_decoded_in_the_lane_skip
     assert sorted(reason_of(d).split(":")[0] for d in dead) == [
         "malformed JSON", "record has no value (tombstone)"]
 
-    broker = MemoryBroker()
-    broker.create_topic("in", 1)
-    for i, v in enumerate(values):
-        broker.produce("in", v, b"k", (), 1_000 * i)
-    broker.end("in")
+    broker = one_partition(values)
     app = af.App("window", broker=broker)
     sums = app.sink(CaptureSink("sums"))
 
