@@ -74,7 +74,7 @@ GC_YOUNG_THRESHOLD = 50_000
 
 Above what the lanes and sink buffers hold at once (a few thousand records
 each): at 10,000 a per-item loop over 300,000 readings ran 26 young and 2
-older collections, 90-120 ns per event; at 50,000, one."""
+older collections, 70-120 ns per event; at 50,000, one."""
 CLOSE_SHARE = 0.25
 """Of ``shutdown_timeout``, the part kept for closing clients (at most ``CLOSE_MAX`` s)."""
 CLOSE_MAX = 5.0
