@@ -47,7 +47,6 @@ from typing import Any, cast
 
 from asyncflow.channels import Channel
 from asyncflow.clock import Clock
-from asyncflow.errors import DecodeError
 from asyncflow.event import Event, Watermark
 from asyncflow.keys import (  # noqa: F401 - lane_of: the routing rule, re-exported
     HashCache,
@@ -61,7 +60,13 @@ from asyncflow.lanes import LaneQueue, positions
 from asyncflow.metrics import Metrics
 from asyncflow.observe.traces import read_span
 from asyncflow.protocols import RawBatch, RawColumns, RawRecord, Source
-from asyncflow.raw_values import DeadLetterRaw, ValueDecoder, can_decode_in_lane, decode_reason
+from asyncflow.raw_values import (
+    DeadLetterRaw,
+    ValueDecoder,
+    can_decode_in_lane,
+    decode_reason,
+    decode_value,
+)
 from asyncflow.repartition import KeySpread, RepartitionMarks
 from asyncflow.slices import Headers, LaneSlice
 from asyncflow.watermarks import PartitionWatermarks
@@ -383,10 +388,7 @@ class Dispatcher:
         max_time: int | None = None
         for rec in records:
             try:
-                raw = rec.value
-                if raw is None:
-                    raise DecodeError("record has no value (tombstone)")
-                value = decode(raw)
+                value = decode_value(decode, rec.value)
                 if key_fn is not None:
                     key = key_fn(value)
                 else:

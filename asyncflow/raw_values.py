@@ -21,7 +21,10 @@ Example:
     >>> d = ValueDecoder(Channel("t"), lambda topic, p, rec, why: dead.append((rec.offset, why)))
     >>> d.decode_one(b'{"a": 1}'), d.fast(b"2")
     ({'a': 1}, 2)
-    >>> d.poison("p0", Record(7, b"k", None))
+    >>> try:
+    ...     d.decode_one(None)
+    ... except DecodeError as exc:
+    ...     d.poison("p0", Record(7, b"k", None), exc)
     >>> dead
     [(7, 'record has no value (tombstone)')]
 """
@@ -42,6 +45,18 @@ DeadLetterRaw = Callable[[str, Hashable, RawRecord, str], None]
 """``dead_letter(topic, partition, record, reason)``: an input record that could not be decoded."""
 
 
+def decode_value(decode: Callable[[bytes], Any], raw: bytes | None) -> Any:
+    """``decode(raw)``, where a record without a value (a tombstone) does not decode.
+
+    Example:
+        >>> decode_value(int, b"3")
+        3
+    """
+    if raw is None:
+        raise DecodeError("record has no value (tombstone)")
+    return decode(raw)
+
+
 def decode_reason(exc: BaseException) -> str:
     """The dead-letter reason for a record whose decoding raised ``exc``.
 
@@ -59,8 +74,8 @@ class ValueDecoder:
 
     ``fast`` decodes one value in C where the codec allows and raises on
     anything it does not take (no reason, no fallback); ``decode_many`` and
-    ``decode_one`` decode as the dispatcher would. ``poison`` writes a record's
-    dead letter with the reason ``decode_one`` gives for it.
+    ``decode_one`` decode as the dispatcher would. ``poison`` writes the dead
+    letter of a record ``decode_one`` raised on, with the reason.
 
     Example:
         >>> from asyncflow.channels import Channel
@@ -97,19 +112,11 @@ class ValueDecoder:
 
     def decode_one(self, raw: bytes | None) -> Any:
         """One value, as the dispatcher decodes it (a missing value is a tombstone)."""
-        if raw is None:
-            raise DecodeError("record has no value (tombstone)")
-        return self.channel.codec.decode(raw)
+        return decode_value(self.channel.codec.decode, raw)
 
-    def poison(self, partition: Hashable, record: RawRecord) -> None:
-        """``record`` does not decode: its dead letter, with the reason."""
-        try:
-            self.decode_one(record.value)
-        except Exception as exc:  # noqa: BLE001 - the reason is what we are after
-            reason = decode_reason(exc)
-        else:  # pragma: no cover - only called for a record that did not decode
-            return
-        self.dead_letter(self.channel.name, partition, record, reason)
+    def poison(self, partition: Hashable, record: RawRecord, exc: BaseException) -> None:
+        """``record`` does not decode (``decode_one`` raised ``exc``): its dead letter."""
+        self.dead_letter(self.channel.name, partition, record, decode_reason(exc))
 
 
 def can_decode_in_lane(channel: Channel[Any]) -> bool:

@@ -130,10 +130,10 @@ class LaneSlice:
         for i, raw in enumerate(raws):
             try:
                 values.append(decoder.decode_one(raw))
-            except Exception:  # noqa: BLE001 - this record's problem: its dead letter below
+            except Exception as exc:  # noqa: BLE001 - this record's problem: its dead letter
                 hs = () if self.headers is None else self.headers[i]
                 decoder.poison(self.partition, Record(self.offsets[i], self._keys[i], raw,
-                                                      self.times[i], hs))
+                                                      self.times[i], hs), exc)
                 continue
             good.append(i)
         keys, times, offsets, headers = self._keys, self.times, self.offsets, self.headers
