@@ -29,17 +29,17 @@ Example:
     >>> chain.many(stream, [Event("k", n) for n in range(4)], values, done)
     >>> values
     [20, 30]
-    >>> out, kept = [], []
-    >>> chain.columns(stream, [0, 1, 2, 3], out, kept)
-    >>> out, kept
-    ([20, 30], [2, 3])
+    >>> out, dropped = [], []
+    >>> chain.columns(stream, [0, 1, 2, 3], out, dropped)
+    >>> out, dropped, kept_indices(4, dropped)
+    ([20, 30], [0, 1], [2, 3])
     >>> chain.one_value(1) is SKIP, chain.one_value(3)
     (True, 30)
-    >>> out, kept = [], []
-    >>> chain.columns_raw(stream, ["1", "2", "x", "3"], int, out, kept), stream._failed_index
+    >>> out, dropped = [], []
+    >>> chain.columns_raw(stream, ["1", "2", "x", "3"], int, out, dropped), stream._failed_index
     (True, 2)
-    >>> out, kept
-    ([20], [1])
+    >>> out, dropped
+    ([20], [0])
 """
 
 from __future__ import annotations
@@ -90,17 +90,20 @@ class Chain:
         self.one = one
         self.many = many
         self.columns = columns
-        """For chains of ``map`` and ``filter`` only: ``columns(stream, values, out, kept)``
+        """For chains of ``map`` and ``filter`` only: ``columns(stream, values, out, dropped)``
         runs the chain over a slice's values alone (no events), appending each surviving
-        value to ``out`` and its index to ``kept``; when a step raises,
-        ``stream._failed_index`` is the index it raised on. ``None`` for chains whose steps
-        need the event (``key_by``, ``stateful_map``)."""
+        value to ``out`` and the index of each value a filter dropped to ``dropped`` (the
+        indices count from the first of ``values``; ``kept_indices`` gives the others).
+        Filters let most values through, so the rare case keeps the books: the loop
+        itself counts nothing. When a step raises, ``stream._failed_index`` is the index
+        it raised on. ``None`` for chains whose steps need the event (``key_by``,
+        ``stateful_map``)."""
         self.one_value = one_value
         """For the same chains as ``columns``: ``one_value(value)``, one value through the
         chain (``SKIP`` if a filter dropped it), for a per-item loop over a slice's values.
         A step that raises raises through it: the caller knows which value it was."""
         self.columns_raw = columns_raw
-        """For the same chains as ``columns``: ``columns_raw(stream, raws, decode, out, kept)``
+        """For the same chains as ``columns``: ``columns_raw(stream, raws, decode, out, dropped)``
         decodes each raw value (``decode``) and runs it through the chain at once, so no
         list of decoded values is made: each is used while it is in the cache, and freed.
         It stops at the first value that does not decode and returns ``True``
@@ -160,6 +163,7 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, 
         return lines
 
     params = ", ".join(f"f{i}" for i in range(len(kinds)))
+    drop_index = "dropped.append(len(out) + len(dropped) - base); continue"
     code = [
         f"def make({params}):",
         "    def one(stream, ev):",
@@ -194,35 +198,30 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, 
             ]
             if stateful or rekeys
             else [
-                "    def columns(stream, values, out, kept):",
-                "        add_value = out.append",
-                "        add_index = kept.append",
-                "        i = -1",
+                # a value's index is how many went to out or dropped before it
+                "    def columns(stream, values, out, dropped):",
+                "        base = len(out) + len(dropped)",
                 "        try:",
-                "            for i, value in enumerate(values):",
-                *body("continue", "                "),
-                "                add_value(value)",
-                "                add_index(i)",
+                "            for value in values:",
+                *body(drop_index, "                "),
+                "                out.append(value)",
                 "        except BaseException:",
-                "            stream._failed_index = i",
+                "            stream._failed_index = len(out) + len(dropped) - base",
                 "            raise",
                 "",
-                "    def columns_raw(stream, raws, decode, out, kept):",
-                "        add_value = out.append",
-                "        add_index = kept.append",
-                "        i = -1",
+                "    def columns_raw(stream, raws, decode, out, dropped):",
+                "        base = len(out) + len(dropped)",
                 "        try:",
-                "            for i, value in enumerate(raws):",
+                "            for value in raws:",
                 "                try:",
                 "                    value = decode(value)",
                 "                except Exception:",
-                "                    stream._failed_index = i",
+                "                    stream._failed_index = len(out) + len(dropped) - base",
                 "                    return True",
-                *body("continue", "                "),
-                "                add_value(value)",
-                "                add_index(i)",
+                *body(drop_index, "                "),
+                "                out.append(value)",
                 "        except BaseException:",
-                "            stream._failed_index = i",
+                "            stream._failed_index = len(out) + len(dropped) - base",
                 "            raise",
                 "        return False",
                 "",
@@ -239,6 +238,37 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, 
     exec(compile("\n".join(code) + "\n", f"<chain {kinds}>", "exec"), env, namespace)  # noqa: S102
     make: Callable[..., tuple[Any, Any, Any, Any, Any]] = namespace["make"]
     return make
+
+
+def kept_indices(n: int, dropped: Sequence[int]) -> list[int]:
+    """The indices ``0 .. n-1`` that are not in ``dropped`` (ascending, as a chain fills it).
+
+    Example:
+        >>> kept_indices(6, [0, 3, 4])
+        [1, 2, 5]
+    """
+    kept: list[int] = []
+    start = 0
+    for i in dropped:
+        kept += range(start, i)
+        start = i + 1
+    kept += range(start, n)
+    return kept
+
+
+def last_kept(n: int, dropped: Sequence[int]) -> int:
+    """The last of ``0 .. n-1`` not in ``dropped`` (ascending); ``-1`` if every one is.
+
+    Example:
+        >>> last_kept(5, [1, 3, 4]), last_kept(3, []), last_kept(2, [0, 1])
+        (2, 2, -1)
+    """
+    last = n - 1
+    j = len(dropped) - 1
+    while j >= 0 and dropped[j] == last:
+        last -= 1
+        j -= 1
+    return last
 
 
 NO_STEPS = compile_chain(())

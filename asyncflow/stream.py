@@ -44,6 +44,8 @@ from asyncflow.chain import (
     SYNC_KINDS,
     Chain,
     compile_chain,
+    kept_indices,
+    last_kept,
 )
 from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
@@ -165,8 +167,10 @@ class Stream(Generic[T]):
         self._failed: tuple[Exception, Event[Any] | None] | None = None
         self._held: Event[Any] | None = None
         self._batch_events: list[Event[Any]] | None = None
-        self._batch_cols: tuple[LaneSlice, list[int] | None] | None = None
-        """The batch being handled as columns: its slice and the indices kept (``None``: all)."""
+        self._batch_cols: tuple[LaneSlice, int, list[int]] | None = None
+        """The batch being handled as columns: its slice, how many of the slice's records
+        it covers (all but those after a step that raised) and the indices of those its
+        filters dropped."""
         self._pushed_back: list[Event[Any]] = []
         self._barrier: Barrier | None = None
         self._window_key: Any = _NO_KEY
@@ -535,9 +539,11 @@ class Stream(Generic[T]):
         """The events of the batch being handled (made from its columns if it came as such)."""
         cols = self._batch_cols
         if cols is not None:
-            lane_slice, kept = cols
+            lane_slice, covered, dropped = cols
             events = lane_slice.events()
-            return list(events) if kept is None else [events[i] for i in kept]
+            if not dropped:
+                return events[:covered]
+            return [events[i] for i in kept_indices(covered, dropped)]
         batch = self._batch_events
         assert batch is not None
         return batch
@@ -564,23 +570,22 @@ class Stream(Generic[T]):
             decoder = got.decoder if type(got) is LaneSlice else None
             values: list[T] = []
             done: list[Event[Any]] = []
-            as_columns: tuple[LaneSlice, list[int] | None] | None = None  # (slice, indices kept)
+            as_columns: tuple[LaneSlice, int, list[int]] | None = None  # as _batch_cols
             failed: Exception | None = None
             bad: Event[Any] | None = None
             if isinstance(got, LaneSlice) and self._takes_columns():  # no event per record
-                kept: list[int] | None = None
+                dropped: list[int] = []
                 if not self._ops:
                     values = list(got.values)
                 else:
-                    kept = []
                     try:
-                        self._run_columns(got, values, kept)
+                        self._run_columns(got, values, dropped)
                     except Exception as exc:  # noqa: BLE001 - handed to the error policy below
                         events = got.events()
                         i = self._failed_index
                         failed, bad = exc, events[i]
                         self._pushed_back.extend(reversed(events[i + 1 :]))  # delivered again
-                as_columns = (got, kept)
+                as_columns = (got, len(got) if failed is None else self._failed_index, dropped)
             else:
                 events = got.events() if isinstance(got, LaneSlice) else got
                 if not self._ops:
@@ -616,8 +621,8 @@ class Stream(Generic[T]):
             if values:
                 if as_columns is not None:
                     self._batch_cols = as_columns
-                    lane_slice, kept = as_columns
-                    self._current = lane_slice.event(len(lane_slice) - 1 if kept is None else kept[-1])
+                    lane_slice, covered, dropped = as_columns
+                    self._current = lane_slice.event(last_kept(covered, dropped))
                 else:
                     self._batch_events = done
                     self._current = done[-1]
@@ -634,8 +639,9 @@ class Stream(Generic[T]):
                 self._held = self._current = bad
                 raise failed
 
-    def _run_columns(self, got: LaneSlice, values: list[Any], kept: list[int]) -> None:
-        """The chain over a slice's values: each surviving value to ``values``, its index to ``kept``.
+    def _run_columns(self, got: LaneSlice, values: list[Any], dropped: list[int]) -> None:
+        """The chain over a slice's values: each surviving value to ``values``, the index of
+        each one a filter dropped to ``dropped``.
 
         Raw values are decoded one at a time straight into the chain
         (``Chain.columns_raw``): no list of them is made, and each is used, then
@@ -649,7 +655,7 @@ class Stream(Generic[T]):
         raws = got.raw_values
         decoder = got.decoder
         if raws is not None and decoder is not None and chain.columns_raw is not None:
-            if not chain.columns_raw(self, raws, decoder.fast, values, kept):
+            if not chain.columns_raw(self, raws, decoder.fast, values, dropped):
                 return
             start = self._failed_index  # the first value that did not decode
         else:
@@ -658,7 +664,7 @@ class Stream(Generic[T]):
         assert run is not None
         rest = got.values  # decodes what is still raw
         if start == 0:
-            run(self, rest, values, kept)
+            run(self, rest, values, dropped)
             return
         more: list[int] = []
         try:
@@ -667,7 +673,7 @@ class Stream(Generic[T]):
             self._failed_index += start
             raise
         finally:
-            kept += [start + j for j in more]
+            dropped += [start + j for j in more]
 
     async def _next_slice(
         self, columns: bool = False, raw: bool = False
@@ -1109,23 +1115,23 @@ class Stream(Generic[T]):
         run = self._chain.columns
         assert run is not None
         values: list[Any] = []
-        kept: list[int] = []
+        dropped: list[int] = []
         try:
-            run(self, cols.values, values, kept)
+            run(self, cols.values, values, dropped)
         except Exception as exc:
             events = cols.events()
             i = self._failed_index
             self._pushed_back.extend(reversed(events[i + 1 :]))
             self._current = events[i]
-            if not kept:
+            if not values:
                 self._held = events[i]
                 raise
             self._failed = (exc, events[i])
             self._held = None
-            return [events[j] for j in kept], values
-        if len(kept) == len(cols):
+            return [events[j] for j in kept_indices(i, dropped)], values
+        if not dropped:
             return cols, values
-        return cols.take(kept), values
+        return cols.take(kept_indices(len(cols), dropped)), values
 
     def _takes_columns(self) -> bool:
         """Whether the chain runs on a slice's values alone: no steps, or ``map``/``filter`` only."""

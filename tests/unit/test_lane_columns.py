@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncflow as af
-from asyncflow.chain import FILTER, KEY, MAP, compile_chain
+from asyncflow.chain import FILTER, KEY, MAP, compile_chain, kept_indices
 from asyncflow.channels import Channel
 from asyncflow.clock import ManualClock
 from asyncflow.dispatch import Dispatcher, Route
@@ -221,24 +221,38 @@ def test_a_chain_over_columns_keeps_what_it_keeps_over_events(
     done: list[Event[Any]] = []
     chain.many(Holder(), events, by_events, done)
     out: list[Any] = []
-    kept: list[int] = []
+    dropped: list[int] = []
     assert chain.columns is not None
-    chain.columns(Holder(), values, out, kept)
+    chain.columns(Holder(), values, out, dropped)
     assert out == by_events
-    assert [events[i] for i in kept] == done
+    assert [events[i] for i in kept_indices(len(values), dropped)] == done
 
 
 def test_a_chain_over_columns_says_where_a_step_raised_and_one_with_key_by_needs_events() -> None:
     chain = compile_chain(((MAP, lambda v: 10 // v),))
     holder = Holder()
     out: list[Any] = []
-    kept: list[int] = []
+    dropped: list[int] = []
     try:
         assert chain.columns is not None
-        chain.columns(holder, [1, 2, 0, 5], out, kept)
+        chain.columns(holder, [1, 2, 0, 5], out, dropped)
     except ZeroDivisionError:
         pass
-    assert out == [10, 5] and kept == [0, 1] and holder._failed_index == 2
+    assert out == [10, 5] and dropped == [] and holder._failed_index == 2
+
+
+def test_a_chain_over_columns_counts_the_dropped_values_in_the_index_where_a_step_raised() -> None:
+    chain = compile_chain(((FILTER, lambda v: v != 3), (MAP, lambda v: 10 // v)))
+    holder = Holder()
+    out: list[Any] = [99]  # what an earlier run left: indices count from this run's values
+    dropped: list[int] = []
+    try:
+        assert chain.columns is not None
+        chain.columns(holder, [3, 1, 3, 0, 5], out, dropped)
+    except ZeroDivisionError:
+        pass
+    assert out == [99, 10] and dropped == [0, 2] and holder._failed_index == 3
+    assert kept_indices(holder._failed_index, dropped) == [1]
     assert compile_chain(((KEY, len),)).columns is None
 
 
