@@ -223,6 +223,7 @@ async def test_send_values_sends_each_value_with_the_key_its_function_gives() ->
     app = af.App("values")
     numbers = app.topic("numbers")
     doubled = app.topic("doubled")
+    keyless = app.topic("keyless")
     out = app.sink(CaptureSink("out"))
 
     @app.agent(numbers)
@@ -230,12 +231,19 @@ async def test_send_values_sends_each_value_with_the_key_its_function_gives() ->
         async for batch in stream.batches():
             await out.send_values(batch)
             await doubled.send_values([v["n"] * 2 for v in batch], key=str)
+            await keyless.send_values(batch, headers=[("h", b"1")])
+            await keyless.send_values(v["n"] for v in batch)  # any iterable
 
     async with TestRun(app) as run:
         await run.send_many("numbers", [{"n": n} for n in range(5)])
         await run.finish()
         sent = run.broker.records("doubled")
+        plain = run.broker.records("keyless")
     assert [(r.key, r.value) for r in out.sink.records] == [(None, {"n": n}) for n in range(5)]
+    assert sorted((r.key, r.value, tuple(r.headers)) for r in plain) == sorted(
+        [(None, b'{"n":%d}' % n, (("h", b"1"),)) for n in range(5)]
+        + [(None, b"%d" % n, ()) for n in range(5)]
+    )
     assert sorted((r.key, r.value) for r in sent) == [
         (str(n * 2).encode(), str(n * 2).encode()) for n in range(5)
     ]
