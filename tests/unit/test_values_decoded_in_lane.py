@@ -238,3 +238,73 @@ async def test_a_per_item_loop_and_a_window_over_values_decoded_in_the_lane_skip
         await run.finish()
         assert len(run.dead_letters()) == 2
     assert sums.sink.values == [6]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), DOC), max_size=60), st.integers(1, 9))
+def test_a_per_item_loop_over_values_decoded_in_the_lane_runs_each_step_once_around_poison(
+    rows: list[tuple[int, bytes | None]], fetch: int
+) -> None:
+    import asyncio
+
+    broker = MemoryBroker()
+    broker.create_topic("in", 2)
+    for i, (key, value) in enumerate(rows):
+        if value is not None and value.startswith(b'{"n":') and value != b'{"n": "x"}':
+            value = orjson.dumps({**orjson.loads(value), "i": i})  # where it came from
+        broker.produce("in", value, b"k%d" % key, (), 1_000 + i)
+    broker.end("in")
+    app = af.App("in-lane-items", broker=broker, fetch_max=fetch)
+    out = app.sink(CaptureSink("out"))
+    mapped: Counter[Any] = Counter()
+
+    def triple(d: dict[str, Any]) -> tuple[int, Any]:
+        mapped[d["n"]] += 1
+        return int(d["n"]) * 3, d.get("i")  # raises on "x": that event is a dead letter too
+
+    @app.agent(app.topic("in"), concurrency=2, on_error="dead_letter")
+    async def tripled(stream: af.Stream[dict[str, Any]]) -> None:
+        async for n, i in stream.map(triple).filter(lambda v: v[0] % 2 == 0):
+            ev = stream.current  # the event of the very record the value came from
+            assert ev is not None and ev.value["i"] == i and ev.time == 1_000 + i
+            await out.send(None, n)
+
+    async def run() -> list[Any]:
+        async with TestRun(app, broker=broker) as r:
+            await r.finish()
+            return r.dead_letters()
+
+    dead = asyncio.run(run())
+    good = [orjson.loads(v)["n"] for _, v in rows
+            if v not in (b"{bad", b"", None, b'{"n": "x"}')]
+    assert sorted(out.sink.values) == sorted(n * 3 for n in good if n * 3 % 2 == 0)
+    assert mapped == Counter(good) + Counter("x" for _, v in rows if v == b'{"n": "x"}')
+    reasons = Counter(reason_of(d).split(":")[0] for d in dead)
+    assert reasons == Counter(
+        {"malformed JSON": sum(v in (b"{bad", b"") for _, v in rows),
+         "record has no value (tombstone)": sum(v is None for _, v in rows),
+         "agent tripled raised ValueError": sum(v == b'{"n": "x"}' for _, v in rows)}
+    ) - Counter()
+
+
+async def test_what_a_per_item_loop_left_of_a_slice_goes_on_to_the_next_reader() -> None:
+    values: list[bytes | None] = [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b"{bad", b'{"n": 5}']
+    broker = one_partition(values)
+    app = af.App("rest", broker=broker)
+    seen: list[tuple[str, Any, int]] = []
+
+    @app.agent(app.topic("in"))
+    async def two_loops(stream: af.Stream[dict[str, Any]]) -> None:
+        async for d in stream:
+            assert stream.current is not None and stream.current.value is d
+            seen.append(("item", d["n"], stream.current.offset))
+            if d["n"] == 2:
+                break
+        async for batch in stream.batches():  # the rest of the slice, poison in it
+            seen.extend(("batch", d["n"], -1) for d in batch)
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert seen == [("item", 1, 0), ("item", 2, 1), ("batch", 3, -1), ("batch", 5, -1)]
+    assert [reason_of(d).split(":")[0] for d in dead] == ["malformed JSON"]
