@@ -13,14 +13,16 @@ rest of its slice goes on.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncflow as af
-from asyncflow.channels import Channel
+from asyncflow.channels import Channel, Output
 from asyncflow.clock import ManualClock
 from asyncflow.codecs import JsonCodec
 from asyncflow.dispatch import Dispatcher, Route
@@ -126,30 +128,38 @@ DOC = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), DOC), max_size=60), st.integers(1, 9))
-def test_batches_over_values_decoded_in_the_lane_run_each_step_once_per_record_around_poison(
-    rows: list[tuple[int, bytes | None]], fetch: int
+Loop = Callable[[af.Stream[Any], af.Stream[dict[str, Any]], Output], Awaitable[None]]
+
+
+def check_each_step_runs_once_per_record_around_poison(
+    rows: list[tuple[int, bytes | None]], fetch: int, loop: Loop
 ) -> None:
+    """``loop(chained, stream, out)`` over ``rows`` against a plain computation.
+
+    ``chained`` is the stream through ``map(triple).filter(even)``, each of
+    its values ``(n * 3, the row's index)``; ``loop`` sends the ``n * 3`` to
+    ``out``. Poison, tombstones and a map that raises are dead letters each.
+    """
     import asyncio
 
     broker = MemoryBroker()
     broker.create_topic("in", 2)
     for i, (key, value) in enumerate(rows):
+        if value not in (b"{bad", b"", None):
+            value = orjson.dumps({**orjson.loads(value), "i": i})  # where it came from
         broker.produce("in", value, b"k%d" % key, (), 1_000 + i)
     broker.end("in")
     app = af.App("in-lane", broker=broker, fetch_max=fetch)
     out = app.sink(CaptureSink("out"))
-    mapped: Counter[int] = Counter()
+    mapped: Counter[Any] = Counter()
 
-    def triple(d: dict[str, Any]) -> int:
+    def triple(d: dict[str, Any]) -> tuple[int, int]:
         mapped[d["n"]] += 1
-        return int(d["n"]) * 3  # raises on "x": that event is a dead letter too
+        return int(d["n"]) * 3, d["i"]  # raises on "x": that event is a dead letter too
 
     @app.agent(app.topic("in"), concurrency=2, on_error="dead_letter")
     async def tripled(stream: af.Stream[dict[str, Any]]) -> None:
-        async for batch in stream.map(triple).filter(lambda v: v % 2 == 0).batches():
-            await out.send_values(batch)
+        await loop(stream.map(triple).filter(lambda v: v[0] % 2 == 0), stream, out)
 
     async def run() -> list[Any]:
         async with TestRun(app, broker=broker) as r:
@@ -168,6 +178,27 @@ def test_batches_over_values_decoded_in_the_lane_run_each_step_once_per_record_a
          "record has no value (tombstone)": sum(v is None for _, v in rows),
          "agent tripled raised ValueError": sum(v == b'{"n": "x"}' for _, v in rows)}
     ) - Counter()
+
+
+async def in_batches(chained: af.Stream[Any], stream: af.Stream[Any], out: Output) -> None:
+    async for batch in chained.batches():
+        await out.send_values([n for n, _ in batch])
+
+
+async def item_by_item(chained: af.Stream[Any], stream: af.Stream[Any], out: Output) -> None:
+    async for n, i in chained:
+        ev = stream.current  # the event of the very record the value came from
+        assert ev is not None and ev.value["i"] == i and ev.time == 1_000 + i
+        await out.send(None, n)
+
+
+@pytest.mark.parametrize("loop", [in_batches, item_by_item])
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), DOC), max_size=60), st.integers(1, 9))
+def test_batches_and_a_per_item_loop_over_values_decoded_in_the_lane_run_each_step_once_around_poison(
+    loop: Loop, rows: list[tuple[int, bytes | None]], fetch: int
+) -> None:
+    check_each_step_runs_once_per_record_around_poison(rows, fetch, loop)
 
 
 async def test_the_current_event_of_a_batch_decoded_in_the_lane_is_its_last_kept_record() -> None:
@@ -238,53 +269,6 @@ async def test_a_per_item_loop_and_a_window_over_values_decoded_in_the_lane_skip
         await run.finish()
         assert len(run.dead_letters()) == 2
     assert sums.sink.values == [6]
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), DOC), max_size=60), st.integers(1, 9))
-def test_a_per_item_loop_over_values_decoded_in_the_lane_runs_each_step_once_around_poison(
-    rows: list[tuple[int, bytes | None]], fetch: int
-) -> None:
-    import asyncio
-
-    broker = MemoryBroker()
-    broker.create_topic("in", 2)
-    for i, (key, value) in enumerate(rows):
-        if value is not None and value.startswith(b'{"n":') and value != b'{"n": "x"}':
-            value = orjson.dumps({**orjson.loads(value), "i": i})  # where it came from
-        broker.produce("in", value, b"k%d" % key, (), 1_000 + i)
-    broker.end("in")
-    app = af.App("in-lane-items", broker=broker, fetch_max=fetch)
-    out = app.sink(CaptureSink("out"))
-    mapped: Counter[Any] = Counter()
-
-    def triple(d: dict[str, Any]) -> tuple[int, Any]:
-        mapped[d["n"]] += 1
-        return int(d["n"]) * 3, d.get("i")  # raises on "x": that event is a dead letter too
-
-    @app.agent(app.topic("in"), concurrency=2, on_error="dead_letter")
-    async def tripled(stream: af.Stream[dict[str, Any]]) -> None:
-        async for n, i in stream.map(triple).filter(lambda v: v[0] % 2 == 0):
-            ev = stream.current  # the event of the very record the value came from
-            assert ev is not None and ev.value["i"] == i and ev.time == 1_000 + i
-            await out.send(None, n)
-
-    async def run() -> list[Any]:
-        async with TestRun(app, broker=broker) as r:
-            await r.finish()
-            return r.dead_letters()
-
-    dead = asyncio.run(run())
-    good = [orjson.loads(v)["n"] for _, v in rows
-            if v not in (b"{bad", b"", None, b'{"n": "x"}')]
-    assert sorted(out.sink.values) == sorted(n * 3 for n in good if n * 3 % 2 == 0)
-    assert mapped == Counter(good) + Counter("x" for _, v in rows if v == b'{"n": "x"}')
-    reasons = Counter(reason_of(d).split(":")[0] for d in dead)
-    assert reasons == Counter(
-        {"malformed JSON": sum(v in (b"{bad", b"") for _, v in rows),
-         "record has no value (tombstone)": sum(v is None for _, v in rows),
-         "agent tripled raised ValueError": sum(v == b'{"n": "x"}' for _, v in rows)}
-    ) - Counter()
 
 
 async def test_what_a_per_item_loop_left_of_a_slice_goes_on_to_the_next_reader() -> None:
