@@ -4,9 +4,8 @@
 runs, the synchronous steps are compiled into straight-line Python, the way
 ``dataclasses`` and ``namedtuple`` build their methods: no loop over the
 steps, no dispatch on their kind, one call per event (``one``) or one call per
-lane slice (``many``; ``columns`` for a slice's values alone, ``columns_raw``
-for its raw values decoded one by one straight into the chain, and
-``one_value`` for one value alone, when every step is a ``map`` or a ``filter``). They keep
+lane slice (``many``; ``columns`` for a slice's values alone, and ``one_value``
+for one value alone, when every step is a ``map`` or a ``filter``). They keep
 the chain's rules:
 
 - a ``filter`` that says no, or a ``stateful_map`` step that returns ``None``,
@@ -35,11 +34,6 @@ Example:
     ([20, 30], [0, 1], [2, 3])
     >>> chain.one_value(1) is SKIP, chain.one_value(3)
     (True, 30)
-    >>> out, dropped = [], []
-    >>> chain.columns_raw(stream, ["1", "2", "x", "3"], int, out, dropped), stream._failed_index
-    (True, 2)
-    >>> out, dropped
-    ([20], [0])
 """
 
 from __future__ import annotations
@@ -74,7 +68,7 @@ class Chain:
         5
     """
 
-    __slots__ = ("columns", "columns_raw", "many", "one", "one_value", "steps")
+    __slots__ = ("columns", "many", "one", "one_value", "steps")
 
     def __init__(
         self,
@@ -83,8 +77,6 @@ class Chain:
         many: Callable[[Any, list[Event[Any]], list[Any], list[Event[Any]]], None],
         columns: Callable[[Any, Sequence[Any], list[Any], list[int]], None] | None = None,
         one_value: Callable[[Any], Any] | None = None,
-        columns_raw: Callable[[Any, Sequence[Any], Callable[[Any], Any], list[Any], list[int]],
-                              bool] | None = None,
     ) -> None:
         self.steps = steps
         self.one = one
@@ -102,13 +94,6 @@ class Chain:
         """For the same chains as ``columns``: ``one_value(value)``, one value through the
         chain (``SKIP`` if a filter dropped it), for a per-item loop over a slice's values.
         A step that raises raises through it: the caller knows which value it was."""
-        self.columns_raw = columns_raw
-        """For the same chains as ``columns``: ``columns_raw(stream, raws, decode, out, dropped)``
-        decodes each raw value (``decode``) and runs it through the chain at once, so no
-        list of decoded values is made: each is used while it is in the cache, and freed.
-        It stops at the first value that does not decode and returns ``True``
-        (``stream._failed_index`` is its index); ``False`` when all went through. A step
-        that raises raises as in ``columns``."""
 
 
 def compile_chain(steps: tuple[Step, ...]) -> Chain:
@@ -130,16 +115,16 @@ def compile_chain(steps: tuple[Step, ...]) -> Chain:
     factory = _factories.get(kinds)
     if factory is None:
         factory = _factories[kinds] = _factory(kinds)
-    one, many, columns, columns_raw, one_value = factory(*(fn for _, fn in steps))
-    return Chain(steps, one, many, columns, one_value, columns_raw)
+    one, many, columns, one_value = factory(*(fn for _, fn in steps))
+    return Chain(steps, one, many, columns, one_value)
 
 
-_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any, Any, Any, Any]]] = {}
+_factories: dict[tuple[int, ...], Callable[..., tuple[Any, Any, Any, Any]]] = {}
 """Generated code per sequence of step kinds (a handful per app)."""
 
 
-def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
-    """Generate ``make(f0, ...) -> (one, many, columns, columns_raw, one_value)`` for step kinds."""
+def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any]]:
+    """Generate ``make(f0, ...) -> (one, many, columns, one_value)`` for step kinds."""
     rekeys = KEY in kinds
     stateful = STATEFUL in kinds
 
@@ -194,7 +179,7 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, 
         "",
         *(
             [
-                "    columns = columns_raw = one_value = None",
+                "    columns = one_value = None",
             ]
             if stateful or rekeys
             else [
@@ -209,34 +194,18 @@ def _factory(kinds: tuple[int, ...]) -> Callable[..., tuple[Any, Any, Any, Any, 
                 "            stream._failed_index = len(out) + len(dropped) - base",
                 "            raise",
                 "",
-                "    def columns_raw(stream, raws, decode, out, dropped):",
-                "        base = len(out) + len(dropped)",
-                "        try:",
-                "            for value in raws:",
-                "                try:",
-                "                    value = decode(value)",
-                "                except Exception:",
-                "                    stream._failed_index = len(out) + len(dropped) - base",
-                "                    return True",
-                *body(drop_index, "                "),
-                "                out.append(value)",
-                "        except BaseException:",
-                "            stream._failed_index = len(out) + len(dropped) - base",
-                "            raise",
-                "        return False",
-                "",
                 "    def one_value(value):",
                 *body("return SKIP", "        "),
                 "        return value",
             ]
         ),
         "",
-        "    return one, many, columns, columns_raw, one_value",
+        "    return one, many, columns, one_value",
     ]
     namespace: dict[str, Any] = {}
     env: dict[str, Any] = {"Event": Event, "SKIP": SKIP}
     exec(compile("\n".join(code) + "\n", f"<chain {kinds}>", "exec"), env, namespace)  # noqa: S102
-    make: Callable[..., tuple[Any, Any, Any, Any, Any]] = namespace["make"]
+    make: Callable[..., tuple[Any, Any, Any, Any]] = namespace["make"]
     return make
 
 

@@ -94,7 +94,7 @@ class JsonCodec(Generic[T]):
         [1, 2]
     """
 
-    __slots__ = ("decode", "decode_fast", "decode_many", "value_type")
+    __slots__ = ("decode", "decode_many", "value_type")
 
     def __init__(self, value_type: type[T] | None = None) -> None:
         self.value_type = value_type
@@ -127,17 +127,9 @@ class JsonCodec(Generic[T]):
                 compile_once()
                 return self.decode_many(datas)
 
-            def first_decode_fast(data: bytes) -> Any:
-                compile_once()
-                return self.decode_fast(data)
-
             # the decoder is built at the first record, once the record's module is complete
             self.decode: Callable[[bytes], T] = first_decode
             self.decode_many: Callable[[list[bytes]], list[T]] = first_decode_many
-            self.decode_fast: Callable[[bytes], T] = first_decode_fast
-            """One record, in C where the decoder allows: it raises on anything it does not
-            take, without the reason (``decode`` gives that) and without a fallback (a
-            record it refuses may still decode through ``decode``)."""
         else:
 
             def decode_plain(data: bytes) -> Any:
@@ -152,7 +144,6 @@ class JsonCodec(Generic[T]):
                 return list(map(orjson.loads, datas))
 
             self.decode_many = decode_plain_many
-            self.decode_fast = orjson.loads
 
     def _compile(self, record_type: type[Record], python_decode: Callable[[bytes], Any]) -> None:
         """Pick the record decoder: msgspec's where the fields allow, else the Python one."""
@@ -160,7 +151,6 @@ class JsonCodec(Generic[T]):
 
         decode = compiled_decoder(record_type, fallback=python_decode) or python_decode
         self.decode = decode
-        self.decode_fast = getattr(decode, "fast", decode)
         many = getattr(decode, "many", None)  # the compiled decoder's batch loop
         if many is None:
 

@@ -2,9 +2,8 @@
 
 A topic whose keys and event times come from the records themselves, read
 by one agent whose lanes take columns, reaches its lanes as the records'
-bytes (``asyncflow.raw_values``). ``stream.batches()`` decodes them one at a
-time straight into its ``map``/``filter`` chain; every other consumer
-decodes a slice as it takes it. What must hold is what held when the
+bytes (``asyncflow.raw_values``); the lane decodes a slice as it takes it
+from its queue. What must hold is what held when the
 dispatcher decoded: the same outputs, each step run once per record, and each
 record that does not decode a dead letter with the same reason, while the
 rest of its slice goes on.
