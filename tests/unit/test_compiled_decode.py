@@ -170,3 +170,39 @@ def test_a_batch_decodes_to_the_records_and_errors_of_one_record_at_a_time() -> 
     with pytest.raises(DecodeError) as many:
         decode.many([*batch, orjson.dumps({**good, "status": "MAYBE"})])  # type: ignore[attr-defined]
     assert str(many.value) == str(one.value)
+
+
+class Plain(af.Record):
+    """Fields msgspec decodes into by itself (no event time, nothing to build after it)."""
+
+    id: str
+    value: float
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["id", "value", "other"]), JSON_VALUE),
+                max_size=8))
+def test_a_batch_of_a_record_msgspec_decodes_by_itself_is_its_records_one_at_a_time(
+    docs: list[dict[str, Any]],
+) -> None:
+    def plain_python(data: bytes) -> Any:
+        return Plain.decode_obj(orjson.loads(data))
+
+    def outcome_of(data: bytes) -> tuple[str, Any]:
+        try:
+            return "record", decode(data).to_dict()
+        except (DecodeError, TypeError, ValueError, OverflowError) as exc:
+            return "error", f"{type(exc).__name__}: {exc}"
+
+    decode = compiled_decoder(Plain, fallback=plain_python)
+    assert decode is not None
+    batch = [orjson.dumps(d) for d in docs]
+    one_by_one = [outcome_of(b) for b in batch]
+    try:
+        many = decode.many(batch)  # type: ignore[attr-defined]
+    except (DecodeError, TypeError, ValueError, OverflowError) as exc:
+        # the first that fails, with the error it gets alone
+        assert ("error", f"{type(exc).__name__}: {exc}") == next(
+            o for o in one_by_one if o[0] == "error")
+    else:
+        assert [("record", r.to_dict()) for r in many] == one_by_one
