@@ -5,10 +5,10 @@ the record itself), the dispatcher hands a lane its values as read, and the
 lane decodes them when it takes the slice from its queue, in its own turn:
 the queues hold the records' bytes, not the objects made of them, and a
 slice is decoded just before it is used. A slice is decoded all at once (one
-loop in C): decoding each value as the chain or the loop reaches it was
-measured both ways, in batches() and in the per-item loop, and is slower
-on this hardware, although it runs fewer instructions; the interleaved
-decoder and user code miss the first-level cache more often.
+loop in C). Decoding each value as the chain or the loop reaches it was
+measured too, in batches() and in the per-item loop: valgrind counts fewer
+instructions for it, but on the wall clock it was slower (by 10-15% for
+batches of dicts), so the wall clock decided.
 
 A record that does not decode is a dead letter with the same reason the
 dispatcher gives (``decode_reason``), written when the lane reaches it, so
