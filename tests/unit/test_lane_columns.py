@@ -239,6 +239,7 @@ def test_a_chain_over_columns_says_where_a_step_raised_and_one_with_key_by_needs
     except ZeroDivisionError:
         pass
     assert out == [10, 5] and dropped == [] and holder._failed_index == 2
+    assert compile_chain(((KEY, len),)).columns is None
 
 
 def test_a_chain_over_columns_counts_the_dropped_values_in_the_index_where_a_step_raised() -> None:
@@ -253,7 +254,6 @@ def test_a_chain_over_columns_counts_the_dropped_values_in_the_index_where_a_ste
         pass
     assert out == [99, 10] and dropped == [0, 2] and holder._failed_index == 3
     assert kept_indices(holder._failed_index, dropped) == [1]
-    assert compile_chain(((KEY, len),)).columns is None
 
 
 ASSIGNERS = [
