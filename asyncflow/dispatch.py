@@ -16,9 +16,9 @@ a restore's skip, repartition markers, tracing).
 
 Values nothing routes on (one agent reads the topic, keys and event times
 come from the records themselves, the lanes take columns) are not decoded
-here: the lanes get them as read and decode them just before use
-(``asyncflow.raw_values``), where they are still in the cache; their poison
-is a dead letter when the lane reaches it.
+here: the lanes get them as read and decode a slice when they take it from
+their queue (``asyncflow.raw_values``); their poison is a dead letter when
+the lane reaches it.
 
 For checkpoints it keeps, per partition, the *cut*: the offset up to which
 every record read is in a lane queue (``cut``). Records the restored state

@@ -74,10 +74,9 @@ def decode_reason(exc: BaseException) -> str:
 class ValueDecoder:
     """Decodes one channel's raw values for its lanes; a record that does not decode is poison.
 
-    ``fast`` decodes one value in C where the codec allows and raises on
-    anything it does not take (no reason, no fallback); ``decode_many`` and
-    ``decode_one`` decode as the dispatcher would. ``poison`` writes the dead
-    letter of a record ``decode_one`` raised on, with the reason.
+    ``decode_many`` and ``decode_one`` decode as the dispatcher would.
+    ``poison`` writes the dead letter of a record ``decode_one`` raised on,
+    with the reason.
 
     Example:
         >>> from asyncflow.channels import Channel

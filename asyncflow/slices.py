@@ -180,8 +180,8 @@ class LaneSlice:
     def event(self, i: int) -> Event[Any]:
         """The ``i``-th record as an event (from ``events()`` once they are made).
 
-        Of a slice whose values are raw, only that record is decoded: ``i``
-        must be one known to decode (one the chain kept).
+        Of a slice whose values are still raw, only that record is decoded:
+        ``i`` must be one known to decode.
         """
         events = self._events
         if events is not None:
