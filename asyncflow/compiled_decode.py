@@ -173,19 +173,18 @@ def _direct(cls: type[Record], fallback: Callable[[bytes], Any] | None) -> Calla
             return fallback(data)
 
     def many(datas: list[bytes]) -> list[Any]:
-        try:
-            return list(map(structure, datas))  # the loop in C, while msgspec takes them all
-        except _REFUSED:
-            if fallback is None:
-                raise
         out: list[Any] = []
-        add = out.append
-        for d in datas:  # one it refuses: record by record, each refused one the Python way
+        rest = iter(datas)
+        while True:
             try:
-                add(structure(d))
+                out.extend(map(structure, rest))  # the loop in C, while msgspec takes them
+                return out
             except _REFUSED:
-                add(fallback(d))
-        return out
+                if fallback is None:
+                    raise
+            # the one it refused (``extend`` kept those before it) the Python way; then on
+            # from the next, so no record is decoded twice
+            out.append(fallback(datas[len(out)]))
 
     decode.many = many  # type: ignore[attr-defined]  # a batch at once: Codec.decode_many
     return decode

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -206,3 +207,39 @@ def test_a_batch_of_a_record_msgspec_decodes_by_itself_is_its_records_one_at_a_t
             o for o in one_by_one if o[0] == "error")
     else:
         assert [("record", r.to_dict()) for r in many] == one_by_one
+
+
+def test_a_batch_goes_through_msgspec_once_a_record_around_the_ones_it_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[bytes] = []
+    real = msgspec.json.Decoder
+
+    class CountingDecoder:
+        def __init__(self, tp: Any) -> None:
+            self._decode = real(tp).decode
+
+        def decode(self, data: bytes) -> Any:
+            parsed.append(data)
+            return self._decode(data)
+
+    monkeypatch.setattr(msgspec.json, "Decoder", CountingDecoder)
+    fell_back: list[bytes] = []
+
+    def lenient(data: bytes) -> Any:
+        fell_back.append(data)
+        return ("taken the Python way", data)
+
+    decode = compiled_decoder(Plain, fallback=lenient)
+    assert decode is not None
+    good = [orjson.dumps({"id": f"p{i}", "value": i}) for i in range(3)]
+    refused = [orjson.dumps({"id": "x", "value": "not a float"}), b'{"id": 1}']
+    batch = [good[0], refused[0], good[1], refused[1], good[2]]
+
+    got = decode.many(batch)  # type: ignore[attr-defined]
+
+    assert got == [Plain(id="p0", value=0.0), ("taken the Python way", refused[0]),
+                   Plain(id="p1", value=1.0), ("taken the Python way", refused[1]),
+                   Plain(id="p2", value=2.0)]
+    assert parsed == batch  # each record parsed once, the ones before a refused one too
+    assert fell_back == refused
