@@ -380,7 +380,13 @@ class Dispatcher:
         parts: list[list[list[Event[Any]]]],
         consumers: list[list[LaneQueue]],
     ) -> int | None:
-        """Decode record by record, each failure a dead letter with its reason; the max time."""
+        """Decode record by record, each failure a dead letter with its reason; the max time.
+
+        A record whose value or key does not decode still counts its broker
+        timestamp (when the topic's event time is that) toward the partition's
+        event time, as it does when a lane decodes a slice's values: the log has
+        passed it either way, whichever path its batch took.
+        """
         decode = ch.codec.decode
         key_fn = ch.key_fn
         key_decode = ch.key_codec.decode
@@ -398,6 +404,10 @@ class Dispatcher:
                 h = key_hash(key)  # an unhashable key is this record's problem too
             except Exception as exc:  # noqa: BLE001 - any failure is this record's, not ours
                 self._dead_letter(ch.name, partition, rec, decode_reason(exc))
+                t = rec.timestamp if time_fn is None else None
+                if (t is not None and (limit is None or t <= limit)
+                        and (max_time is None or t > max_time)):
+                    max_time = t
                 continue
             if t is not None and limit is not None and t > limit:
                 self.metrics.incr("future_events")

@@ -88,6 +88,20 @@ def test_a_topic_that_routes_or_times_by_value_or_a_lane_that_takes_events_is_de
         assert [o for o, _ in dead] == [1]  # the dispatcher found it
 
 
+def test_a_record_that_does_not_decode_counts_its_broker_time_whichever_decodes_it() -> None:
+    # the poison (offset 2) is the batch's latest record: the partition has read that far
+    # whether the lane decodes the values or the dispatcher does, record by record
+    for takes_columns, poison in ((True, b"{bad"), (False, b"{bad"), (True, None),
+                                  (False, None)):
+        lane = LaneQueue(100)
+        lane.takes_columns = takes_columns
+        dead: list[tuple[int, str]] = []
+        d = dispatcher(Channel("t"), [lane], dead)
+        d.watermarks.assign(P0)
+        d.dispatch(RawBatch("t", P0, raw_records([b'{"n": 1}', b'{"n": 2}', poison])))
+        assert d.watermarks.frontier(P0) == 1_002, (takes_columns, poison)
+
+
 def test_a_revoke_takes_back_raw_values_without_decoding_them() -> None:
     lane = LaneQueue(100)
     lane.takes_columns = True
