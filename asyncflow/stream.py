@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from datetime import timedelta
+from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 from asyncflow.chain import (
@@ -181,8 +182,27 @@ class Stream(Generic[T]):
         self._current: Event[Any] | None = None
         self._cols: LaneSlice | None = None
         """A lane slice the per-item loop is going through by its values (no event each)."""
-        self._cpos = 0
-        """How far into ``_cols`` the per-item loop is: its value ``_cpos - 1`` is current."""
+        self._cit: Iterator[Any] | None = None
+        """The per-item loop's iterator over ``_cols``' values, which holds its position."""
+        self._cn = 0  # how many values the slice ``_cit`` goes over has
+        self._cpos_at = 0  # ``_cpos`` while there is no ``_cit``
+
+    @property
+    def _cpos(self) -> int:
+        """How far into ``_cols`` the per-item loop is: its value ``_cpos - 1`` is current.
+
+        While the loop is on a slice its list iterator knows, so the loop keeps
+        no count of its own: a value costs no store.
+        """
+        it = self._cit
+        if it is None:
+            return self._cpos_at
+        return self._cn - length_hint(it)
+
+    @_cpos.setter
+    def _cpos(self, pos: int) -> None:
+        self._cit = None
+        self._cpos_at = pos
 
     @property
     def current(self) -> Event[Any] | None:
@@ -765,22 +785,40 @@ class Stream(Generic[T]):
                     if type(got) is LaneSlice:
                         self._cols, self._cpos = got, 0
                     continue
-                # a slice by its values: the event behind one is made only if asked for
-                one = self._chain.one_value if self._ops else None
+                # a slice by its values: the event behind one is made only if asked for.
+                # The list iterator is the position (``_cpos``): it has gone past the value
+                # being handled, or past the one a step raised on.
                 values = cols.values
-                i = self._cpos
-                n = len(values)
+                if type(values) is not list:
+                    values = list(values)
+                start = self._cpos
+                it = iter(values)
+                if start:
+                    it.__setstate__(start)  # type: ignore[attr-defined]
+                self._cn = len(values)
+                self._cit = it
                 self._window_key = _NO_KEY
-                while i < n:
-                    value = values[i]
-                    i += 1
-                    self._cpos = i
+                in_slice = _IN_SLICE
+                if not self._ops:
+                    for value in it:
+                        self._current = None
+                        self._held = in_slice
+                        yield value
+                        budget -= 1
+                        if not budget:
+                            budget = TURN_EVERY
+                            await asyncio.sleep(0)
+                        if self._cols is not cols or self._pushed_back:
+                            break
+                    continue
+                one = self._chain.one_value
+                assert one is not None  # _takes_columns: map and filter steps only
+                for value in it:
                     self._current = None
-                    self._held = _IN_SLICE
-                    if one is not None:
-                        value = one(value)
-                        if value is skip:
-                            continue
+                    self._held = in_slice
+                    value = one(value)
+                    if value is skip:
+                        continue
                     yield value
                     budget -= 1
                     if not budget:

@@ -129,6 +129,35 @@ async def test_a_map_that_raises_mid_slice_hands_that_event_over_and_the_rest_go
     assert len(dead) == 1 and "ZeroDivisionError" in reason_of(dead[0])
 
 
+async def test_a_per_item_loop_knows_each_values_event_and_hands_over_only_the_one_a_step_raised_on(
+) -> None:
+    broker = MemoryBroker()
+    produce(broker, "numbers", [{"n": n} for n in (1, 2, 0, 4, -1, 5, 10)])  # one slice of seven
+
+    def invert(d: dict[str, int]) -> int:
+        if d["n"] < 0:
+            raise StopIteration  # a bug in a step: it must not read as the end of the slice
+        return 100 // d["n"]
+
+    app = af.App("peritem")
+    numbers = app.topic("numbers")
+    out = app.sink(CaptureSink("out"))
+
+    @app.agent(numbers, on_error="dead_letter")
+    async def body(stream: af.Stream[dict[str, int]]) -> None:
+        async for v in stream.map(invert).filter(lambda v: v != 50):
+            current = stream.current
+            assert current is not None
+            await out.send(None, (current.offset, v))
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+        dead = run.dead_letters()
+    assert out.sink.values == [(0, 100), (3, 25), (5, 20), (6, 10)]
+    assert [dict(r.headers)["asyncflow.offset"] for r in dead] == [b"2", b"4"]
+    assert "ZeroDivisionError" in reason_of(dead[0]) and "StopIteration" in reason_of(dead[1])
+
+
 class Picky(Aggregate[int, int]):
     """Counts, but refuses a value of -1."""
 
