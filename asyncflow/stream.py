@@ -30,6 +30,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from datetime import timedelta
+from itertools import islice
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -192,7 +193,8 @@ class Stream(Generic[T]):
         """How far into ``_cols`` the per-item loop is: its value ``_cpos - 1`` is current.
 
         While the loop is on a slice its list iterator knows, so the loop keeps
-        no count of its own: a value costs no store.
+        no count of its own: a value costs no store. Setting it takes the slice
+        from the loop (see the setter).
         """
         it = self._cit
         if it is None:
@@ -201,7 +203,12 @@ class Stream(Generic[T]):
 
     @_cpos.setter
     def _cpos(self, pos: int) -> None:
-        self._cit = None
+        it = self._cit
+        if it is not None:
+            # a per-item loop going through it stops before its next value (it asks
+            # nothing after each value: whatever takes the slice from it comes here)
+            self._cit = None
+            it.__setstate__(self._cn)  # type: ignore[attr-defined]
         self._cpos_at = pos
 
     @property
@@ -799,33 +806,29 @@ class Stream(Generic[T]):
                 self._cit = it
                 self._window_key = _NO_KEY
                 in_slice = _IN_SLICE
-                if not self._ops:
-                    for value in it:
-                        self._current = None
-                        self._held = in_slice
-                        yield value
-                        budget -= 1
-                        if not budget:
-                            budget = TURN_EVERY
-                            await asyncio.sleep(0)
-                        if self._cols is not cols or self._pushed_back:
-                            break
-                    continue
-                one = self._chain.one_value
-                assert one is not None  # _takes_columns: map and filter steps only
-                for value in it:
-                    self._current = None
-                    self._held = in_slice
-                    value = one(value)
-                    if value is skip:
-                        continue
-                    yield value
-                    budget -= 1
-                    if not budget:
+                one = self._chain.one_value if self._ops else None
+                # up to a turn's budget of values at a time; nothing is checked after a
+                # value: a push_back or a read that takes the slice stops the iterator
+                while left := length_hint(it):
+                    if one is None:
+                        for value in islice(it, budget):
+                            self._current = None
+                            self._held = in_slice
+                            yield value
+                    else:
+                        for value in islice(it, budget):
+                            self._current = None
+                            self._held = in_slice
+                            value = one(value)
+                            if value is skip:
+                                continue
+                            yield value
+                    if self._cit is not it:
+                        break  # the slice was taken from the loop
+                    budget -= left - length_hint(it)
+                    if budget <= 0:  # the writer and the other lanes get a turn
                         budget = TURN_EVERY
                         await asyncio.sleep(0)
-                    if self._cols is not cols or self._pushed_back:
-                        break
                 continue
             try:
                 value = await self.__anext__()
@@ -912,6 +915,8 @@ class Stream(Generic[T]):
         """Deliver ``event`` again as the next item (retry after an error)."""
         if self._held is event:
             self._held = None
+        if self._cit is not None:
+            self._cpos = self._cpos  # a per-item loop stops where it is: this one comes first
         self._pushed_back.append(event)
 
     async def _next_raw(

@@ -159,6 +159,29 @@ async def test_a_body_failing_on_a_value_of_a_slice_is_retried_on_that_value_the
     assert dead == []
 
 
+async def test_an_event_the_body_pushes_back_comes_again_before_the_rest_of_its_slice() -> None:
+    broker = MemoryBroker()
+    produce(broker, docs_of(list(range(12))))
+    app = af.App("items-push-back", broker=broker, fetch_max=6)
+    numbers = app.topic("in")
+    seen: list[int] = []
+    again = {4, 8}  # values the body asks for once more
+
+    @app.agent(numbers)
+    async def twice(stream: af.Stream[dict[str, Any]]) -> None:
+        async for v in stream.map(lambda d: d["n"]).filter(lambda n: n != 9):
+            seen.append(v)
+            if v in again:
+                again.discard(v)
+                ev = stream.current
+                assert ev is not None
+                stream.push_back(ev)  # its value as read: the chain runs on it again
+
+    async with TestRun(app, broker=broker) as run:
+        await run.finish()
+    assert seen == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 10, 11]
+
+
 async def test_a_slice_left_halfway_by_the_loop_is_read_on_by_the_batch_api_in_order() -> None:
     broker = MemoryBroker()
     produce(broker, docs_of(list(range(20))))
