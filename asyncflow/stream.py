@@ -114,7 +114,8 @@ TURN_EVERY = 1024
 A lane runs its queued slices back to back while they last; under a backlog
 that is thousands of events, and meanwhile the writer cannot hand the outputs
 already made to the sink, nor another lane start. A turn every 1,024 values
-lets them in (one comparison per value, one task switch per 1,024).
+lets them in (one task switch per 1,024; the per-item loop over a slice counts the values
+it took, filtered or not, once per 1,024 rather than one by one).
 """
 
 
@@ -185,7 +186,7 @@ class Stream(Generic[T]):
         """A lane slice the per-item loop is going through by its values (no event each)."""
         self._cit: Iterator[Any] | None = None
         """The per-item loop's iterator over ``_cols``' values, which holds its position."""
-        self._cn = 0  # how many values the slice ``_cit`` goes over has
+        self._cn = 0  # the length of the values ``_cit`` goes over
         self._cpos_at = 0  # ``_cpos`` while there is no ``_cit``
 
     @property
