@@ -33,7 +33,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,23 +136,51 @@ async def run_framework(
     return time.perf_counter() - t0, sink.count
 
 
-async def run_baseline(payloads: list[tuple[bytes, bytes]], typed: bool) -> tuple[float, int]:
-    """The best hand-written loop: batches through a queue, the same map/filter and sink."""
+Batches = asyncio.Queue[list[bytes] | None]
+"""The hand loops' queue: batches of raw values, ``None`` after the last."""
+
+
+async def run_queued(
+    payloads: list[tuple[bytes, bytes]], consume: Callable[[Batches], Coroutine[Any, Any, None]]
+) -> float:
+    """The hand loops' harness: the raw values in batches of 1,000 through a queue; its seconds.
+
+    ``consume(queue)`` takes batches until ``None``; the worker's GC setting holds meanwhile.
+
+    Example:
+        >>> async def count(queue: Batches) -> None:
+        ...     while await queue.get() is not None:
+        ...         pass
+        >>> asyncio.run(run_queued(make_payloads(10), count)) > 0
+        True
+    """
     raw = [v for _, v in payloads]
-    decode_record = msgspec.json.Decoder(ReadingStruct).decode
-    loads = orjson.loads
-    sink = CountingSink()
     gc_before = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_before[1:])  # the same GC setting as the worker's
     t0 = time.perf_counter()
-    queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=8)
+    queue: Batches = asyncio.Queue(maxsize=8)
 
     async def produce() -> None:
         for i in range(0, len(raw), 1000):
             await queue.put(raw[i : i + 1000])
         await queue.put(None)
 
-    async def consume() -> None:
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            tg.create_task(consume(queue))
+    finally:
+        gc.set_threshold(*gc_before)
+    return time.perf_counter() - t0
+
+
+async def run_baseline(payloads: list[tuple[bytes, bytes]], typed: bool) -> tuple[float, int]:
+    """The best hand-written loop: batches through a queue, the same map/filter and sink."""
+    decode_record = msgspec.json.Decoder(ReadingStruct).decode
+    loads = orjson.loads
+    sink = CountingSink()
+
+    async def consume(queue: Batches) -> None:
         out: list[SinkRecord] = []
         while (batch := await queue.get()) is not None:
             for data in batch:
@@ -165,13 +193,7 @@ async def run_baseline(payloads: list[tuple[bytes, bytes]], typed: bool) -> tupl
                 out = []
         await sink.write(out)
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(produce())
-            tg.create_task(consume())
-    finally:
-        gc.set_threshold(*gc_before)
-    return time.perf_counter() - t0, sink.count
+    return await run_queued(payloads, consume), sink.count
 
 
 def run_case(case: str, events: int, repeat: int) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import asyncio
 import gc
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,6 @@ import memory_pipeline as mp
 from _rss import peak_rss_mb
 
 from asyncflow.protocols import SinkRecord
-from asyncflow.runtime import GC_YOUNG_THRESHOLD
 
 CASES = ("hand", "bare_generator", "framework")
 
@@ -57,36 +55,25 @@ CASES = ("hand", "bare_generator", "framework")
 async def run_bare_generator(
     payloads: list[tuple[bytes, bytes]], typed: bool
 ) -> tuple[float, int]:
-    """``run_baseline`` with an async generator per item between the queue and the sink."""
-    raw = [v for _, v in payloads]
+    """``run_baseline``'s queue and batches, with an async generator per item before the sink."""
     decode: Callable[[bytes], Any] = (
         msgspec.json.Decoder(mp.ReadingStruct).decode if typed else orjson.loads
     )
     to_celsius, keep = mp.to_celsius, mp.keep
     sink = mp.CountingSink()
-    gc_before = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_before[1:])
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
+    done = asyncio.get_running_loop().create_future()
     done.set_result(None)  # what a send returns while the sink has room
-    t0 = time.perf_counter()
-    queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=8)
 
-    async def produce() -> None:
-        for i in range(0, len(raw), 1000):
-            await queue.put(raw[i : i + 1000])
-        await queue.put(None)
-
-    async def values() -> AsyncIterator[Any]:
+    async def values(queue: mp.Batches) -> AsyncIterator[Any]:
         while (batch := await queue.get()) is not None:
             for value in list(map(decode, batch)):
                 value = to_celsius(value)
                 if keep(value):
                     yield value
 
-    async def consume() -> None:
+    async def consume(queue: mp.Batches) -> None:
         out: list[SinkRecord] = []
-        async for value in values():
+        async for value in values(queue):
             out.append(SinkRecord(None, value))
             await done
             if len(out) >= mp.CountingSink.max_batch:
@@ -94,13 +81,7 @@ async def run_bare_generator(
                 out = []
         await sink.write(out)
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(produce())
-            tg.create_task(consume())
-    finally:
-        gc.set_threshold(*gc_before)
-    return time.perf_counter() - t0, sink.count
+    return await mp.run_queued(payloads, consume), sink.count
 
 
 def measure(events: int, rounds: int, typed: bool) -> list[dict[str, Any]]:
