@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from asyncflow.channels import Topic
-from asyncflow.errors import AgentError
+from asyncflow.errors import AgentError, PartitionRevoked
 from asyncflow.event import Event
 from asyncflow.stream import LaneContext, Stream
 
@@ -150,6 +150,15 @@ class Agent:
                     raise
                 except Exception as exc:
                     events = stream._take_in_flight()
+                    if isinstance(exc, PartitionRevoked):
+                        # abandoned, not failed: the partition's new owner handles it again
+                        gone = exc.partition
+                        log.info("agent %s lane %d: %s", self.name, lane.index, exc)
+                        kept = [e for e in events if e.partition != gone]
+                        stream.metrics.incr("events_abandoned", len(events) - len(kept))
+                        events = kept
+                        if not events:
+                            continue
                     from_result = not events and stream._window_key is not _no_key()
                     if from_result:  # raised while handling a window result: that is what failed
                         events = [_result_event(stream)]

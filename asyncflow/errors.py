@@ -256,6 +256,25 @@ class AgentError(AsyncflowError):
     """
 
 
+class PartitionRevoked(AsyncflowError):
+    """An event's partition was given up (revoked or lost) while a lane was handling it.
+
+    Raised when that event asks for the partition's state after the worker
+    let it go: the event is abandoned (no output, no dead letter), since the
+    partition's new owner handles it again from the last committed offset.
+    ``partition`` is the partition given up.
+
+    Example:
+        >>> e = PartitionRevoked("p3", "partition p3 was given up")
+        >>> e.partition, str(e)
+        ('p3', 'partition p3 was given up')
+    """
+
+    def __init__(self, partition: Any, message: str) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+
 class CommitFailed(AsyncflowError):
     """``Source.commit`` could not commit, for a reason that may pass; nothing of it counts as done.
 

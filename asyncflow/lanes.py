@@ -39,7 +39,7 @@ class LaneQueue:
     """
 
     __slots__ = ("_items", "size", "maxsize", "low", "peak", "_getter", "_closed", "on_room",
-                 "takes_columns")
+                 "takes_columns", "reader_lets_go")
 
     def __init__(self, maxsize: int, on_room: Callable[[LaneQueue], None] | None = None) -> None:
         if maxsize < 1:
@@ -58,6 +58,10 @@ class LaneQueue:
         ``False`` once it made events of a slice, and from then on the dispatcher hands
         this lane events. ``None`` until the stream has read (the batches queued before
         the agent starts): the dispatcher hands columns, which every consumer reads."""
+        self.reader_lets_go: Callable[[Callable[[Hashable], bool]], list[tuple[Hashable, int]]] \
+            | None = None
+        """The lane's reader (its ``Stream``): gives up what it took from the queue of the
+        partitions a predicate names and has not started, and says their positions."""
 
     def has_room(self, n: int) -> bool:
         """Whether ``n`` more events fit (an empty queue always takes one batch)."""
@@ -136,10 +140,14 @@ class LaneQueue:
         return await self.get()
 
     def drop_partitions(self, gone: Callable[[Hashable], bool]) -> list[tuple[Hashable, int]]:
-        """Remove the queued events of the partitions ``gone`` says (revoked ones).
+        """Remove the events of the partitions ``gone`` says (revoked ones) no handler started.
 
-        Returns their ``(partition, offset)`` pairs. A slice is one partition's:
-        all of it goes or stays, and nothing of it is decoded.
+        The queued ones, and what the lane's reader took from the queue and has
+        not handed to its agent yet (the rest of a slice it is going through):
+        a partition given up is its next owner's, and what this lane would do
+        with it after that is done on state it no longer has. Returns their
+        ``(partition, offset)`` pairs. A queued slice is one partition's: all of
+        it goes or stays, and nothing of it is decoded.
         """
         dropped: list[tuple[Hashable, int]] = []
         items = self._items
@@ -153,7 +161,9 @@ class LaneQueue:
                 if len(keep) != len(item):
                     dropped += [(e.partition, e.offset) for e in item if gone(e.partition)]
                     items[i] = keep
-        self.size -= len(dropped)
+        self.size -= len(dropped)  # (what the reader took is counted no more)
+        if self.reader_lets_go is not None:
+            dropped += self.reader_lets_go(gone)
         return dropped
 
     def __len__(self) -> int:

@@ -153,7 +153,12 @@ class SourceRunner:
             self.dispatcher.assign(p, skip_to=ps.skip_to, frontier=ps.frontier)
 
     async def on_revoked(self, partitions: Collection[Hashable]) -> None:
-        """Take back their queued events, checkpoint, then give up their state."""
+        """Checkpoint them, take back what the lanes hold of them, then give up their state.
+
+        Without state the lanes' events of them are taken back first (the new
+        owner replays them); with state the lanes drain them into the checkpoint,
+        and only what a checkpoint that did not complete left is taken back.
+        """
         gone = set(partitions)
         self.owned.difference_update(gone)
         log.info("revoking %s: checkpointing", _fmt(partitions))
@@ -168,6 +173,9 @@ class SourceRunner:
         if not done:
             log.warning("revoked %s without a last checkpoint; the new owner replays from the "
                         "last committed offsets", _fmt(partitions))
+        # what the lanes still hold of them (the checkpoint did not complete) is the new
+        # owner's: handled here after the release, it would be on state this worker let go
+        self.dispatcher.take_back(gone)
         self.runtime.state.release(gone)
         self.dispatcher.forget(gone)
         self.checkpointer.forget(gone)

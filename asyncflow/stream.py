@@ -188,6 +188,9 @@ class Stream(Generic[T]):
         """The per-item loop's iterator over ``_cols``' values, which holds its position."""
         self._cn = 0  # the length of the values ``_cit`` goes over
         self._cpos_at = 0  # ``_cpos`` while there is no ``_cit``
+        self._gathering: tuple[list[Event[Any]], list[Any]] | None = None
+        """The events and values ``batch(size, timeout)`` is gathering (not handed out yet)."""
+        queue.reader_lets_go = self._let_go
 
     @property
     def _cpos(self) -> int:
@@ -689,6 +692,7 @@ class Stream(Generic[T]):
         while True:
             events: list[Event[Any]] = []
             values: list[T] = []
+            self._gathering = (events, values)  # a revoke lets go of its partitions' (_let_go)
             deadline = time.monotonic() + timeout
             ended = False
             failed: tuple[Exception, Event[Any] | None] | None = None
@@ -710,6 +714,7 @@ class Stream(Generic[T]):
                 # the batch so far goes out first; the failing event (held aside) follows
                 failed = (exc, self._held)
                 self._held = None
+            self._gathering = None
             if values:
                 self._batch_events = events
                 self._current = events[-1]
@@ -919,6 +924,59 @@ class Stream(Generic[T]):
         if self._cit is not None:
             self._cpos = self._cpos  # a per-item loop stops where it is: this one comes first
         self._pushed_back.append(event)
+
+    def _let_go(self, gone: Callable[[Hashable], bool]) -> list[tuple[Hashable, int]]:
+        """Give up what this lane took of the partitions ``gone`` names and did not start.
+
+        Their partitions were revoked or lost (``LaneQueue.drop_partitions``):
+        the rest of the slice the loop is going through, the events left in the
+        local batch, those pushed back, those ``batch(size, timeout)`` is
+        gathering, and a failure waiting to be raised on one of them. What is
+        being handled now finishes; nothing after it of those partitions is.
+        Returns their ``(partition, offset)`` pairs.
+
+        Example:
+            >>> import asyncio
+            >>> from asyncflow.testing import stream_of
+            >>> async def demo():
+            ...     s = stream_of(["a", "b", "c"])
+            ...     first = await s.__anext__()
+            ...     return first, s._let_go(lambda p: True)
+            >>> asyncio.run(demo())
+            ('a', [(None, 1), (None, 2)])
+        """
+        dropped: list[tuple[Hashable, int]] = []
+        cols = self._cols
+        if cols is not None and gone(cols.partition):
+            pos = self._cpos
+            if pos < len(cols):
+                if self._current is None:
+                    self._current = self.current  # stays current once the slice is let go
+                dropped += [(cols.partition, o) for o in list(cols.offsets)[pos:]]
+                self._cpos = len(cols)  # the per-item loop stops before its next value
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            rest = buf[pos:]
+            keep = [e for e in rest if not gone(e.partition)]
+            if len(keep) != len(rest):
+                dropped += [(e.partition, e.offset) for e in rest if gone(e.partition)]
+                self._buf, self._pos = keep, 0  # a new list: the per-item loop takes it up
+        pushed = self._pushed_back
+        if any(gone(e.partition) for e in pushed):
+            dropped += [(e.partition, e.offset) for e in pushed if gone(e.partition)]
+            pushed[:] = [e for e in pushed if not gone(e.partition)]
+        failed = self._failed
+        if failed is not None and failed[1] is not None and gone(failed[1].partition):
+            self._failed = None
+            dropped.append((failed[1].partition, failed[1].offset))
+        gathering = self._gathering
+        if gathering is not None and any(gone(e.partition) for e in gathering[0]):
+            events, values = gathering
+            kept = [i for i, e in enumerate(events) if not gone(e.partition)]
+            dropped += [(e.partition, e.offset) for e in events if gone(e.partition)]
+            values[:] = [values[i] for i in kept]
+            events[:] = [events[i] for i in kept]
+        return dropped
 
     async def _next_raw(
         self, timeout: float | None = None, stop_at_barrier: bool = False

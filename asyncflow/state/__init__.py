@@ -11,6 +11,12 @@ restored before it is read (``asyncflow.state.restore``). The guarantees:
   committed offset; state that already reflects later offsets skips them.
 - **State never ahead of outputs.** What state claims was flushed first.
 - **Nothing lost.** What the committed offsets cover is in the changelog.
+- **A worker that lost a partition leaves nothing behind.** Its lanes handle
+  none of the partition's events after the one each is on, that one is
+  abandoned if it asks for state (``PartitionRevoked``), and a checkpoint it
+  writes late (it was dropped from the group without knowing yet) is not
+  what anyone restores: each restore claims the partition, and later
+  restores follow the claims (``asyncflow.state.restore``).
 
 Outputs are at-least-once: a crash, a kill or a rebalance may send what was
 sent since the last checkpoint again.

@@ -37,6 +37,7 @@ from collections.abc import Collection, Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
 from asyncflow.clock import Clock
+from asyncflow.errors import PartitionRevoked
 from asyncflow.metrics import Metrics
 from asyncflow.protocols import ChangelogBroker, TopicPartition, TopicSpec
 from asyncflow.state.keyed import TablePartition
@@ -144,6 +145,8 @@ class StateManager:
         self.windows: list[WindowState] = []
         self._window_tables: set[str] = set()
         self._parts: dict[Hashable, PartitionState] = {}
+        self._released: set[Hashable] = set()
+        """Partitions given up and not assigned again: their state is asked for no more."""
         self._ensured: set[str] = set()
         self._token = secrets.token_hex(4)
         self._seq = 0
@@ -175,8 +178,9 @@ class StateManager:
         """Open and restore every known table's shard of each partition; returns their states."""
         out: dict[Hashable, PartitionState] = {}
         for p in partitions:
+            self._released.discard(p)
             ps = self._parts.get(p)
-            if ps is None:
+            if ps is None or not ps.assigned:  # (state made up outside an assignment: none)
                 ps = self._parts[p] = PartitionState(p, assigned=True)
             ps.assigned = True
             c = committed.get(p, UNKNOWN)
@@ -187,7 +191,13 @@ class StateManager:
         return out
 
     def release(self, partitions: Iterable[Hashable]) -> None:
-        """Close the shards of partitions given up (after their last checkpoint)."""
+        """Close the shards of partitions given up (after their last checkpoint, if any).
+
+        Their lanes handle none of their events after the one each is on
+        (``LaneQueue.drop_partitions``); if that one asks for their state, it
+        gets ``PartitionRevoked`` (never state made up from nothing) and is
+        abandoned: the partition's new owner handles it.
+        """
         gone = set(partitions)
         for w in self.windows:
             w.drop_partitions(gone)
@@ -196,6 +206,7 @@ class StateManager:
             if ps is not None:
                 for shard in ps.shards.values():
                     shard.close()
+            self._released.add(p)
 
     def partition(self, partition: Hashable) -> PartitionState | None:
         """The state of an assigned partition."""
@@ -217,6 +228,9 @@ class StateManager:
                 str(partition).encode(),
             )
         shard = TableShard(table, partition, store, target)
+        # records of other writers among its own can be legitimate: transactions' control
+        # records, the other partitions of a source whose partitions share changelog 0
+        shard.shared = self.exactly_once or not isinstance(partition, TopicPartition)
         read = await restore_shard(shard, committed=committed, stall_timeout=self.restore_timeout,
                                    exactly_once=self.exactly_once)
         self.metrics.incr("state.restored_shards")
@@ -232,9 +246,13 @@ class StateManager:
 
     # -- access from lanes --------------------------------------------------------------
     def table_partition(self, table: Table[Any], partition: Hashable) -> TablePartition:
-        """The table's values in ``partition`` (an unassigned partition gets in-memory state)."""
+        """The table's values in ``partition`` (one never assigned gets in-memory state).
+
+        Raises ``PartitionRevoked`` for a partition this worker gave up.
+        """
         ps = self._parts.get(partition)
         if ps is None:
+            self._check_not_released(partition)
             ps = self._parts[partition] = PartitionState(partition)
         tp = ps.tables.get(table.name)
         if tp is None:
@@ -259,6 +277,7 @@ class StateManager:
         """A window table's shard of ``partition``, restored first if it was not yet."""
         ps = self._parts.get(partition)
         if ps is None:
+            self._check_not_released(partition)
             ps = self._parts[partition] = PartitionState(partition)
         found = ps.shards.get(table)
         if found is not None:
@@ -272,6 +291,14 @@ class StateManager:
             )
             shard = ps.shards[table] = await self._open_shard(table, partition, UNKNOWN)
         return shard
+
+    def _check_not_released(self, partition: Hashable) -> None:
+        if partition in self._released:
+            raise PartitionRevoked(
+                partition,
+                f"partition {partition} was given up while an event of it was handled; its "
+                "new owner handles that event again",
+            )
 
     # -- checkpoints -------------------------------------------------------------------
     @property

@@ -19,6 +19,22 @@ On assignment, for each table shard:
    before its commit), the state is dropped and tombstones for its keys go
    into the next checkpoint: processing starts from scratch, consistently.
 
+**Claims.** The sentinel is also the restoring worker's claim on the
+partition: every record the shard writes from then on carries its token
+(header ``asyncflow.claim``). A worker that lost the partition without
+hearing of it yet (dropped from the group while a rebalance waited for it)
+may still write a checkpoint after its successor's claim, one that claims
+more than the successor's state holds; read as it stands, the log would give
+state ahead of its marker (events applied twice) or older values over newer
+ones. So a restore counts, after each sentinel, only the records of that
+sentinel's claim: another claim's records (and markers) after it are
+ignored, and their keys are rewritten with trusted values by the next
+checkpoint (so that compaction cannot bring the late values back). Records
+without a claim (written before claims existed) count as before. The late
+writer's local store holds that checkpoint too: a shard that finds another
+writer's records between its own (``TableShard.persist_changelog``) marks its
+local store untrusted, and its next restore rebuilds it from the changelog.
+
 Under exactly-once (``exactly_once=True``) changelog records are written in
 the checkpoint's transaction and read back ``read_committed``; on top of
 that a restore trusts no checkpoint the group did not commit: a local store
@@ -62,7 +78,13 @@ from typing import Any
 import orjson
 
 from asyncflow.errors import AsyncflowError
-from asyncflow.state.shard import MARKER_KEY, PARTITION_HEADER, SENTINEL_KEY, TableShard
+from asyncflow.state.shard import (
+    CLAIM_HEADER,
+    MARKER_KEY,
+    PARTITION_HEADER,
+    SENTINEL_KEY,
+    TableShard,
+)
 
 log = logging.getLogger("asyncflow.state")
 
@@ -98,9 +120,11 @@ async def restore_shard(
         return 0
     broker, topic, part, label = target.broker, target.topic, target.partition, target.label
     token = secrets.token_hex(8).encode()
+    target.take_claim(token)  # the sentinel, and everything this shard writes, under its token
     sentinel = target.record(SENTINEL_KEY, orjson.dumps({"token": token.decode()}))
     append_now = getattr(broker, "append_now", None) if exactly_once else None
     end = await (append_now or broker.append)(topic, part, [sentinel])
+    shard.written_to = end
     limit: int | None = committed if exactly_once and isinstance(committed, int) else None
     if limit is not None and shard.applied is not None and shard.applied > limit:
         log.info("local state of table %s for partition %s claims offset %d, beyond the "
@@ -110,6 +134,7 @@ async def restore_shard(
 
     start = 0
     trusted_local = False
+    claimant: bytes | None = None  # whose records count: the claim of the last sentinel read
     if shard.marker_pos is not None and shard.marker_id is not None:
         if shard.marker_pos < end:
             head = await broker.read_changelog(topic, part, shard.marker_pos, timeout=stall_timeout,
@@ -117,6 +142,7 @@ async def restore_shard(
             if head and head[0].offset == shard.marker_pos and head[0].key == MARKER_KEY:
                 marker = orjson.loads(head[0].value or b"{}")
                 trusted_local = marker.get("id") == shard.marker_id
+                claimant = _header(head[0].headers, CLAIM_HEADER)
             start = shard.marker_pos + 1 if trusted_local else 0
         elif committed is not None and shard.marker_pos is not None:
             # the changelog is shorter than what this store saw: it was lost; keep the
@@ -133,6 +159,7 @@ async def restore_shard(
         store.clear()
         shard.applied = shard.checkpointed = shard.frontier = None
         shard.marker_id = shard.marker_pos = None
+        claimant = None
 
     trusted: dict[bytes, bytes | None] = {}
     tail: dict[bytes, bytes | None] = {}
@@ -152,14 +179,23 @@ async def restore_shard(
         done = False
         for rec in batch:
             position = rec.offset + 1
-            if _label(rec.headers) != label:
+            headers = rec.headers
+            if _header(headers, PARTITION_HEADER) != label:
                 continue
             read += 1
             key = rec.key
+            claim = _header(headers, CLAIM_HEADER)
             if key == SENTINEL_KEY:
                 if rec.offset == end:
                     done = True
                     break
+                claimant = claim  # a worker took the partition here: from now on, its records
+                continue
+            if claim is not None and claimant is not None and claim != claimant:
+                # written after another worker took the partition, by one that had lost it:
+                # not state anyone restored or committed. Its keys get trusted values again
+                if key != MARKER_KEY and key is not None:
+                    untrusted.add(key)
                 continue
             if key == MARKER_KEY:
                 marker = orjson.loads(rec.value or b"{}")
@@ -220,8 +256,8 @@ def _reset_if_uncommitted(shard: TableShard, committed: Any) -> None:
     shard.marker_id = shard.marker_pos = None
 
 
-def _label(headers: Any) -> bytes | None:
+def _header(headers: Any, wanted: str) -> bytes | None:
     for name, value in headers or ():
-        if name == PARTITION_HEADER:
+        if name == wanted:
             return bytes(value)
     return None

@@ -44,6 +44,14 @@ SENTINEL_KEY = b"\x01asyncflow.restore"
 PARTITION_HEADER = "asyncflow.partition"
 """Header naming the source partition a changelog record belongs to."""
 
+CLAIM_HEADER = "asyncflow.claim"
+"""Header naming the claim a changelog record was written under: the token of the
+restore sentinel its writer wrote when it took the partition (see ``restore``)."""
+
+UNTRUSTED = b"\x00untrusted"
+"""A local store's ``marker_id`` that matches no marker: the store is rebuilt at its next
+restore (its writer found another writer's records among its own, see ``persist_changelog``)."""
+
 
 @dataclass(slots=True)
 class ChangelogTarget:
@@ -63,9 +71,15 @@ class ChangelogTarget:
     partition: int
     label: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    claim: bytes | None = None
 
     def __post_init__(self) -> None:
         self.headers = ((PARTITION_HEADER, self.label),)
+
+    def take_claim(self, claim: bytes) -> None:
+        """Write every record from now on under ``claim`` (a restore's sentinel token)."""
+        self.claim = claim
+        self.headers = ((PARTITION_HEADER, self.label), (CLAIM_HEADER, claim))
 
     def record(self, key: bytes, value: bytes | None) -> SinkRecord:
         """A changelog record for this partition."""
@@ -112,6 +126,9 @@ class TableShard:
         "table",
         "_lanes",
         "closed",
+        "written_to",
+        "shared",
+        "tainted",
     )
 
     def __init__(
@@ -134,6 +151,16 @@ class TableShard:
         self.compensation: dict[bytes, bytes | None] = {}
         self._lanes: dict[int, list[tuple[bytes, bytes]]] | None = None
         self.closed = False
+        self.written_to: int | None = None
+        """Where this shard's last record stands in the changelog (its claim, after a
+        restore; then each checkpoint's marker); ``None``: not followed."""
+        self.shared = False
+        """Whether another writer's records among this shard's own can be legitimate (a
+        changelog partition several sources' partitions share, or transactions' control
+        records between checkpoints): then ``written_to`` is not followed."""
+        self.tainted = False
+        """Whether another writer's records were found among this shard's own: its local
+        store is never trusted again (``UNTRUSTED``)."""
 
     def load_meta(self) -> None:
         """Read the checkpoint metadata the local store holds."""
@@ -174,7 +201,10 @@ class TableShard:
         """The changelog half of ``persist``: changes and marker; the store metadata to write.
 
         Under exactly-once this runs inside the checkpoint's transaction and
-        ``persist_local`` only after it committed.
+        ``persist_local`` only after it committed. The records go under the
+        shard's claim (see ``asyncflow.state.restore``); if they do not follow
+        the shard's last record directly, someone else wrote in between, and
+        the local store is marked untrusted from then on (``UNTRUSTED``).
         """
         meta: dict[str, bytes] = {"marker_id": staged.checkpoint_id.encode()}
         if staged.offset is not None:
@@ -194,6 +224,17 @@ class TableShard:
             records.append(target.record(MARKER_KEY, orjson.dumps(marker)))
             position = await target.broker.append(target.topic, target.partition, records)
             meta["marker_pos"] = str(position).encode()
+            last = self.written_to
+            if last is not None and not self.shared and position - len(records) != last:
+                # something else was written since this shard's last record: another worker
+                # took the partition (its claim) and this one is behind the times, or one
+                # that lost it wrote late. Either way the local store cannot tell from its
+                # marker whether it is current: it is rebuilt at its next restore (which
+                # follows claims, so the changelog stays right)
+                self.tainted = True
+            self.written_to = position
+            if self.tainted:
+                meta["marker_id"] = UNTRUSTED
         return meta
 
     async def persist_local(self, staged: Staged, meta: dict[str, bytes]) -> None:

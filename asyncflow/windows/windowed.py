@@ -208,12 +208,14 @@ class WindowedStream:
     async def _open(self, partition: Hashable) -> WindowOperator:
         """The operator of ``partition``, rebuilt from its restored state."""
         op = self._new_operator()
-        self._ops[partition] = op
         lane = self._stream._lane
         state = getattr(lane, "state", None)
         if state is None:
+            self._ops[partition] = op
             return op
+        # (raises PartitionRevoked for a partition given up: then no operator is left for it)
         shard = await state.window_shard(self.table, partition)
+        self._ops[partition] = op
         if shard.frontier is not None:
             op.on_watermark(shard.frontier, self._arrival_wall())
             op.results.clear()

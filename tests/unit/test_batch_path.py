@@ -482,3 +482,26 @@ async def test_a_batch_agent_working_through_queued_slices_gives_the_event_loop_
     assert len(seen) == events
     turns = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b > a)
     assert turns >= events // TURN_EVERY - 1
+
+
+async def test_a_batch_being_gathered_lets_go_of_the_events_of_a_partition_given_up() -> None:
+    from asyncflow.lanes import LaneQueue
+    from asyncflow.stream import LaneContext, Stream
+    from asyncflow.testing import wait_for
+
+    queue = LaneQueue(100)
+    stream: Stream[int] = Stream(queue, LaneContext("t", 0))
+    queue.put([Event("a", 1, partition="p0", offset=0), Event("b", 2, partition="p1", offset=0)])
+    got: list[list[int]] = []
+
+    async def body() -> None:
+        async for batch in stream.batch(10, 30.0):
+            got.append(batch)
+
+    task = asyncio.create_task(body())
+    await wait_for(lambda: stream._gathering is not None and len(stream._gathering[0]) == 2)
+    assert queue.drop_partitions(lambda p: p == "p1") == [("p1", 0)]  # p1 was revoked
+    queue.put([Event("c", 3, partition="p0", offset=1)])
+    queue.close()
+    await task
+    assert got == [[1, 3]]

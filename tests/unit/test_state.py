@@ -404,3 +404,129 @@ def test_keys_go_to_the_same_lane_in_every_process() -> None:
         for seed in ("1", "2", "3")
     }
     assert len(runs) == 1
+
+
+def prefix_totals(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Every (account, running total) a correct worker can send, in any order of partitions."""
+    out: set[tuple[str, int]] = set()
+    running: Counter[str] = Counter()
+    for r in rows:  # an account's payments are in one partition, in the order they were sent
+        running[r["account"]] += r["amount"]
+        out.add((r["account"], running[r["account"]]))
+    return out
+
+
+async def test_a_partition_revoked_without_its_checkpoint_is_never_handled_on_empty_state() -> None:
+    # A's lanes are stuck when B joins: the revoke's checkpoint gives up (drain_timeout) and
+    # A lets two partitions go with their events still in its lanes. Those events are B's
+    # now: A must not go on with them on state it no longer has (totals counted from zero),
+    # and when the partitions come back, A must restore them, not keep what it made up.
+    broker = MemoryBroker()
+    rows = payments(n=2_000, accounts=40)
+    gate = asyncio.Event()
+    a = totals_app(gate, drain_timeout=0.1)
+    async with TestRun(a, broker=broker) as run_a:
+        await send_payments(run_a, rows[:1_500])
+        await wait_for(lambda: a.metrics.get("events_in") >= 1_500)
+        b = totals_app()
+        async with TestRun(b, broker=broker) as run_b:  # takes two partitions from stuck A
+            await wait_for(lambda: b.metrics.get("state.restored_shards") >= 2)
+            gate.set()  # A's lanes go on
+            await wait_for(
+                lambda: a.metrics.get("checkpoints") >= 1 and b.metrics.get("checkpoints") >= 1
+            )
+            await wait_for(lambda: all(
+                broker.committed("totals", "payments", p) == len(log)
+                for p, log in enumerate(broker.topics["payments"].partitions)
+            ), timeout=30)
+            await run_b.stop()  # and gives them back to A
+        assert a._runtime is not None
+        owned = a._runtime.runners[0].owned
+        await wait_for(lambda: len(owned) == 4)
+        await send_payments(run_a, rows[1_500:])
+        await run_a.finish()
+        assert run_a.table("totals") == totals_of(rows)
+    # what A's lanes were on when the partitions went was abandoned, and nothing after it
+    assert 1 <= a.metrics.get("events_abandoned") <= 4
+    valid = prefix_totals(rows)
+    sent = [(r.key.decode().strip('"'), orjson.loads(r.value))
+            for log in broker.topics["running"].partitions for r in log]
+    wrong = [s for s in sent if s not in valid]
+    assert not wrong, f"{len(wrong)} of {len(sent)} totals are no running total, e.g. {wrong[:5]}"
+
+
+async def test_windows_of_a_partition_revoked_without_its_checkpoint_are_not_made_up_from_its_rest() -> None:
+    # As above with windows: A let the windows of two partitions go with the rest of their
+    # events still in its lanes. Counted into new windows after that, they would come out
+    # as windows with part of their events; B, their new owner, emits the whole ones.
+    broker = MemoryBroker()
+    rows = readings(n=4_000)
+    gate = asyncio.Event()
+    sink_a, sink_b = CaptureSink("out"), CaptureSink("out")
+    a = af.App("windows", drain_timeout=0.1)
+    topic = a.topic("readings", key=lambda r: r["sensor"], time=lambda r: r["t"] / 1000,
+                    partitions=4)
+    out = a.sink(sink_a)
+
+    @a.agent(topic, concurrency=3)
+    async def count(stream: af.Stream[dict[str, Any]]) -> None:
+        windows = stream.window(af.Tumbling(timedelta(milliseconds=SIZE_MS)),
+                                wait=timedelta(seconds=10), aggregate=af.Count())
+        async for w in windows:
+            await gate.wait()
+            await out.send(w.key, (w.key, w.start_ms, w.value))
+
+    async with TestRun(a, broker=broker) as run_a:
+        for end in range(500, 3_001, 500):  # slices queued behind the ones A is stuck in
+            await send_readings(run_a, rows[end - 500:end])
+            await wait_for(lambda: a.metrics.get("events_in") >= end)  # noqa: B023
+        b = windows_app(sink_b)
+        async with TestRun(b, broker=broker) as run_b:  # takes two partitions from stuck A
+            await wait_for(lambda: b.metrics.get("state.restored_shards") >= 2)
+            gate.set()
+            await send_readings(run_b, rows[3_000:])
+            await run_b.finish()
+        await run_a.finish()
+    by_window: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for k, s, n in emitted(sink_a, sink_b):
+        by_window[(k, s)].add(n)
+    expected = windows_of(rows)
+    wrong = {w: ns for w, ns in by_window.items() if ns != {expected.get(w)}}
+    assert not wrong, f"{len(wrong)} windows came out with other counts than {{count}}: {wrong}"
+    assert set(by_window) == set(expected)
+
+
+async def test_a_checkpoint_a_worker_writes_after_losing_its_partition_is_never_restored() -> None:
+    # The old owner of p0 did not hear yet that it lost the partition: its checkpoint lands
+    # in the changelog after the new owner took the partition over, and claims more than the
+    # new owner's state. What anyone restores later is the new owner's state, and the old
+    # owner's local store, which holds that checkpoint, is rebuilt instead of trusted.
+    from asyncflow.state.restore import restore_shard
+    from asyncflow.state.shard import ChangelogTarget, TableShard
+    from asyncflow.state.store import MemoryStore
+
+    broker = MemoryBroker()
+    broker.create_topic("app-t-changelog")
+
+    def shard(store: MemoryStore | None = None) -> TableShard:
+        target = ChangelogTarget(broker, "app-t-changelog", 0, b"p0")
+        return TableShard("t", "p0", store or MemoryStore(), target)
+
+    old = shard()
+    await restore_shard(old, committed=None)
+    await old.persist(old.stage([(b'"a"', b"1")], offset=10, frontier=None, checkpoint_id="o-1"))
+    new = shard()
+    await restore_shard(new, committed=10)
+    assert dict(new.store.items()) == {b'"a"': b"1"}
+    await old.persist(old.stage([(b'"a"', b"5"), (b'"b"', b"7")], offset=30, frontier=None,
+                                checkpoint_id="o-2"))  # too late: p0 is the new owner's
+    await new.persist(new.stage([(b'"a"', b"2")], offset=20, frontier=None, checkpoint_id="n-1"))
+
+    later = shard()
+    await restore_shard(later, committed=20)
+    assert dict(later.store.items()) == {b'"a"': b"2"} and later.applied == 20
+    # their keys are written again, so that compaction cannot bring the late values back
+    assert later.compensation == {b'"a"': b"2", b'"b"': None}
+    again = shard(old.store)  # the old owner restarts with its local store
+    await restore_shard(again, committed=20)
+    assert dict(again.store.items()) == {b'"a"': b"2"} and again.applied == 20
