@@ -10,12 +10,14 @@ A worker subprocess runs ``asyncflow worker tests.integration.kafka.apps_for_tes
     E2E_PARTITIONS   partitions of both topics (4)
     E2E_CONCURRENCY  lanes (4)
     E2E_MODE         transform | slow | window | repartition | total | dedup
-    E2E_LANE_RATE    transform: events/s per lane, 0 = unthrottled; slow: sink events/s
+    E2E_LANE_RATE    transform, total: events/s per lane, 0 = unthrottled; slow: sink events/s
     E2E_COMMIT_INTERVAL  seconds between periodic commits (the app's default if unset)
     E2E_TTL          dedup: seconds a seen key is remembered (table ttl)
     E2E_CLIENT       Kafka client: aiokafka (default) | rdkafka
     E2E_GUARANTEE    processing_guarantee: at_least_once (default) | exactly_once
     E2E_TRANSACTIONAL_ID  exactly-once: the worker's transactional id (stable per worker)
+    E2E_RESTORE_DELAY  seconds every changelog read of a restore waits first (0: none), so
+                     a restore lasts as long as a big state's would, whatever the machine
 
 Modes:
 
@@ -111,6 +113,7 @@ class Config:
     client: str = "aiokafka"
     guarantee: str = "at_least_once"
     transactional_id: str | None = None
+    restore_delay: float = 0.0
     broker: str | None = None  # None: ASYNCFLOW_BROKER or --broker
     extra: dict[str, Any] = field(default_factory=dict)  # more App(...) arguments, in-process
 
@@ -130,6 +133,7 @@ class Config:
             client=env.get("E2E_CLIENT", "aiokafka"),
             guarantee=env.get("E2E_GUARANTEE", "at_least_once"),
             transactional_id=env.get("E2E_TRANSACTIONAL_ID") or None,
+            restore_delay=float(env.get("E2E_RESTORE_DELAY", "0")),
         )
 
     def env(self) -> dict[str, str]:
@@ -153,6 +157,8 @@ class Config:
             out["E2E_GUARANTEE"] = self.guarantee
         if self.transactional_id:
             out["E2E_TRANSACTIONAL_ID"] = self.transactional_id
+        if self.restore_delay:
+            out["E2E_RESTORE_DELAY"] = str(self.restore_delay)
         return out
 
 
@@ -304,9 +310,13 @@ def build(cfg: Config) -> af.App:
         totals = app.table("totals", default=0)
         totals_topic: af.Topic[dict[str, Any]] = app.topic(cfg.output, partitions=cfg.partitions)
 
+        every = 50
+        pause = every / cfg.lane_rate if cfg.lane_rate > 0 else 0.0
+
         @app.agent(source, concurrency=cfg.concurrency)
         async def running_total(stream: af.Stream[Item]) -> None:
             total = stream.state(totals)
+            n = 0
             async for item in stream:
                 if item.seq >= END_SEQ:
                     continue
@@ -314,6 +324,9 @@ def build(cfg: Config) -> af.App:
                 await totals_topic.send(
                     item.key, {"key": item.key, "seq": item.seq, "total": new, "pid": pid}
                 )
+                n += 1
+                if pause and n % every == 0:
+                    await asyncio.sleep(pause)
 
     elif cfg.mode == "dedup":
         from datetime import timedelta
@@ -339,7 +352,28 @@ def build(cfg: Config) -> af.App:
 
 def app() -> af.App:
     """The app a worker subprocess runs (``asyncflow worker ...apps_for_tests:app``)."""
-    return build(Config.from_env())
+    cfg = Config.from_env()
+    if cfg.restore_delay:
+        slow_changelog_reads(cfg.restore_delay)
+    return build(cfg)
+
+
+def slow_changelog_reads(delay: float) -> None:
+    """Make every changelog read of this process wait ``delay`` seconds first.
+
+    Only in a worker subprocess (``app``): a restore then takes as long as one
+    of a big state would, on a fast machine too, so a test can have another
+    worker join in the middle of it. The reads themselves are the broker's.
+    """
+    from adapters.kafka import KafkaBroker
+
+    read = KafkaBroker.read_changelog
+
+    async def slow_read(self: KafkaBroker, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(delay)
+        return await read(self, *args, **kwargs)
+
+    KafkaBroker.read_changelog = slow_read  # type: ignore[method-assign]
 
 
 # -- helpers the tests use to feed, run and observe the apps --------------------------

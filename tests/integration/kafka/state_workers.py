@@ -52,14 +52,18 @@ class Pool:
     def state_dir(self, name: str) -> Path:
         return self.tmp_path / "state" / name
 
-    def start(self, name: str, state: str | None = None) -> Worker:
-        """Start a worker for ``name`` with the state directory of ``state`` (default: ``name``)."""
+    def start(self, name: str, state: str | None = None, env: dict[str, str] | None = None) -> Worker:
+        """Start a worker for ``name`` with the state directory of ``state`` (default: ``name``).
+
+        ``env``: more variables for this worker alone.
+        """
         n = self._starts[name]
         self._starts[name] += 1
         env = {
             **self.cfg.env(),
             "ASYNCFLOW_STATE_DIR": str(self.state_dir(state or name)),
             **self.env,
+            **(env or {}),
         }
         w = Worker(broker=self.url, env=env, log_dir=self.tmp_path, name=f"{name}.{n}")
         self.all.append(w)

@@ -409,7 +409,12 @@ async def test_a_rebalance_during_a_restore_neither_hangs_nor_skips_data(
     keys, rounds, more = 100_000, 3, 1  # a changelog of ~300,000 records
     src, out = await topics(kafka_bootstrap)
     group = unique_name("e2e-restore")
-    cfg = Config(app_id=group, input=src, output=out, mode="total", commit_interval=FAST)
+    # every changelog read waits a moment first: a's restore lasts about two seconds on any
+    # machine, so b joins in the middle of it (but not much longer: Tansu drops a member that
+    # has not rejoined a rebalance within its session timeout, 3 s, and a restore runs inside
+    # the rebalance)
+    cfg = Config(app_id=group, input=src, output=out, mode="total", commit_interval=FAST,
+                 restore_delay=0.08)
     async with Pool(kafka_url, cfg, tmp_path) as pool:
         await produce_events(kafka_bootstrap, src, rounds * keys, keys=keys)
         seed = pool.start("seed")
@@ -455,6 +460,53 @@ async def test_a_rebalance_during_a_restore_neither_hangs_nor_skips_data(
         kafka_url, group, "totals", src, await committed(kafka_bootstrap, group, src, PARTITIONS)
     )
     assert state == {key_of(k, keys): prefix_totals(rounds + more)[-1] for k in range(keys)}
+
+
+async def test_a_worker_frozen_past_its_session_timeout_and_resumed_leaves_every_total_exact(
+    kafka_bootstrap: str, kafka_url: str, tmp_path: Path
+) -> None:
+    """A worker frozen (SIGSTOP) longer than its session timeout is dropped from the group
+    while its lanes hold events, and ``b`` takes every partition over. Resumed, ``a`` goes on
+    for a moment as if it still had them, until it hears it was dropped: what its lanes hold
+    then must not be handled on state it let go (totals counted from nothing), and nothing
+    it writes late may get into what anyone restores.
+    """
+    keys = 20_000
+    src, out = await topics(kafka_bootstrap)
+    group = unique_name("e2e-frozen")
+    cfg = Config(app_id=group, input=src, output=out, mode="total", commit_interval=FAST)
+    async with Pool(kafka_url, cfg, tmp_path) as pool:
+        a = pool.start("a", env={"E2E_LANE_RATE": "2000"})  # slow lanes: they hold a backlog
+        await a.wait_log(r"asyncflow\.worker: assigned", 30)
+        b = pool.start("b")
+        await b.wait_log(r"asyncflow\.worker: assigned", 30)  # two partitions each
+        await produce_events(kafka_bootstrap, src, keys, keys=keys)
+        await wait_committed(kafka_bootstrap, group, src, partition_counts(keys, keys, 4),
+                             timeout=60, workers=[a, b])
+        producing = asyncio.create_task(
+            produce_events(kafka_bootstrap, src, 6 * keys, keys=keys, start=keys)
+        )
+        await asyncio.sleep(random.uniform(0.3, 0.8))  # a moment into them: a's lanes are busy
+        a.signal(signal.SIGSTOP)
+        try:
+            await b.wait_log(r"asyncflow\.worker: assigned .*partition=\d+\).*partition=\d+\)"
+                             r".*partition=\d+\).*partition=\d+\)", 60)
+        finally:
+            a.signal(signal.SIGCONT)
+        await a.wait_log(r"no longer a member of the group", 30)
+        await producing
+        await produce_events(kafka_bootstrap, src, keys, keys=keys, start=7 * keys)
+        await wait_committed(kafka_bootstrap, group, src, partition_counts(8 * keys, keys, 4),
+                             timeout=120, workers=[a, b])
+        await pool.stop_all()
+    outputs = decode_outputs(await read_all(kafka_bootstrap, out, PARTITIONS))
+    for w in (a, b):
+        assert not w.lines(r"Traceback|DbClosedError|failed on key"), w.tail()
+    check_totals(outputs, keys, 8)
+    state, _ = await restored_table(
+        kafka_url, group, "totals", src, await committed(kafka_bootstrap, group, src, PARTITIONS)
+    )
+    assert state == {key_of(k, keys): prefix_totals(8)[-1] for k in range(keys)}
 
 
 async def test_a_worker_given_back_a_partition_it_had_keeps_every_running_total_exact(
