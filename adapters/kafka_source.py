@@ -522,6 +522,8 @@ class KafkaSource:
         return coordinator is not None and coordinator.member_id == UNKNOWN_MEMBER_ID
 
     async def _assigned_now(self, assigned: Collection[KafkaTP]) -> None:
+        if self._consumer is None:
+            return  # a join that completed while stop() leaves the group: nothing to start
         self._owned = {tp: _from_kafka(tp) for tp in assigned}
         try:
             if assigned and self._listener is not None:
