@@ -179,12 +179,11 @@ async def restore_shard(
         done = False
         for rec in batch:
             position = rec.offset + 1
-            headers = rec.headers
-            if _header(headers, PARTITION_HEADER) != label:
+            of, claim = _label_and_claim(rec.headers)
+            if of != label:
                 continue
             read += 1
             key = rec.key
-            claim = _header(headers, CLAIM_HEADER)
             if key == SENTINEL_KEY:
                 if rec.offset == end:
                     done = True
@@ -261,3 +260,14 @@ def _header(headers: Any, wanted: str) -> bytes | None:
         if name == wanted:
             return bytes(value)
     return None
+
+
+def _label_and_claim(headers: Any) -> tuple[bytes | None, bytes | None]:
+    """The partition label and the claim of a changelog record (one pass over its headers)."""
+    label = claim = None
+    for name, value in headers or ():
+        if name == PARTITION_HEADER:
+            label = bytes(value)
+        elif name == CLAIM_HEADER:
+            claim = bytes(value)
+    return label, claim
