@@ -17,6 +17,7 @@ Metric names (all prefixed ``asyncflow_``): ``events_in_total{topic,agent}``,
 ``checkpoint_seconds``, ``sink_write_seconds{sink}``,
 ``sink_rejected_total{sink}``, ``sink_retries_total{sink}``,
 ``processing_seconds`` (event read to offset committed), ``checkpoints_abandoned_total``,
+``events_abandoned_total``,
 ``state_restored_shards_total``, ``state_restore_records_total``,
 ``future_events_total``, ``info{app,version}``.
 
@@ -139,6 +140,9 @@ class RuntimeCollector(Collector):
             ("checkpoints", "asyncflow_checkpoints", "Checkpoints completed."),
             ("checkpoints_abandoned", "asyncflow_checkpoints_abandoned",
              "Checkpoints given up (a lane did not reach the barrier in time)."),
+            ("events_abandoned", "asyncflow_events_abandoned",
+             "Events left half done because their partition was given up meanwhile "
+             "(its new owner handles them)."),
             ("state.restored_shards", "asyncflow_state_restored_shards",
              "Table partitions restored from their changelog."),
             ("state.restore_records", "asyncflow_state_restore_records",
