@@ -253,11 +253,12 @@ class TestRun:
     def table(self, name: str) -> dict[Any, Any]:
         """A table's values as its changelog holds them (what a restore would rebuild).
 
-        Every partition's changelog is read up to its last checkpoint marker;
+        Every source partition's records are read up to its last checkpoint
+        marker, following claims as a restore does (``asyncflow.state.restore``);
         values are decoded with the table's codec.
         """
         from asyncflow.state.codec import decode_key
-        from asyncflow.state.shard import MARKER_KEY, PARTITION_HEADER, SENTINEL_KEY
+        from asyncflow.state.shard import CLAIM_HEADER, MARKER_KEY, PARTITION_HEADER, SENTINEL_KEY
 
         table = self.app.tables[name]
         topic = f"{self.app.id}-{name}-changelog"
@@ -266,16 +267,23 @@ class TestRun:
         out: dict[Any, Any] = {}
         for log in self.broker.topic(topic).partitions:
             trusted: dict[tuple[bytes, bytes], bytes | None] = {}
-            tail: dict[tuple[bytes, bytes], bytes | None] = {}
+            tails: dict[bytes, dict[bytes, bytes | None]] = {}
+            claimants: dict[bytes, bytes | None] = {}
             for rec in log:
-                label = dict(rec.headers).get(PARTITION_HEADER, b"")
+                headers = dict(rec.headers)
+                label, claim = headers.get(PARTITION_HEADER, b""), headers.get(CLAIM_HEADER)
                 if rec.key == SENTINEL_KEY:
+                    claimants[label] = claim
                     continue
+                claimant = claimants.get(label)
+                if claim is not None and claimant is not None and claim != claimant:
+                    continue  # written late by a worker that had lost the partition
+                tail = tails.setdefault(label, {})
                 if rec.key == MARKER_KEY:
-                    trusted.update(tail)
+                    trusted.update({(label, k): v for k, v in tail.items()})
                     tail.clear()
                 elif rec.key is not None:
-                    tail[(label, rec.key)] = rec.value
+                    tail[rec.key] = rec.value
             for (_, kb), vb in trusted.items():
                 if vb is None:
                     out.pop(decode_key(kb), None)
