@@ -204,7 +204,7 @@ class SourceRunner:
                     "a checkpoint", _fmt(partitions))
         self.dispatcher.take_back(gone)
         self.checkpointer.lose(gone)
-        self.runtime.state.release(gone)
+        self.runtime.state.release(gone, lost=True)
         self.dispatcher.forget(gone)
         self.checkpointer.forget(gone)
 

@@ -190,13 +190,17 @@ class StateManager:
             out[p] = ps
         return out
 
-    def release(self, partitions: Iterable[Hashable]) -> None:
+    def release(self, partitions: Iterable[Hashable], *, lost: bool = False) -> None:
         """Close the shards of partitions given up (after their last checkpoint, if any).
 
         Their lanes handle none of their events after the one each is on
         (``LaneQueue.drop_partitions``); if that one asks for their state, it
         gets ``PartitionRevoked`` (never state made up from nothing) and is
-        abandoned: the partition's new owner handles it.
+        abandoned: the partition's new owner handles it. ``lost``: taken away
+        without a rebalance (this worker was dropped from the group, or its
+        lease was taken), so it may have gone on with them after another
+        worker took them over: their local stores are marked untrusted, and
+        rebuilt from the changelog if the partitions come back.
         """
         gone = set(partitions)
         for w in self.windows:
@@ -205,6 +209,8 @@ class StateManager:
             ps = self._parts.pop(p, None)
             if ps is not None:
                 for shard in ps.shards.values():
+                    if lost:
+                        shard.distrust()
                     shard.close()
             self._released.add(p)
 

@@ -33,7 +33,10 @@ checkpoint (so that compaction cannot bring the late values back). Records
 without a claim (written before claims existed) count as before. The late
 writer's local store holds that checkpoint too: a shard that finds another
 writer's records between its own (``TableShard.persist_changelog``) marks its
-local store untrusted, and its next restore rebuilds it from the changelog.
+local store untrusted, and so does a worker that hears it lost a partition
+(``StateManager.release(lost=True)``; this covers changelog partitions several
+sources' partitions share, where others' records are expected): the next
+restore rebuilds such a store from the changelog.
 
 Under exactly-once (``exactly_once=True``) changelog records are written in
 the checkpoint's transaction and read back ``read_committed``; on top of

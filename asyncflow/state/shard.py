@@ -299,6 +299,18 @@ class TableShard:
             self.lanes = lanes
         return self._lanes.pop(lane, [])
 
+    def distrust(self) -> None:
+        """Mark the local store untrusted: its next restore rebuilds it from the changelog.
+
+        Example:
+            >>> shard = TableShard("t", 0, MemoryStore(), None)
+            >>> shard.distrust(); shard.store.meta("marker_id") == UNTRUSTED
+            True
+        """
+        self.tainted = True
+        if not self.closed:
+            self.store.write((), {"marker_id": UNTRUSTED})
+
     def close(self) -> None:
         """Release the local store (the partition was given up)."""
         self.closed = True

@@ -530,3 +530,38 @@ async def test_a_checkpoint_a_worker_writes_after_losing_its_partition_is_never_
     again = shard(old.store)  # the old owner restarts with its local store
     await restore_shard(again, committed=20)
     assert dict(again.store.items()) == {b'"a"': b"2"} and again.applied == 20
+
+
+async def test_the_local_store_of_a_partition_lost_without_a_rebalance_is_rebuilt_when_it_comes_back(
+    tmp_path: Path,
+) -> None:
+    # Revoked in a rebalance, a partition's local store stays current: it is trusted when the
+    # partition comes back. Lost (dropped from the group, a Kinesis lease taken), the worker
+    # may have gone on with it after another took it over: its store is rebuilt instead.
+    from asyncflow.clock import ManualClock
+    from asyncflow.state.manager import StateManager
+    from asyncflow.state.table import Table
+
+    broker = MemoryBroker()
+    state = StateManager("app", directory=str(tmp_path), store="sqlite", broker=broker,
+                         clock=ManualClock())
+    counts = Table("counts", default=0)
+    state.declare_table(counts)
+
+    def records_read() -> int:
+        return state.metrics.get("state.restore_records")
+
+    await state.assign(["p0"], {"p0": None})
+    state.table_partition(counts, "p0").set("k", 3)
+    await state.persist(state.snapshot({"p0": 10}, {}, "c-1"))
+    state.release(["p0"])
+    before = records_read()
+    await state.assign(["p0"], {"p0": 10})
+    assert records_read() - before == 1  # its own sentinel: the local store was current
+    state.release(["p0"], lost=True)
+    before = records_read()
+    await state.assign(["p0"], {"p0": 10})
+    changelog = broker.topics["app-counts-changelog"].partitions[0]
+    assert records_read() - before == len(changelog)  # read from its start
+    assert state.table_partition(counts, "p0").get("k", 0) == 3
+    state.close()
