@@ -201,6 +201,20 @@ class StateManager:
         lease was taken), so it may have gone on with them after another
         worker took them over: their local stores are marked untrusted, and
         rebuilt from the changelog if the partitions come back.
+
+        Example:
+            >>> import asyncio
+            >>> from asyncflow.clock import ManualClock
+            >>> from asyncflow.state.table import Table
+            >>> state = StateManager("app", directory=None, store="memory", broker=None,
+            ...                      clock=ManualClock())
+            >>> counts = Table("counts", default=0); state.declare_table(counts)
+            >>> _ = asyncio.run(state.assign(["p0"], {"p0": None}))
+            >>> state.release(["p0"])
+            >>> state.table_partition(counts, "p0")
+            Traceback (most recent call last):
+            ...
+            asyncflow.errors.PartitionRevoked: partition p0 was given up while an event of it was handled; its new owner handles that event again
         """
         gone = set(partitions)
         for w in self.windows:

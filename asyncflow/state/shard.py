@@ -77,7 +77,13 @@ class ChangelogTarget:
         self.headers = ((PARTITION_HEADER, self.label),)
 
     def take_claim(self, claim: bytes) -> None:
-        """Write every record from now on under ``claim`` (a restore's sentinel token)."""
+        """Write every record from now on under ``claim`` (a restore's sentinel token).
+
+        Example:
+            >>> t = ChangelogTarget(None, "app-t-changelog", 0, b"p0")  # type: ignore[arg-type]
+            >>> t.take_claim(b"5f1c"); t.record(b"k", b"1").headers
+            (('asyncflow.partition', b'p0'), ('asyncflow.claim', b'5f1c'))
+        """
         self.claim = claim
         self.headers = ((PARTITION_HEADER, self.label), (CLAIM_HEADER, claim))
 
