@@ -486,15 +486,18 @@ async def test_a_worker_frozen_past_its_session_timeout_and_resumed_leaves_every
         producing = asyncio.create_task(
             produce_events(kafka_bootstrap, src, 6 * keys, keys=keys, start=keys)
         )
-        await asyncio.sleep(random.uniform(0.3, 0.8))  # a moment into them: a's lanes are busy
-        a.signal(signal.SIGSTOP)
         try:
-            await b.wait_log(r"asyncflow\.worker: assigned .*partition=\d+\).*partition=\d+\)"
-                             r".*partition=\d+\).*partition=\d+\)", 60)
+            await asyncio.sleep(random.uniform(0.3, 0.8))  # a moment in: a's lanes are busy
+            a.signal(signal.SIGSTOP)
+            try:
+                await b.wait_log(r"asyncflow\.worker: assigned .*partition=\d+\)"
+                                 r".*partition=\d+\).*partition=\d+\).*partition=\d+\)", 60)
+            finally:
+                a.signal(signal.SIGCONT)
+            await a.wait_log(r"no longer a member of the group", 30)
+            await producing
         finally:
-            a.signal(signal.SIGCONT)
-        await a.wait_log(r"no longer a member of the group", 30)
-        await producing
+            producing.cancel()
         await produce_events(kafka_bootstrap, src, keys, keys=keys, start=7 * keys)
         await wait_committed(kafka_bootstrap, group, src, partition_counts(8 * keys, keys, 4),
                              timeout=120, workers=[a, b])
