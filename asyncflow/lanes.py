@@ -157,9 +157,9 @@ class LaneQueue:
                     dropped += positions(item)
                     items[i] = []
             elif type(item) is list:
-                keep = [e for e in item if not gone(e.partition)]
-                if len(keep) != len(item):
-                    dropped += [(e.partition, e.offset) for e in item if gone(e.partition)]
+                keep, out = split_gone(item, gone)
+                if out:
+                    dropped += out
                     items[i] = keep
         self.size -= len(dropped)  # (what the reader took is counted no more)
         if self.reader_lets_go is not None:
@@ -173,6 +173,28 @@ class LaneQueue:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def split_gone(
+    events: list[Any], gone: Callable[[Hashable], bool]
+) -> tuple[list[Any], list[tuple[Hashable, int]]]:
+    """``events`` without those of the partitions ``gone`` names, and those ones' positions.
+
+    Example:
+        >>> from asyncflow.event import Event
+        >>> kept, dropped = split_gone([Event("k", 1, partition="a", offset=3),
+        ...                             Event("k", 2, partition="b", offset=7)], {"b"}.__contains__)
+        >>> [e.value for e in kept], dropped
+        ([1], [('b', 7)])
+    """
+    kept: list[Any] = []
+    dropped: list[tuple[Hashable, int]] = []
+    for e in events:
+        if gone(e.partition):
+            dropped.append((e.partition, e.offset))
+        else:
+            kept.append(e)
+    return kept, dropped
 
 
 def positions(part: list[Any] | LaneSlice) -> list[tuple[Hashable, int]]:

@@ -51,7 +51,7 @@ from asyncflow.chain import (
 )
 from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
-from asyncflow.lanes import LaneClosed, LaneQueue
+from asyncflow.lanes import LaneClosed, LaneQueue, split_gone
 from asyncflow.metrics import Metrics
 from asyncflow.slices import LaneSlice
 
@@ -956,15 +956,14 @@ class Stream(Generic[T]):
                 self._cpos = len(cols)  # the per-item loop stops before its next value
         buf, pos = self._buf, self._pos
         if pos < len(buf):
-            rest = buf[pos:]
-            keep = [e for e in rest if not gone(e.partition)]
-            if len(keep) != len(rest):
-                dropped += [(e.partition, e.offset) for e in rest if gone(e.partition)]
+            keep, out = split_gone(buf[pos:], gone)
+            if out:
+                dropped += out
                 self._buf, self._pos = keep, 0  # a new list: the per-item loop takes it up
-        pushed = self._pushed_back
-        if any(gone(e.partition) for e in pushed):
-            dropped += [(e.partition, e.offset) for e in pushed if gone(e.partition)]
-            pushed[:] = [e for e in pushed if not gone(e.partition)]
+        keep, out = split_gone(self._pushed_back, gone)
+        if out:
+            dropped += out
+            self._pushed_back[:] = keep
         failed = self._failed
         if failed is not None and failed[1] is not None and gone(failed[1].partition):
             self._failed = None

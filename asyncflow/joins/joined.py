@@ -196,12 +196,11 @@ class JoinedStream(Generic[L, R]):
         op = self._new()
         lane = self._stream._lane
         state = getattr(lane, "state", None)
-        if state is None:
-            self._ops[partition] = op
-            return op
         # (raises PartitionRevoked for a partition given up: then no operator is left for it)
-        shard = await state.window_shard(self.table, partition)
+        shard = None if state is None else await state.window_shard(self.table, partition)
         self._ops[partition] = op
+        if shard is None:
+            return op
         if shard.frontier is not None:
             op.set_watermark(shard.frontier - self._wait)
         codecs, index, lanes = self._codecs, lane.index, lane.lanes

@@ -145,7 +145,7 @@ async def restore_shard(
             if head and head[0].offset == shard.marker_pos and head[0].key == MARKER_KEY:
                 marker = orjson.loads(head[0].value or b"{}")
                 trusted_local = marker.get("id") == shard.marker_id
-                claimant = _header(head[0].headers, CLAIM_HEADER)
+                _, claimant = _label_and_claim(head[0].headers)
             start = shard.marker_pos + 1 if trusted_local else 0
         elif committed is not None and shard.marker_pos is not None:
             # the changelog is shorter than what this store saw: it was lost; keep the
@@ -256,13 +256,6 @@ def _reset_if_uncommitted(shard: TableShard, committed: Any) -> None:
     shard.compensation = tombstones
     shard.applied = shard.checkpointed = shard.frontier = None
     shard.marker_id = shard.marker_pos = None
-
-
-def _header(headers: Any, wanted: str) -> bytes | None:
-    for name, value in headers or ():
-        if name == wanted:
-            return bytes(value)
-    return None
 
 
 def _label_and_claim(headers: Any) -> tuple[bytes | None, bytes | None]:

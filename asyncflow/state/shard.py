@@ -71,7 +71,6 @@ class ChangelogTarget:
     partition: int
     label: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
-    claim: bytes | None = None
 
     def __post_init__(self) -> None:
         self.headers = ((PARTITION_HEADER, self.label),)
@@ -84,7 +83,6 @@ class ChangelogTarget:
             >>> t.take_claim(b"5f1c"); t.record(b"k", b"1").headers
             (('asyncflow.partition', b'p0'), ('asyncflow.claim', b'5f1c'))
         """
-        self.claim = claim
         self.headers = ((PARTITION_HEADER, self.label), (CLAIM_HEADER, claim))
 
     def record(self, key: bytes, value: bytes | None) -> SinkRecord:
