@@ -92,7 +92,8 @@ class Chain:
         ``stateful_map``)."""
         self.one_value = one_value
         """For the same chains as ``columns``: ``one_value(value)``, one value through the
-        chain (``SKIP`` if a filter dropped it), for a per-item loop over a slice's values.
+        chain (``SKIP`` if a filter dropped it). The per-item loop runs its own steps
+        inline (``asyncflow.item_loop``) and calls this for steps added while it runs.
         A step that raises raises through it: the caller knows which value it was."""
 
 

@@ -30,7 +30,6 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from datetime import timedelta
-from itertools import islice
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -51,6 +50,7 @@ from asyncflow.chain import (
 )
 from asyncflow.checkpoint import Barrier
 from asyncflow.event import Event, Watermark
+from asyncflow.item_loop import item_loop
 from asyncflow.lanes import LaneClosed, LaneQueue, split_gone
 from asyncflow.metrics import Metrics
 from asyncflow.slices import LaneSlice
@@ -751,96 +751,16 @@ class Stream(Generic[T]):
 
     # -- iterating ----------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[T]:
-        return self._values()
-
-    async def _values(self) -> AsyncIterator[T]:
         """What ``async for`` runs: a tight loop over the lane's local batch.
 
         Equivalent to calling ``__anext__`` until the end, without a coroutine
         per value while the batch lasts (the queue is awaited only when it is
-        empty). Position and current event live on the stream, so a body that
-        restarts after an error goes on where this loop stopped.
+        empty), with this stream's ``map``/``filter`` steps compiled into it
+        (``asyncflow.item_loop``). Position and current event live on the
+        stream, so a body that restarts after an error goes on where this loop
+        stopped.
         """
-        skip = SKIP
-        budget = TURN_EVERY  # values until the next turn of the event loop, across slices
-        while True:
-            buf = self._buf
-            pos = self._pos
-            n = len(buf)
-            if pos < n and self._sync_ops and not self._pushed_back:
-                ops = self._ops
-                apply = self._chain.one
-                self._window_key = _NO_KEY
-                while pos < n:
-                    ev = buf[pos]
-                    pos += 1
-                    self._pos = pos
-                    self._held = self._current = ev
-                    value = ev.value if not ops else apply(self, ev)
-                    if value is skip:
-                        continue
-                    yield value
-                    budget -= 1
-                    if not budget:  # the writer and the other lanes get a turn
-                        budget = TURN_EVERY
-                        await asyncio.sleep(0)
-                    if self._buf is not buf or self._pushed_back:
-                        break
-                continue
-            if pos >= n and not self._pushed_back and self._takes_columns():
-                cols = self._cols
-                if cols is None or self._cpos >= len(cols):
-                    # the lane's next slice, as columns when it came so (else events, above)
-                    try:
-                        got = await self._refill(columns=True)
-                    except StopAsyncIteration:
-                        return
-                    if type(got) is LaneSlice:
-                        self._cols, self._cpos = got, 0
-                    continue
-                # a slice by its values: the event behind one is made only if asked for.
-                # The list iterator is the position (``_cpos``): it has gone past the value
-                # being handled, or past the one a step raised on.
-                values = cols.values
-                if type(values) is not list:
-                    values = list(values)
-                start = self._cpos
-                it = iter(values)
-                if start:
-                    it.__setstate__(start)  # type: ignore[attr-defined]
-                self._cn = len(values)
-                self._cit = it
-                self._window_key = _NO_KEY
-                in_slice = _IN_SLICE
-                one = self._chain.one_value if self._ops else None
-                # up to a turn's budget of values at a time; nothing is checked after a
-                # value: a push_back or a read that takes the slice stops the iterator
-                while left := length_hint(it):
-                    if one is None:
-                        for value in islice(it, budget):
-                            self._current = None
-                            self._held = in_slice
-                            yield value
-                    else:
-                        for value in islice(it, budget):
-                            self._current = None
-                            self._held = in_slice
-                            value = one(value)
-                            if value is skip:
-                                continue
-                            yield value
-                    if self._cit is not it:
-                        break  # the slice was taken from the loop
-                    budget -= left - length_hint(it)
-                    if budget <= 0:  # the writer and the other lanes get a turn
-                        budget = TURN_EVERY
-                        await asyncio.sleep(0)
-                continue
-            try:
-                value = await self.__anext__()
-            except StopAsyncIteration:
-                return
-            yield value
+        return item_loop(self._chain)(self)
 
     async def __anext__(self) -> T:
         self._held = None
