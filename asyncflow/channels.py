@@ -512,7 +512,7 @@ class SinkOutput(Output):
         return [SinkRecord(key(v), v, None, headers) for v in values]
 
     def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
-        return writer.push_value
+        return writer.value_sender()
 
     def send(
         self, key: Any, value: Any, *, headers: Sequence[tuple[str, bytes]] = ()

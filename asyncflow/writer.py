@@ -87,6 +87,9 @@ class SinkWriter:
         self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
         self.metrics = metrics or Metrics()
         self._records: list[SinkRecord] = []
+        self._senders: list[Callable[[list[SinkRecord]], None]] = []
+        """For each ``value_sender``: what drops its count of unchecked records and hands it
+        the buffer (``_reset_senders``)."""
         self._first_at = 0.0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -131,6 +134,8 @@ class SinkWriter:
         What ``Output.send`` returns: while there is room, an awaitable that
         is already done (no coroutine per record).
         """
+        if self._senders:
+            self._reset_senders()
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         if self.tracer is not None:
@@ -148,19 +153,92 @@ class SinkWriter:
     def push_value(
         self, key: Any, value: Any, headers: Sequence[tuple[str, bytes]] = ()
     ) -> Awaitable[Any]:
-        """``push(SinkRecord(key, value, None, headers))`` in one call: ``SinkOutput.send``.
+        """``push(SinkRecord(key, value, None, headers))`` in one call (the slow cases through it).
 
-        While the app runs, a sink output's ``send`` is this method itself (one
-        Python call per record, not two); the slow cases go through ``push``.
+        What a ``value_sender`` calls for each record it does not append by itself.
         """
         records = self._records
         if not records or self._failed is not None or self.tracer is not None:
             return self.push(SinkRecord(key, value, None, headers))
+        if self._senders:
+            self._reset_senders()
         records.append(SinkRecord(key, value, None, headers))
         n = len(records)
         if n != self.max_batch and n < self.max_buffer:
             return self._ready
         return self._past_batch(n)
+
+    def value_sender(self) -> Callable[..., Awaitable[Any]]:
+        """``send(key, value, headers=())``: ``push_value``, with most records only appended.
+
+        A sink output's ``send`` while the app runs (one per output and run).
+        Of the records a lane sends, only some need ``push_value``'s checks: the
+        first of a batch (the writer starts to linger), the one that fills a
+        batch (the writer wakes), those past ``max_buffer`` (the lane waits),
+        and any after a failure or with a tracer. After each checked record the
+        sender counts how many may follow before the next of those
+        (``_unchecked``) and appends that many without a check: one Python
+        call per record, with no attribute read. Anything else that changes
+        the buffer (``push``, ``add_many``, a write taking it, a failure) resets
+        every sender first (its count to none, its buffer to the writer's), so
+        the next record is checked again.
+
+        Example:
+            >>> import asyncio
+            >>> from asyncflow.testing import CaptureSink
+            >>> async def demo():
+            ...     w = SinkWriter(CaptureSink("out"), max_batch=2, max_buffer=3)
+            ...     send = w.value_sender()
+            ...     full = []
+            ...     for v in range(4):
+            ...         send(None, v)
+            ...         full.append(w.full)
+            ...     return w.buffered, full
+            >>> asyncio.run(demo())
+            (4, [False, False, True, True])
+        """
+        records = self._records
+        ready = self._ready
+        record = SinkRecord
+        push_value = self.push_value
+        unchecked = self._unchecked
+        left = 0  # records to append before the next checked one
+
+        def send(key: Any, value: Any, headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
+            nonlocal left
+            if left:
+                left -= 1
+                records.append(record(key, value, None, headers))
+                return ready
+            sent = push_value(key, value, headers)  # resets every sender first
+            left = unchecked()
+            return sent
+
+        def reset(buffer: list[SinkRecord]) -> None:
+            nonlocal left, records
+            left = 0
+            records = buffer
+
+        self._senders.append(reset)
+        return send
+
+    def _unchecked(self) -> int:
+        """How many records may be appended before the next that needs ``push_value``'s checks."""
+        if self._failed is not None or self.tracer is not None:
+            return 0
+        n = len(self._records)
+        if not n:
+            return 0
+        next_checked = self.max_buffer
+        if n < self.max_batch < next_checked:
+            next_checked = self.max_batch
+        return max(0, next_checked - 1 - n)
+
+    def _reset_senders(self) -> None:
+        """Every sender's next record is checked (the buffer changed other than through it)."""
+        buffer = self._records
+        for reset in self._senders:
+            reset(buffer)
 
     def _past_batch(self, n: int) -> Awaitable[Any]:
         """``push`` once the buffer holds a batch: wake the writer, wait when over the bound."""
@@ -180,6 +258,8 @@ class SinkWriter:
 
     def add_many(self, records: list[SinkRecord]) -> None:
         """Buffer many records at once (never waits; see ``send``)."""
+        if self._senders:
+            self._reset_senders()
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         if not records:
@@ -284,6 +364,8 @@ class SinkWriter:
     async def _write_buffered(self) -> None:
         records = self._records
         self._records = []
+        if self._senders:
+            self._reset_senders()  # they append to the new buffer
         self._taken += len(records)
         self._flush_now = False
         self._room.set()
@@ -366,6 +448,7 @@ class SinkWriter:
         """Remember the sink's failure (``send`` and ``flush`` raise it from now on)."""
         if self._failed is None:
             self._failed = exc
+        self._reset_senders()
         self._progress.set()
         self._slot.set()
         self._wake.set()
