@@ -454,7 +454,7 @@ class Topic(Channel[T], Output):
         return self._records(((key(v), v) for v in values), headers)
 
     def _fast_send(self, writer: SinkWriter) -> Callable[..., Awaitable[Any]]:
-        push, name = writer.push, self.name
+        push, name = writer.record_sender(), self.name
         encode_key, encode = self.key_codec.encode, self.codec.encode
         text_keys = type(self.key_codec) is StrCodec  # a str key is its UTF-8: no call for it
 

@@ -87,9 +87,9 @@ class SinkWriter:
         self.max_buffer = max_buffer or max(4 * self.max_batch, 1000)
         self.metrics = metrics or Metrics()
         self._records: list[SinkRecord] = []
-        self._senders: list[Callable[[list[SinkRecord]], None]] = []
-        """For each ``value_sender``: what drops its count of unchecked records and hands it
-        the buffer (``_reset_senders``)."""
+        self._senders: tuple[Callable[..., Awaitable[Any]], Callable[[SinkRecord], Awaitable[Any]],
+                             Callable[[list[SinkRecord]], None]] | None = None
+        """``value_sender``, ``record_sender`` and what resets their count (``_reset_senders``)."""
         self._first_at = 0.0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -171,17 +171,18 @@ class SinkWriter:
     def value_sender(self) -> Callable[..., Awaitable[Any]]:
         """``send(key, value, headers=())``: ``push_value``, with most records only appended.
 
-        A sink output's ``send`` while the app runs (one per output and run).
-        Of the records a lane sends, only some need ``push_value``'s checks: the
+        A sink output's ``send`` while the app runs. Of the records a lane sends, only some need ``push``'s checks: the
         first of a batch (the writer starts to linger), the one that fills a
         batch (the writer wakes), those past ``max_buffer`` (the lane waits),
         and any after a failure or with a tracer. After each checked record the
         sender counts how many may follow before the next of those
         (``_unchecked``) and appends that many without a check: one Python
-        call per record, with no attribute read. Anything else that changes
-        the buffer (``push``, ``add_many``, a write taking it, a failure) resets
-        every sender first (its count to none, its buffer to the writer's), so
-        the next record is checked again.
+        call per record, with no attribute read. The writer's senders (this and
+        ``record_sender``, the same functions for every output it serves) share
+        that count. Anything else that changes the buffer (``push``,
+        ``add_many``, a write taking it, a failure) resets it first (the count
+        to none, the senders' buffer to the writer's), so the next record is
+        checked again.
 
         Example:
             >>> import asyncio
@@ -197,20 +198,57 @@ class SinkWriter:
             >>> asyncio.run(demo())
             (4, [False, False, True, True])
         """
+        return self._counted_senders()[0]  # the same for every output of this writer
+
+    def record_sender(self) -> Callable[[SinkRecord], Awaitable[Any]]:
+        """``send(record)``: ``push``, with most records only appended (see ``value_sender``).
+
+        A topic output's ``send`` while the app runs hands it the encoded record.
+
+        Example:
+            >>> import asyncio
+            >>> from asyncflow.testing import CaptureSink
+            >>> async def demo():
+            ...     w = SinkWriter(CaptureSink("out"), max_batch=2, max_buffer=3)
+            ...     send = w.record_sender()
+            ...     return [send(SinkRecord(b"k", b"v", "t")) is not None for _ in range(3)], w.full
+            >>> asyncio.run(demo())
+            ([True, True, True], True)
+        """
+        return self._counted_senders()[1]
+
+    def _counted_senders(
+        self,
+    ) -> tuple[Callable[..., Awaitable[Any]], Callable[[SinkRecord], Awaitable[Any]]]:
+        """The writer's ``value_sender`` and ``record_sender``, made once: they share one count."""
+        if self._senders is not None:
+            return self._senders[0], self._senders[1]
         records = self._records
         ready = self._ready
         record = SinkRecord
-        push_value = self.push_value
+        push_value, push = self.push_value, self.push
         unchecked = self._unchecked
         left = 0  # records to append before the next checked one
 
-        def send(key: Any, value: Any, headers: Sequence[tuple[str, bytes]] = ()) -> Awaitable[Any]:
+        def send_value(
+            key: Any, value: Any, headers: Sequence[tuple[str, bytes]] = ()
+        ) -> Awaitable[Any]:
             nonlocal left
             if left:
                 left -= 1
                 records.append(record(key, value, None, headers))
                 return ready
-            sent = push_value(key, value, headers)  # resets every sender first
+            sent = push_value(key, value, headers)  # resets the count first
+            left = unchecked()
+            return sent
+
+        def send_record(rec: SinkRecord) -> Awaitable[Any]:
+            nonlocal left
+            if left:
+                left -= 1
+                records.append(rec)
+                return ready
+            sent = push(rec)  # resets the count first
             left = unchecked()
             return sent
 
@@ -219,8 +257,8 @@ class SinkWriter:
             left = 0
             records = buffer
 
-        self._senders.append(reset)
-        return send
+        self._senders = (send_value, send_record, reset)
+        return send_value, send_record
 
     def _unchecked(self) -> int:
         """How many records may be appended before the next that needs ``push_value``'s checks."""
@@ -235,10 +273,9 @@ class SinkWriter:
         return max(0, next_checked - 1 - n)
 
     def _reset_senders(self) -> None:
-        """Every sender's next record is checked (the buffer changed other than through it)."""
-        buffer = self._records
-        for reset in self._senders:
-            reset(buffer)
+        """The senders' next record is checked (the buffer changed other than through them)."""
+        if self._senders is not None:
+            self._senders[2](self._records)
 
     def _past_batch(self, n: int) -> Awaitable[Any]:
         """``push`` once the buffer holds a batch: wake the writer, wait when over the bound."""

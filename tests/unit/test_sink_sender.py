@@ -1,11 +1,11 @@
-"""A sink output's ``send`` while the app runs: ``SinkWriter.value_sender``.
+"""An output's ``send`` while the app runs: ``SinkWriter.value_sender`` and ``record_sender``.
 
-The sender appends most records without ``push_value``'s checks, counting
-down to the next record that needs them. What must hold is everything the
-checks do: the writer hears of the first record of a batch and of a full
-batch, a lane waits once the buffer is over its bound, a failed writer
-refuses records; whatever else changes the buffer meanwhile (another sender,
-``push``, ``send_many``, a write taking the buffer).
+The senders append most records without ``push``'s checks, counting down to
+the next record that needs them. What must hold is everything the checks do:
+the writer hears of the first record of a batch and of a full batch, a lane
+waits once the buffer is over its bound, a failed writer refuses records;
+whatever else changes the buffer meanwhile (the other sender, ``push``,
+``send_many``, a write taking the buffer).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from asyncflow.writer import SinkWriter
 
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("send"), st.integers(0, 1)),  # through sender 0 or 1
+        st.tuples(st.just("send"), st.integers(0, 1)),  # a value (0) or a record (1)
         st.tuples(st.just("push"), st.just(0)),
         st.tuples(st.just("many"), st.integers(1, 4)),
         st.tuples(st.just("take"), st.just(0)),
@@ -36,8 +36,11 @@ OPS = st.lists(
 async def observe(writer: SinkWriter, op: str, arg: int, senders: list[Any] | None) -> tuple[Any, ...]:
     """Do ``op`` on ``writer``; what it did: waited or not, buffered, full, writer woken."""
     waits: Any = None
-    if op == "send":
-        sent = senders[arg](None, arg) if senders is not None else writer.push_value(None, arg)
+    if op == "send" and senders is not None:
+        sent = senders[0](None, arg) if arg == 0 else senders[1](SinkRecord(None, arg))
+        waits = not sent.done() if isinstance(sent, asyncio.Future) else True
+    elif op == "send":
+        sent = writer.push_value(None, arg) if arg == 0 else writer.push(SinkRecord(None, arg))
         waits = not sent.done() if isinstance(sent, asyncio.Future) else True
     elif op == "push":
         sent = writer.push(SinkRecord(None, "pushed"))
@@ -53,12 +56,12 @@ async def observe(writer: SinkWriter, op: str, arg: int, senders: list[Any] | No
 
 @settings(max_examples=300, deadline=None)
 @given(OPS, st.integers(1, 5), st.integers(1, 8))
-async def test_senders_do_what_push_value_does_whatever_else_changes_the_buffer(
+async def test_senders_do_what_push_does_whatever_else_changes_the_buffer(
     ops: list[tuple[str, int]], max_batch: int, max_buffer: int
 ) -> None:
     checked = SinkWriter(CaptureSink("a"), max_batch=max_batch, max_buffer=max_buffer)
     counted = SinkWriter(CaptureSink("b"), max_batch=max_batch, max_buffer=max_buffer)
-    senders = [counted.value_sender(), counted.value_sender()]
+    senders = [counted.value_sender(), counted.record_sender()]
     for op, arg in ops:
         expected = await observe(checked, op, arg, None)
         assert await observe(counted, op, arg, senders) == expected
