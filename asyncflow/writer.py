@@ -134,8 +134,7 @@ class SinkWriter:
         What ``Output.send`` returns: while there is room, an awaitable that
         is already done (no coroutine per record).
         """
-        if self._senders:
-            self._reset_senders()
+        self._reset_senders()
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         if self.tracer is not None:
@@ -160,8 +159,7 @@ class SinkWriter:
         records = self._records
         if not records or self._failed is not None or self.tracer is not None:
             return self.push(SinkRecord(key, value, None, headers))
-        if self._senders:
-            self._reset_senders()
+        self._reset_senders()
         records.append(SinkRecord(key, value, None, headers))
         n = len(records)
         if n != self.max_batch and n < self.max_buffer:
@@ -171,10 +169,11 @@ class SinkWriter:
     def value_sender(self) -> Callable[..., Awaitable[Any]]:
         """``send(key, value, headers=())``: ``push_value``, with most records only appended.
 
-        A sink output's ``send`` while the app runs. Of the records a lane sends, only some need ``push``'s checks: the
-        first of a batch (the writer starts to linger), the one that fills a
-        batch (the writer wakes), those past ``max_buffer`` (the lane waits),
-        and any after a failure or with a tracer. After each checked record the
+        A sink output's ``send`` while the app runs. Of the records a lane
+        sends, only some need ``push``'s checks: the first of a batch (the
+        writer starts to linger), the one that fills a batch (the writer
+        wakes), those past ``max_buffer`` (the lane waits), and any after a
+        failure or with a tracer. After each checked record the
         sender counts how many may follow before the next of those
         (``_unchecked``) and appends that many without a check: one Python
         call per record, with no attribute read. The writer's senders (this and
@@ -261,7 +260,7 @@ class SinkWriter:
         return send_value, send_record
 
     def _unchecked(self) -> int:
-        """How many records may be appended before the next that needs ``push_value``'s checks."""
+        """How many records may be appended before the next that needs ``push``'s checks."""
         if self._failed is not None or self.tracer is not None:
             return 0
         n = len(self._records)
@@ -274,8 +273,9 @@ class SinkWriter:
 
     def _reset_senders(self) -> None:
         """The senders' next record is checked (the buffer changed other than through them)."""
-        if self._senders is not None:
-            self._senders[2](self._records)
+        senders = self._senders
+        if senders is not None:
+            senders[2](self._records)
 
     def _past_batch(self, n: int) -> Awaitable[Any]:
         """``push`` once the buffer holds a batch: wake the writer, wait when over the bound."""
@@ -295,8 +295,7 @@ class SinkWriter:
 
     def add_many(self, records: list[SinkRecord]) -> None:
         """Buffer many records at once (never waits; see ``send``)."""
-        if self._senders:
-            self._reset_senders()
+        self._reset_senders()
         if self._failed is not None:
             raise SinkError(f"sink {self.name} failed earlier: {self._failed}")
         if not records:
@@ -401,8 +400,7 @@ class SinkWriter:
     async def _write_buffered(self) -> None:
         records = self._records
         self._records = []
-        if self._senders:
-            self._reset_senders()  # they append to the new buffer
+        self._reset_senders()  # they append to the new buffer
         self._taken += len(records)
         self._flush_now = False
         self._room.set()
