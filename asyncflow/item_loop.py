@@ -48,7 +48,7 @@ _TEMPLATE = '''
 def make(chain, {params}):
     async def values(self):
         skip = SKIP
-        budget = TURN_EVERY  # values until the next turn of the event loop, across slices
+        budget = stream.TURN_EVERY  # values until the next turn of the event loop, across slices
         while True:
             buf = self._buf
             pos = self._pos
@@ -68,7 +68,7 @@ def make(chain, {params}):
                     yield value
                     budget -= 1
                     if not budget:  # the writer and the other lanes get a turn
-                        budget = TURN_EVERY
+                        budget = stream.TURN_EVERY
                         await asyncio.sleep(0)
                     if self._buf is not buf or self._pushed_back:
                         break
@@ -122,7 +122,7 @@ def make(chain, {params}):
                         break  # the slice was taken from the loop
                     budget -= left - length_hint(it)
                     if budget <= 0:  # the writer and the other lanes get a turn
-                        budget = TURN_EVERY
+                        budget = stream.TURN_EVERY
                         await asyncio.sleep(0)
                 continue
             try:
@@ -187,7 +187,7 @@ def _compile(kinds: tuple[int, ...]) -> Callable[..., ItemLoop]:
     params = "".join(f", f{i}" for i in range(len(kinds))).lstrip(", ") or "*_"
     code = _TEMPLATE.format(params=params, steps="\n".join(steps) or f"{indent}pass")
     env: dict[str, Any] = {
-        "SKIP": SKIP, "TURN_EVERY": stream.TURN_EVERY, "NO_KEY": stream._NO_KEY,
+        "SKIP": SKIP, "stream": stream, "NO_KEY": stream._NO_KEY,
         "IN_SLICE": stream._IN_SLICE, "LaneSlice": LaneSlice, "islice": islice,
         "length_hint": length_hint, "asyncio": asyncio,
     }

@@ -107,8 +107,7 @@ class SinkWriter:
         self.rejected = 0
         """Records the sink refused so far."""
         self._write_seconds = self.metrics.histogram("sink_write_seconds", (self.name,))
-        self.tracer: Any = None
-        """An OpenTelemetry tracer (``asyncflow.observe.traces``) or ``None``: no spans."""
+        self._tracer: Any = None
         self._submit: Callable[[list[SinkRecord]], Awaitable[Awaitable[Any]]] | None = getattr(
             sink, "submit", None)
         # submitted writes not yet acknowledged, oldest first: (records, acknowledgement,
@@ -118,6 +117,19 @@ class SinkWriter:
         self._submitted = asyncio.Event()  # a write joined _in_flight, or run is finishing
         self._slot = asyncio.Event()  # a write left _in_flight (or the writer failed)
         self._finishing = False
+
+    @property
+    def tracer(self) -> Any:
+        """An OpenTelemetry tracer (``asyncflow.observe.traces``) or ``None``: no spans.
+
+        Setting one makes the senders check their next record (each then carries its trace).
+        """
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: Any) -> None:
+        self._tracer = tracer
+        self._reset_senders()
 
     @property
     def buffered(self) -> int:

@@ -98,3 +98,18 @@ async def test_a_sender_refuses_records_once_its_writer_has_failed() -> None:
     with pytest.raises(SinkError, match="failed earlier"):
         await send(None, 3)
     assert writer.buffered == 3
+
+
+async def test_every_record_after_a_tracer_is_set_carries_its_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    carried: list[Any] = []
+    monkeypatch.setattr("asyncflow.writer.carry_traceparent", carried.append)
+    writer = SinkWriter(CaptureSink("out"), max_batch=100)
+    send = writer.value_sender()
+    for v in range(3):
+        await send(None, v)  # counted: the next go unchecked
+    writer.tracer = object()
+    for v in range(3, 6):
+        await send(None, v)
+    assert [r.value for r in carried] == [3, 4, 5]
