@@ -68,23 +68,31 @@ async def test_senders_do_what_push_does_whatever_else_changes_the_buffer(
     assert counted.sink.values == checked.sink.values  # type: ignore[attr-defined]
 
 
-async def test_a_full_batch_is_written_at_once_and_the_rest_after_the_linger() -> None:
+async def test_a_full_batch_is_written_at_once_and_the_next_record_waits_for_the_linger() -> None:
     sink = CaptureSink("out")
-    writer = SinkWriter(sink, max_batch=3, linger=0.3)
+    writer = SinkWriter(sink, max_batch=3, linger=60.0)  # a linger no test waits for
     send = writer.value_sender()
+
+    async def written(n: int) -> None:
+        while len(sink.values) < n:
+            await asyncio.sleep(0.001)
+
+    async def turns() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
     async with asyncio.TaskGroup() as tg:
         tg.create_task(writer.run())
-        for v in range(3):
-            await send(None, v)
-        for _ in range(100):  # the full batch goes without waiting for the linger
-            await asyncio.sleep(0.001)
-            if sink.values:
-                break
+        await send(None, 0)
+        await turns()  # the writer lingers for more
+        await send(None, 1)
+        await send(None, 2)
+        await asyncio.wait_for(written(3), timeout=30)  # the full batch: the writer woke
         assert sink.values == [0, 1, 2]
         await send(None, 3)
-        await asyncio.sleep(0.05)
+        await turns()
         assert sink.values == [0, 1, 2]  # the first of a batch: the writer lingers
-        await asyncio.sleep(0.5)
+        await writer.flush()
         assert sink.values == [0, 1, 2, 3]
         writer.close()
 
