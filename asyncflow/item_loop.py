@@ -21,7 +21,6 @@ before. Everything else (the lane's events, a barrier, a push-back, the end
 of input) goes the same way for every chain.
 
 Example:
-    >>> from asyncflow.chain import FILTER, MAP, compile_chain
     >>> from asyncflow.testing import stream_of
     >>> import asyncio
     >>> s = stream_of([1, 2, 3]).map(lambda v: v * 10).filter(lambda v: v > 10)
