@@ -32,10 +32,14 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from itertools import islice
+from operator import length_hint
 from typing import TYPE_CHECKING, Any
 
-from asyncflow.chain import FILTER, MAP, Chain
+from asyncflow.chain import FILTER, MAP, SKIP, Chain
+from asyncflow.slices import LaneSlice
 
 if TYPE_CHECKING:
     from asyncflow.stream import Stream
@@ -166,13 +170,7 @@ def item_loop(chain: Chain) -> ItemLoop:
 
 def _compile(kinds: tuple[int, ...]) -> Callable[..., ItemLoop]:
     """Generate ``make(chain, f0, ...) -> loop`` for a sequence of ``map``/``filter`` kinds."""
-    import asyncio
-    from itertools import islice
-    from operator import length_hint
-
-    from asyncflow import stream
-    from asyncflow.chain import SKIP
-    from asyncflow.slices import LaneSlice
+    from asyncflow import stream  # its sentinels; it imports this module
 
     indent = " " * 28
     steps = []
@@ -183,7 +181,7 @@ def _compile(kinds: tuple[int, ...]) -> Callable[..., ItemLoop]:
             steps += [f"{indent}if not f{i}(value):", f"{indent}    continue"]
         else:  # pragma: no cover - item_loop passes map/filter chains only
             raise ValueError(f"step kind {kind} does not run on values alone")
-    params = "".join(f", f{i}" for i in range(len(kinds))).lstrip(", ") or "*_"
+    params = ", ".join(f"f{i}" for i in range(len(kinds))) or "*_"
     code = _TEMPLATE.format(params=params, steps="\n".join(steps) or f"{indent}pass")
     env: dict[str, Any] = {
         "SKIP": SKIP, "stream": stream, "NO_KEY": stream._NO_KEY,
